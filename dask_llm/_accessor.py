@@ -1,0 +1,135 @@
+"""``df.llm``: the accessor on Dask and pandas DataFrames, and ``enrich`` itself.
+
+The accessors only store the frame (Dask's ``__getattr__`` would swallow an
+``AttributeError`` raised while building one into a confusing "no attribute
+'llm'"); everything is validated in ``enrich``, before any request.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import dask.dataframe as dd
+import pandas as pd
+from dask.dataframe.extensions import register_dataframe_accessor as register_dask_accessor
+
+from dask_llm._chain import string_dtype
+from dask_llm._plan import Plan, make_plan
+from dask_llm._retry import RetryPolicy
+from dask_llm._runner import EnrichOptions, PartitionRun, enrich_partition
+
+
+def _options(
+    *,
+    max_concurrency: int,
+    errors: Literal["column", "raise"],
+    timeout: float | None,
+    attempts: int,
+    retry_timeout: float,
+    sync_threads: int,
+) -> EnrichOptions:
+    return EnrichOptions(
+        max_concurrency=max_concurrency,
+        errors=errors,
+        timeout=timeout,
+        retry=RetryPolicy(attempts=attempts, timeout=retry_timeout),
+        sync_threads=sync_threads,
+    )
+
+
+def enrich(
+    frame: Any,
+    chains: Any,
+    *,
+    max_concurrency: int = 64,
+    errors: Literal["column", "raise"] = "column",
+    timeout: float | None = 60.0,
+    attempts: int = 8,
+    retry_timeout: float = 600.0,
+    sync_threads: int = 16,
+    error_column: str = "llm_error",
+) -> Any:
+    """Add the outputs of ``chains`` to every row of ``frame``.
+
+    Args:
+        frame: a Dask or pandas DataFrame. A Dask frame gives a lazy Dask frame
+            (nothing is called until it is computed); a pandas frame is enriched now.
+        chains: a ``Chain``, a list of them, or ``{name: runnable}``.
+        max_concurrency: most calls in flight per partition.
+        errors: ``"column"`` records a row's failure in ``error_column`` and goes on;
+            ``"raise"`` raises ``ChainError`` naming the row's index.
+        timeout: seconds one HTTP call may take before it is abandoned (and retried).
+        attempts: most attempts per call, the first included.
+        retry_timeout: most seconds spent retrying one call.
+        sync_threads: threads per partition for chains with only a sync implementation.
+        error_column: name of the column that explains failed rows (null where all
+            chains succeeded).
+
+    Returns:
+        The frame's columns, then each chain's output columns, then ``error_column``.
+
+    Raises:
+        ValueError: an input that resolves to no column, clashing output columns,
+            a dependency cycle, a bad option.
+        TypeError: something that is not a chain.
+    """
+    options = _options(
+        max_concurrency=max_concurrency,
+        errors=errors,
+        timeout=timeout,
+        attempts=attempts,
+        retry_timeout=retry_timeout,
+        sync_threads=sync_threads,
+    )
+    if isinstance(frame, dd.DataFrame):
+        plan = make_plan(
+            chains, list(frame.columns), text_dtype=_dask_text_dtype(), error_column=error_column
+        )
+        return frame.map_partitions(
+            enrich_partition,
+            plan,
+            options,
+            meta=plan.meta(frame._meta),
+            enforce_metadata=False,
+            align_dataframes=False,
+        )
+    if isinstance(frame, pd.DataFrame):
+        plan = make_plan(
+            chains, list(frame.columns), text_dtype=string_dtype(), error_column=error_column
+        )
+        return _enrich_pandas(frame, plan, options)
+    raise TypeError(f"enrich() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
+
+
+def _dask_text_dtype() -> Any:
+    """The dtype dask gives text columns: pyarrow strings unless the user turned that off."""
+    import dask
+
+    if dask.config.get("dataframe.convert-string", True) is not False:
+        return pd.StringDtype("pyarrow")
+    return string_dtype()
+
+
+def _enrich_pandas(df: pd.DataFrame, plan: Plan, options: EnrichOptions) -> pd.DataFrame:
+    from dask_llm._loop import run_sync
+
+    return run_sync(lambda: PartitionRun(df, plan, options).run())
+
+
+class _LLMAccessor:
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def enrich(self, chains: Any, **options: Any) -> Any:
+        """Add the outputs of ``chains`` to every row; see ``dask_llm.enrich``."""
+        return enrich(self._obj, chains, **options)
+
+
+@register_dask_accessor("llm")
+class DaskLLMAccessor(_LLMAccessor):
+    """``ddf.llm``: LLM enrichment of a Dask DataFrame (lazy)."""
+
+
+@pd.api.extensions.register_dataframe_accessor("llm")
+class PandasLLMAccessor(_LLMAccessor):
+    """``df.llm``: LLM enrichment of a pandas DataFrame (runs now)."""

@@ -1,0 +1,275 @@
+"""The per-partition engine: one event loop runs every row x chain of a partition.
+
+Rows are pulled by a pool of row workers, as many as the concurrency window;
+each worker walks its row's chains in dependency order, so a row's dependent
+chain starts the moment its own inputs are ready, with no barrier between
+chains and none between rows (``Runnable.abatch`` on a sequence waits for the
+slowest row at every step). When chains of one row are independent of each
+other, they run concurrently. Each call holds a permit of the call gate only
+while it is on the wire, never while it sleeps before a retry.
+
+Results are kept per row position, so the index (duplicates included) and the
+row order are those of the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+import pydantic
+import tenacity
+from langchain_core.messages import BaseMessage
+
+from dask_llm._chain import object_dtype
+from dask_llm._errors import ChainError
+from dask_llm._plan import Plan, PlannedChain
+from dask_llm._retry import RetryPolicy, classify, retry_after
+from dask_llm._transport import LoopClients
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnrichOptions:
+    """Options of one ``enrich`` job (see ``enrich`` for their meaning)."""
+
+    max_concurrency: int = 64
+    errors: Literal["column", "raise"] = "column"
+    timeout: float | None = 60.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    sync_threads: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        if self.errors not in ("column", "raise"):
+            raise ValueError(f"errors= must be 'column' or 'raise', not {self.errors!r}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout= must be > 0 seconds, or None")
+        if self.sync_threads < 1:
+            raise ValueError("sync_threads must be >= 1")
+
+
+class _RowFailed(Exception):
+    """Internal: a chain failed for a row; ``message`` goes to the error column."""
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.cause = cause
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _describe(exc: BaseException, limit: int = 500) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class PartitionRun:
+    """State of one partition's run on one event loop."""
+
+    def __init__(self, df: pd.DataFrame, plan: Plan, options: EnrichOptions) -> None:
+        self.df = df
+        self.plan = plan
+        self.options = options
+        self.n = len(df)
+        needed = {
+            col for pc in plan.chains for col, producer in pc.sources.values() if producer is None
+        }
+        self.inputs: dict[str, list[Any]] = {col: df[col].tolist() for col in needed}
+        self.outputs: dict[str, list[Any]] = {col: [None] * self.n for col in plan.new_columns}
+        self.errors: list[str | None] = [None] * self.n
+        self.gate = asyncio.Semaphore(options.max_concurrency)
+        self.runnables: dict[str, Any] = {}
+
+    async def run(self) -> pd.DataFrame:
+        if self.n == 0:
+            return self._frame()
+        loop = asyncio.get_running_loop()
+        # Sync-only runnables (a RunnableLambda of a plain function) run in the
+        # loop's default executor: bound it, and let asyncio.run shut it down.
+        loop.set_default_executor(
+            ThreadPoolExecutor(self.options.sync_threads, thread_name_prefix="dask-llm-sync")
+        )
+        clients = LoopClients()
+        try:
+            for pc in self.plan.chains:
+                self.runnables[pc.name] = clients.localize(
+                    pc.chain.runnable, timeout=self.options.timeout
+                )
+            rows = iter(range(self.n))
+            row_fn = self._row_path if self.plan.is_path else self._row_dag
+
+            async def worker() -> None:
+                for i in rows:
+                    await row_fn(i)
+
+            width = min(self.n, self.options.max_concurrency)
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(width):
+                    tg.create_task(worker())
+        except* ChainError as group:
+            raise group.exceptions[0] from None
+        finally:
+            await clients.aclose()
+        return self._frame()
+
+    # -- rows -------------------------------------------------------------------------
+    async def _row_path(self, i: int) -> None:
+        failed: set[str] = set()
+        for pc in self.plan.chains:
+            if pc.deps and failed.intersection(pc.deps):
+                failed.add(pc.name)
+                continue
+            if not await self._run_chain(i, pc):
+                failed.add(pc.name)
+
+    async def _row_dag(self, i: int) -> None:
+        tasks: dict[str, asyncio.Task[bool]] = {}
+
+        async def one(pc: PlannedChain) -> bool:
+            if pc.deps:
+                done = await asyncio.gather(*(tasks[d] for d in pc.deps))
+                if not all(done):
+                    return False
+            return await self._run_chain(i, pc)
+
+        for pc in self.plan.chains:  # dependency order: deps' tasks exist already
+            tasks[pc.name] = asyncio.create_task(one(pc))
+        await asyncio.gather(*tasks.values())
+
+    async def _run_chain(self, i: int, pc: PlannedChain) -> bool:
+        """Run one chain for row ``i``; store its outputs or its error. True on success."""
+        try:
+            inputs = {}
+            for var, (col, producer) in pc.sources.items():
+                value = self.inputs[col][i] if producer is None else self.outputs[col][i]
+                if _is_missing(value):
+                    raise _RowFailed(f"{pc.name}: missing input {col}")
+                inputs[var] = value
+            result = await self._call(pc, inputs)
+            self._store(i, pc, result)
+            return True
+        except _RowFailed as failure:
+            self._fail(i, pc, failure)
+            return False
+
+    async def _call(self, pc: PlannedChain, inputs: dict[str, Any]) -> Any:
+        policy = self.options.retry
+        runnable = self.runnables[pc.name]
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(policy.attempts)
+            | tenacity.stop_before_delay(policy.timeout),
+            wait=_wait(policy),
+            retry=_should_retry(policy),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    async with self.gate:
+                        return await runnable.ainvoke(inputs)
+        except _RowFailed:
+            raise
+        except Exception as exc:
+            raise _RowFailed(f"{pc.name}: {_describe(exc)}", exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _store(self, i: int, pc: PlannedChain, result: Any) -> None:
+        spec = pc.outputs
+        if spec.scalar:
+            if isinstance(result, BaseMessage):
+                result = result.content
+            ((_, col),) = spec.fields.items()
+            self.outputs[col][i] = result
+            return
+        if isinstance(result, pydantic.BaseModel):
+            result = result.model_dump(mode="json")
+        if not isinstance(result, dict):
+            raise _RowFailed(
+                f"{pc.name}: returned {type(result).__name__}, expected fields "
+                f"{', '.join(spec.fields)}"
+            )
+        missing = [f for f in spec.fields if f not in result]
+        if missing:
+            raise _RowFailed(f"{pc.name}: output missing from the result: {', '.join(missing)}")
+        for fname, col in spec.fields.items():
+            self.outputs[col][i] = result[fname]
+
+    def _fail(self, i: int, pc: PlannedChain, failure: _RowFailed) -> None:
+        if self.options.errors == "raise":
+            label = self.df.index[i]
+            raise ChainError(
+                f"row {label!r}: {failure.message}", index=label, chain=pc.name
+            ) from failure.cause
+        previous = self.errors[i]
+        self.errors[i] = failure.message if previous is None else f"{previous}; {failure.message}"
+
+    # -- output -----------------------------------------------------------------------
+    def _frame(self) -> pd.DataFrame:
+        out = self.df.copy(deep=False)
+        error_column = self.plan.error_column
+        for col, dtype in self.plan.new_columns.items():
+            values = self.errors if col == error_column else self.outputs[col]
+            out[col] = _column(values, dtype, self.df.index)
+        return out
+
+
+def _column(values: list[Any], dtype: Any, index: pd.Index) -> pd.Series:
+    if dtype == object_dtype():
+        return pd.Series(values, dtype=object, index=index)
+    try:
+        return pd.Series(values, dtype=dtype, index=index)
+    except (TypeError, ValueError):
+        # A value of the wrong type (text where the schema said a number): keep
+        # each value that converts, null the rest, rather than fail the partition.
+        return pd.Series([_convert(v, dtype) for v in values], dtype=dtype, index=index)
+
+
+def _convert(value: Any, dtype: Any) -> Any:
+    try:
+        return pd.array([value], dtype=dtype)[0]
+    except (TypeError, ValueError):
+        return None
+
+
+def _wait(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
+    def wait(state: tenacity.RetryCallState) -> float:
+        backoff = policy.backoff(state.attempt_number)
+        exc = state.outcome.exception() if state.outcome else None
+        floor = retry_after(exc) if exc is not None else None
+        return max(backoff, floor) if floor is not None else backoff
+
+    return wait
+
+
+def _should_retry(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], bool]:
+    def should(state: tenacity.RetryCallState) -> bool:
+        if state.outcome is None or not state.outcome.failed:
+            return False
+        kind = classify(state.outcome.exception())  # type: ignore[arg-type]
+        if kind == "transient":
+            return True
+        return kind == "parse" and state.attempt_number < policy.parse_attempts
+
+    return should
+
+
+def enrich_partition(df: pd.DataFrame, plan: Plan, options: EnrichOptions) -> pd.DataFrame:
+    """Dask's partition function: enrich ``df`` on a fresh event loop."""
+    from dask_llm._loop import run_sync
+
+    return run_sync(lambda: PartitionRun(df, plan, options).run())
