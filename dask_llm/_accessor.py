@@ -7,6 +7,7 @@ The accessors only store the frame (Dask's ``__getattr__`` would swallow an
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Literal
 
 import dask.dataframe as dd
@@ -22,6 +23,8 @@ from dask_llm._runner import EnrichOptions, PartitionRun, enrich_partition
 def _options(
     *,
     max_concurrency: int,
+    rpm: float | None,
+    tpm: float | None,
     errors: Literal["column", "raise"],
     timeout: float | None,
     attempts: int,
@@ -29,7 +32,11 @@ def _options(
     sync_threads: int,
 ) -> EnrichOptions:
     return EnrichOptions(
+        job=uuid.uuid4().hex,
         max_concurrency=max_concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        processes=_cluster_processes(),
         errors=errors,
         timeout=timeout,
         retry=RetryPolicy(attempts=attempts, timeout=retry_timeout),
@@ -41,7 +48,9 @@ def enrich(
     frame: Any,
     chains: Any,
     *,
-    max_concurrency: int = 64,
+    max_concurrency: int = 256,
+    rpm: float | None = None,
+    tpm: float | None = None,
     errors: Literal["column", "raise"] = "column",
     timeout: float | None = 60.0,
     attempts: int = 8,
@@ -55,7 +64,12 @@ def enrich(
         frame: a Dask or pandas DataFrame. A Dask frame gives a lazy Dask frame
             (nothing is called until it is computed); a pandas frame is enriched now.
         chains: a ``Chain``, a list of them, or ``{name: runnable}``.
-        max_concurrency: most calls in flight per partition.
+        max_concurrency: hard cap on HTTP requests in flight per process (shared by the
+            partitions running in it). Below it, concurrency adapts on its own: it grows
+            while responses are clean and halves on a 429.
+        rpm: requests per minute for the whole job, across all processes and workers.
+            Default: what the provider announces in its ``x-ratelimit-*`` headers.
+        tpm: tokens per minute for the whole job, likewise.
         errors: ``"column"`` records a row's failure in ``error_column`` and goes on;
             ``"raise"`` raises ``ChainError`` naming the row's index.
         timeout: seconds one HTTP call may take before it is abandoned (and retried).
@@ -75,6 +89,8 @@ def enrich(
     """
     options = _options(
         max_concurrency=max_concurrency,
+        rpm=rpm,
+        tpm=tpm,
         errors=errors,
         timeout=timeout,
         attempts=attempts,
@@ -99,6 +115,16 @@ def enrich(
         )
         return _enrich_pandas(frame, plan, options)
     raise TypeError(f"enrich() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
+
+
+def _cluster_processes() -> int:
+    """Worker processes of the ``distributed`` client in use, if any (they split rpm/tpm)."""
+    try:
+        from distributed import default_client
+
+        return max(1, len(default_client().nthreads()))
+    except (ImportError, ValueError):
+        return 1
 
 
 def _dask_text_dtype() -> Any:

@@ -28,6 +28,7 @@ from langchain_core.messages import BaseMessage
 
 from dask_llm._chain import object_dtype
 from dask_llm._errors import ChainError
+from dask_llm._limits import Throttle, process_share, throttle_for
 from dask_llm._plan import Plan, PlannedChain
 from dask_llm._retry import RetryPolicy, classify, retry_after
 from dask_llm._transport import LoopClients
@@ -37,7 +38,12 @@ from dask_llm._transport import LoopClients
 class EnrichOptions:
     """Options of one ``enrich`` job (see ``enrich`` for their meaning)."""
 
-    max_concurrency: int = 64
+    job: str
+    max_concurrency: int = 256
+    initial_concurrency: int = 16
+    rpm: float | None = None
+    tpm: float | None = None
+    processes: int = 1
     errors: Literal["column", "raise"] = "column"
     timeout: float | None = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -52,6 +58,21 @@ class EnrichOptions:
             raise ValueError("timeout= must be > 0 seconds, or None")
         if self.sync_threads < 1:
             raise ValueError("sync_threads must be >= 1")
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}= must be > 0, or None for no limit")
+
+    def throttle(self) -> Throttle:
+        """This process's throttle for the job (shared by its partitions)."""
+        return throttle_for(
+            self.job,
+            max_concurrency=self.max_concurrency,
+            initial_concurrency=self.initial_concurrency,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            share=process_share(self.processes),
+        )
 
 
 class _RowFailed(Exception):
@@ -92,7 +113,7 @@ class PartitionRun:
         self.inputs: dict[str, list[Any]] = {col: df[col].tolist() for col in needed}
         self.outputs: dict[str, list[Any]] = {col: [None] * self.n for col in plan.new_columns}
         self.errors: list[str | None] = [None] * self.n
-        self.gate = asyncio.Semaphore(options.max_concurrency)
+        self.throttle = options.throttle()
         self.runnables: dict[str, Any] = {}
 
     async def run(self) -> pd.DataFrame:
@@ -104,7 +125,7 @@ class PartitionRun:
         loop.set_default_executor(
             ThreadPoolExecutor(self.options.sync_threads, thread_name_prefix="dask-llm-sync")
         )
-        clients = LoopClients()
+        clients = LoopClients(self.throttle)
         try:
             for pc in self.plan.chains:
                 self.runnables[pc.name] = clients.localize(
@@ -180,8 +201,7 @@ class PartitionRun:
         try:
             async for attempt in retrying:
                 with attempt:
-                    async with self.gate:
-                        return await runnable.ainvoke(inputs)
+                    return await runnable.ainvoke(inputs)
         except _RowFailed:
             raise
         except Exception as exc:
