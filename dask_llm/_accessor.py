@@ -8,6 +8,7 @@ The accessors only store the frame (Dask's ``__getattr__`` would swallow an
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import dask.dataframe as dd
@@ -18,6 +19,7 @@ from dask_llm._chain import string_dtype
 from dask_llm._plan import Plan, make_plan
 from dask_llm._retry import RetryPolicy
 from dask_llm._runner import EnrichOptions, PartitionRun, enrich_partition
+from dask_llm._usage import USAGE_COLUMNS
 
 
 def _options(
@@ -30,6 +32,7 @@ def _options(
     attempts: int,
     retry_timeout: float,
     sync_threads: int,
+    prices: Mapping[str, tuple[float, float]] | None,
 ) -> EnrichOptions:
     return EnrichOptions(
         job=uuid.uuid4().hex,
@@ -41,7 +44,21 @@ def _options(
         timeout=timeout,
         retry=RetryPolicy(attempts=attempts, timeout=retry_timeout),
         sync_threads=sync_threads,
+        prices=tuple(sorted((prices or {}).items())),
     )
+
+
+def _usage_columns(usage: bool | Sequence[str]) -> tuple[str, str, str] | None:
+    if usage is True:
+        return USAGE_COLUMNS
+    if usage is False or usage is None:
+        return None
+    names = tuple(usage)
+    if len(names) != 3 or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            "usage= takes True, False, or three column names (input tokens, output tokens, cost)"
+        )
+    return names
 
 
 def enrich(
@@ -57,6 +74,8 @@ def enrich(
     retry_timeout: float = 600.0,
     sync_threads: int = 16,
     error_column: str = "llm_error",
+    usage: bool | Sequence[str] = True,
+    prices: Mapping[str, tuple[float, float]] | None = None,
 ) -> Any:
     """Add the outputs of ``chains`` to every row of ``frame``.
 
@@ -78,6 +97,11 @@ def enrich(
         sync_threads: threads per partition for chains with only a sync implementation.
         error_column: name of the column that explains failed rows (null where all
             chains succeeded).
+        usage: add per-row ``llm_input_tokens``, ``llm_output_tokens`` and ``llm_cost_usd``
+            (totals over the row's chains and attempts); three names rename them; False
+            leaves them out.
+        prices: ``{model: (input, output)}`` US dollars per million tokens, over the
+            built-in table (``dask_llm.PRICES``). Models in neither get a null cost.
 
     Returns:
         The frame's columns, then each chain's output columns, then ``error_column``.
@@ -96,10 +120,16 @@ def enrich(
         attempts=attempts,
         retry_timeout=retry_timeout,
         sync_threads=sync_threads,
+        prices=prices,
     )
+    usage_columns = _usage_columns(usage)
     if isinstance(frame, dd.DataFrame):
         plan = make_plan(
-            chains, list(frame.columns), text_dtype=_dask_text_dtype(), error_column=error_column
+            chains,
+            list(frame.columns),
+            text_dtype=_dask_text_dtype(),
+            error_column=error_column,
+            usage_columns=usage_columns,
         )
         return frame.map_partitions(
             enrich_partition,
@@ -111,7 +141,11 @@ def enrich(
         )
     if isinstance(frame, pd.DataFrame):
         plan = make_plan(
-            chains, list(frame.columns), text_dtype=string_dtype(), error_column=error_column
+            chains,
+            list(frame.columns),
+            text_dtype=string_dtype(),
+            error_column=error_column,
+            usage_columns=usage_columns,
         )
         return _enrich_pandas(frame, plan, options)
     raise TypeError(f"enrich() takes a Dask or pandas DataFrame, not {type(frame).__name__}")

@@ -38,15 +38,27 @@ class PlannedChain:
 class Plan:
     """Chains in dependency order, plus the columns they add."""
 
-    __slots__ = ("chains", "error_column", "new_columns")
+    __slots__ = ("chains", "error_column", "new_columns", "usage_columns")
 
-    def __init__(self, chains: list[PlannedChain], error_column: str, text_dtype: Any) -> None:
+    def __init__(
+        self,
+        chains: list[PlannedChain],
+        error_column: str,
+        text_dtype: Any,
+        usage_columns: tuple[str, str, str] | None,
+    ) -> None:
         self.chains = chains
         self.error_column = error_column
+        self.usage_columns = usage_columns
         self.new_columns: dict[str, Any] = {}
         for pc in chains:
             for col, dtype in pc.outputs.dtypes.items():
                 self.new_columns[col] = text_dtype if dtype is TEXT else dtype
+        if usage_columns is not None:
+            tokens_in, tokens_out, cost = usage_columns
+            self.new_columns[tokens_in] = pd.Int64Dtype()
+            self.new_columns[tokens_out] = pd.Int64Dtype()
+            self.new_columns[cost] = pd.Float64Dtype()
         self.new_columns[error_column] = text_dtype
 
     @property
@@ -70,7 +82,7 @@ class Plan:
         for pc in self.chains:
             h.update(repr((pc.name, pc.chain.fingerprint, sorted(pc.sources.items()))).encode())
             h.update(repr(sorted((k, str(v)) for k, v in pc.outputs.dtypes.items())).encode())
-        h.update(self.error_column.encode())
+        h.update(repr((self.error_column, self.usage_columns)).encode())
         return ("dask_llm.Plan", h.hexdigest())
 
 
@@ -109,7 +121,12 @@ def as_chains(chains: Any) -> list[Chain]:
 
 
 def make_plan(
-    chains: Any, columns: Sequence[str], *, text_dtype: Any, error_column: str = "llm_error"
+    chains: Any,
+    columns: Sequence[str],
+    *,
+    text_dtype: Any,
+    error_column: str = "llm_error",
+    usage_columns: tuple[str, str, str] | None = None,
 ) -> Plan:
     """Resolve ``chains`` against ``columns``; raise ``ValueError`` naming what is wrong.
 
@@ -132,13 +149,14 @@ def make_plan(
                 raise ValueError(
                     f"chains {producer[col]!r} and {c.name!r} both write column {col!r}"
                 )
-            if col == error_column:
-                raise ValueError(f"chain {c.name!r} would write the error column {col!r}")
+            if col == error_column or col in (usage_columns or ()):
+                raise ValueError(f"chain {c.name!r} would write the bookkeeping column {col!r}")
             producer[col] = c.name
-    if error_column in columns:
-        raise ValueError(
-            f"the frame already has a column {error_column!r}; pass error_column= another name"
-        )
+    for col in (error_column, *(usage_columns or ())):
+        if col in columns:
+            raise ValueError(
+                f"the frame already has a column {col!r}; pass error_column= / usage= other names"
+            )
 
     planned: dict[str, PlannedChain] = {}
     problems = []
@@ -180,4 +198,4 @@ def make_plan(
     for c in chain_list:
         assert c.name is not None
         visit(c.name, [])
-    return Plan(order, error_column, text_dtype)
+    return Plan(order, error_column, text_dtype, usage_columns)

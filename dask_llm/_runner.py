@@ -32,6 +32,7 @@ from dask_llm._limits import Throttle, process_share, throttle_for
 from dask_llm._plan import Plan, PlannedChain
 from dask_llm._retry import RetryPolicy, classify, retry_after
 from dask_llm._transport import LoopClients
+from dask_llm._usage import Usage, UsageRecorder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +49,7 @@ class EnrichOptions:
     timeout: float | None = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     sync_threads: int = 16
+    prices: tuple[tuple[str, tuple[float, float]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -113,6 +115,10 @@ class PartitionRun:
         self.inputs: dict[str, list[Any]] = {col: df[col].tolist() for col in needed}
         self.outputs: dict[str, list[Any]] = {col: [None] * self.n for col in plan.new_columns}
         self.errors: list[str | None] = [None] * self.n
+        self.row_usage: list[Usage | None] = [None] * self.n
+        self.prices = dict(options.prices)
+        self.calls = 0
+        self.retries = 0
         self.throttle = options.throttle()
         self.runnables: dict[str, Any] = {}
 
@@ -181,16 +187,31 @@ class PartitionRun:
                 if _is_missing(value):
                     raise _RowFailed(f"{pc.name}: missing input {col}")
                 inputs[var] = value
-            result = await self._call(pc, inputs)
+            recorder = UsageRecorder(self.prices)
+            try:
+                result = await self._call(pc, inputs, recorder)
+            finally:
+                self._account(i, recorder.usage)
             self._store(i, pc, result)
             return True
         except _RowFailed as failure:
             self._fail(i, pc, failure)
             return False
 
-    async def _call(self, pc: PlannedChain, inputs: dict[str, Any]) -> Any:
+    def _account(self, i: int, usage: Usage) -> None:
+        if usage.calls:
+            self.throttle.record_usage(usage.input_tokens, usage.output_tokens, usage.calls)
+        row = self.row_usage[i]
+        if row is None:
+            self.row_usage[i] = usage
+        else:
+            row.add(usage)
+
+    async def _call(self, pc: PlannedChain, inputs: dict[str, Any], recorder: UsageRecorder) -> Any:
         policy = self.options.retry
         runnable = self.runnables[pc.name]
+        config: Any = {"callbacks": [recorder]}
+        self.calls += 1
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(policy.attempts)
             | tenacity.stop_before_delay(policy.timeout),
@@ -200,8 +221,10 @@ class PartitionRun:
         )
         try:
             async for attempt in retrying:
+                if attempt.retry_state.attempt_number > 1:
+                    self.retries += 1
                 with attempt:
-                    return await runnable.ainvoke(inputs)
+                    return await runnable.ainvoke(inputs, config=config)
         except _RowFailed:
             raise
         except Exception as exc:
@@ -241,10 +264,15 @@ class PartitionRun:
     # -- output -----------------------------------------------------------------------
     def _frame(self) -> pd.DataFrame:
         out = self.df.copy(deep=False)
-        error_column = self.plan.error_column
+        columns: dict[str, list[Any]] = {**self.outputs, self.plan.error_column: self.errors}
+        if self.plan.usage_columns is not None:
+            tokens_in, tokens_out, cost = self.plan.usage_columns
+            rows = self.row_usage
+            columns[tokens_in] = [None if u is None else u.input_tokens for u in rows]
+            columns[tokens_out] = [None if u is None else u.output_tokens for u in rows]
+            columns[cost] = [None if u is None else u.cost_usd for u in rows]
         for col, dtype in self.plan.new_columns.items():
-            values = self.errors if col == error_column else self.outputs[col]
-            out[col] = _column(values, dtype, self.df.index)
+            out[col] = _column(columns[col], dtype, self.df.index)
         return out
 
 
