@@ -7,6 +7,7 @@ The accessors only store the frame (Dask's ``__getattr__`` would swallow an
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -15,6 +16,7 @@ import dask.dataframe as dd
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor as register_dask_accessor
 
+from dask_llm._cache import open_cache
 from dask_llm._chain import string_dtype
 from dask_llm._plan import Plan, make_plan
 from dask_llm._retry import RetryPolicy
@@ -33,6 +35,7 @@ def _options(
     retry_timeout: float,
     sync_threads: int,
     prices: Mapping[str, tuple[float, float]] | None,
+    cache: Any,
 ) -> EnrichOptions:
     return EnrichOptions(
         job=uuid.uuid4().hex,
@@ -45,6 +48,7 @@ def _options(
         retry=RetryPolicy(attempts=attempts, timeout=retry_timeout),
         sync_threads=sync_threads,
         prices=tuple(sorted((prices or {}).items())),
+        cache=open_cache(cache, default_path=default_cache_path()),
     )
 
 
@@ -76,6 +80,7 @@ def enrich(
     error_column: str = "llm_error",
     usage: bool | Sequence[str] = True,
     prices: Mapping[str, tuple[float, float]] | None = None,
+    cache: Any = True,
 ) -> Any:
     """Add the outputs of ``chains`` to every row of ``frame``.
 
@@ -100,6 +105,10 @@ def enrich(
         usage: add per-row ``llm_input_tokens``, ``llm_output_tokens`` and ``llm_cost_usd``
             (totals over the row's chains and attempts); three names rename them; False
             leaves them out.
+        cache: where paid answers are kept, so a rerun (after a crash, or with more
+            rows) pays only for calls it has not made yet: ``True`` (default) for
+            ``$DASK_LLM_CACHE`` or ``./.dask-llm-cache/results.sqlite``, a path, a
+            ``ResultCache`` object, or ``False``.
         prices: ``{model: (input, output)}`` US dollars per million tokens, over the
             built-in table (``dask_llm.PRICES``). Models in neither get a null cost.
 
@@ -121,6 +130,7 @@ def enrich(
         retry_timeout=retry_timeout,
         sync_threads=sync_threads,
         prices=prices,
+        cache=cache,
     )
     usage_columns = _usage_columns(usage)
     if isinstance(frame, dd.DataFrame):
@@ -149,6 +159,13 @@ def enrich(
         )
         return _enrich_pandas(frame, plan, options)
     raise TypeError(f"enrich() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
+
+
+def default_cache_path() -> str:
+    """``$DASK_LLM_CACHE``, else ``./.dask-llm-cache/results.sqlite``, made absolute here
+    so that workers with another working directory use the same file."""
+    path = os.environ.get("DASK_LLM_CACHE") or os.path.join(".dask-llm-cache", "results.sqlite")
+    return os.path.abspath(path)
 
 
 def _cluster_processes() -> int:

@@ -15,6 +15,7 @@ row order are those of the input.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,8 @@ import pydantic
 import tenacity
 from langchain_core.messages import BaseMessage
 
+from dask_llm import _dedup as dedup
+from dask_llm._cache import ResultCache, make_key
 from dask_llm._chain import object_dtype
 from dask_llm._errors import ChainError
 from dask_llm._limits import Throttle, process_share, throttle_for
@@ -50,6 +53,7 @@ class EnrichOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     sync_threads: int = 16
     prices: tuple[tuple[str, tuple[float, float]], ...] = ()
+    cache: ResultCache | None = None
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -64,6 +68,11 @@ class EnrichOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}= must be > 0, or None for no limit")
+
+    def __dask_tokenize__(self) -> Any:
+        # Each enrich() call is its own job (its own throttle); the cache object is
+        # named by its type and location, not by content.
+        return ("dask_llm.EnrichOptions", self.job, repr(self.cache))
 
     def throttle(self) -> Throttle:
         """This process's throttle for the job (shared by its partitions)."""
@@ -119,6 +128,8 @@ class PartitionRun:
         self.prices = dict(options.prices)
         self.calls = 0
         self.retries = 0
+        self.cache_hits = 0
+        self.cache = options.cache
         self.throttle = options.throttle()
         self.runnables: dict[str, Any] = {}
 
@@ -187,16 +198,42 @@ class PartitionRun:
                 if _is_missing(value):
                     raise _RowFailed(f"{pc.name}: missing input {col}")
                 inputs[var] = value
-            recorder = UsageRecorder(self.prices)
-            try:
-                result = await self._call(pc, inputs, recorder)
-            finally:
-                self._account(i, recorder.usage)
-            self._store(i, pc, result)
+            key = self._key(pc, inputs)
+            if key is None:
+                value = await self._paid_call(i, pc, inputs)
+            else:
+                hit = self.cache.get_many([key]) if self.cache is not None else {}
+                if key in hit:
+                    value = hit[key]
+                    self.cache_hits += 1
+                else:
+                    value, _ = await dedup.once(key, lambda: self._paid_call(i, pc, inputs, key))
+            self._put(i, pc, value)
             return True
         except _RowFailed as failure:
             self._fail(i, pc, failure)
             return False
+
+    def _key(self, pc: PlannedChain, inputs: dict[str, Any]) -> str | None:
+        try:
+            return make_key(pc.chain.fingerprint, inputs)
+        except TypeError:
+            return None  # inputs that are not plain data: call, but do not cache
+
+    async def _paid_call(
+        self, i: int, pc: PlannedChain, inputs: dict[str, Any], key: str | None = None
+    ) -> Any:
+        """Call the chain (with retries), normalise its result, and store it in the cache."""
+        recorder = UsageRecorder(self.prices)
+        try:
+            result = await self._call(pc, inputs, recorder)
+        finally:
+            self._account(i, recorder.usage)
+        value = _normalize(pc, result)
+        if key is not None and self.cache is not None:
+            with contextlib.suppress(TypeError, ValueError):  # not JSON-able: keep, don't cache
+                self.cache.put(key, value)
+        return value
 
     def _account(self, i: int, usage: Usage) -> None:
         if usage.calls:
@@ -231,26 +268,14 @@ class PartitionRun:
             raise _RowFailed(f"{pc.name}: {_describe(exc)}", exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _store(self, i: int, pc: PlannedChain, result: Any) -> None:
-        spec = pc.outputs
-        if spec.scalar:
-            if isinstance(result, BaseMessage):
-                result = result.content
-            ((_, col),) = spec.fields.items()
-            self.outputs[col][i] = result
-            return
-        if isinstance(result, pydantic.BaseModel):
-            result = result.model_dump(mode="json")
-        if not isinstance(result, dict):
-            raise _RowFailed(
-                f"{pc.name}: returned {type(result).__name__}, expected fields "
-                f"{', '.join(spec.fields)}"
-            )
-        missing = [f for f in spec.fields if f not in result]
-        if missing:
-            raise _RowFailed(f"{pc.name}: output missing from the result: {', '.join(missing)}")
-        for fname, col in spec.fields.items():
-            self.outputs[col][i] = result[fname]
+    def _put(self, i: int, pc: PlannedChain, value: Any) -> None:
+        fields = pc.outputs.fields
+        if pc.outputs.scalar:
+            ((_, col),) = fields.items()
+            self.outputs[col][i] = value
+        else:
+            for fname, col in fields.items():
+                self.outputs[col][i] = value[fname]
 
     def _fail(self, i: int, pc: PlannedChain, failure: _RowFailed) -> None:
         if self.options.errors == "raise":
@@ -274,6 +299,27 @@ class PartitionRun:
         for col, dtype in self.plan.new_columns.items():
             out[col] = _column(columns[col], dtype, self.df.index)
         return out
+
+
+def _normalize(pc: PlannedChain, result: Any) -> Any:
+    """The part of a chain's result that goes to its columns, as plain data (what is cached)."""
+    spec = pc.outputs
+    if spec.scalar:
+        if isinstance(result, BaseMessage):
+            return result.content
+        if isinstance(result, pydantic.BaseModel):
+            return result.model_dump(mode="json")
+        return result
+    if isinstance(result, pydantic.BaseModel):
+        result = result.model_dump(mode="json")
+    if not isinstance(result, dict):
+        raise _RowFailed(
+            f"{pc.name}: returned {type(result).__name__}, expected fields {', '.join(spec.fields)}"
+        )
+    missing = [f for f in spec.fields if f not in result]
+    if missing:
+        raise _RowFailed(f"{pc.name}: output missing from the result: {', '.join(missing)}")
+    return {f: result[f] for f in spec.fields}
 
 
 def _column(values: list[Any], dtype: Any, index: pd.Index) -> pd.Series:

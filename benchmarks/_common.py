@@ -1,0 +1,78 @@
+"""Shared by the benchmarks: a simulator in its own process, medians, and a table printer.
+
+The simulator runs in a subprocess so that it never shares a GIL with the
+client being measured (the simulator benchmark shows it is not the bottleneck).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+
+@contextlib.contextmanager
+def simulator_process(*args: str) -> Iterator[str]:
+    """Start ``python -m dask_llm simulate --port 0 ARGS``; yield its base URL."""
+    os.environ.setdefault("OPENAI_API_KEY", "sk-benchmark")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dask_llm", "simulate", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        url = ""
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if "http://" in line:
+                url = line[line.index("http://") :].split()[0]
+                break
+        if not url:
+            raise RuntimeError(
+                f"simulator did not start: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def stats(base_url: str) -> dict:
+    import json
+    import urllib.request
+
+    root = base_url.rsplit("/v1", 1)[0]
+    with urllib.request.urlopen(f"{root}/sim/stats", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def reset(base_url: str) -> None:
+    import urllib.request
+
+    root = base_url.rsplit("/v1", 1)[0]
+    req = urllib.request.Request(f"{root}/sim/reset", method="POST", data=b"")
+    urllib.request.urlopen(req, timeout=10).close()
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The simulator's settings: latency, limits and faults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulatorConfig:
+    """How the simulated provider behaves. Times in seconds, probabilities in [0, 1].
+
+    Latency: ``latency`` is the median time to first token; each request's is
+    ``latency * exp(N(0, jitter))`` (lognormal), drawn from the request's own
+    content and ``seed``, so a request takes the same time however often and in
+    whatever order it is sent. ``per_token_latency`` is added per output token.
+
+    Limits, like OpenAI's: ``rpm`` requests and ``tpm`` tokens per minute,
+    enforced over a sliding window of ``limit_window`` seconds with a budget of
+    ``rpm * limit_window / 60`` (OpenAI enforces per-minute limits in short
+    slices, so a burst of a minute's budget in one second is refused).
+    A request's token cost is its prompt tokens plus ``max_tokens`` (or
+    ``completion_tokens`` when it sets none). ``max_in_flight`` caps
+    concurrent requests. All excess gets HTTP 429.
+
+    Faults, each drawn per request from a generator seeded with ``seed``:
+    ``error_rate`` (HTTP 500), ``error_503``, ``hang`` (never answers),
+    ``malformed_json`` (a 200 whose body does not parse), ``connection_reset``,
+    ``schema_violation`` (structured output missing a required field).
+    ``context_tokens``: prompts above it get 400 ``context_length_exceeded``.
+    ``api_key``: when set, any other key gets 401. ``models``: when set, other
+    models get 404 ``model_not_found``.
+    """
+
+    latency: float = 0.0
+    jitter: float = 0.0
+    per_token_latency: float = 0.0
+    rpm: int | None = None
+    tpm: int | None = None
+    limit_window: float = 1.0
+    max_in_flight: int | None = None
+    error_rate: float = 0.0
+    error_503: float = 0.0
+    hang: float = 0.0
+    hang_seconds: float = 3600.0
+    malformed_json: float = 0.0
+    connection_reset: float = 0.0
+    schema_violation: float = 0.0
+    context_tokens: int | None = None
+    api_key: str | None = None
+    models: tuple[str, ...] | None = None
+    completion_tokens: int = 40
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("latency", "jitter", "per_token_latency", "hang_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.limit_window <= 0:
+            raise ValueError("limit_window must be > 0")
+        for name in (
+            "error_rate",
+            "error_503",
+            "hang",
+            "malformed_json",
+            "connection_reset",
+            "schema_violation",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a probability: between 0 and 1, not {value}")
+        for name in ("rpm", "tpm", "max_in_flight", "context_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, or None for no limit")
+        if self.completion_tokens < 1:
+            raise ValueError("completion_tokens must be >= 1")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> SimulatorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown simulator option(s): {', '.join(unknown)}")
+        if kwargs.get("models") is not None:
+            kwargs["models"] = tuple(kwargs["models"])
+        return cls(**kwargs)

@@ -1,0 +1,150 @@
+"""Running the simulator: in a background thread (tests, examples), or in the foreground (CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import urllib.request
+from typing import Any
+
+from aiohttp import web
+
+from dask_llm.simulator._app import SimulatorApp
+from dask_llm.simulator._config import SimulatorConfig
+
+
+async def _start(app: SimulatorApp, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(
+        app.make_app(), access_log=None, handler_cancellation=True, shutdown_timeout=0.5
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    server = site._server
+    assert server is not None and server.sockets  # type: ignore[attr-defined]
+    bound = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+    return runner, bound
+
+
+class Simulator:
+    """An OpenAI-compatible LLM server on a background thread.
+
+    ::
+
+        with Simulator(latency=0.5, rpm=3000) as sim:
+            llm = ChatOpenAI(base_url=sim.base_url, api_key="sk-any")
+
+    Keyword-only options are those of ``SimulatorConfig``, plus ``host`` (default
+    loopback) and ``port`` (0: any free port). The server is listening when
+    ``start()`` returns (or the ``with`` body begins).
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
+        self.config = SimulatorConfig.from_kwargs(**options)
+        self.host = host
+        self.port = port
+        self.app = SimulatorApp(self.config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT/v1``: what ``base_url=`` of an OpenAI client takes."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> Simulator:
+        if self._thread is not None:
+            raise RuntimeError("the simulator is already running")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                self._runner, self.port = loop.run_until_complete(
+                    _start(self.app, self.host, self.port)
+                )
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(self._runner.cleanup())
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="dask-llm-simulator", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        if self._thread is None or self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._thread = None
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """What the simulator saw so far (the same as ``GET /sim/stats``)."""
+        return self.app.stats.snapshot()
+
+    def reset(self) -> None:
+        """Clear stats and rate-limit windows (the same as ``POST /sim/reset``)."""
+        if self._loop is not None and self._thread is not None:
+            done = threading.Event()
+
+            def do() -> None:
+                self.app.reset()
+                done.set()
+
+            self._loop.call_soon_threadsafe(do)
+            done.wait(10)
+        else:
+            self.app.reset()
+
+
+def serve(config: SimulatorConfig, *, host: str, port: int) -> None:
+    """Run in the foreground until SIGINT/SIGTERM; print the base URL once listening."""
+
+    async def main() -> None:
+        app = SimulatorApp(config)
+        runner, bound = await _start(app, host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"dask-llm simulator listening on http://{host}:{bound}/v1", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def fetch_stats(base_url: str) -> dict[str, Any]:
+    """``GET /sim/stats`` of a simulator at ``base_url`` (e.g. one in another process)."""
+    root = base_url.rsplit("/v1", 1)[0]
+    with urllib.request.urlopen(f"{root}/sim/stats", timeout=10) as r:
+        result: dict[str, Any] = json.loads(r.read())
+    return result
