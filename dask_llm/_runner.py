@@ -124,7 +124,7 @@ class PartitionRun:
         self.inputs: dict[str, list[Any]] = {col: df[col].tolist() for col in needed}
         self.outputs: dict[str, list[Any]] = {col: [None] * self.n for col in plan.new_columns}
         self.errors: list[str | None] = [None] * self.n
-        self.row_usage: list[Usage | None] = [None] * self.n
+        self.row_usage = [Usage() for _ in range(self.n)]
         self.prices = dict(options.prices)
         self.calls = 0
         self.retries = 0
@@ -238,11 +238,7 @@ class PartitionRun:
     def _account(self, i: int, usage: Usage) -> None:
         if usage.calls:
             self.throttle.record_usage(usage.input_tokens, usage.output_tokens, usage.calls)
-        row = self.row_usage[i]
-        if row is None:
-            self.row_usage[i] = usage
-        else:
-            row.add(usage)
+        self.row_usage[i].add(usage)
 
     async def _call(self, pc: PlannedChain, inputs: dict[str, Any], recorder: UsageRecorder) -> Any:
         policy = self.options.retry
@@ -293,9 +289,9 @@ class PartitionRun:
         if self.plan.usage_columns is not None:
             tokens_in, tokens_out, cost = self.plan.usage_columns
             rows = self.row_usage
-            columns[tokens_in] = [None if u is None else u.input_tokens for u in rows]
-            columns[tokens_out] = [None if u is None else u.output_tokens for u in rows]
-            columns[cost] = [None if u is None else u.cost_usd for u in rows]
+            columns[tokens_in] = [u.input_tokens for u in rows]
+            columns[tokens_out] = [u.output_tokens for u in rows]
+            columns[cost] = [u.cost_usd for u in rows]
         for col, dtype in self.plan.new_columns.items():
             out[col] = _column(columns[col], dtype, self.df.index)
         return out

@@ -34,7 +34,9 @@ def features_chain(base_url: str, **kwargs: object) -> Runnable:
     prompt = ChatPromptTemplate.from_template(
         "Five features of {title} from {country}, given: {summary}"
     )
-    return prompt | llm(base_url, **kwargs).with_structured_output(Features, method="function_calling")
+    return prompt | llm(base_url, **kwargs).with_structured_output(
+        Features, method="function_calling"
+    )
 
 
 def text_chain(base_url: str) -> Runnable:

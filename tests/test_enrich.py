@@ -56,7 +56,9 @@ def test_public_api() -> None:
     assert hasattr(pd.DataFrame({"a": [1]}), "llm")
 
 
-def test_lazy_until_compute_and_outputs_typed_from_the_schemas(sim: Any, reviews: pd.DataFrame) -> None:
+def test_lazy_until_compute_and_outputs_typed_from_the_schemas(
+    sim: Any, reviews: pd.DataFrame
+) -> None:
     ddf = dd.from_pandas(reviews, npartitions=3)
     out = ddf.llm.enrich(two_chains(sim.base_url))
     assert sim.stats()["requests"] == 0, "graph construction must not call the model"
@@ -110,7 +112,11 @@ def test_a_dict_chain_without_a_schema_asks_for_outputs() -> None:
     frame = pd.DataFrame({"description": ["abc", "de"]})
     with pytest.raises(ValueError, match="outputs="):
         frame.llm.enrich([chain])
-    chain = dask_llm.Chain(RunnableLambda(lambda d: {"n": len(d["description"])}), outputs=["n"])
+    chain = dask_llm.Chain(
+        RunnableLambda(lambda d: {"n": len(d["description"])}),
+        inputs={"description": "description"},
+        outputs=["n"],
+    )
     assert frame.llm.enrich([chain], usage=False)["n"].tolist() == [3, 2]
 
 
@@ -160,7 +166,10 @@ def test_null_input_skips_the_row_and_its_dependents(sim: Any, reviews: pd.DataF
 
 def test_a_missing_output_field_is_that_rows_error() -> None:
     chain = dask_llm.Chain(
-        RunnableLambda(lambda d: {"a": 1} if d["x"] else {"b": 2}), outputs=["a"], name="pick"
+        RunnableLambda(lambda d: {"a": 1} if d["x"] else {"b": 2}),
+        inputs={"x": "x"},
+        outputs=["a"],
+        name="pick",
     )
     out = pd.DataFrame({"x": [True, False]}).llm.enrich([chain], usage=False)
     assert out["a"].tolist()[0] == 1
@@ -173,7 +182,7 @@ def test_errors_raise_names_the_row(reviews: pd.DataFrame) -> None:
             raise RuntimeError("bad row")
         return "ok"
 
-    chain = dask_llm.Chain(RunnableLambda(boom), outputs="x", name="boom")
+    chain = dask_llm.Chain(boom, inputs={"title": "title"}, outputs="x", name="boom")
     with pytest.raises(dask_llm.ChainError, match=r"row 105: boom: RuntimeError: bad row") as info:
         reviews.llm.enrich([chain], errors="raise")
     assert info.value.index == 105 and info.value.chain == "boom"
@@ -193,9 +202,7 @@ def test_empty_partitions_and_zero_rows(sim: Any, reviews: pd.DataFrame) -> None
 
 
 def test_duplicate_index_and_order_are_preserved(sim: Any) -> None:
-    frame = pd.DataFrame(
-        {"description": ["b", "a", "c", "a"]}, index=pd.Index([3, 1, 3, 2])
-    )
+    frame = pd.DataFrame({"description": ["b", "a", "c", "a"]}, index=pd.Index([3, 1, 3, 2]))
     out = frame.llm.enrich({"word": text_chain(sim.base_url)})
     pd.testing.assert_index_equal(out.index, frame.index)
     assert out["description"].tolist() == ["b", "a", "c", "a"]
@@ -207,9 +214,9 @@ def test_schedulers_with_one_shared_chain_object(
 ) -> None:
     chains = two_chains(sim.base_url)
     ddf = dd.from_pandas(reviews, npartitions=6)
-    out = ddf.llm.enrich(chains)
+    out = ddf.llm.enrich(chains, cache=False)
     first = out.compute(scheduler=scheduler)
-    second = out.compute(scheduler=scheduler)  # a second run on fresh loops
+    second = out.compute(scheduler=scheduler)  # a second run on fresh loops, calling again
     assert first["llm_error"].isna().all()
     assert_eq(first, second)
 
@@ -217,7 +224,7 @@ def test_schedulers_with_one_shared_chain_object(
 def test_the_simulator_answers_deterministically_so_schedulers_agree(
     sim: Any, reviews: pd.DataFrame
 ) -> None:
-    out = dd.from_pandas(reviews, npartitions=4).llm.enrich(two_chains(sim.base_url))
+    out = dd.from_pandas(reviews, npartitions=4).llm.enrich(two_chains(sim.base_url), cache=False)
     assert_eq(out.compute(scheduler="threads"), out.compute(scheduler="sync"))
 
 
@@ -228,7 +235,13 @@ def test_factory_chains_are_built_on_the_worker(sim: Any, reviews: pd.DataFrame)
         return summary_chain(url)
 
     out = dd.from_pandas(reviews, npartitions=2).llm.enrich(
-        [dask_llm.Chain(make_summary, outputs=["summary", "sentiment"], inputs={"description": "description"})]
+        [
+            dask_llm.Chain(
+                make_summary,
+                outputs=["summary", "sentiment"],
+                inputs={"description": "description"},
+            )
+        ]
     )
     assert out.compute(scheduler="processes")["llm_error"].isna().all()
 
@@ -247,15 +260,23 @@ def test_inside_a_running_event_loop(sim: Any, reviews: pd.DataFrame) -> None:
     assert lazy["llm_error"].isna().all() and eager["llm_error"].isna().all()
 
 
-def test_users_own_loops_still_work_after_a_job(sim: Any, reviews: pd.DataFrame) -> None:
-    """langchain-openai caches one httpx client per base URL; we must not bind it to our loops."""
-    chain = summary_chain(sim.base_url)
-    reviews.llm.enrich([dask_llm.Chain(chain)])
-    dd.from_pandas(reviews, npartitions=2).llm.enrich([dask_llm.Chain(chain)]).compute()
-    result = asyncio.run(chain.ainvoke({"description": "x"}))
-    assert isinstance(result, Summary)
-    fresh = summary_chain(sim.base_url)  # a new model, same URL, same cached client
-    assert isinstance(asyncio.run(fresh.ainvoke({"description": "y"})), Summary)
+@pytest.mark.parametrize("which", ["same-chain", "new-model-same-url"])
+def test_users_own_loops_still_work_after_a_job(
+    make_simulator: Any, reviews: pd.DataFrame, which: str
+) -> None:
+    """langchain-openai caches one httpx client per base URL; our loops must never bind it.
+
+    (Each case gets its own simulator URL: two ``asyncio.run`` calls of the user's own on one
+    cached client fail in langchain-openai itself, engine or not.)
+    """
+    url = make_simulator().base_url
+    chain = summary_chain(url)
+    reviews.llm.enrich([dask_llm.Chain(chain)], cache=False)
+    dd.from_pandas(reviews, npartitions=2).llm.enrich(
+        [dask_llm.Chain(chain)], cache=False
+    ).compute()
+    target = chain if which == "same-chain" else summary_chain(url)
+    assert isinstance(asyncio.run(target.ainvoke({"description": "x"})), Summary)
 
 
 def test_sync_only_chains_run_in_a_bounded_pool_off_the_loop() -> None:
@@ -274,7 +295,9 @@ def test_sync_only_chains_run_in_a_bounded_pool_off_the_loop() -> None:
         return d["x"].upper()
 
     frame = pd.DataFrame({"x": [f"v{i}" for i in range(40)]})
-    out = frame.llm.enrich([dask_llm.Chain(slow, outputs="y")], sync_threads=4, usage=False)
+    out = frame.llm.enrich(
+        [dask_llm.Chain(slow, inputs={"x": "x"}, outputs="y")], sync_threads=4, usage=False
+    )
     assert out["y"].tolist() == [f"V{i}" for i in range(40)]
     assert peak == 4  # in parallel, and no more than the pool allows
 

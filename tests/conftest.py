@@ -1,0 +1,53 @@
+"""Fixtures: the project's simulator on 127.0.0.1, driven through the real clients."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+# Before anything builds a ChatOpenAI: workers (threads, processes, distributed
+# workers started from here) read the key from this environment. The value is
+# recognisable so tests can scan task graphs, logs and caches for it.
+API_KEY = "sk-test-dask-llm-SECRET-0123456789"
+os.environ["OPENAI_API_KEY"] = API_KEY
+os.environ.pop("OPENAI_BASE_URL", None)
+
+from dask_llm.simulator import Simulator  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def simulator() -> Iterator[Simulator]:
+    """One zero-latency simulator for the session; reset before each test that uses ``sim``."""
+    with Simulator() as sim:
+        yield sim
+
+
+@pytest.fixture
+def sim(simulator: Simulator) -> Simulator:
+    """The session simulator with fresh stats and limit windows."""
+    simulator.reset()
+    return simulator
+
+
+@pytest.fixture
+def make_simulator() -> Iterator[Callable[..., Simulator]]:
+    """Start simulators with particular settings; all stopped at the end of the test."""
+    started: list[Simulator] = []
+
+    def make(**options: Any) -> Simulator:
+        s = Simulator(**options).start()
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's default cache lives in its own directory."""
+    monkeypatch.setenv("DASK_LLM_CACHE", str(tmp_path / "cache.sqlite"))
