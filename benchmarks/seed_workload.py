@@ -22,6 +22,7 @@ import asyncio
 import time
 from typing import Any
 
+import openai
 import pandas as pd
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
@@ -62,8 +63,16 @@ def main() -> None:
         sequential = time.perf_counter() - start
         bound = max(per_row)
 
+        def fresh() -> tuple[Any, Any, Any]:
+            # Peers get their own aiohttp client per event loop, as fair as ours (and
+            # avoiding langchain-openai's shared-httpx-client trap across asyncio.run calls).
+            http = openai.DefaultAioHttpClient()
+            a, b = (c.runnable for c in make_chains("gpt-4o-mini", url, http_async_client=http))
+            return a, b, http
+
         # 2. article-style: gather chain 1 for all rows, then chain 2 for all rows.
         async def article() -> None:
+            c1, c2, http = fresh()
             firsts = await asyncio.gather(
                 *(c1.ainvoke({"description": r["description"]}) for r in records)
             )
@@ -73,6 +82,7 @@ def main() -> None:
                     for r, f in zip(records, firsts, strict=True)
                 )
             )
+            await http.aclose()
 
         start = time.perf_counter()
         asyncio.run(article())

@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Iterator
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 import dask.dataframe as dd
 import pandas as pd
@@ -77,9 +77,9 @@ FEATURES_PROMPT = ChatPromptTemplate.from_messages(
 )
 
 
-def make_chains(model: str, base_url: str | None) -> list[dask_llm.Chain]:
-    """The two chains; one ``ChatOpenAI`` shared by both (dask-llm gives each loop its own client)."""
-    llm = ChatOpenAI(model=model, base_url=base_url, temperature=0)
+def make_chains(model: str, base_url: str | None, **llm_options: Any) -> list[dask_llm.Chain]:
+    """The two chains, sharing one ``ChatOpenAI`` (dask-llm gives each loop its own client)."""
+    llm = ChatOpenAI(model=model, base_url=base_url, temperature=0, **llm_options)
     summarize: Runnable = SUMMARY_PROMPT | llm.with_structured_output(Summary)
     features: Runnable = FEATURES_PROMPT | llm.with_structured_output(Features)
     return [dask_llm.Chain(summarize, name="summarize"), dask_llm.Chain(features, name="features")]
