@@ -22,6 +22,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI
 
+import dask_llm  # noqa: F401  (registers the .llm accessor)
 from benchmarks._common import median, simulator_process, table
 
 PROMPT = ChatPromptTemplate.from_template("Name one flavour in: {description}")
