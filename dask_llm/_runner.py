@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import openai
 import pandas as pd
 import pydantic
 import tenacity
@@ -36,6 +37,7 @@ from dask_llm._plan import Plan, PlannedChain
 from dask_llm._retry import RetryPolicy, classify, retry_after
 from dask_llm._transport import LoopClients
 from dask_llm._usage import Usage, UsageRecorder
+from dask_llm._usage import current as usage_context
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,10 +106,19 @@ def _is_missing(value: Any) -> bool:
 
 
 def _describe(exc: BaseException, limit: int = 500) -> str:
-    text = str(exc).strip().replace("\n", " ")
+    """``Type: message`` on one line; for API errors, ``Type (status code): message``."""
+    name = type(exc).__name__
+    if isinstance(exc, openai.APIStatusError):
+        code = getattr(exc, "code", None)
+        name = f"{name} ({exc.status_code}{f' {code}' if code else ''})"
+        body = exc.body if isinstance(exc.body, dict) else {}
+        text = str(body.get("message") or exc.message)
+    else:
+        text = str(exc)
+    text = text.strip().replace("\n", " ")
     if len(text) > limit:
         text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{name}: {text}" if text else name
 
 
 class PartitionRun:
@@ -243,7 +254,6 @@ class PartitionRun:
     async def _call(self, pc: PlannedChain, inputs: dict[str, Any], recorder: UsageRecorder) -> Any:
         policy = self.options.retry
         runnable = self.runnables[pc.name]
-        config: Any = {"callbacks": [recorder]}
         self.calls += 1
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(policy.attempts)
@@ -257,7 +267,11 @@ class PartitionRun:
                 if attempt.retry_state.attempt_number > 1:
                     self.retries += 1
                 with attempt:
-                    return await runnable.ainvoke(inputs, config=config)
+                    token = usage_context.set(recorder)
+                    try:
+                        return await runnable.ainvoke(inputs)
+                    finally:
+                        usage_context.reset(token)
         except _RowFailed:
             raise
         except Exception as exc:

@@ -31,6 +31,7 @@ from typing import Any, cast
 import openai
 from langchain_openai.chat_models.base import BaseChatOpenAI
 
+from dask_llm import _usage as usage
 from dask_llm._graph import rewrite
 from dask_llm._limits import Throttle
 
@@ -55,6 +56,9 @@ class ThrottledTransport:
             response = await self.inner.handle_async_request(request)
             status = response.status_code
             headers = response.headers
+            recorder = usage.current.get()
+            if recorder is not None and status < 400:
+                response.stream = usage.tap(response.stream, recorder)
             return response
         finally:
             self.throttle.observe(started, status, headers)

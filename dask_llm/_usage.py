@@ -1,8 +1,12 @@
-"""Tokens and dollars: per-call usage from LangChain callbacks, priced from a dated table.
+"""Tokens and dollars: per-call usage read off the wire, priced from a dated table.
 
-Usage is read from what the provider reports (``usage_metadata`` of each
-chat model response), summed over every attempt of a call (a retried
-schema violation was paid for too), and over the chains of a row.
+Usage is what the provider reports in each response's ``usage`` block, read
+by the HTTP transport of the clients dask-llm opens (``_transport``) as the
+body streams past, and credited to the chain call running in that context
+(a ``ContextVar``). LangChain callbacks would miss the responses whose
+parsing failed (a structured answer that broke its schema still cost
+tokens) and cost a callback-manager round per call. Usage is summed over
+every attempt of a call and over the chains of a row.
 
 Prices are US dollars per million tokens, as OpenAI lists them for standard
 (non-batch, uncached) use. They change: the table says when it was taken,
@@ -12,11 +16,10 @@ in the table gets a null cost, never a guessed one.
 
 from __future__ import annotations
 
+import contextvars
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
-
-from langchain_core.callbacks import BaseCallbackHandler
 
 PRICES_AS_OF = "2025-08-07"
 
@@ -78,37 +81,74 @@ class Usage:
         return None if self.unpriced else self.cost
 
 
-class UsageRecorder(BaseCallbackHandler):
-    """Adds up the usage of every chat model response in one chain call (attempts included)."""
+#: The usage of the chain call running in this context: the transport adds to it.
+current: contextvars.ContextVar[UsageRecorder | None] = contextvars.ContextVar(
+    "dask_llm_usage", default=None
+)
 
-    run_inline = True  # called on the loop's thread, not via an executor hop
-    raise_error = False
+_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"]+)"')
+
+
+def record_body(recorder: UsageRecorder, body: bytes) -> None:
+    """Add the ``usage`` of a Chat Completions response body (JSON or SSE) to ``recorder``."""
+    prompt = _PROMPT.findall(body)
+    if not prompt:
+        return
+    completion = _COMPLETION.findall(body)
+    model = _MODEL.search(body)
+    recorder.add(
+        model.group(1).decode() if model else None,
+        int(prompt[-1]),
+        int(completion[-1]) if completion else 0,
+    )
+
+
+def tap(stream: Any, recorder: UsageRecorder) -> Any:
+    """Wrap an httpx response stream so its usage is recorded once it has been read."""
+    base = next((c for c in type(stream).__mro__ if c.__name__ == "AsyncByteStream"), None)
+    if base is None:  # an unknown HTTP stack: no usage rather than a broken call
+        return stream
+    return _tap_class(base)(stream, recorder)
+
+
+_TAPS: dict[type, type] = {}
+
+
+def _tap_class(base: type) -> type:
+    cls = _TAPS.get(base)
+    if cls is None:
+
+        class UsageTap(base):
+            def __init__(self, inner: Any, recorder: UsageRecorder) -> None:
+                self.inner = inner
+                self.recorder = recorder
+
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                chunks = []
+                async for chunk in self.inner:
+                    chunks.append(chunk)
+                    yield chunk
+                record_body(self.recorder, b"".join(chunks))
+
+            async def aclose(self) -> None:
+                await self.inner.aclose()
+
+        cls = _TAPS[base] = UsageTap
+    return cls
+
+
+class UsageRecorder:
+    """Adds up the usage of every model response of one chain call (attempts included)."""
+
+    __slots__ = ("_prices", "usage")
 
     def __init__(self, prices: Mapping[str, tuple[float, float]] | None = None) -> None:
         self.usage = Usage()
         self._prices = prices
 
-    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
-        llm_output = response.llm_output or {}
-        model = llm_output.get("model_name")
-        # n=1: the first message with usage metadata carries the request's usage.
-        for generations in response.generations:
-            for gen in generations:
-                message = getattr(gen, "message", None)
-                meta = getattr(message, "usage_metadata", None)
-                if meta:
-                    model = (getattr(message, "response_metadata", None) or {}).get(
-                        "model_name", model
-                    )
-                    self._add(model, meta.get("input_tokens", 0), meta.get("output_tokens", 0))
-                    return
-        token_usage = llm_output.get("token_usage") or {}
-        if token_usage:
-            self._add(
-                model, token_usage.get("prompt_tokens", 0), token_usage.get("completion_tokens", 0)
-            )
-
-    def _add(self, model: str | None, input_tokens: Any, output_tokens: Any) -> None:
+    def add(self, model: str | None, input_tokens: Any, output_tokens: Any) -> None:
         input_tokens, output_tokens = int(input_tokens or 0), int(output_tokens or 0)
         usage = self.usage
         usage.calls += 1
