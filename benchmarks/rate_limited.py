@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--input", help="CSV with description, title, country")
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--only", help="comma-separated subset of approaches to run")
+    parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args()
     frame = load(args.input, args.rows)
     records = frame.to_dict("records")
@@ -124,7 +125,7 @@ def main() -> None:
 
         def ours(**options: Any) -> int:
             chains = make_chains("gpt-4o-mini", url)
-            ddf = dd.from_pandas(frame, npartitions=4)
+            ddf = dd.from_pandas(frame, npartitions=args.partitions)
             out = ddf.llm.enrich(chains, cache=False, **options).compute()
             return int(out["llm_error"].notna().sum())
 

@@ -8,6 +8,7 @@ The accessors only store the frame (Dask's ``__getattr__`` would swallow an
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -170,11 +171,13 @@ def default_cache_path() -> str:
 
 def _cluster_processes() -> int:
     """Worker processes of the ``distributed`` client in use, if any (they split rpm/tpm)."""
-    try:
-        from distributed import default_client
+    if "distributed" not in sys.modules:  # no client without it; importing it costs ~1 s
+        return 1
+    from distributed import default_client
 
+    try:
         return max(1, len(default_client().nthreads()))
-    except (ImportError, ValueError):
+    except ValueError:
         return 1
 
 

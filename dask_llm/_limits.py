@@ -21,11 +21,14 @@ Three mechanisms, each for a different ignorance:
   cost is estimated before sending (request body characters / 4, plus
   ``max_tokens`` or the mean completion seen so far) and the estimate is
   scaled by the ratio of reported ``usage`` to estimates seen so far.
-* **Adaptive concurrency** (AIMD, as TCP): the number of requests in flight
+* **Adaptive concurrency** (AIMD, as TCP), while no rate is known (once
+  one is, pacing governs and concurrency opens to its cap, since ramping
+  up would only slow the start): the number of requests in flight
   starts at ``initial_concurrency``, grows by one per success until the
   first 429 (slow start), then by ``1/limit`` per success; a 429 halves it
-  (once per round trip, not once per 429 of the same burst). Where the
-  provider sends no limit headers this alone finds the ceiling.
+  (once per round trip, not once per 429 of the same burst) unless pacing
+  knows the rate, which answers 429s better. Where the provider sends no
+  limit headers this alone finds the ceiling.
   ``max_concurrency`` is a hard cap.
 * **Retry-After**: a 429 also slows pacing by 10% (recovering over the next
   clean minute), and each retried request waits at least what the server
@@ -49,17 +52,19 @@ event loop, and a job here spans many loops on many threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-_SAFETY = 0.95
+_SAFETY = 0.97
 _DECREASE = 0.5
-_RATE_BACKOFF = 0.9
-_RATE_RECOVERY_S = 60.0
+_RATE_BACKOFF = 0.95
+_RATE_RECOVERY_S = 15.0
 
 
 class Pacer:
@@ -70,6 +75,9 @@ class Pacer:
         "_next",
         "_penalty",
         "_penalty_at",
+        "_recent",
+        "_rejections",
+        "_sent",
         "clock",
         "learned_rpm",
         "learned_tpm",
@@ -95,7 +103,10 @@ class Pacer:
         self._lock = threading.Lock()
         self._next = 0.0  # earliest start of the next request
         self._penalty = 1.0  # multiplier < 1 after a 429
-        self._penalty_at = 0.0
+        self._penalty_at = -math.inf
+        self._recent: deque[float] = deque()  # starts in the last second, before a limit is known
+        self._sent: deque[float] = deque()  # actual starts in the last second
+        self._rejections: deque[float] = deque()  # 429s in the last 10 s
 
     def _limit(self, given: float | None, learned: float | None) -> float | None:
         limits = [x for x in (given, learned) if x]
@@ -121,6 +132,10 @@ class Pacer:
             req_rate, tok_rate = self.rates()
             now = self.clock()
             if req_rate is None and tok_rate is None:
+                # Unpaced until a limit is known; remember the burst to pay it back then.
+                self._recent.append(now)
+                while self._recent and self._recent[0] <= now - 1.0:
+                    self._recent.popleft()
                 return 0.0
             start = max(now, self._next)
             step = 0.0
@@ -131,20 +146,69 @@ class Pacer:
             self._next = start + step
             return start - now
 
+    def admit(self) -> float:
+        """Check a paced request at the moment it is sent; return 0 (sent) or seconds to wait.
+
+        GCRA books start times, but an event loop that was busy can send several
+        booked requests late and together. The provider counts arrivals in short
+        windows, so arrivals, too, are held to the rate over any 1 s window.
+        """
+        with self._lock:
+            req_rate = self.rates()[0]
+            now = self.clock()
+            sent = self._sent
+            while sent and sent[0] <= now - 1.0:
+                sent.popleft()
+            if req_rate and len(sent) + 1 > max(1.0, req_rate):
+                return sent[0] + 1.0 - now
+            sent.append(now)
+            return 0.0
+
     def learn(self, headers: Mapping[str, str]) -> None:
         """Take the provider's limits from ``x-ratelimit-limit-*`` response headers."""
         rpm = _number(headers.get("x-ratelimit-limit-requests"))
         tpm = _number(headers.get("x-ratelimit-limit-tokens"))
         if rpm or tpm:
             with self._lock:
+                was_unpaced = self.rates() == (None, None)
                 self.learned_rpm = rpm or self.learned_rpm
                 self.learned_tpm = tpm or self.learned_tpm
+                req_rate = self.rates()[0]
+                if was_unpaced and req_rate and self._recent:
+                    # The requests sent before we knew the limit count against it:
+                    # start pacing only once that burst is paid back.
+                    now = self.clock()
+                    burst = sum(1 for t in self._recent if t > now - 1.0)
+                    self._next = max(self._next, now + burst / req_rate - 1.0 / req_rate)
+                self._recent.clear()
 
-    def slow_down(self) -> None:
-        """A 429 came back: pace 10% slower for a while."""
+    def rejected(self, started: float, retry_after: float | None) -> None:
+        """A request started at ``started`` got a 429 asking to wait ``retry_after`` s.
+
+        A few 429s while pacing to a known limit are arrival jitter (a stalled loop
+        on either side bunches arrivals into one window): hold every start until
+        the moment the provider named, and go on at the same rate. More than 5%
+        of the last 10 s of requests rejected mean the limit we pace to is not the
+        whole story (another client shares the quota): then pace 5% slower, once
+        per burst (429s of requests that started before the last slow-down are the
+        same event), recovering over the next 15 s. Without a known limit every
+        429 counts.
+        """
         with self._lock:
+            now = self.clock()
+            if retry_after:
+                self._next = max(self._next, now + min(retry_after, 60.0))
+            rejections = self._rejections
+            rejections.append(now)
+            while rejections[0] <= now - 10.0:
+                rejections.popleft()
+            rate = self.rates()[0]
+            if rate is not None and len(rejections) < max(3.0, 0.05 * rate * 10.0):
+                return  # under 5% of the last 10 s of requests: jitter, not a wrong limit
+            if started < self._penalty_at:
+                return
             self._penalty = max(0.3, self._current_penalty() * _RATE_BACKOFF)
-            self._penalty_at = self.clock()
+            self._penalty_at = now
 
 
 class Concurrency:
@@ -223,6 +287,13 @@ class Concurrency:
                 )
                 self._wake()
 
+    def open_up(self) -> None:
+        """Pacing governs now: let concurrency go to its cap."""
+        with self._lock:
+            if self.limit < self.cap:
+                self.limit = float(self.cap)
+                self._wake()
+
     def on_overload(self, started: float) -> None:
         """A request that started at ``started`` got a 429: cut the limit, once per round trip."""
         with self._lock:
@@ -238,6 +309,15 @@ def _resolve(fut: asyncio.Future[None], owner: Concurrency) -> None:
         owner.release()
     else:
         fut.set_result(None)
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    if headers is None:
+        return None
+    ms = _number(headers.get("retry-after-ms"))
+    if ms is not None:
+        return ms / 1000.0
+    return _number(headers.get("retry-after"))
 
 
 def _number(value: str | None) -> float | None:
@@ -275,6 +355,7 @@ class Throttle:
         self._calls = 0
         self.requests = 0
         self.rate_limited = 0
+        self.latency = 1.0  # seconds on the wire, moving average of successes
 
     def estimate_tokens(self, prompt_chars: int, max_tokens: int | None) -> float:
         """Token cost of a request before it is sent, scaled by what usage has shown."""
@@ -303,6 +384,8 @@ class Throttle:
             delay = self.pacer.reserve(tokens)
             if delay > 0:
                 await asyncio.sleep(delay)
+            while (late := self.pacer.admit()) > 0:  # noqa: ASYNC110 (waits on a clock)
+                await asyncio.sleep(late)
         except BaseException:
             self.concurrency.release()
             raise
@@ -316,16 +399,34 @@ class Throttle:
             self.requests += 1
             if status == 429:
                 self.rate_limited += 1
+            elif status is not None and status < 400:
+                self.latency = 0.8 * self.latency + 0.2 * max(0.0, self.clock() - started)
         if headers is not None:
             self.pacer.learn(headers)
+        if self.pacer.rates() != (None, None):
+            self.concurrency.open_up()
         if status == 429:
-            self.concurrency.on_overload(started)
-            self.pacer.slow_down()
+            # With a known rate, pacing answers a 429; halving concurrency on top
+            # would starve the pipe for several round trips.
+            if self.pacer.rates()[0] is None:
+                self.concurrency.on_overload(started)
+            self.pacer.rejected(started, _retry_after(headers))
         elif status is not None and status < 400:
             self.concurrency.on_success()
 
     def release(self) -> None:
         self.concurrency.release()
+
+    def row_target(self) -> int:
+        """How many rows a partition should have under way to keep the pipe full.
+
+        Paced: what the rate can have on the wire (rate x latency), doubled for
+        rows between calls, plus a few. Unpaced: twice the concurrency limit.
+        """
+        rate = self.pacer.rates()[0]
+        if rate is None:
+            return max(4, int(2 * self.concurrency.limit))
+        return min(self.concurrency.cap, int(2 * rate * self.latency) + 8)
 
 
 _THROTTLES: dict[str, Throttle] = {}
@@ -343,12 +444,12 @@ def throttle_for(job: str, **kwargs: Any) -> Throttle:
 
 def process_share(hint: int) -> int:
     """How many processes split the job's budget, as seen from this process."""
-    try:
+    worker = None
+    if "distributed" in sys.modules:  # a worker has imported it; importing it costs ~1 s
         from distributed import get_worker
 
-        worker = get_worker()
-    except (ImportError, ValueError):
-        worker = None
+        with contextlib.suppress(ValueError):
+            worker = get_worker()
     if worker is not None:
         try:
             from distributed import get_client

@@ -159,17 +159,33 @@ class PartitionRun:
                 self.runnables[pc.name] = clients.localize(
                     pc.chain.runnable, timeout=self.options.timeout
                 )
-            rows = iter(range(self.n))
             row_fn = self._row_path if self.plan.is_path else self._row_dag
+            cap = min(self.n, self.options.max_concurrency)
+            next_row = 0
+            workers = 0
 
             async def worker() -> None:
-                for i in rows:
-                    await row_fn(i)
+                nonlocal next_row, workers
+                try:
+                    while next_row < self.n:
+                        i = next_row
+                        next_row += 1
+                        await row_fn(i)
+                        if workers > self.throttle.row_target():
+                            return  # the pool follows the target down, too
+                finally:
+                    workers -= 1
 
-            width = min(self.n, self.options.max_concurrency)
+            # Rows are admitted as the throttle can use them, a few at a time: each
+            # admitted row does a few ms of LangChain work before its request, and a
+            # loop busy preparing 250 rows at once sends nothing for a second.
             async with asyncio.TaskGroup() as tg:
-                for _ in range(width):
-                    tg.create_task(worker())
+                while next_row < self.n:
+                    target = min(cap, self.throttle.row_target())
+                    for _ in range(min(8, target - workers, self.n - next_row)):
+                        workers += 1
+                        tg.create_task(worker())
+                    await asyncio.sleep(0.02)
         except* ChainError as group:
             raise group.exceptions[0] from None
         finally:

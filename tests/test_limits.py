@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dask_llm._limits import Concurrency, Pacer, Throttle
+from dask_llm._limits import _RATE_BACKOFF, _RATE_RECOVERY_S, _SAFETY, Concurrency, Pacer, Throttle
 from dask_llm._retry import RetryPolicy, classify, retry_after
 
 
@@ -25,21 +25,31 @@ def test_pacer_without_limits_never_waits() -> None:
 
 def test_pacer_spaces_requests_at_the_rpm_with_a_safety_margin() -> None:
     clock = Clock()
-    pacer = Pacer(rpm=600, clock=clock)  # 10/s, paced at 9.5/s
+    pacer = Pacer(rpm=600, clock=clock)  # 10/s, paced a little below
     waits = [pacer.reserve(1) for _ in range(20)]
     assert waits[0] == 0.0
-    step = 1 / (10 * 0.95)
+    step = 1 / (10 * _SAFETY)
     assert waits[-1] == pytest.approx(19 * step)
     # Requests booked within any 1 s window never exceed rpm/60.
     starts = [clock.now + w for w in waits]
     assert max(sum(1 for t in starts if s <= t < s + 1) for s in starts) <= 10
 
 
+def test_late_arrivals_are_held_to_the_rate_over_any_second() -> None:
+    clock = Clock()
+    pacer = Pacer(rpm=600, clock=clock)  # 10/s, held a little below
+    # A busy loop sends ten booked requests at once: the tenth must wait.
+    assert [pacer.admit() for _ in range(9)] == [0.0] * 9
+    assert pacer.admit() == pytest.approx(1.0)
+    clock.now += 1.0
+    assert pacer.admit() == 0.0
+
+
 def test_pacer_time_passing_frees_the_budget() -> None:
     clock = Clock()
     pacer = Pacer(rpm=60, clock=clock)
     assert pacer.reserve(1) == 0.0
-    assert pacer.reserve(1) == pytest.approx(1 / 0.95)
+    assert pacer.reserve(1) == pytest.approx(1 / _SAFETY)
     clock.now += 10
     assert pacer.reserve(1) == 0.0
 
@@ -48,7 +58,7 @@ def test_pacer_paces_tokens_by_cost() -> None:
     clock = Clock()
     pacer = Pacer(tpm=60_000, clock=clock)  # 1,000 tokens/s before the margin
     assert pacer.reserve(2_000) == 0.0
-    assert pacer.reserve(10) == pytest.approx(2_000 / (1_000 * 0.95))
+    assert pacer.reserve(10) == pytest.approx(2_000 / (1_000 * _SAFETY))
 
 
 def test_pacer_splits_the_budget_between_processes() -> None:
@@ -63,23 +73,47 @@ def test_pacer_learns_the_limit_from_headers_and_keeps_the_lower_one() -> None:
     clock = Clock()
     pacer = Pacer(clock=clock)
     pacer.learn({"x-ratelimit-limit-requests": "3000", "x-ratelimit-limit-tokens": "bogus"})
-    assert pacer.rates()[0] == pytest.approx(50 * 0.95)
+    assert pacer.rates()[0] == pytest.approx(50 * _SAFETY)
     assert pacer.rates()[1] is None
     given = Pacer(rpm=600, clock=clock)
     given.learn({"x-ratelimit-limit-requests": "3000"})
-    assert given.rates()[0] == pytest.approx(10 * 0.95)
+    assert given.rates()[0] == pytest.approx(10 * _SAFETY)
 
 
-def test_pacer_slows_down_after_a_429_and_recovers_within_a_minute() -> None:
+def test_an_isolated_429_holds_starts_until_retry_after_but_keeps_the_rate() -> None:
     clock = Clock()
     pacer = Pacer(rpm=600, clock=clock)
     before = pacer.rates()[0]
-    pacer.slow_down()
-    assert pacer.rates()[0] == pytest.approx(before * 0.9)
-    clock.now += 30
-    assert before * 0.9 < pacer.rates()[0] < before
-    clock.now += 31
+    pacer.rejected(started=clock.now - 0.5, retry_after=0.25)
+    assert pacer.rates()[0] == before
+    assert pacer.reserve(1) == pytest.approx(0.25)
+
+
+def test_repeated_429s_slow_the_pacer_once_per_burst_then_it_recovers() -> None:
+    clock = Clock()
+    pacer = Pacer(rpm=600, clock=clock)
+    before = pacer.rates()[0]
+    for _ in range(4):  # 5% of 10 s at 9.7/s is about 5: not yet
+        pacer.rejected(started=clock.now - 0.5, retry_after=None)
+    assert pacer.rates()[0] == before
+    pacer.rejected(started=clock.now - 0.5, retry_after=None)
+    assert pacer.rates()[0] == pytest.approx(before * _RATE_BACKOFF)
+    pacer.rejected(started=clock.now - 0.4, retry_after=None)  # same burst: no second cut
+    assert pacer.rates()[0] == pytest.approx(before * _RATE_BACKOFF)
+    clock.now += _RATE_RECOVERY_S / 2
+    assert before * _RATE_BACKOFF < pacer.rates()[0] < before
+    clock.now += _RATE_RECOVERY_S / 2 + 0.01
     assert pacer.rates()[0] == pytest.approx(before)
+
+
+def test_a_burst_sent_before_the_limit_was_known_is_paid_back() -> None:
+    clock = Clock()
+    pacer = Pacer(clock=clock)
+    for _ in range(20):
+        assert pacer.reserve(1) == 0.0  # no limit known yet
+    pacer.learn({"x-ratelimit-limit-requests": "3000"})  # 50/s, paced a little below
+    wait = pacer.reserve(1)
+    assert wait == pytest.approx(19 / (50 * _SAFETY))
 
 
 def test_concurrency_slow_start_then_multiplicative_decrease() -> None:
@@ -170,11 +204,16 @@ def test_throttle_estimate_is_corrected_by_reported_usage() -> None:
     assert t.estimate_tokens(prompt_chars=4_000, max_tokens=100) == pytest.approx(2_200)
 
 
-def test_throttle_counts_429s_and_cuts_concurrency() -> None:
+def test_throttle_cuts_concurrency_on_429_only_when_the_rate_is_unknown() -> None:
     clock = Clock()
     t = Throttle(max_concurrency=64, initial_concurrency=16, clock=clock)
     t.observe(clock.now, 429, {"retry-after": "1"})
     assert t.rate_limited == 1 and t.concurrency.limit == 8
+    paced = Throttle(max_concurrency=64, initial_concurrency=16, clock=clock)
+    paced.observe(clock.now, 200, {"x-ratelimit-limit-requests": "3000"})
+    assert paced.concurrency.limit == 64  # pacing governs: concurrency opens to the cap
+    paced.observe(clock.now, 429, {"retry-after-ms": "20"})
+    assert paced.rate_limited == 1 and paced.concurrency.limit == 64
 
 
 @pytest.mark.parametrize(
