@@ -144,8 +144,14 @@ def main() -> None:
             wall = time.perf_counter() - start
             s = stats(url)
             results.append(
-                (name, f"{wall:.1f}", f"{wall / bound:.2f}x", str(lost),
-                 str(s["rate_limited"]), str(s["peak_requests_60s"]))
+                (
+                    name,
+                    f"{wall:.1f}",
+                    f"{wall / bound:.2f}x",
+                    str(lost),
+                    str(s["rate_limited"]),
+                    str(s["peak_requests_60s"]),
+                )
             )
             print(f"  {name}: {wall:.1f} s, {lost} rows lost", flush=True)
     print(f"\n{len(frame)} rows x 2 chains, 0.5 s latency, {RPM} rpm; bound {bound:.0f} s\n")

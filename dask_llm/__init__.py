@@ -8,17 +8,23 @@
 from dask_llm._accessor import DaskLLMAccessor, PandasLLMAccessor, enrich
 from dask_llm._chain import Chain
 from dask_llm._errors import ChainError, DaskLLMError, WorkerSetupError
+from dask_llm._progress import RunSummary, last_run
 from dask_llm._retry import RetryPolicy
+from dask_llm._usage import PRICES, PRICES_AS_OF
 
 __all__ = [
+    "PRICES",
+    "PRICES_AS_OF",
     "Chain",
     "ChainError",
     "DaskLLMAccessor",
     "DaskLLMError",
     "PandasLLMAccessor",
     "RetryPolicy",
+    "RunSummary",
     "WorkerSetupError",
     "enrich",
+    "last_run",
 ]
 
 __version__ = "0.1.0.dev0"

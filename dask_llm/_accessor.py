@@ -20,6 +20,7 @@ from dask.dataframe.extensions import register_dataframe_accessor as register_da
 from dask_llm._cache import open_cache
 from dask_llm._chain import string_dtype
 from dask_llm._plan import Plan, make_plan
+from dask_llm._progress import interactive, listen_on_client, progress_for
 from dask_llm._retry import RetryPolicy
 from dask_llm._runner import EnrichOptions, PartitionRun, enrich_partition
 from dask_llm._usage import USAGE_COLUMNS
@@ -37,6 +38,9 @@ def _options(
     sync_threads: int,
     prices: Mapping[str, tuple[float, float]] | None,
     cache: Any,
+    partitions: int,
+    total_rows: int | None,
+    progress: bool | None,
 ) -> EnrichOptions:
     return EnrichOptions(
         job=uuid.uuid4().hex,
@@ -50,6 +54,9 @@ def _options(
         sync_threads=sync_threads,
         prices=tuple(sorted((prices or {}).items())),
         cache=open_cache(cache, default_path=default_cache_path()),
+        partitions=partitions,
+        total_rows=total_rows,
+        progress=interactive() if progress is None else bool(progress),
     )
 
 
@@ -82,6 +89,7 @@ def enrich(
     usage: bool | Sequence[str] = True,
     prices: Mapping[str, tuple[float, float]] | None = None,
     cache: Any = True,
+    progress: bool | None = None,
 ) -> Any:
     """Add the outputs of ``chains`` to every row of ``frame``.
 
@@ -110,6 +118,10 @@ def enrich(
             rows) pays only for calls it has not made yet: ``True`` (default) for
             ``$DASK_LLM_CACHE`` or ``./.dask-llm-cache/results.sqlite``, a path, a
             ``ResultCache`` object, or ``False``.
+        progress: show a progress bar (rows, calls/s, retries, 429s, tokens, cost, ETA);
+            default: when a person is probably watching (a terminal or a notebook). On
+            ``distributed`` the client draws it from the workers' row counts. After the
+            run, ``dask_llm.last_run()`` holds its summary either way.
         prices: ``{model: (input, output)}`` US dollars per million tokens, over the
             built-in table (``dask_llm.PRICES``). Models in neither get a null cost.
 
@@ -121,6 +133,9 @@ def enrich(
             a dependency cycle, a bad option.
         TypeError: something that is not a chain.
     """
+    if not isinstance(frame, dd.DataFrame | pd.DataFrame):
+        raise TypeError(f"enrich() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
+    is_dask = isinstance(frame, dd.DataFrame)
     options = _options(
         max_concurrency=max_concurrency,
         rpm=rpm,
@@ -132,15 +147,27 @@ def enrich(
         sync_threads=sync_threads,
         prices=prices,
         cache=cache,
+        partitions=frame.npartitions if is_dask else 1,
+        total_rows=None if is_dask else len(frame),
+        progress=progress,
     )
     usage_columns = _usage_columns(usage)
-    if isinstance(frame, dd.DataFrame):
+    if is_dask:
         plan = make_plan(
             chains,
             list(frame.columns),
             text_dtype=_dask_text_dtype(),
             error_column=error_column,
             usage_columns=usage_columns,
+        )
+        listen_on_client(
+            options.job,
+            progress_for(
+                options.job,
+                partitions=options.partitions,
+                total_rows=None,
+                show=options.progress,
+            ),
         )
         return frame.map_partitions(
             enrich_partition,
@@ -150,7 +177,7 @@ def enrich(
             enforce_metadata=False,
             align_dataframes=False,
         )
-    if isinstance(frame, pd.DataFrame):
+    else:
         plan = make_plan(
             chains,
             list(frame.columns),
@@ -159,7 +186,6 @@ def enrich(
             usage_columns=usage_columns,
         )
         return _enrich_pandas(frame, plan, options)
-    raise TypeError(f"enrich() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
 
 
 def default_cache_path() -> str:

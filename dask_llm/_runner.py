@@ -34,7 +34,8 @@ from dask_llm._chain import object_dtype
 from dask_llm._errors import ChainError
 from dask_llm._limits import Throttle, process_share, throttle_for
 from dask_llm._plan import Plan, PlannedChain
-from dask_llm._retry import RetryPolicy, classify, retry_after
+from dask_llm._progress import progress_sink
+from dask_llm._retry import RetryPolicy, classify, is_rate_limit, retry_after
 from dask_llm._transport import LoopClients
 from dask_llm._usage import Usage, UsageRecorder
 from dask_llm._usage import current as usage_context
@@ -56,6 +57,9 @@ class EnrichOptions:
     sync_threads: int = 16
     prices: tuple[tuple[str, tuple[float, float]], ...] = ()
     cache: ResultCache | None = None
+    partitions: int = 1
+    total_rows: int | None = None
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -141,10 +145,40 @@ class PartitionRun:
         self.retries = 0
         self.cache_hits = 0
         self.cache = options.cache
+        self.rate_limited = 0
         self.throttle = options.throttle()
         self.runnables: dict[str, Any] = {}
+        self.sink = progress_sink(options)
+        self._reported = (0, 0, 0, 0)
 
     async def run(self) -> pd.DataFrame:
+        self.sink.partition_started(self.n)
+        try:
+            return await self._run()
+        finally:
+            self.sink.flush()
+            self.sink.partition_done()
+
+    def _row_done(self, i: int) -> None:
+        usage = self.row_usage[i]
+        counters = (self.calls, self.retries, self.rate_limited, self.cache_hits)
+        calls, retries, limited, hits = (
+            a - b for a, b in zip(counters, self._reported, strict=True)
+        )
+        self._reported = counters
+        self.sink.add(
+            rows=1,
+            failed=int(self.errors[i] is not None),
+            calls=calls,
+            retries=retries,
+            rate_limited=limited,
+            cache_hits=hits,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cost=usage.cost_usd,
+        )
+
+    async def _run(self) -> pd.DataFrame:
         if self.n == 0:
             return self._frame()
         loop = asyncio.get_running_loop()
@@ -171,6 +205,7 @@ class PartitionRun:
                         i = next_row
                         next_row += 1
                         await row_fn(i)
+                        self._row_done(i)
                         if workers > self.throttle.row_target():
                             return  # the pool follows the target down, too
                 finally:
@@ -286,6 +321,9 @@ class PartitionRun:
                     token = usage_context.set(recorder)
                     try:
                         return await runnable.ainvoke(inputs)
+                    except Exception as exc:
+                        self.rate_limited += is_rate_limit(exc)
+                        raise
                     finally:
                         usage_context.reset(token)
         except _RowFailed:

@@ -46,10 +46,14 @@ def test_public_api() -> None:
             "ChainError",
             "DaskLLMAccessor",
             "DaskLLMError",
+            "PRICES",
+            "PRICES_AS_OF",
             "PandasLLMAccessor",
             "RetryPolicy",
+            "RunSummary",
             "WorkerSetupError",
             "enrich",
+            "last_run",
         ]
     )
     assert hasattr(dd.from_pandas(pd.DataFrame({"a": [1]}), npartitions=1), "llm")

@@ -1,0 +1,105 @@
+"""Progress bar, run summary, and usage columns that add up to what the provider counted."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dask.dataframe as dd
+import pandas as pd
+import pytest
+
+import dask_llm
+from tests.chains import features_chain, summary_chain
+
+
+def frame(n: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "description": [f"Review {i}: quince and chalk" for i in range(n)],
+            "title": [f"Wine {i}" for i in range(n)],
+            "country": ["France"] * n,
+        }
+    )
+
+
+def chains(url: str) -> list[dask_llm.Chain]:
+    return [
+        dask_llm.Chain(summary_chain(url), name="summarize"),
+        dask_llm.Chain(features_chain(url), name="features"),
+    ]
+
+
+def test_progress_bar_reaches_100_percent_and_a_summary_is_kept(
+    sim: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = dd.from_pandas(frame(30), npartitions=3).llm.enrich(
+        chains(sim.base_url), progress=True, cache=False
+    )
+    result = out.compute()
+    err = capsys.readouterr().err
+    assert "dask-llm" in err and "100%" in err and "30/30" in err
+    assert "calls/s" in err and "429s" in err
+    summary = dask_llm.last_run()
+    assert summary is not None
+    assert summary.rows == 30 and summary.failed_rows == 0 and summary.calls == 60
+    stats = sim.stats()
+    assert summary.input_tokens == stats["prompt_tokens"] == result["llm_input_tokens"].sum()
+    assert summary.output_tokens == stats["completion_tokens"] == result["llm_output_tokens"].sum()
+    assert summary.cost_usd == pytest.approx(result["llm_cost_usd"].sum())
+    assert "60 calls" in str(summary)
+
+
+def test_progress_off_prints_nothing(sim: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    frame(5).llm.enrich(chains(sim.base_url), progress=False, cache=False)
+    assert "dask-llm" not in capsys.readouterr().err
+    assert dask_llm.last_run() is not None and dask_llm.last_run().rows == 5  # type: ignore[union-attr]
+
+
+def test_unknown_models_have_a_null_cost_never_a_wrong_one(sim: Any) -> None:
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_openai import ChatOpenAI
+
+    chain = ChatPromptTemplate.from_template("{description}") | ChatOpenAI(
+        model="house-model-7b", base_url=sim.base_url
+    )
+    out = frame(3).llm.enrich([dask_llm.Chain(chain, outputs="t")], cache=False)
+    assert out["llm_cost_usd"].isna().all() and out["llm_input_tokens"].gt(0).all()
+    priced = frame(3).llm.enrich(
+        [dask_llm.Chain(chain, outputs="t")], cache=False, prices={"house-model-7b": (1.0, 2.0)}
+    )
+    expected = (priced["llm_input_tokens"] * 1.0 + priced["llm_output_tokens"] * 2.0) / 1e6
+    pd.testing.assert_series_equal(
+        priced["llm_cost_usd"], expected.astype("Float64"), check_names=False
+    )
+
+
+def test_usage_columns_can_be_renamed_or_dropped(sim: Any) -> None:
+    out = frame(2).llm.enrich(chains(sim.base_url), usage=("tin", "tout", "usd"), cache=False)
+    assert {"tin", "tout", "usd"} <= set(out.columns)
+    out = frame(2).llm.enrich(chains(sim.base_url), usage=False, cache=False)
+    assert not {"llm_input_tokens", "llm_cost_usd"} & set(out.columns)
+
+
+@pytest.mark.slow
+def test_distributed_rows_are_aggregated_on_the_client(make_simulator: Any) -> None:
+    distributed = pytest.importorskip("distributed")
+    sim = make_simulator(latency=0.05)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        out = dd.from_pandas(frame(40), npartitions=4).llm.enrich(
+            chains(sim.base_url), cache=False, progress=False
+        )
+        client.compute(out).result()
+        deadline = time.monotonic() + 10  # events travel through the scheduler
+        while time.monotonic() < deadline:
+            summary = dask_llm.last_run()
+            if summary is not None and summary.rows == 40:
+                break
+            time.sleep(0.05)
+    assert summary is not None and summary.rows == 40 and summary.calls == 80
+    assert summary.input_tokens == sim.stats()["prompt_tokens"]

@@ -1,0 +1,59 @@
+"""Job-wide rpm: the aggregate arrival rate at the provider, across partitions and processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.dataframe as dd
+import pandas as pd
+import pytest
+
+import dask_llm
+from tests.chains import text_chain
+
+pytestmark = pytest.mark.slow
+
+RPM = 600  # 10 requests/s for the whole job
+
+
+def frame(n: int) -> pd.DataFrame:
+    return pd.DataFrame({"description": [f"Review {i}: cassis and graphite" for i in range(n)]})
+
+
+def test_threads_with_four_partitions_in_flight_share_one_budget(make_simulator: Any) -> None:
+    sim = make_simulator(latency=0.05)  # the provider enforces nothing: we measure our own pacing
+    out = dd.from_pandas(frame(60), npartitions=4).llm.enrich(
+        {"word": text_chain(sim.base_url)}, rpm=RPM, cache=False
+    )
+    result = out.compute(scheduler="threads", num_workers=4)
+    assert result["llm_error"].isna().all()
+    stats = sim.stats()
+    assert stats["requests"] == 60
+    assert stats["peak_requests_1s"] <= 1.05 * RPM / 60
+
+
+def test_two_distributed_workers_share_one_budget(make_simulator: Any) -> None:
+    distributed = pytest.importorskip("distributed")
+    sim = make_simulator(latency=0.05)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        out = dd.from_pandas(frame(60), npartitions=4).llm.enrich(
+            [dask_llm.Chain(text_chain(sim.base_url), name="word")], rpm=RPM, cache=False
+        )
+        result = client.compute(out).result()
+    assert result["llm_error"].isna().all()
+    stats = sim.stats()
+    assert stats["requests"] == 60
+    assert stats["peak_requests_1s"] <= 1.05 * RPM / 60
+
+
+def test_the_providers_limit_is_learned_without_any_option(make_simulator: Any) -> None:
+    """Not told the limit, the job reads it from x-ratelimit headers and loses nothing."""
+    sim = make_simulator(latency=0.05, rpm=1200)  # 20/s enforced in 1 s slices
+    out = frame(100).llm.enrich({"word": text_chain(sim.base_url)}, cache=False)
+    assert out["llm_error"].isna().all()
+    assert sim.stats()["peak_requests_60s"] <= 1200
