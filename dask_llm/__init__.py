@@ -5,9 +5,10 @@
     out = ddf.llm.enrich([dask_llm.Chain(summary_chain), dask_llm.Chain(features_chain)])
 """
 
-from dask_llm._accessor import DaskLLMAccessor, PandasLLMAccessor, enrich
+from dask_llm._accessor import DaskLLMAccessor, PandasLLMAccessor, enrich, estimate
 from dask_llm._chain import Chain
 from dask_llm._errors import ChainError, DaskLLMError, WorkerSetupError
+from dask_llm._estimate import Estimate
 from dask_llm._progress import RunSummary, last_run
 from dask_llm._retry import RetryPolicy
 from dask_llm._usage import PRICES, PRICES_AS_OF
@@ -19,11 +20,13 @@ __all__ = [
     "ChainError",
     "DaskLLMAccessor",
     "DaskLLMError",
+    "Estimate",
     "PandasLLMAccessor",
     "RetryPolicy",
     "RunSummary",
     "WorkerSetupError",
     "enrich",
+    "estimate",
     "last_run",
 ]
 

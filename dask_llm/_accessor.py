@@ -19,6 +19,7 @@ from dask.dataframe.extensions import register_dataframe_accessor as register_da
 
 from dask_llm._cache import open_cache
 from dask_llm._chain import string_dtype
+from dask_llm._estimate import Estimate
 from dask_llm._plan import Plan, make_plan
 from dask_llm._progress import interactive, listen_on_client, progress_for
 from dask_llm._retry import RetryPolicy
@@ -222,6 +223,39 @@ def _enrich_pandas(df: pd.DataFrame, plan: Plan, options: EnrichOptions) -> pd.D
     return run_sync(lambda: PartitionRun(df, plan, options).run())
 
 
+def estimate(
+    frame: Any,
+    chains: Any,
+    *,
+    rpm: float | None = None,
+    tpm: float | None = None,
+    cache: Any = True,
+    prices: Mapping[str, tuple[float, float]] | None = None,
+) -> Estimate:
+    """What ``enrich(frame, chains)`` would do, without any request: see ``Estimate``.
+
+    Args:
+        rpm, tpm: the limits to project the wall time at.
+        cache: the cache ``enrich`` would use (answers in it are not counted), or False.
+        prices: as for ``enrich``.
+    """
+    import dask
+
+    from dask_llm._estimate import partition_counts, summarize
+
+    if not isinstance(frame, dd.DataFrame | pd.DataFrame):
+        raise TypeError(f"estimate() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
+    plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
+    store = open_cache(cache, default_path=default_cache_path())
+    if isinstance(frame, dd.DataFrame):
+        meta = partition_counts(frame._meta, plan, None)
+        counts_lazy = frame.map_partitions(partition_counts, plan, store, meta=meta)
+        counts, rows = dask.compute(counts_lazy, frame.map_partitions(len).sum())
+    else:
+        counts, rows = partition_counts(frame, plan, store), len(frame)
+    return summarize(counts, rows=int(rows), plan=plan, rpm=rpm, tpm=tpm, prices=dict(prices or {}))
+
+
 class _LLMAccessor:
     def __init__(self, obj: Any) -> None:
         self._obj = obj
@@ -229,6 +263,10 @@ class _LLMAccessor:
     def enrich(self, chains: Any, **options: Any) -> Any:
         """Add the outputs of ``chains`` to every row; see ``dask_llm.enrich``."""
         return enrich(self._obj, chains, **options)
+
+    def estimate(self, chains: Any, **options: Any) -> Estimate:
+        """Calls, tokens, cost and wall time ``enrich`` would take; see ``dask_llm.estimate``."""
+        return estimate(self._obj, chains, **options)
 
 
 @register_dask_accessor("llm")

@@ -46,6 +46,7 @@ def test_public_api() -> None:
             "ChainError",
             "DaskLLMAccessor",
             "DaskLLMError",
+            "Estimate",
             "PRICES",
             "PRICES_AS_OF",
             "PandasLLMAccessor",
@@ -53,6 +54,7 @@ def test_public_api() -> None:
             "RunSummary",
             "WorkerSetupError",
             "enrich",
+            "estimate",
             "last_run",
         ]
     )

@@ -1,0 +1,230 @@
+"""Dry runs: what a job would cost and how long it would take, without a single request.
+
+``ddf.llm.estimate(chains, rpm=..., tpm=...)`` plans the chains exactly as
+``enrich`` does, renders each row's prompt, and counts:
+
+* **calls**: one per distinct (chain, inputs) pair whose inputs are present,
+  as ``enrich`` makes them (it skips rows with missing inputs and calls
+  identical pairs once). A chain that reads another chain's output is keyed
+  by its own column inputs and its upstream chain's key (deterministic
+  upstream answers make equal inputs); a row whose upstream would be skipped
+  is skipped too. Answers already in the cache are not counted for chains
+  whose inputs are all columns (for dependent chains the inputs are not
+  known before the upstream answers).
+* **input tokens**: the rendered prompt (plus the structured-output schema
+  sent with it) through tiktoken's ``o200k_base`` encoding when it is
+  available offline (tiktoken downloads encodings at first use, which a
+  machine without network cannot; we check tiktoken's cache first and never
+  trigger the download), else the stated heuristic of 4 characters a token.
+  Outputs of upstream chains are stood in for by text of their expected length.
+* **expected output tokens**: the model's ``max_tokens`` if set, else 24 per
+  field of a structured output, else 150 for text.
+* **cost** from the price table, and the **projected wall time** at the
+  given ``rpm``/``tpm``: the larger of calls / rpm and tokens / tpm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pandas as pd
+
+from dask_llm._cache import ResultCache, make_key
+from dask_llm._plan import Plan, PlannedChain
+from dask_llm._runner import _is_missing
+from dask_llm._usage import price_of
+
+_TEXT_OUTPUT_TOKENS = 150
+_FIELD_OUTPUT_TOKENS = 24
+_O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+
+
+@dataclass
+class Estimate:
+    """What ``enrich`` would do. ``cost_usd``/``wall_s`` are None when unknown."""
+
+    rows: int
+    calls: int
+    calls_by_chain: dict[str, int]
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    wall_s: float | None
+    tokenizer: str
+
+    def __str__(self) -> str:
+        cost = "unknown" if self.cost_usd is None else f"${self.cost_usd:,.2f}"
+        wall = (
+            "unknown (give rpm= or tpm=)" if self.wall_s is None else f"{self.wall_s / 60:,.1f} min"
+        )
+        return (
+            f"{self.rows:,} rows -> {self.calls:,} calls "
+            f"({', '.join(f'{k}: {v:,}' for k, v in self.calls_by_chain.items())}); "
+            f"~{self.input_tokens:,} input + ~{self.output_tokens:,} output tokens "
+            f"({self.tokenizer}); cost ~{cost}; wall time ~{wall}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def token_counter() -> tuple[Any, str]:
+    """(count(text) -> int, name): tiktoken's o200k_base if cached locally, else chars / 4."""
+    heuristic = (lambda text: (len(text) + 3) // 4), "heuristic: 4 characters a token"
+    try:
+        import tiktoken
+    except ImportError:
+        return heuristic
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get(
+        "DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    )
+    cached = os.path.join(cache_dir, hashlib.sha1(_O200K_URL.encode()).hexdigest())
+    if not cache_dir or not os.path.exists(cached):
+        return heuristic  # tiktoken would try to download it: not here
+    try:
+        enc = tiktoken.get_encoding("o200k_base")
+    except Exception:  # a broken cache file: fall back rather than fetch
+        return heuristic
+    return (lambda text: len(enc.encode(text, disallowed_special=()))), "tiktoken o200k_base"
+
+
+def _model_of(pc: PlannedChain) -> Any:
+    from langchain_openai.chat_models.base import BaseChatOpenAI
+
+    from dask_llm._graph import find
+
+    models = find(pc.chain.runnable, lambda x: isinstance(x, BaseChatOpenAI))
+    return models[0] if models else None
+
+
+def _schema_text(pc: PlannedChain) -> str:
+    """The structured-output schema sent with each request (counted as prompt tokens)."""
+    from dask_llm._graph import find
+
+    texts = []
+    for binding in find(pc.chain.runnable, lambda x: hasattr(x, "kwargs") and hasattr(x, "bound")):
+        for key in ("tools", "response_format"):
+            if key in binding.kwargs:
+                with contextlib.suppress(TypeError):
+                    texts.append(json.dumps(binding.kwargs[key], default=str))
+    return "".join(texts)
+
+
+def _render(pc: PlannedChain, inputs: dict[str, Any]) -> str:
+    runnable = pc.chain.runnable
+    first = getattr(runnable, "first", runnable)
+    fmt = getattr(first, "format_prompt", None)
+    if fmt is not None:
+        try:
+            return str(fmt(**inputs).to_string())
+        except Exception:
+            pass
+    return " ".join(str(v) for v in inputs.values())
+
+
+def expected_output_tokens(pc: PlannedChain, model: Any) -> int:
+    max_tokens = getattr(model, "max_tokens", None) if model is not None else None
+    if max_tokens:
+        return int(max_tokens)
+    if pc.outputs.scalar:
+        return _TEXT_OUTPUT_TOKENS
+    return _FIELD_OUTPUT_TOKENS * len(pc.outputs.fields)
+
+
+def partition_counts(df: pd.DataFrame, plan: Plan, cache: ResultCache | None) -> pd.DataFrame:
+    """One row per (row, chain) that would be called: its dedup key and token counts."""
+    count, _ = token_counter()
+    records = []
+    info = {}
+    for pc in plan.chains:
+        model = _model_of(pc)
+        out_tokens = expected_output_tokens(pc, model)
+        info[pc.name] = (model, out_tokens, count(_schema_text(pc)))
+    columns = {c: df[c].tolist() for pc in plan.chains for c, p in pc.sources.values() if p is None}
+    for i in range(len(df)):
+        keys: dict[str, str | None] = {}
+        stand_ins: dict[str, str] = {}
+        for pc in plan.chains:
+            model, out_tokens, schema_tokens = info[pc.name]
+            if any(keys.get(d) is None for d in pc.deps):
+                keys[pc.name] = None
+                continue
+            own = {v: columns[c][i] for v, (c, p) in pc.sources.items() if p is None}
+            if any(_is_missing(x) for x in own.values()):
+                keys[pc.name] = None
+                continue
+            try:
+                key = make_key(
+                    pc.chain.fingerprint, {**own, "__upstream__": [keys[d] for d in pc.deps]}
+                )
+            except TypeError:
+                key = f"row-{i}"
+            keys[pc.name] = key
+            if not pc.deps and cache is not None:
+                real = make_key(pc.chain.fingerprint, own)
+                if cache.get_many([real]):
+                    continue  # answered already: no call, but its dependents still run
+            inputs = dict(own)
+            for v, (c, p) in pc.sources.items():
+                if p is not None:
+                    inputs[v] = stand_ins.setdefault(c, "lorem " * info[p][1])
+            records.append(
+                (
+                    pc.name,
+                    key,
+                    count(_render(pc, inputs)) + schema_tokens + 7,
+                    out_tokens,
+                    getattr(model, "model_name", None),
+                )
+            )
+    return pd.DataFrame(
+        records, columns=["chain", "key", "input_tokens", "output_tokens", "model"]
+    ).astype({"input_tokens": "int64", "output_tokens": "int64", "model": object})
+
+
+def summarize(
+    counts: pd.DataFrame,
+    *,
+    rows: int,
+    plan: Plan,
+    rpm: float | None,
+    tpm: float | None,
+    prices: dict[str, tuple[float, float]] | None,
+) -> Estimate:
+    unique = counts.drop_duplicates(subset=["chain", "key"])
+    by_chain = unique.groupby("chain").size().to_dict()
+    input_tokens = int(unique["input_tokens"].sum())
+    output_tokens = int(unique["output_tokens"].sum())
+    cost: float | None = 0.0
+    for model, group in unique.groupby("model", dropna=False):
+        price = price_of(model if isinstance(model, str) else None, prices)
+        if price is None:
+            cost = None
+            break
+        assert cost is not None
+        cost += (
+            group["input_tokens"].sum() * price[0] + group["output_tokens"].sum() * price[1]
+        ) / 1e6
+    calls = len(unique)
+    waits = []
+    if rpm:
+        waits.append(calls / (rpm / 60.0))
+    if tpm:
+        waits.append((input_tokens + output_tokens) / (tpm / 60.0))
+    _, tokenizer = token_counter()
+    return Estimate(
+        rows=rows,
+        calls=calls,
+        calls_by_chain={pc.name: int(by_chain.get(pc.name, 0)) for pc in plan.chains},
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost_usd=cost,
+        wall_s=max(waits) if waits else None,
+        tokenizer=tokenizer,
+    )

@@ -1,0 +1,73 @@
+"""Dry runs: ``estimate`` sends nothing, and its calls are the calls ``enrich`` makes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.dataframe as dd
+import pandas as pd
+import pytest
+
+import dask_llm
+from tests.chains import features_chain, summary_chain
+
+
+def frame() -> pd.DataFrame:
+    descriptions = [f"Review {i}: cassis, cedar, graphite" for i in range(20)]
+    descriptions[3] = None  # skipped by enrich, not counted
+    descriptions[7] = descriptions[6]  # a repeat: called once
+    return pd.DataFrame(
+        {
+            "description": descriptions,
+            "title": [f"Wine {i // 2 * 2}" for i in range(20)],
+            "country": ["Chile"] * 20,
+        }
+    )
+
+
+def chains(url: str) -> list[dask_llm.Chain]:
+    return [
+        dask_llm.Chain(summary_chain(url), name="summarize"),
+        dask_llm.Chain(features_chain(url), name="features"),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["pandas", "dask"])
+def test_estimate_sends_nothing_and_its_calls_are_the_real_ones(
+    sim: Any, kind: str, tmp_path: Any
+) -> None:
+    df = frame()
+    data: Any = dd.from_pandas(df, npartitions=3) if kind == "dask" else df
+    cache = tmp_path / "c.sqlite"  # the repeat falls in another partition: the cache dedups it
+    est = data.llm.estimate(chains(sim.base_url), rpm=600, cache=cache)
+    assert sim.stats()["requests"] == 0
+    assert est.rows == 20
+    out = data.llm.enrich(chains(sim.base_url), cache=cache)
+    if kind == "dask":
+        out = out.compute(scheduler="sync")
+    real = sim.stats()
+    assert est.calls == real["requests"], (est, real)
+    assert est.calls_by_chain == {"summarize": 18, "features": 18}
+    assert est.wall_s == pytest.approx(est.calls / 10)
+    # Tokens are an estimate: within a factor of the provider's count.
+    assert 0.5 < est.input_tokens / real["prompt_tokens"] < 2.0
+    assert est.cost_usd is not None and est.cost_usd > 0
+    assert "calls" in str(est)
+
+
+def test_estimate_skips_what_the_cache_already_holds(sim: Any, tmp_path: Any) -> None:
+    cache = tmp_path / "c.sqlite"
+    df = frame()
+    df.head(10).llm.enrich(chains(sim.base_url), cache=cache)
+    est = df.llm.estimate(chains(sim.base_url), cache=cache)
+    before = sim.stats()["requests"]
+    df.llm.enrich(chains(sim.base_url), cache=cache)
+    new_rows = 10  # rows 10..19; the first ten are answered already
+    assert est.calls_by_chain["summarize"] == new_rows
+    assert sim.stats()["requests"] - before == 2 * new_rows
+    # Dependent chains cannot be looked up before their upstream answers: an upper bound.
+    assert est.calls_by_chain["features"] == 18
+
+
+def test_estimate_without_limits_has_no_wall_time(sim: Any) -> None:
+    assert frame().llm.estimate(chains(sim.base_url), cache=False).wall_s is None
