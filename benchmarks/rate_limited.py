@@ -23,7 +23,7 @@ from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 import dask.dataframe as dd
 import dask_llm  # noqa: F401  (registers the .llm accessor)
 from benchmarks._common import reset, simulator_process, stats, table
-from examples.wine_reviews import make_chains
+from dask_llm.demo import make_chains
 
 RPM = 3000
 

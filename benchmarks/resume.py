@@ -38,7 +38,7 @@ def job(url: str, source: str | None, rows: int, cache: str, output: str) -> Non
 
     import dask_llm  # noqa: F401
     from benchmarks.rate_limited import load
-    from examples.wine_reviews import make_chains
+    from dask_llm.demo import make_chains
 
     frame = load(source, rows)
     out = dd.from_pandas(frame, npartitions=8).llm.enrich(

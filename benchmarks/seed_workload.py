@@ -28,7 +28,7 @@ from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
 import dask_llm  # noqa: F401  (registers df.llm)
 from benchmarks._common import simulator_process, table
-from examples.wine_reviews import make_chains
+from dask_llm.demo import make_chains
 
 
 def rows(n: int) -> pd.DataFrame:

@@ -1,9 +1,22 @@
-"""The ``dask-llm`` command line: ``simulate`` (and more to come)."""
+"""The ``dask-llm`` command line: ``enrich``, ``estimate``, ``simulate``, ``demo``.
+
+Errors a shell user can fix (a missing file, a bad chain reference, an
+unreachable scheduler, a bad option) end with one clear line on stderr and a
+non-zero exit (2 for usage errors, 1 otherwise), not a traceback.
+"""
 
 from __future__ import annotations
 
+import glob
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Any
+
 import click
 
+from dask_llm._chain import _takes_no_arguments
 from dask_llm.simulator import SimulatorConfig, serve
 
 
@@ -62,6 +75,203 @@ def simulate(host: str, port: int, models: tuple[str, ...], **options: object) -
         raise click.ClickException(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}"
         ) from None
+
+
+def load_chains(reference: str) -> Any:
+    """``path/to/module.py:name`` or ``package.module:name`` -> the object (called if a factory)."""
+    import cloudpickle
+
+    module_ref, sep, name = reference.rpartition(":")
+    if not sep or not module_ref or not name:
+        raise click.BadParameter(
+            f"{reference!r}: expected MODULE.py:NAME or package.module:NAME", param_hint="--chains"
+        )
+    try:
+        if module_ref.endswith(".py") or os.sep in module_ref:
+            if not os.path.exists(module_ref):
+                raise click.BadParameter(f"no such file: {module_ref}", param_hint="--chains")
+            mod_name = "dask_llm_user_chains_" + os.path.splitext(os.path.basename(module_ref))[0]
+            spec = importlib.util.spec_from_file_location(mod_name, module_ref)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_ref)
+    except click.BadParameter:
+        raise
+    except Exception as exc:
+        raise click.BadParameter(
+            f"cannot load {module_ref}: {type(exc).__name__}: {exc}", param_hint="--chains"
+        ) from None
+    # Workers cannot import the user's file: ship its classes and functions by value.
+    cloudpickle.register_pickle_by_value(module)
+    if not hasattr(module, name):
+        raise click.BadParameter(f"{module_ref} has no {name!r}", param_hint="--chains")
+    obj = getattr(module, name)
+    if callable(obj) and not hasattr(obj, "invoke") and _takes_no_arguments(obj):
+        try:
+            obj = obj()  # a factory of the chains
+        except Exception as exc:
+            raise click.BadParameter(
+                f"{name}() failed: {type(exc).__name__}: {exc}", param_hint="--chains"
+            ) from None
+    return obj
+
+
+def read_inputs(inputs: tuple[str, ...], blocksize: str) -> Any:
+    """CSV or Parquet files (globs allowed) as one lazy Dask DataFrame."""
+    import dask.dataframe as dd
+
+    paths: list[str] = []
+    for pattern in inputs:
+        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not found or not all(os.path.exists(p) for p in found):
+            raise click.BadParameter(f"no such file: {pattern}", param_hint="INPUT")
+        paths += found
+    kinds = {os.path.splitext(p)[1].lower() for p in paths}
+    if kinds <= {".parquet", ".pq"} or all(os.path.isdir(p) for p in paths):
+        return dd.read_parquet(paths)
+    if kinds <= {".csv", ".tsv", ".gz"}:
+        return dd.read_csv(paths, blocksize=None if kinds == {".gz"} else blocksize)
+    raise click.BadParameter(
+        f"cannot read {', '.join(sorted(kinds))} files: give CSV or Parquet", param_hint="INPUT"
+    )
+
+
+def connect(scheduler: str | None) -> Any:
+    if not scheduler:
+        return None
+    from distributed import Client
+
+    try:
+        return Client(scheduler, timeout=10)
+    except (OSError, TimeoutError) as exc:
+        raise click.ClickException(f"cannot reach the scheduler at {scheduler}: {exc}") from None
+
+
+_common = [
+    click.argument("inputs", nargs=-1, required=True, metavar="INPUT..."),
+    click.option(
+        "--chains",
+        "chains_ref",
+        required=True,
+        help="MODULE.py:NAME (or package.module:NAME): a list of Chain, a {name: "
+        "runnable} dict, or a zero-argument function returning one.",
+    ),
+    click.option("--rpm", type=float, default=None, help="Requests per minute for the job."),
+    click.option("--tpm", type=float, default=None, help="Tokens per minute for the job."),
+    click.option(
+        "--cache",
+        "cache_path",
+        default=None,
+        help="Result cache file (default: $DASK_LLM_CACHE or ./.dask-llm-cache/).",
+    ),
+    click.option("--no-cache", is_flag=True, help="Do not read or write the result cache."),
+    click.option("--blocksize", default="16MB", show_default=True, help="CSV partition size."),
+]
+
+
+def _with_common(fn: Any) -> Any:
+    for decorator in reversed(_common):
+        fn = decorator(fn)
+    return fn
+
+
+@main.command()
+@_with_common
+@click.option("-o", "--output", required=True, help="Parquet directory to write.")
+@click.option("--scheduler", default=None, help="Address of a dask scheduler (tcp://host:8786).")
+@click.option(
+    "--errors",
+    type=click.Choice(["column", "raise"]),
+    default="column",
+    show_default=True,
+    help="Record failures per row, or stop at the first.",
+)
+@click.option(
+    "--max-concurrency",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Requests in flight per worker process (hard cap).",
+)
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
+def enrich(
+    inputs: tuple[str, ...],
+    chains_ref: str,
+    output: str,
+    scheduler: str | None,
+    rpm: float | None,
+    tpm: float | None,
+    cache_path: str | None,
+    no_cache: bool,
+    errors: str,
+    max_concurrency: int,
+    blocksize: str,
+    progress: bool | None,
+) -> None:
+    """Enrich CSV/Parquet INPUT files with the chains; write Parquet to OUTPUT."""
+    import dask_llm
+
+    frame = read_inputs(inputs, blocksize)
+    chains = load_chains(chains_ref)
+    client = connect(scheduler)
+    try:
+        out = frame.llm.enrich(
+            chains,
+            rpm=rpm,
+            tpm=tpm,
+            errors=errors,
+            max_concurrency=max_concurrency,
+            cache=False if no_cache else (cache_path or True),
+            progress=progress,
+        )
+        out.to_parquet(output, write_index=False)
+    except (ValueError, TypeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except dask_llm.ChainError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if client is not None:
+            client.close()
+    summary = dask_llm.last_run()
+    if summary is not None:
+        click.echo(f"wrote {output}: {summary}")
+    else:
+        click.echo(f"wrote {output}")
+
+
+@main.command()
+@_with_common
+def estimate(
+    inputs: tuple[str, ...],
+    chains_ref: str,
+    rpm: float | None,
+    tpm: float | None,
+    cache_path: str | None,
+    no_cache: bool,
+    blocksize: str,
+) -> None:
+    """What enriching INPUT would cost and take, without sending a request."""
+    frame = read_inputs(inputs, blocksize)
+    chains = load_chains(chains_ref)
+    try:
+        est = frame.llm.estimate(
+            chains, rpm=rpm, tpm=tpm, cache=False if no_cache else (cache_path or True)
+        )
+    except (ValueError, TypeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(str(est))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def demo(args: tuple[str, ...]) -> None:
+    """The wine example: two dependent chains on the built-in simulator (see --help)."""
+    from dask_llm.demo import main as run_demo
+
+    run_demo(list(args), prog="dask-llm demo")
 
 
 if __name__ == "__main__":  # pragma: no cover

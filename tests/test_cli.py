@@ -1,0 +1,122 @@
+"""The ``dask-llm`` command line, end to end in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+CHAINS = """
+import os
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel
+import dask_llm
+
+
+class Note(BaseModel):
+    note: str
+    score: int
+
+
+def chains():
+    llm = ChatOpenAI(model="gpt-4o-mini", base_url=os.environ["SIM_URL"])
+    prompt = ChatPromptTemplate.from_template("A tasting note on {description}")
+    return [dask_llm.Chain(prompt | llm.with_structured_output(Note), name="note")]
+"""
+
+
+def run(args: list[str], url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SIM_URL": url, "DASK_LLM_CACHE": str(cwd / "cache.sqlite")}
+    return subprocess.run(
+        [sys.executable, "-m", "dask_llm", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env=env,
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "chains.py").write_text(CHAINS)
+    for k in range(2):
+        pd.DataFrame(
+            {"description": [f"plum {k}-{i}" for i in range(15)], "points": range(15)}
+        ).to_csv(tmp_path / f"reviews-{k}.csv", index=False)
+    return tmp_path
+
+
+def test_enrich_csv_glob_to_parquet(sim: Any, workdir: Path) -> None:
+    result = run(
+        ["enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out", "--rpm", "6000"],
+        sim.base_url,
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    out = pd.read_parquet(workdir / "out")
+    assert len(out) == 30
+    assert out["llm_error"].isna().all()
+    assert {"note", "score", "llm_input_tokens", "llm_output_tokens", "llm_cost_usd"} <= set(out)
+    assert out["llm_input_tokens"].sum() == sim.stats()["prompt_tokens"]
+    assert "wrote out" in result.stdout and "30 rows" in result.stdout
+
+
+def test_estimate_sends_nothing(sim: Any, workdir: Path) -> None:
+    result = run(
+        ["estimate", "reviews-*.csv", "--chains", "chains.py:chains", "--rpm", "600"],
+        sim.base_url,
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "30 rows -> 30 calls" in result.stdout and "min" in result.stdout
+    assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(
+            ["enrich", "missing.csv", "--chains", "chains.py:chains", "-o", "o"],
+            "no such file: missing.csv",
+            id="missing-file",
+        ),
+        pytest.param(
+            ["enrich", "reviews-0.csv", "--chains", "chains.py:nope", "-o", "o"],
+            "has no 'nope'",
+            id="bad-chain-name",
+        ),
+        pytest.param(
+            ["enrich", "reviews-0.csv", "--chains", "nochains", "-o", "o"],
+            "MODULE.py:NAME",
+            id="bad-chain-reference",
+        ),
+        pytest.param(
+            [
+                "enrich",
+                "reviews-0.csv",
+                "--chains",
+                "chains.py:chains",
+                "-o",
+                "o",
+                "--scheduler",
+                "tcp://127.0.0.1:9",
+            ],
+            "cannot reach the scheduler",
+            id="unreachable-scheduler",
+        ),
+    ],
+)
+def test_shell_errors_are_one_clear_line(
+    sim: Any, workdir: Path, args: list[str], message: str
+) -> None:
+    result = run(args, sim.base_url, workdir)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
