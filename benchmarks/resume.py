@@ -108,8 +108,8 @@ def main() -> None:
         full = spawn(url, args, fresh_cache, os.path.join(tmp, "full.parquet"))
         assert full.wait() == 0
 
-    resumed = pd.read_parquet(os.path.join(tmp, "resumed.parquet"))
-    uninterrupted = pd.read_parquet(os.path.join(tmp, "full.parquet"))
+    resumed = pd.read_parquet(os.path.join(tmp, "resumed.parquet"), dtype_backend="pyarrow")
+    uninterrupted = pd.read_parquet(os.path.join(tmp, "full.parquet"), dtype_backend="pyarrow")
     equal = resumed[OUTPUT_COLUMNS].equals(uninterrupted[OUTPUT_COLUMNS])
     print(
         f"{args.rows} rows x 2 chains; killed with SIGKILL after {at_kill['successes']} answers\n"

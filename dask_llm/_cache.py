@@ -53,6 +53,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 _FORMAT = "dask-llm-cache-1"
+_SETUP_LOCK = threading.Lock()
 _CHUNK = 500
 
 
@@ -121,27 +122,46 @@ class SQLiteCache:
         if conn is not None and pid == os.getpid():
             return conn
         directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        old = os.umask(0o077)  # the -wal and -shm files, too
-        try:
-            if not os.path.exists(self.path):
-                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS results ("
-                "key TEXT PRIMARY KEY, value TEXT NOT NULL, checksum TEXT NOT NULL, "
-                "created REAL NOT NULL)"
-            )
-        finally:
-            os.umask(old)
+        with _SETUP_LOCK:  # umask is process-wide: no other thread may see ours
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            old = os.umask(0o077)  # the -wal and -shm files, too
+            try:
+                if not os.path.exists(self.path):
+                    os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+                conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+                self._retry_locked(lambda: self._setup(conn))
+            finally:
+                os.umask(old)
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
         self._local.conn = conn
         self._local.pid = os.getpid()
         return conn
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        if str(mode).lower() != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS results ("
+            "key TEXT PRIMARY KEY, value TEXT NOT NULL, checksum TEXT NOT NULL, "
+            "created REAL NOT NULL)"
+        )
+
+    def _retry_locked(self, action: Any) -> Any:
+        """Run ``action``, retrying while another writer holds the database (within timeout)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return action()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
         found: dict[str, Any] = {}
@@ -174,19 +194,14 @@ class SQLiteCache:
     def put(self, key: str, value: Any) -> None:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         conn = self._connection()
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                conn.execute(
-                    "INSERT OR REPLACE INTO results (key, value, checksum, created) "
-                    "VALUES (?, ?, ?, ?)",
-                    (key, text, _checksum(key, text), time.time()),
-                )
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        row = (key, text, _checksum(key, text), time.time())
+        self._retry_locked(
+            lambda: conn.execute(
+                "INSERT OR REPLACE INTO results (key, value, checksum, created) "
+                "VALUES (?, ?, ?, ?)",
+                row,
+            )
+        )
         self._counts["puts"] += 1
 
     def __len__(self) -> int:

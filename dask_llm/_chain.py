@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pydantic
 from langchain_core.runnables import Runnable, RunnableLambda
 
@@ -323,4 +324,18 @@ def _dtype_for(prop: dict[str, Any] | None, defs: dict[str, Any]) -> Any:
         return pd.Float64Dtype()
     if kind == "boolean":
         return pd.BooleanDtype()
+    if kind == "array":
+        # Lists of plain values get an Arrow list dtype: typed in memory, and
+        # writable to Parquet (dask cannot infer a schema for object columns).
+        item = _ARROW_ITEMS.get(str((prop.get("items") or {}).get("type")))
+        if item is not None:
+            return pd.ArrowDtype(pa.list_(item))
     return object_dtype()
+
+
+_ARROW_ITEMS = {
+    "string": pa.string(),
+    "integer": pa.int64(),
+    "number": pa.float64(),
+    "boolean": pa.bool_(),
+}

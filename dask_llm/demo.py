@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         enriched.to_parquet(args.output, write_index=False)
         took = time.perf_counter() - start
 
-    result = pd.read_parquet(args.output)
+    # Arrow list columns (the features) read back with the pyarrow dtype backend:
+    # pandas 3.1 cannot parse the list dtype it wrote into the file's metadata.
+    result = pd.read_parquet(args.output, dtype_backend="pyarrow")
     failed = int(result["llm_error"].notna().sum())
     print(f"enrich: {took:.1f} s for {len(result)} rows ({failed} failed) -> {args.output}")
     if per_row is not None:

@@ -60,7 +60,7 @@ def test_enrich_csv_glob_to_parquet(sim: Any, workdir: Path) -> None:
         workdir,
     )
     assert result.returncode == 0, result.stderr
-    out = pd.read_parquet(workdir / "out")
+    out = pd.read_parquet(workdir / "out", dtype_backend="pyarrow")
     assert len(out) == 30
     assert out["llm_error"].isna().all()
     assert {"note", "score", "llm_input_tokens", "llm_output_tokens", "llm_cost_usd"} <= set(out)

@@ -11,7 +11,6 @@ import dask
 import dask.dataframe as dd
 import pandas as pd
 import pytest
-from dask.dataframe.utils import assert_eq
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
@@ -224,14 +223,14 @@ def test_schedulers_with_one_shared_chain_object(
     first = out.compute(scheduler=scheduler)
     second = out.compute(scheduler=scheduler)  # a second run on fresh loops, calling again
     assert first["llm_error"].isna().all()
-    assert_eq(first, second)
+    pd.testing.assert_frame_equal(first, second)
 
 
 def test_the_simulator_answers_deterministically_so_schedulers_agree(
     sim: Any, reviews: pd.DataFrame
 ) -> None:
     out = dd.from_pandas(reviews, npartitions=4).llm.enrich(two_chains(sim.base_url), cache=False)
-    assert_eq(out.compute(scheduler="threads"), out.compute(scheduler="sync"))
+    pd.testing.assert_frame_equal(out.compute(scheduler="threads"), out.compute(scheduler="sync"))
 
 
 def test_factory_chains_are_built_on_the_worker(sim: Any, reviews: pd.DataFrame) -> None:
