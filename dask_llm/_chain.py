@@ -187,7 +187,9 @@ class Chain:
                 for field, col in mapping.items()
             }
             return OutputSpec(scalar=False, fields=mapping, dtypes=dtypes)
-        if schema and schema.get("type") == "string" and not props:
+        if (schema and schema.get("type") == "string" and not props) or _returns_message(
+            self.runnable
+        ):
             assert self.name is not None
             return OutputSpec(scalar=True, fields={self.name: self.name}, dtypes={self.name: TEXT})
         if props:
@@ -267,6 +269,16 @@ def _json_schema(model: Any) -> dict[str, Any] | None:
         return schema
     except Exception:
         return None
+
+
+def _returns_message(runnable: Runnable) -> bool:
+    """A chain ending in a chat model (no parser) returns a message: its text is the output."""
+    from langchain_core.language_models import BaseLanguageModel
+
+    last = getattr(runnable, "last", runnable)
+    while hasattr(last, "bound"):  # .bind(...) / .with_config(...)
+        last = last.bound
+    return isinstance(last, BaseLanguageModel)
 
 
 def _output_json_schema(runnable: Runnable) -> dict[str, Any] | None:
