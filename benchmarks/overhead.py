@@ -108,7 +108,8 @@ def main() -> None:
         )
     )
     print(
-        f"\nenrich / bare = {mo / mb:.2f} (target >= 0.90: {'MET' if mo / mb >= 0.9 else 'MISSED'}); "
+        f"\nenrich / bare = {mo / mb:.2f} "
+        f"(target >= 0.90: {'MET' if mo / mb >= 0.9 else 'MISSED'}); "
         f"2 processes / 1 process = {p2 / p1:.2f}"
     )
 

@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import dask.dataframe as dd
 import openai
 import pandas as pd
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
-import dask.dataframe as dd
 import dask_llm  # noqa: F401  (registers the .llm accessor)
 from benchmarks._common import reset, simulator_process, stats, table
 from dask_llm.demo import make_chains

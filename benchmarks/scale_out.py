@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import time
 
+import dask.dataframe as dd
 import pandas as pd
 from distributed import Client, LocalCluster
 
-import dask.dataframe as dd
 import dask_llm
 from benchmarks._common import median, simulator_process, table
 from tests.chains import text_chain

@@ -40,7 +40,8 @@ async def main():
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    print("listening on http://127.0.0.1:%d/v1" % site._server.sockets[0].getsockname()[1], flush=True)
+    port = site._server.sockets[0].getsockname()[1]
+    print("listening on http://127.0.0.1:%d/v1" % port, flush=True)
     import asyncio; await asyncio.Event().wait()
 import asyncio; asyncio.run(main())
 """

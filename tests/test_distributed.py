@@ -1,4 +1,4 @@
-"""``enrich`` on dask.distributed: a LocalCluster of processes, and a scheduler + worker started by hand."""
+"""``enrich`` on dask.distributed: a LocalCluster, and a scheduler + worker started by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``enrich`` end to end through ChatOpenAI against the simulator: wiring, outputs, errors, loops."""
+"""``enrich`` end to end through ChatOpenAI and the simulator: wiring, outputs, errors, loops."""
 
 from __future__ import annotations
 

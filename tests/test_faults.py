@@ -12,7 +12,6 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-from langchain_core.runnables import RunnableLambda
 
 import dask_llm
 from tests.chains import features_chain, summary_chain, text_chain
