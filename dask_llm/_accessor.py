@@ -137,6 +137,14 @@ def enrich(
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
         raise TypeError(f"enrich() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
     is_dask = isinstance(frame, dd.DataFrame)
+    # Everything that can be checked is checked before anything is opened or sent.
+    plan = make_plan(
+        chains,
+        list(frame.columns),
+        text_dtype=_dask_text_dtype() if is_dask else string_dtype(),
+        error_column=error_column,
+        usage_columns=_usage_columns(usage),
+    )
     options = _options(
         max_concurrency=max_concurrency,
         rpm=rpm,
@@ -152,15 +160,7 @@ def enrich(
         total_rows=None if is_dask else len(frame),
         progress=progress,
     )
-    usage_columns = _usage_columns(usage)
     if is_dask:
-        plan = make_plan(
-            chains,
-            list(frame.columns),
-            text_dtype=_dask_text_dtype(),
-            error_column=error_column,
-            usage_columns=usage_columns,
-        )
         listen_on_client(
             options.job,
             progress_for(
@@ -178,15 +178,7 @@ def enrich(
             enforce_metadata=False,
             align_dataframes=False,
         )
-    else:
-        plan = make_plan(
-            chains,
-            list(frame.columns),
-            text_dtype=string_dtype(),
-            error_column=error_column,
-            usage_columns=usage_columns,
-        )
-        return _enrich_pandas(frame, plan, options)
+    return _enrich_pandas(frame, plan, options)
 
 
 def default_cache_path() -> str:

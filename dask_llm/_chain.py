@@ -141,7 +141,9 @@ class Chain:
             payload: Any = ("factory", self._factory)
         else:
             payload = ("runnable", _shipping.dumps(self._runnable))
-        return (_rebuild, (payload, self._inputs, self._outputs_arg, self.name, self._fingerprint))
+        # The fingerprint is computed here, from the real runnable: a worker only
+        # sees the recipe, and cache keys must be the same everywhere.
+        return (_rebuild, (payload, self._inputs, self._outputs_arg, self.name, self.fingerprint))
 
     # -- wiring ------------------------------------------------------------------------
     @property
@@ -221,7 +223,7 @@ def _rebuild(
     inputs: dict[str, str],
     outputs: _Outputs,
     name: str | None,
-    fp: str | None,
+    fp: str,
 ) -> Chain:
     kind, value = payload
     runnable = value if kind == "factory" else _LazyRunnable(value)

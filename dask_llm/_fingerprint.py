@@ -24,17 +24,12 @@ from typing import Any
 
 import pydantic
 
+from dask_llm._graph import CLIENT_FIELDS
+
 # Fields that never change an answer: transport objects, credentials,
 # tracing. Leaving them out also keeps secrets out of every fingerprint.
-_IGNORED_FIELDS = frozenset(
+_IGNORED_FIELDS = CLIENT_FIELDS | frozenset(
     {
-        "client",
-        "async_client",
-        "root_client",
-        "root_async_client",
-        "http_client",
-        "http_async_client",
-        "openai_api_key",
         "api_key",
         "openai_organization",
         "openai_proxy",

@@ -17,6 +17,20 @@ from typing import Any
 
 import pydantic
 
+#: Fields of an OpenAI chat model that hold transport objects or the API key: never
+#: part of a fingerprint, never shipped to a worker (rebuilt there from its environment).
+CLIENT_FIELDS = frozenset(
+    {
+        "client",
+        "async_client",
+        "root_client",
+        "root_async_client",
+        "http_client",
+        "http_async_client",
+        "openai_api_key",
+    }
+)
+
 Visitor = Callable[[Any], Any]
 """Returns a replacement for an object, or ``NotImplemented`` to descend into it."""
 

@@ -24,21 +24,7 @@ import cloudpickle
 from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm._errors import WorkerSetupError
-from dask_llm._graph import rewrite
-
-# Constructor fields never shipped: transport objects are rebuilt on the
-# worker; secrets come from the worker's environment.
-_NOT_SHIPPED = frozenset(
-    {
-        "client",
-        "async_client",
-        "root_client",
-        "root_async_client",
-        "http_client",
-        "http_async_client",
-        "openai_api_key",
-    }
-)
+from dask_llm._graph import CLIENT_FIELDS, rewrite
 
 
 class ModelRecipe:
@@ -75,7 +61,7 @@ def _recipe(model: Any) -> ModelRecipe:
             "other processes; pass a zero-argument factory that builds the chain: Chain(make_chain)"
         )
     fields = {
-        name: getattr(model, name) for name in model.model_fields_set if name not in _NOT_SHIPPED
+        name: getattr(model, name) for name in model.model_fields_set if name not in CLIENT_FIELDS
     }
     key = getattr(model, "openai_api_key", None)
     return ModelRecipe(type(model), fields, had_key=key is not None)

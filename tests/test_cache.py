@@ -178,6 +178,21 @@ def test_a_rerun_pays_nothing_and_gives_the_same_frame(sim: Any, tmp_path: Path)
     assert second["llm_input_tokens"].sum() == 0  # nothing paid this time
 
 
+def test_answers_paid_on_worker_processes_are_reused_everywhere(sim: Any, tmp_path: Path) -> None:
+    """Workers key the cache exactly as the client does (fingerprints travel with the chain)."""
+    path = tmp_path / "job.sqlite"
+    ddf = dd.from_pandas(frame(8), npartitions=2)
+    ddf.llm.enrich(chains(sim.base_url), cache=path).compute(scheduler="processes")
+    assert sim.stats()["requests"] == 16
+    ddf.llm.enrich(chains(sim.base_url), cache=path).compute(scheduler="threads")
+    frame(8).llm.enrich(chains(sim.base_url), cache=path)
+    assert sim.stats()["requests"] == 16
+    # and two different chains never share keys on a worker
+    other = [dask_llm.Chain(summary_chain(sim.base_url, temperature=0.3), name="summarize")]
+    ddf.llm.enrich(other, cache=path).compute(scheduler="processes")
+    assert sim.stats()["requests"] == 24
+
+
 def test_more_rows_later_pay_only_for_the_new_ones(sim: Any, tmp_path: Path) -> None:
     path = tmp_path / "job.sqlite"
     frame(6).llm.enrich(chains(sim.base_url), cache=path)
