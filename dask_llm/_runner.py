@@ -156,6 +156,8 @@ class PartitionRun:
         try:
             return await self._run()
         finally:
+            if self.cache is not None:
+                self.cache.close()  # this thread's connection; the next partition reopens
             self.sink.flush()
             self.sink.partition_done()
 
