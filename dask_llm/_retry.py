@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import openai
 import pydantic
@@ -102,6 +101,3 @@ def retry_after(exc: BaseException) -> float | None:
 
 def is_rate_limit(exc: BaseException) -> bool:
     return isinstance(exc, openai.APIStatusError) and exc.status_code == 429
-
-
-Sleep = Callable[[float], Awaitable[Any]]

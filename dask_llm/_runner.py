@@ -1,12 +1,16 @@
 """The per-partition engine: one event loop runs every row x chain of a partition.
 
-Rows are pulled by a pool of row workers, as many as the concurrency window;
-each worker walks its row's chains in dependency order, so a row's dependent
-chain starts the moment its own inputs are ready, with no barrier between
-chains and none between rows (``Runnable.abatch`` on a sequence waits for the
-slowest row at every step). When chains of one row are independent of each
-other, they run concurrently. Each call holds a permit of the call gate only
-while it is on the wire, never while it sleeps before a retry.
+Rows are pulled by a pool of row workers that grows (and shrinks) with what
+the job's throttle can put on the wire; each worker walks its row's chains in
+dependency order, so a row's dependent chain starts the moment its own inputs
+are ready, with no barrier between chains and none between rows
+(``Runnable.abatch`` on a sequence waits for the slowest row at every step).
+When chains of one row are independent of each other, they run concurrently.
+A request holds its throttle slot only while it is on the wire, never while
+it sleeps before a retry (tenacity drives the retries, ``_retry`` the policy).
+
+Each answer is normalised to plain data, written to the cache at once, and
+shared with identical calls in flight (``_dedup``).
 
 Results are kept per row position, so the index (duplicates included) and the
 row order are those of the input.
