@@ -223,7 +223,7 @@ def test_identical_inputs_in_one_job_are_called_once(sim: Any) -> None:
 
 
 def test_without_a_cache_concurrent_repeats_still_share_one_call(make_simulator: Any) -> None:
-    sim = make_simulator(latency=0.3)  # long enough for all 20 rows to overlap
+    sim = make_simulator(latency=1.0)  # long enough for all 20 rows to overlap
     df = pd.DataFrame({"description": ["same text"] * 20})
     out = df.llm.enrich([dask_llm.Chain(summary_chain(sim.base_url))], cache=False)
     assert out["summary"].nunique() == 1
