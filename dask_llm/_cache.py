@@ -109,6 +109,8 @@ _FORMAT = "dask-llm-cache-1"
 # Keys per SELECT: below SQLite's smallest default limit of bound variables (999).
 _CHUNK = 500
 _T = TypeVar("_T")
+# Connections inherited across fork: kept, unused, so that none is closed under the parent.
+_FROM_PARENT: list[sqlite3.Connection] = []
 
 
 @runtime_checkable
@@ -250,7 +252,12 @@ class SQLiteCache:
         return conn
 
     def _forget_parent(self) -> None:
-        """In a forked child: drop (never use, never close) the parent's connections."""
+        """In a forked child: never use the parent's connections, nor close them.
+
+        They stay referenced so that they are not closed (by garbage collection)
+        while the parent may still be using the same file.
+        """
+        _FROM_PARENT.extend(conn for _, conn in self._open)
         self._pid = os.getpid()
         self._local = threading.local()
         self._lock = threading.Lock()  # the parent's may have been held at fork
