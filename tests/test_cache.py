@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import math
 import multiprocessing
 import os
 import pickle
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +24,89 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from dask_llm._cache import MemoryCache, SQLiteCache, make_key, open_cache
+from dask_llm._cache import MemoryCache, ResultCache, SQLiteCache, make_key, open_cache
 from tests.chains import features_chain, summary_chain
 from tests.conftest import API_KEY
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 # -- keys ------------------------------------------------------------------------------------
+def test_keys_are_sha256_of_fingerprint_and_canonical_json() -> None:
+    """Pinned: a change here silently turns every user's cache into misses (paid again)."""
+    inputs = {"n": 3, "description": "Plum, cedar 🍷", "tags": ["a", {"b": None}]}
+    canonical = '{"description":"Plum, cedar 🍷","n":3,"tags":["a",{"b":null}]}'
+    key = make_key("ab12", inputs)
+    assert key == hashlib.sha256(f"ab12\0{canonical}".encode()).hexdigest()
+    assert key == "bc34641cf6ff1fdb0a35be283507fb9af73f1fc91bc5ffdd36335b0f03293dd5"
+    assert key == make_key("ab12", dict(inputs))
+
+
 def test_keys_ignore_input_order_and_numpy_types() -> None:
-    a = make_key("fp", {"x": 1, "y": "ü🍷"})
-    assert a == make_key("fp", {"y": "ü🍷", "x": np.int64(1)})
-    assert a != make_key("fp2", {"x": 1, "y": "ü🍷"})
-    assert a != make_key("fp", {"x": 2, "y": "ü🍷"})
+    a = make_key("fp", {"x": 1, "y": "ü🍷", "d": {"p": 1, "q": [1, 2]}})
+    assert a == make_key("fp", {"d": {"q": [1, 2], "p": 1}, "y": "ü🍷", "x": np.int64(1)})
+    assert a != make_key("fp2", {"x": 1, "y": "ü🍷", "d": {"p": 1, "q": [1, 2]}})
+    assert a != make_key("fp", {"x": 2, "y": "ü🍷", "d": {"p": 1, "q": [1, 2]}})
     assert make_key("fp", {"t": pd.Timestamp("2024-01-01")}) == make_key(
         "fp", {"t": "2024-01-01T00:00:00"}
     )
 
 
-def test_keys_refuse_objects_naming_the_variable() -> None:
-    with pytest.raises(TypeError, match="'blob'"):
-        make_key("fp", {"blob": object()})
+@pytest.mark.parametrize(
+    ("numpy_value", "python_value"),
+    [
+        pytest.param(np.int64(7), 7, id="int64"),
+        pytest.param(np.int8(-3), -3, id="int8"),
+        pytest.param(np.float64(1.5), 1.5, id="float64"),
+        pytest.param(np.float32(0.5), 0.5, id="float32"),
+        pytest.param(np.bool_(True), True, id="bool"),
+        pytest.param(np.str_("Rioja"), "Rioja", id="str"),
+        pytest.param([np.int64(1), np.float64(2.5)], [1, 2.5], id="in-a-list"),
+        pytest.param((1, "a"), [1, "a"], id="tuple-as-list"),
+        pytest.param(datetime.date(2024, 5, 1), "2024-05-01", id="date"),
+    ],
+)
+def test_keys_see_numpy_scalars_and_dates_as_plain_values(
+    numpy_value: Any, python_value: Any
+) -> None:
+    assert make_key("fp", {"v": numpy_value}) == make_key("fp", {"v": python_value})
+
+
+def test_nan_and_missing_markers_are_deterministic_and_distinct() -> None:
+    def key(v: Any) -> str:
+        return make_key("fp", {"v": v})
+
+    assert key(float("nan")) == key(math.nan) == key(np.float64("nan")) == key(np.nan)
+    assert key([float("nan")]) == key([np.nan])
+    distinct = [
+        key(float("nan")),
+        key("nan"),
+        key("NaN"),
+        key(None),
+        key(pd.NA),
+        key(pd.NaT),
+        key("NaT"),
+        key(float("inf")),
+        key("inf"),
+        key(float("-inf")),
+    ]
+    assert len(set(distinct)) == len(distinct)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "named"),
+    [
+        pytest.param({"blob": object()}, "'blob'", id="object"),
+        pytest.param({"raw": b"bytes"}, "'raw'", id="bytes"),
+        pytest.param({"tags": {1, 2}}, "'tags'", id="set"),
+        pytest.param({"rows": [1, {"x": object()}]}, r"'rows'\[1\]\['x'\]", id="nested"),
+        pytest.param({"m": {1: "a"}}, "'m'", id="non-str-key"),
+        pytest.param({"arr": np.array([1, 2])}, "'arr'", id="numpy-array"),
+    ],
+)
+def test_keys_refuse_other_values_naming_the_variable(inputs: dict[str, Any], named: str) -> None:
+    with pytest.raises(TypeError, match=named):
+        make_key("fp", inputs)
 
 
 # -- the SQLite store --------------------------------------------------------------------------
@@ -43,24 +114,93 @@ def test_keys_refuse_objects_naming_the_variable() -> None:
     "value",
     [
         pytest.param("plain text", id="text"),
-        pytest.param("ünïcødé 🍷🍇", id="unicode-emoji"),
+        pytest.param('ünïcødé 🍷🍇 中文 \u0000 "quoted"', id="unicode-emoji"),
         pytest.param({"summary": "x", "features": ["a", "b"], "n": 3, "ok": True}, id="nested"),
+        pytest.param([[1, [2, [3]]], {"z": {"y": {"x": "🍷"}}}, [], {}], id="deep"),
+        pytest.param({"b": 1, "a": 2}, id="key-order-kept"),
+        pytest.param(-0.5e-300, id="float"),
         pytest.param(None, id="null"),
     ],
 )
 def test_round_trip(tmp_path: Path, value: Any) -> None:
     cache = SQLiteCache(tmp_path / "c.sqlite")
     cache.put("k", value)
-    assert cache.get_many(["k", "missing"]) == {"k": value}
+    got = cache.get_many(["k", "missing"])
+    assert got == {"k": value}
+    assert json_order(got["k"]) == json_order(value)
+    cache.close()
+    again = SQLiteCache(tmp_path / "c.sqlite")  # read back through a new connection
+    assert again.get_many(["k"]) == {"k": value}
+    again.close()
+
+
+def json_order(value: Any) -> Any:
+    """Dict keys in order, so that an assertion can see a reordered answer."""
+    if isinstance(value, dict):
+        return [(k, json_order(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [json_order(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(float("nan"), id="nan"),
+        pytest.param({"x": object()}, id="object"),
+    ],
+)
+@pytest.mark.parametrize(
+    "kind", [pytest.param(SQLiteCache, id="sqlite"), pytest.param(None, id="memory")]
+)
+def test_values_that_are_not_json_are_refused(tmp_path: Path, value: Any, kind: Any) -> None:
+    cache = SQLiteCache(tmp_path / "c.sqlite") if kind else MemoryCache()
+    with pytest.raises((TypeError, ValueError)):
+        cache.put("k", value)
+    assert cache.get_many(["k"]) == {}
     cache.close()
 
 
-def test_file_is_private(tmp_path: Path) -> None:
-    cache = SQLiteCache(tmp_path / "sub" / "c.sqlite")
-    cache.put("k", "v")
-    for suffix in ("", "-wal"):
-        path = tmp_path / "sub" / f"c.sqlite{suffix}"
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, suffix
+def test_get_many_reads_beyond_one_query_and_counts(tmp_path: Path) -> None:
+    cache = SQLiteCache(tmp_path / "c.sqlite")
+    for i in range(1200):
+        cache.put(f"k{i}", i)
+    keys = [f"k{i}" for i in range(0, 1300, 1)]  # 1,200 hits, 100 misses, 3 chunks
+    got = cache.get_many(keys)
+    assert got == {f"k{i}": i for i in range(1200)}
+    assert cache.get_many([]) == {}
+    assert len(cache) == 1200
+    assert cache.stats() == {"hits": 1200, "misses": 100, "puts": 1200, "invalid": 0}
+    cache.close()
+
+
+def modes(path: Path) -> dict[str, int]:
+    return {
+        suffix: stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode) for suffix in ("", "-wal", "-shm")
+    }
+
+
+def test_file_and_its_wal_are_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # the usual umask, which would give 0644
+    try:
+        path = tmp_path / "new" / "dir" / "c.sqlite"
+        cache = SQLiteCache(path)
+        cache.put("k", "v")
+        assert modes(path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+        cache.close()
+    finally:
+        os.umask(old)
+
+
+def test_an_existing_readable_file_is_made_private(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    first = SQLiteCache(path)
+    first.put("k", "v")
+    first.close()
+    os.chmod(path, 0o644)
+    cache = SQLiteCache(path)
+    assert cache.get_many(["k"]) == {"k": "v"}
+    assert modes(path)[""] == 0o600
     cache.close()
 
 
@@ -68,7 +208,9 @@ def test_file_is_private(tmp_path: Path) -> None:
     "tamper",
     [
         pytest.param("UPDATE results SET value = '\"evil\"' WHERE key = 'a'", id="edited-value"),
+        pytest.param("UPDATE results SET checksum = 'abc' WHERE key = 'a'", id="bad-checksum"),
         pytest.param("UPDATE results SET value = '{broken' WHERE key = 'a'", id="invalid-json"),
+        pytest.param("UPDATE results SET value = x'22616222' WHERE key = 'a'", id="blob-value"),
         pytest.param(
             "UPDATE results SET value = (SELECT value FROM results WHERE key = 'b'), "
             "checksum = (SELECT checksum FROM results WHERE key = 'b') WHERE key = 'a'",
@@ -86,66 +228,257 @@ def test_tampered_entries_are_ignored_and_replaced(tmp_path: Path, tamper: str) 
     raw.close()
     assert cache.get_many(["a", "b"]) == {"b": "answer b"}
     assert cache.stats()["invalid"] == 1
-    cache.put("a", "answer a again")
-    assert cache.get_many(["a"]) == {"a": "answer a again"}
+    assert len(cache) == 1, "the invalid entry is deleted"
+    cache.put("a", "answer a again")  # what the engine does on a miss: call, then put
+    assert cache.get_many(["a", "b"]) == {"a": "answer a again", "b": "answer b"}
     cache.close()
 
 
-def test_many_threads_write_at_once(tmp_path: Path) -> None:
-    cache = SQLiteCache(tmp_path / "c.sqlite")
+def test_invalid_json_under_a_valid_checksum_is_ignored(tmp_path: Path) -> None:
+    """A writer with the format's checksum but a broken value (say, a bug) is still a miss."""
+    from dask_llm._cache import _checksum
 
-    def write(t: int) -> None:
-        for i in range(150):
-            cache.put(f"{t}-{i}", i)
-        cache.close()
+    path = tmp_path / "c.sqlite"
+    cache = SQLiteCache(path)
+    cache.put("b", 1)
+    with sqlite3.connect(path) as raw:
+        raw.execute("INSERT INTO results VALUES ('a', '{nope', ?, 0)", (_checksum("a", "{nope"),))
+    raw.close()
+    assert cache.get_many(["a", "b"]) == {"b": 1}
+    assert cache.stats()["invalid"] == 1
+    cache.close()
 
-    threads = [threading.Thread(target=write, args=(t,)) for t in range(4)]
+
+# -- concurrency, processes, kills --------------------------------------------------------------
+def _put_range(cache: ResultCache, prefix: str, n: int) -> None:
+    for i in range(n):
+        cache.put(f"{prefix}-{i}", {"i": i, "who": prefix, "text": "🍷" * (i % 7)})
+
+
+def expected(prefixes: Sequence[str], n: int) -> dict[str, Any]:
+    return {
+        f"{p}-{i}": {"i": i, "who": p, "text": "🍷" * (i % 7)} for p in prefixes for i in range(n)
+    }
+
+
+def run_threads(target: Callable[[int], None], count: int) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def guarded(t: int) -> None:
+        try:
+            target(t)
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in range(count)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert len(cache) == 600
-    cache.close()
+        t.join(60)
+    return errors
 
 
-def _write_many(cache: SQLiteCache, prefix: str, n: int) -> None:
-    for i in range(n):
-        cache.put(f"{prefix}-{i}", {"i": i})
-    cache.close()
-
-
-def test_processes_write_at_once_through_a_pickled_cache(tmp_path: Path) -> None:
+def test_four_threads_write_at_once(tmp_path: Path) -> None:
     cache = SQLiteCache(tmp_path / "c.sqlite")
-    cache.put("parent", 1)
+    cache.put("warm", 0)  # the main thread has a connection too
+
+    def write(t: int) -> None:
+        _put_range(cache, f"t{t}", 200)
+        cache.close()  # this thread's connection
+
+    assert run_threads(write, 4) == []
+    assert cache.get_many(list(expected([f"t{t}" for t in range(4)], 200))) == expected(
+        [f"t{t}" for t in range(4)], 200
+    )
+    assert len(cache) == 801
+    cache.close()
+
+
+def _child_writes(cache: SQLiteCache, prefix: str, n: int, start: Any) -> None:
+    """In a spawned process: use the unpickled cache (parent's entry visible), then write."""
+    assert cache.get_many(["parent"]) == {"parent": "from the parent"}
+    start.wait(60)
+    _put_range(cache, prefix, n)
+    cache.close()
+
+
+def test_processes_and_threads_write_at_once_through_a_pickled_cache(tmp_path: Path) -> None:
+    cache = SQLiteCache(tmp_path / "c.sqlite", timeout=30.0)
+    cache.put("parent", "from the parent")  # an open connection: pickling must not carry it
     clone = pickle.loads(pickle.dumps(cache))
+    assert (clone.path, clone.timeout) == (cache.path, 30.0)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_write_many, args=(clone, f"p{k}", 200)) for k in range(3)]
+    start = ctx.Barrier(3 + 4)  # 3 processes and 4 threads start writing together
+    procs = [ctx.Process(target=_child_writes, args=(cache, f"p{k}", 200, start)) for k in range(3)]
     for p in procs:
         p.start()
+
+    def write(t: int) -> None:
+        start.wait(60)
+        _put_range(cache, f"t{t}", 200)
+        cache.close()
+
+    errors = run_threads(write, 4)
     for p in procs:
         p.join(60)
-        assert p.exitcode == 0
-    assert len(cache) == 601
+    assert errors == []
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    everyone = expected([f"p{k}" for k in range(3)] + [f"t{t}" for t in range(4)], 200)
+    assert cache.get_many(list(everyone)) == everyone
+    assert len(cache) == 600 + 800 + 1
     cache.close()
+
+
+def _child_after_fork(cache: SQLiteCache) -> None:
+    inherited = cache._local.conn  # white-box: the parent's, copied by fork
+    assert cache.get_many(["parent"]) == {"parent": 1}
+    assert cache._local.conn is not inherited, "a forked child must open its own connection"
+    cache.put("child", 2)
+    cache.close()
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
+    cache = SQLiteCache(tmp_path / "c.sqlite")
+    cache.put("parent", 1)
+    child = multiprocessing.get_context("fork").Process(target=_child_after_fork, args=(cache,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert cache.get_many(["parent", "child"]) == {"parent": 1, "child": 2}
+    cache.put("parent again", 3)  # the parent's connection still works
+    assert len(cache) == 3
+    cache.close()
+
+
+WRITER = """
+import sys
+from dask_llm._cache import SQLiteCache
+cache = SQLiteCache(sys.argv[1])
+for i in range(1_000_000):
+    cache.put(f"k{i}", {"i": i, "answer": "Plum and cedar. " * 4})
+    print(i, flush=True)  # after put returned
+"""
+
+
+def test_every_put_that_returned_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env
+    ) as proc:
+        assert proc.stdout is not None
+        acked = []
+        for line in proc.stdout:
+            acked.append(int(line))
+            if len(acked) == 300:
+                os.kill(proc.pid, signal.SIGKILL)  # mid-stream, between or inside puts
+                break
+        acked += [int(line) for line in proc.stdout]  # acks already in the pipe
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    cache = SQLiteCache(path)
+    got = cache.get_many([f"k{i}" for i in acked])
+    assert len(got) == len(acked) >= 300
+    assert all(got[f"k{i}"]["i"] == i for i in acked)
+    assert cache.stats()["invalid"] == 0
+    (check,) = sqlite3_once(path, "PRAGMA integrity_check")
+    assert check == "ok"
+    cache.close()
+
+
+def sqlite3_once(path: Path, query: str) -> tuple[Any, ...]:
+    raw = sqlite3.connect(path)
+    try:
+        row: tuple[Any, ...] = raw.execute(query).fetchone()
+        return row
+    finally:
+        raw.close()
+
+
+def test_close_ends_connections_of_finished_threads_and_reopens(tmp_path: Path) -> None:
+    cache = SQLiteCache(tmp_path / "c.sqlite")
+    assert run_threads(lambda t: cache.put(f"t{t}", t), 3) == []  # threads that never close
+    cache.close()  # closes theirs (they ended) and this thread's, which has none
+    assert cache.get_many(["t0", "t1", "t2"]) == {"t0": 0, "t1": 1, "t2": 2}  # reopened
+    cache.close()
+
+
+# -- memory cache and protocol --------------------------------------------------------------------
+def test_memory_cache_round_trips_and_pickles_empty() -> None:
+    cache = MemoryCache()
+    value = {"summary": "🍷", "features": ["a"]}
+    cache.put("k", value)
+    got = cache.get_many(["k", "missing"])
+    assert got == {"k": value}
+    got["k"]["features"].append("mutated")
+    assert cache.get_many(["k"]) == {"k": value}, "callers get copies"
+    assert len(pickle.loads(pickle.dumps(cache))) == 0
+    assert len(cache) == 1
+
+
+def test_both_caches_satisfy_the_protocol(tmp_path: Path) -> None:
+    assert isinstance(MemoryCache(), ResultCache)
+    assert isinstance(SQLiteCache(tmp_path / "c.sqlite"), ResultCache)
+
+
+class DictCache:
+    """A user's own cache: anything with get_many/put/close."""
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        return {}
+
+    def put(self, key: str, value: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+MEMORY = MemoryCache()
+OWN = DictCache()
 
 
 @pytest.mark.parametrize(
-    ("spec", "kind"),
+    ("spec", "expect"),
     [
-        pytest.param(True, SQLiteCache, id="true-default-path"),
-        pytest.param(None, SQLiteCache, id="none-default-path"),
-        pytest.param(False, type(None), id="false-off"),
-        pytest.param("x.sqlite", SQLiteCache, id="path"),
-        pytest.param(MemoryCache(), MemoryCache, id="object"),
+        pytest.param(True, "default", id="true-default-path"),
+        pytest.param(None, "default", id="none-default-path"),
+        pytest.param(False, None, id="false-off"),
+        pytest.param("{tmp}/x.sqlite", "{tmp}/x.sqlite", id="str-path"),
+        pytest.param(Path("{tmp}/y.sqlite"), "{tmp}/y.sqlite", id="pathlike"),
+        pytest.param(MEMORY, MEMORY, id="memory-cache-itself"),
+        pytest.param(OWN, OWN, id="own-object-itself"),
     ],
 )
-def test_open_cache(tmp_path: Path, spec: Any, kind: type) -> None:
-    assert isinstance(open_cache(spec, default_path=str(tmp_path / "d.sqlite")), kind)
+def test_open_cache(tmp_path: Path, spec: Any, expect: Any) -> None:
+    default = tmp_path / "d.sqlite"
+    if isinstance(spec, str | Path):
+        spec = type(spec)(str(spec).format(tmp=tmp_path))
+    got = open_cache(spec, default_path=default)
+    if expect is None or not isinstance(expect, str):
+        assert got is expect
+    else:
+        wanted = default if expect == "default" else Path(expect.format(tmp=tmp_path))
+        assert isinstance(got, SQLiteCache)
+        assert got.path == str(wanted)
 
 
-def test_open_cache_refuses_other_things(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match="cache="):
-        open_cache(42, default_path=str(tmp_path))  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    ("spec", "error", "match"),
+    [
+        pytest.param(42, TypeError, "cache= takes True.*not int", id="int"),
+        pytest.param(b"x.sqlite", TypeError, "not bytes", id="bytes"),
+        pytest.param({"path": "x"}, TypeError, "not dict", id="dict"),
+        pytest.param(object(), TypeError, "get_many/put/close", id="object-without-methods"),
+        pytest.param("", ValueError, "empty path", id="empty-path"),
+    ],
+)
+def test_open_cache_refuses_other_things(
+    tmp_path: Path, spec: Any, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        open_cache(spec, default_path=tmp_path / "d.sqlite")
 
 
 # -- through enrich -----------------------------------------------------------------------------
