@@ -151,10 +151,11 @@ def get_many_while_writing(kind: str, path: str, keys: list[str]) -> tuple[float
         took = time_get_many(kind, path, keys)
     finally:
         stop.set()
+        elapsed = time.perf_counter() - t
         for p in writers:
             p.join(30)
     assert all(p.exitcode == 0 for p in writers)
-    return took, done.value / (time.perf_counter() - t)
+    return took, done.value / elapsed
 
 
 def main() -> None:
