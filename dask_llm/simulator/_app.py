@@ -26,6 +26,13 @@ from dask_llm.simulator._stats import Stats
 
 _JSON = "application/json"
 _CACHE_SIZE = 20_000
+_SERVER_ERRORS = {
+    "error_500": (
+        500,
+        "The server had an error while processing your request. Sorry about that!",
+    ),
+    "error_503": (503, "The engine is currently overloaded, please try again later."),
+}
 
 
 def _error(
@@ -220,39 +227,24 @@ class SimulatorApp:
                 break
 
         delay = self._latency(digest, completion_tokens)
+        if fault is not None:
+            stats.faults[fault] += 1  # counted on arrival: a hang never gets further
         if fault == "hang":
-            stats.faults["hang"] += 1
             await asyncio.sleep(cfg.hang_seconds)
         if delay > 0:
             await asyncio.sleep(delay)
         headers = self._limit_headers(time.monotonic())
         if fault == "connection_reset":
-            stats.faults["connection_reset"] += 1
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=500)
-        if fault == "error_500":
-            stats.faults["error_500"] += 1
-            return _error(
-                500,
-                "The server had an error while processing your request. Sorry about that!",
-                type_="server_error",
-                headers=headers,
-            )
-        if fault == "error_503":
-            stats.faults["error_503"] += 1
-            return _error(
-                503,
-                "The engine is currently overloaded, please try again later.",
-                type_="server_error",
-                headers=headers,
-            )
+        if fault in _SERVER_ERRORS:
+            status, message = _SERVER_ERRORS[fault]
+            return _error(status, message, type_="server_error", headers=headers)
         if fault == "malformed_json":
-            stats.faults["malformed_json"] += 1
             broken = json.dumps(body)[:40]
             return web.Response(body=broken.encode(), content_type=_JSON, headers=headers)
         if fault == "schema_violation":
-            stats.faults["schema_violation"] += 1
             body = self._violated(payload, body)
 
         stats.answered(digest, model, prompt_tokens, completion_tokens)
