@@ -5,9 +5,10 @@
     out = ddf.llm.enrich([dask_llm.Chain(summary_chain), dask_llm.Chain(features_chain)])
 """
 
+from dask_llm import _job  # noqa: F401  (registers the Dask callback that stops jobs on Ctrl-C)
 from dask_llm._accessor import DaskLLMAccessor, PandasLLMAccessor, enrich, estimate
 from dask_llm._chain import Chain
-from dask_llm._errors import ChainError, DaskLLMError, WorkerSetupError
+from dask_llm._errors import ChainError, DaskLLMError, JobStopped, WorkerSetupError
 from dask_llm._estimate import Estimate
 from dask_llm._progress import RunSummary, last_run
 from dask_llm._retry import RetryPolicy
@@ -21,6 +22,7 @@ __all__ = [
     "DaskLLMAccessor",
     "DaskLLMError",
     "Estimate",
+    "JobStopped",
     "PandasLLMAccessor",
     "RetryPolicy",
     "RunSummary",

@@ -8,90 +8,91 @@ The accessors only store the frame (Dask's ``__getattr__`` would swallow an
 from __future__ import annotations
 
 import os
-import sys
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, TypedDict, Unpack, overload
 
 import dask.dataframe as dd
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor as register_dask_accessor
 
-from dask_llm._cache import open_cache
-from dask_llm._chain import string_dtype
+from dask_llm import _cluster, _progress
+from dask_llm._cache import ResultCache, check_cache, open_cache
+from dask_llm._chain import Chain, string_dtype
 from dask_llm._estimate import Estimate
+from dask_llm._options import (
+    DEFAULT_ERROR_COLUMN,
+    DEFAULT_ERRORS,
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_SYNC_THREADS,
+    EnrichOptions,
+    Errors,
+)
 from dask_llm._plan import Plan, make_plan
-from dask_llm._progress import interactive, listen_on_client, progress_for
-from dask_llm._retry import RetryPolicy
-from dask_llm._runner import EnrichOptions, PartitionRun, enrich_partition
+from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
 from dask_llm._usage import USAGE_COLUMNS
 
+ChainsArg = Chain | Sequence[Any] | Mapping[str, Any] | Any
+CacheArg = bool | str | os.PathLike[str] | ResultCache | None
 
-def _options(
-    *,
-    max_concurrency: int,
-    rpm: float | None,
-    tpm: float | None,
-    errors: Literal["column", "raise"],
-    timeout: float | None,
-    attempts: int,
-    retry_timeout: float,
-    sync_threads: int,
-    prices: Mapping[str, tuple[float, float]] | None,
-    cache: Any,
-    partitions: int,
-    total_rows: int | None,
-    progress: bool | None,
-) -> EnrichOptions:
-    return EnrichOptions(
-        job=uuid.uuid4().hex,
-        max_concurrency=max_concurrency,
-        rpm=rpm,
-        tpm=tpm,
-        processes=_cluster_processes(),
-        errors=errors,
-        timeout=timeout,
-        retry=RetryPolicy(attempts=attempts, timeout=retry_timeout),
-        sync_threads=sync_threads,
-        prices=tuple(sorted((prices or {}).items())),
-        cache=open_cache(cache, default_path=default_cache_path()),
-        partitions=partitions,
-        total_rows=total_rows,
-        progress=interactive() if progress is None else bool(progress),
-    )
+_UNSET: Any = object()
 
 
-def _usage_columns(usage: bool | Sequence[str]) -> tuple[str, str, str] | None:
-    if usage is True:
-        return USAGE_COLUMNS
-    if usage is False or usage is None:
-        return None
-    names = tuple(usage)
-    if len(names) != 3 or not all(isinstance(n, str) for n in names):
-        raise ValueError(
-            "usage= takes True, False, or three column names (input tokens, output tokens, cost)"
-        )
-    return names
+class EnrichKwargs(TypedDict, total=False):
+    """The keyword options of ``enrich`` (see its docstring), for typed accessors."""
+
+    max_concurrency: int
+    rpm: float | None
+    tpm: float | None
+    errors: Errors
+    request_timeout: float | None
+    retry: RetryPolicy | int
+    sync_threads: int
+    error_column: str
+    usage: bool | Sequence[str]
+    prices: Mapping[str, tuple[float, float]] | None
+    cache: CacheArg
+    progress: bool | None
 
 
+class EstimateKwargs(TypedDict, total=False):
+    """The keyword options of ``estimate``."""
+
+    rpm: float | None
+    tpm: float | None
+    cache: CacheArg
+    prices: Mapping[str, tuple[float, float]] | None
+
+
+@overload
 def enrich(
-    frame: Any,
-    chains: Any,
+    frame: dd.DataFrame, chains: ChainsArg, **options: Unpack[EnrichKwargs]
+) -> dd.DataFrame: ...
+@overload
+def enrich(
+    frame: pd.DataFrame, chains: ChainsArg, **options: Unpack[EnrichKwargs]
+) -> pd.DataFrame: ...
+def enrich(
+    frame: dd.DataFrame | pd.DataFrame,
+    chains: ChainsArg,
     *,
-    max_concurrency: int = 256,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     rpm: float | None = None,
     tpm: float | None = None,
-    errors: Literal["column", "raise"] = "column",
-    timeout: float | None = 60.0,
-    attempts: int = 8,
-    retry_timeout: float = 600.0,
-    sync_threads: int = 16,
-    error_column: str = "llm_error",
+    errors: Errors = DEFAULT_ERRORS,
+    request_timeout: float | None = None,
+    retry: RetryPolicy | int = DEFAULT_RETRY,
+    sync_threads: int = DEFAULT_SYNC_THREADS,
+    error_column: str = DEFAULT_ERROR_COLUMN,
     usage: bool | Sequence[str] = True,
     prices: Mapping[str, tuple[float, float]] | None = None,
-    cache: Any = True,
+    cache: CacheArg = True,
     progress: bool | None = None,
-) -> Any:
+    timeout: Any = _UNSET,
+    attempts: Any = _UNSET,
+    retry_timeout: Any = _UNSET,
+) -> dd.DataFrame | pd.DataFrame:
     """Add the outputs of ``chains`` to every row of ``frame``.
 
     Args:
@@ -105,38 +106,44 @@ def enrich(
             Default: what the provider announces in its ``x-ratelimit-*`` headers.
         tpm: tokens per minute for the whole job, likewise.
         errors: ``"column"`` records a row's failure in ``error_column`` and goes on;
-            ``"raise"`` raises ``ChainError`` naming the row's index.
-        timeout: seconds one HTTP call may take before it is abandoned (and retried).
-        attempts: most attempts per call, the first included.
-        retry_timeout: most seconds spent retrying one call.
+            ``"raise"`` stops the job and raises ``ChainError`` naming the row's index.
+        request_timeout: seconds one HTTP request may take before it is abandoned (and
+            retried). Default: the model's own ``timeout=`` if it sets one, else 60.
+        retry: a ``RetryPolicy`` (attempts, total time, backoff, parse attempts), or a
+            number of attempts.
         sync_threads: threads per partition for chains with only a sync implementation.
         error_column: name of the column that explains failed rows (null where all
             chains succeeded).
         usage: add per-row ``llm_input_tokens``, ``llm_output_tokens`` and ``llm_cost_usd``
-            (totals over the row's chains and attempts); three names rename them; False
-            leaves them out.
+            (totals over the row's chains and attempts, null where the provider reported
+            no usage or the model has no price); three names rename them; False leaves
+            them out.
+        prices: ``{model: (input, output)}`` US dollars per million tokens, over the
+            built-in table (``dask_llm.PRICES``). Models in neither get a null cost.
         cache: where paid answers are kept, so a rerun (after a crash, or with more
             rows) pays only for calls it has not made yet: ``True`` (default) for
             ``$DASK_LLM_CACHE`` or ``./.dask-llm-cache/results.sqlite``, a path, a
-            ``ResultCache`` object, or ``False``.
+            ``ResultCache`` object, or ``False``. Checked here: an unusable location
+            is a ``ValueError`` now, not after the first paid call.
         progress: show a progress bar (rows, calls/s, retries, 429s, tokens, cost, ETA);
-            default: when a person is probably watching (a terminal or a notebook). On
-            ``distributed`` the client draws it from the workers' row counts. After the
-            run, ``dask_llm.last_run()`` holds its summary either way.
-        prices: ``{model: (input, output)}`` US dollars per million tokens, over the
-            built-in table (``dask_llm.PRICES``). Models in neither get a null cost.
+            default: when a person is probably watching (a terminal or a notebook). After
+            the run, ``dask_llm.last_run()`` holds its summary either way.
+        timeout, attempts, retry_timeout: deprecated names of ``request_timeout`` and of
+            ``retry=RetryPolicy(attempts=..., timeout=...)``; they warn and still work.
 
     Returns:
-        The frame's columns, then each chain's output columns, then ``error_column``.
+        The frame's columns, then each chain's output columns, the usage columns, then
+        ``error_column``.
 
     Raises:
         ValueError: an input that resolves to no column, clashing output columns,
-            a dependency cycle, a bad option.
+            a dependency cycle, a bad option, an unusable cache.
         TypeError: something that is not a chain.
     """
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
         raise TypeError(f"enrich() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
     is_dask = isinstance(frame, dd.DataFrame)
+    request_timeout, retry = _deprecated(request_timeout, retry, timeout, attempts, retry_timeout)
     # Everything that can be checked is checked before anything is opened or sent.
     plan = make_plan(
         chains,
@@ -145,33 +152,31 @@ def enrich(
         error_column=error_column,
         usage_columns=_usage_columns(usage),
     )
-    options = _options(
+    store = open_cache(cache, default_path=default_cache_path())
+    options = EnrichOptions(
+        job=uuid.uuid4().hex,
         max_concurrency=max_concurrency,
         rpm=rpm,
         tpm=tpm,
+        processes=_cluster.worker_processes(),
         errors=errors,
-        timeout=timeout,
-        attempts=attempts,
-        retry_timeout=retry_timeout,
+        request_timeout=request_timeout,
+        retry=retry,
         sync_threads=sync_threads,
-        prices=prices,
-        cache=cache,
+        prices=tuple(sorted((prices or {}).items())),
+        cache=store,
         partitions=frame.npartitions if is_dask else 1,
         total_rows=None if is_dask else len(frame),
-        progress=progress,
+        progress=_progress.interactive() if progress is None else bool(progress),
     )
+    if store is not None:
+        check_cache(store, cache)
     if is_dask:
-        listen_on_client(
-            options.job,
-            progress_for(
-                options.job,
-                partitions=options.partitions,
-                total_rows=None,
-                show=options.progress,
-            ),
-        )
+        client = _cluster.distributed_client()
+        if client is not None:
+            _progress.listen_on_client(client)
         return frame.map_partitions(
-            enrich_partition,
+            _enrich_partition,
             plan,
             options,
             meta=plan.meta(frame._meta),
@@ -181,23 +186,77 @@ def enrich(
     return _enrich_pandas(frame, plan, options)
 
 
+def _enrich_partition(
+    df: pd.DataFrame,
+    plan: Plan,
+    options: EnrichOptions,
+    partition_info: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    from dask_llm._runner import enrich_partition
+
+    return enrich_partition(df, plan, options, partition_info)
+
+
+def _enrich_pandas(df: pd.DataFrame, plan: Plan, options: EnrichOptions) -> pd.DataFrame:
+    from dask_llm._runner import enrich_partition
+
+    return enrich_partition(df, plan, options)
+
+
+def _deprecated(
+    request_timeout: float | None,
+    retry: RetryPolicy | int,
+    timeout: Any,
+    attempts: Any,
+    retry_timeout: Any,
+) -> tuple[float | None, RetryPolicy]:
+    """Map the 0.1 option names onto today's, with a warning each."""
+    if isinstance(retry, bool) or not isinstance(retry, RetryPolicy | int):
+        raise TypeError(f"retry= takes a RetryPolicy or a number of attempts, not {retry!r}")
+    policy = RetryPolicy(attempts=retry) if isinstance(retry, int) else retry
+    if timeout is not _UNSET:
+        _warn("timeout=", "request_timeout=")
+        request_timeout = timeout
+    changes: dict[str, Any] = {}
+    if attempts is not _UNSET:
+        _warn("attempts=", "retry=RetryPolicy(attempts=...) or retry=<int>")
+        changes["attempts"] = attempts
+    if retry_timeout is not _UNSET:
+        _warn("retry_timeout=", "retry=RetryPolicy(timeout=...)")
+        changes["timeout"] = retry_timeout
+    if changes:
+        import dataclasses
+
+        policy = dataclasses.replace(policy, **changes)
+    return request_timeout, policy
+
+
+def _warn(old: str, new: str) -> None:
+    warnings.warn(
+        f"enrich({old}) is deprecated and will be removed in dask-llm 0.3; use {new}",
+        FutureWarning,
+        stacklevel=4,
+    )
+
+
+def _usage_columns(usage: bool | Sequence[str]) -> tuple[str, str, str] | None:
+    if usage is True:
+        return USAGE_COLUMNS
+    if usage is False or usage is None:
+        return None
+    names = tuple(usage)
+    if len(names) != 3 or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            "usage= takes True, False, or three column names (input tokens, output tokens, cost)"
+        )
+    return (names[0], names[1], names[2])
+
+
 def default_cache_path() -> str:
     """``$DASK_LLM_CACHE``, else ``./.dask-llm-cache/results.sqlite``, made absolute here
     so that workers with another working directory use the same file."""
     path = os.environ.get("DASK_LLM_CACHE") or os.path.join(".dask-llm-cache", "results.sqlite")
     return os.path.abspath(path)
-
-
-def _cluster_processes() -> int:
-    """Worker processes of the ``distributed`` client in use, if any (they split rpm/tpm)."""
-    if "distributed" not in sys.modules:  # no client without it; importing it costs ~1 s
-        return 1
-    from distributed import default_client
-
-    try:
-        return max(1, len(default_client().nthreads()))
-    except ValueError:
-        return 1
 
 
 def _dask_text_dtype() -> Any:
@@ -209,54 +268,38 @@ def _dask_text_dtype() -> Any:
     return string_dtype()
 
 
-def _enrich_pandas(df: pd.DataFrame, plan: Plan, options: EnrichOptions) -> pd.DataFrame:
-    from dask_llm._loop import run_sync
-
-    return run_sync(lambda: PartitionRun(df, plan, options).run())
-
-
 def estimate(
-    frame: Any,
-    chains: Any,
+    frame: dd.DataFrame | pd.DataFrame,
+    chains: ChainsArg,
     *,
     rpm: float | None = None,
     tpm: float | None = None,
-    cache: Any = True,
+    cache: CacheArg = True,
     prices: Mapping[str, tuple[float, float]] | None = None,
 ) -> Estimate:
     """What ``enrich(frame, chains)`` would do, without any request: see ``Estimate``.
+
+    Nothing is written: the cache is only read (a missing cache file is an empty one).
 
     Args:
         rpm, tpm: the limits to project the wall time at.
         cache: the cache ``enrich`` would use (answers in it are not counted), or False.
         prices: as for ``enrich``.
     """
-    import dask
-
-    from dask_llm._estimate import partition_counts, summarize
+    from dask_llm._estimate import run_estimate
 
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
         raise TypeError(f"estimate() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
     plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
     store = open_cache(cache, default_path=default_cache_path())
-    if isinstance(frame, dd.DataFrame):
-        meta = partition_counts(frame._meta, plan, None)
-        counts_lazy = frame.map_partitions(partition_counts, plan, store, meta=meta)
-        counts, rows = dask.compute(counts_lazy, frame.map_partitions(len).sum())
-    else:
-        counts, rows = partition_counts(frame, plan, store), len(frame)
-    return summarize(counts, rows=int(rows), plan=plan, rpm=rpm, tpm=tpm, prices=dict(prices or {}))
+    return run_estimate(frame, plan, store, rpm=rpm, tpm=tpm, prices=dict(prices or {}))
 
 
 class _LLMAccessor:
     def __init__(self, obj: Any) -> None:
         self._obj = obj
 
-    def enrich(self, chains: Any, **options: Any) -> Any:
-        """Add the outputs of ``chains`` to every row; see ``dask_llm.enrich``."""
-        return enrich(self._obj, chains, **options)
-
-    def estimate(self, chains: Any, **options: Any) -> Estimate:
+    def estimate(self, chains: ChainsArg, **options: Unpack[EstimateKwargs]) -> Estimate:
         """Calls, tokens, cost and wall time ``enrich`` would take; see ``dask_llm.estimate``."""
         return estimate(self._obj, chains, **options)
 
@@ -265,7 +308,19 @@ class _LLMAccessor:
 class DaskLLMAccessor(_LLMAccessor):
     """``ddf.llm``: LLM enrichment of a Dask DataFrame (lazy)."""
 
+    _obj: dd.DataFrame
+
+    def enrich(self, chains: ChainsArg, **options: Unpack[EnrichKwargs]) -> dd.DataFrame:
+        """Add the outputs of ``chains`` to every row (lazily); see ``dask_llm.enrich``."""
+        return enrich(self._obj, chains, **options)
+
 
 @pd.api.extensions.register_dataframe_accessor("llm")
 class PandasLLMAccessor(_LLMAccessor):
     """``df.llm``: LLM enrichment of a pandas DataFrame (runs now)."""
+
+    _obj: pd.DataFrame
+
+    def enrich(self, chains: ChainsArg, **options: Unpack[EnrichKwargs]) -> pd.DataFrame:
+        """Add the outputs of ``chains`` to every row, now; see ``dask_llm.enrich``."""
+        return enrich(self._obj, chains, **options)

@@ -99,17 +99,30 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["MemoryCache", "ResultCache", "SQLiteCache", "make_key", "open_cache"]
+__all__ = [
+    "MemoryCache",
+    "ReadOnlySQLiteCache",
+    "ResultCache",
+    "SQLiteCache",
+    "check_cache",
+    "make_key",
+    "open_cache",
+    "read_only",
+    "request_key",
+]
 
 # Part of every checksum: bump it when the stored format changes, and old rows
 # are ignored (recomputed) instead of misread.
 _FORMAT = "dask-llm-cache-1"
+# Request keys live in the same table; their own prefix keeps them apart from row keys.
+_REQUEST_FORMAT = "dask-llm-request-1"
 # Keys per SELECT: below SQLite's smallest default limit of bound variables (999).
 _CHUNK = 500
 _T = TypeVar("_T")
@@ -176,6 +189,15 @@ def _plain(value: Any, where: str) -> Any:
         return value.isoformat()
     if isinstance(value, list | tuple):
         return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.ndarray | pd.api.extensions.ExtensionArray | pd.Series | pd.Index):
+        # Lists read back from Parquet arrive as numpy arrays: keyed like the list.
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value.tolist())]
+    as_py = getattr(value, "as_py", None)  # pyarrow scalars, lists and arrays
+    if callable(as_py) and type(value).__module__.startswith("pyarrow"):
+        return _plain(as_py(), where)
+    to_pylist = getattr(value, "to_pylist", None)
+    if callable(to_pylist) and type(value).__module__.startswith("pyarrow"):
+        return _plain(to_pylist(), where)
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
@@ -190,6 +212,28 @@ def _plain(value: Any, where: str) -> Any:
         f"input {where} is a {type(value).__name__}, which cannot key the cache: "
         "pass str, numbers, bool, None, timestamps, or lists/dicts of those"
     )
+
+
+def request_key(method: str, path: str, body: bytes) -> str:
+    """The cache key of one HTTP request to the provider: what is actually sent.
+
+    A sha256 over the method, the URL path (``/v1/chat/completions``; not the
+    host, so a proxy or a moved endpoint keeps its answers) and the JSON body
+    with its keys sorted (the SDK's key order is not part of the request's
+    meaning). Model, messages, tools, response format and sampling parameters
+    all live in the body, so whatever a chain computed to build its request
+    (closures, globals, factories) is in the key. A body that is not JSON is
+    keyed by its bytes.
+    """
+    try:
+        canonical = json.dumps(
+            json.loads(body), sort_keys=True, ensure_ascii=False, separators=(",", ":")
+        ).encode()
+    except ValueError:
+        canonical = body
+    h = hashlib.sha256(f"{_REQUEST_FORMAT}\0{method.upper()} {path}\0".encode())
+    h.update(canonical)
+    return h.hexdigest()
 
 
 def _dump(value: Any) -> str:
@@ -371,6 +415,72 @@ class SQLiteCache:
         """This process's ``hits``, ``misses``, ``puts`` and ``invalid`` entries dropped."""
         with self._lock:
             return dict(self._counts)
+
+
+class ReadOnlySQLiteCache:
+    """A read-only view of a ``SQLiteCache`` file, for dry runs (``estimate``).
+
+    It never creates the file, its directory or its table: a missing file is an
+    empty cache. Each ``get_many`` opens a ``mode=ro`` connection and closes it
+    again, so nothing is left open. ``put`` refuses.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+
+    def __repr__(self) -> str:
+        return f"ReadOnlySQLiteCache({self.path!r})"
+
+    def __reduce__(self) -> tuple[type[ReadOnlySQLiteCache], tuple[str]]:
+        return (ReadOnlySQLiteCache, (self.path,))
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        wanted = list(dict.fromkeys(keys))
+        if not wanted or not os.path.exists(self.path):
+            return {}
+        uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
+        found: dict[str, Any] = {}
+        try:
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10.0)) as conn:
+                for start in range(0, len(wanted), _CHUNK):
+                    for key, value, checksum in _select(conn, wanted[start : start + _CHUNK]):
+                        if isinstance(value, str) and checksum == _checksum(key, value):
+                            with contextlib.suppress(ValueError):
+                                found[key] = json.loads(value)
+        except sqlite3.OperationalError:  # no table yet, or unreadable: nothing cached
+            return found
+        return found
+
+    def put(self, key: str, value: Any) -> None:
+        raise PermissionError(f"{self!r} is read-only")
+
+    def close(self) -> None:
+        pass
+
+
+def read_only(cache: ResultCache | None) -> ResultCache | None:
+    """A view of ``cache`` that cannot create or write anything (SQLite files); else itself."""
+    if isinstance(cache, SQLiteCache):
+        return ReadOnlySQLiteCache(cache.path)
+    return cache
+
+
+def check_cache(cache: ResultCache, spec: Any) -> None:
+    """Open ``cache`` now (one lookup), so that an unusable location fails at ``enrich()``.
+
+    Raises ``ValueError`` with one line naming the location and the reason.
+    """
+    try:
+        cache.get_many(["dask-llm-check"])
+    except Exception as exc:
+        where = getattr(cache, "path", None) or repr(spec)
+        raise ValueError(
+            f"cache={where!s}: cannot open the result cache ({type(exc).__name__}: {exc}); "
+            "pass another path, or cache=False to run without one"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            cache.close()
 
 
 def _select(conn: sqlite3.Connection, keys: list[str]) -> list[tuple[Any, Any, Any]]:

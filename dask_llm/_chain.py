@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,21 +25,19 @@ import pydantic
 from langchain_core.runnables import Runnable, RunnableLambda
 
 from dask_llm import _shipping
-from dask_llm._fingerprint import fingerprint
+from dask_llm._fingerprint import Analysis, analyse, fingerprint
 
 OutputsArg = str | Sequence[str] | Mapping[str, str] | None
 _Outputs = str | list[str] | dict[str, str] | None
 
 
 class Chain:
-    """A runnable (or a zero-argument factory that builds one) with its column wiring.
+    """A runnable with its column wiring; ``Chain.from_factory(make)`` for one built per process.
 
     Args:
-        runnable: a LangChain ``Runnable``, a function of the input dict (wrapped in
-            ``RunnableLambda``), or a zero-argument factory returning a ``Runnable``.
-            Use a factory for chains that cannot be pickled to workers (custom clients);
-            it is called once per process (and once here, to read the chain's variables,
-            unless both ``inputs`` and ``outputs`` are given).
+        runnable: a LangChain ``Runnable``, or a function of the row's input dict
+            (wrapped in ``RunnableLambda``). Chains that cannot be pickled to workers
+            (custom clients) are built by a factory instead: ``Chain.from_factory``.
         inputs: ``{variable: column}`` for variables whose column has another name.
             Variables not listed read the column (or another chain's output) of the
             same name.
@@ -50,8 +49,8 @@ class Chain:
     """
 
     __slots__ = (
+        "_analysis",
         "_factory",
-        "_fingerprint",
         "_inputs",
         "_lock",
         "_outputs_arg",
@@ -73,15 +72,64 @@ class Chain:
         if isinstance(runnable, Runnable):
             self._runnable = runnable
         elif callable(runnable):
-            if _takes_no_arguments(runnable):
+            if _has_no_parameters(runnable):
+                # 0.1 took any function without required arguments for a factory, which
+                # mistook ``def f(d=None)`` for one. A function with no parameters at all
+                # still is, for one release, with a warning.
+                warnings.warn(
+                    "Chain(make) with a zero-argument function is deprecated and will be "
+                    "removed in dask-llm 0.3; use Chain.from_factory(make)",
+                    FutureWarning,
+                    stacklevel=2,
+                )
                 self._factory = runnable
             else:
                 self._runnable = RunnableLambda(runnable)
         else:
             raise TypeError(
-                f"Chain() takes a LangChain Runnable or a zero-argument factory, "
-                f"not {type(runnable).__name__}"
+                "Chain() takes a LangChain Runnable or a function of the row's inputs, "
+                f"not {type(runnable).__name__}; for a factory use Chain.from_factory(make)"
             )
+        self._lock = threading.Lock()
+        self._analysis: Analysis | None = None
+        self._wire(inputs, outputs, name)
+
+    @classmethod
+    def from_factory(
+        cls,
+        factory: Callable[[], Any],
+        /,
+        *,
+        inputs: Mapping[str, str] | None = None,
+        outputs: OutputsArg = None,
+        name: str | None = None,
+    ) -> Chain:
+        """A chain built by ``factory()`` in each process that runs it.
+
+        For chains that cannot be pickled to workers (a model with its own HTTP
+        client, tools holding connections). The factory itself is pickled (with
+        cloudpickle) and called once per worker process, and once here, so that the
+        chain's variables, outputs and fingerprint are known before any request.
+        """
+        if not callable(factory) or isinstance(factory, Runnable):
+            raise TypeError(
+                f"Chain.from_factory() takes a function that builds the chain, "
+                f"not {type(factory).__name__}"
+            )
+        chain = cls.__new__(cls)
+        chain._runnable = None
+        chain._factory = factory
+        chain._inputs = {}
+        chain._outputs_arg = None
+        chain.name = None
+        chain._lock = threading.Lock()
+        chain._analysis = None
+        chain._wire(inputs, outputs, name)
+        return chain
+
+    def _wire(
+        self, inputs: Mapping[str, str] | None, outputs: OutputsArg, name: str | None
+    ) -> None:
         if inputs is not None and not isinstance(inputs, Mapping):
             raise TypeError("inputs= must be a mapping {prompt_variable: column}")
         self._inputs = dict(inputs or {})
@@ -95,8 +143,6 @@ class Chain:
             if name == "<lambda>":
                 name = None
         self.name = name
-        self._lock = threading.Lock()
-        self._fingerprint: str | None = None
 
     def __repr__(self) -> str:
         return f"Chain(name={self.name!r}, inputs={self._inputs!r}, outputs={self._outputs_arg!r})"
@@ -123,13 +169,46 @@ class Chain:
 
     @property
     def fingerprint(self) -> str:
-        """Stable hash of what determines this chain's answers (prompts, model, params)."""
-        if self._fingerprint is None:
-            what: Any = self._factory if self._factory is not None else self._runnable
-            self._fingerprint = fingerprint(
-                {"chain": what, "inputs": self._inputs, "outputs": self._outputs_arg}
-            )
-        return self._fingerprint
+        """Stable hash of the chain's definition (dask's token for it)."""
+        return self._analyse().fingerprint
+
+    @property
+    def memo_fingerprint(self) -> str | None:
+        """Hash of everything that decides the chain's answers, or None when it holds code.
+
+        It keys the row memo of the cache. For a factory it is taken of the chain
+        the factory builds here (in the client), so a factory that reads a global
+        model name or a closure's prompt gets a new one when those change.
+        """
+        return self._analyse().memo
+
+    @property
+    def legacy_fingerprint(self) -> str | None:
+        """The key of this chain's answers in caches written before the row memo (0.1.0.dev0)."""
+        return None if self._is_factory_chain() else self.fingerprint
+
+    @property
+    def opaque(self) -> tuple[str, ...]:
+        """Why the chain has no memo fingerprint (Python code in it), if it has none."""
+        return self._analyse().opaque
+
+    def _is_factory_chain(self) -> bool:
+        return self._factory is not None and not isinstance(self._factory, _LazyRunnable)
+
+    def _analyse(self) -> Analysis:
+        if self._analysis is None:
+            wiring = {"inputs": self._inputs, "outputs": self._outputs_arg}
+            if self._is_factory_chain():
+                token = fingerprint({"chain": self._factory, **wiring})
+                try:
+                    built = analyse({"chain": self.runnable, **wiring})
+                except Exception as exc:  # a factory that cannot run here: opaque
+                    reason = f"its factory failed here ({type(exc).__name__})"
+                    built = Analysis(token, None, (reason,))
+                self._analysis = Analysis(token, built.memo, built.opaque)
+            else:
+                self._analysis = analyse({"chain": self.runnable, **wiring})
+        return self._analysis
 
     def __dask_tokenize__(self) -> Any:
         return ("dask_llm.Chain", self.name, self.fingerprint)
@@ -141,15 +220,20 @@ class Chain:
             payload: Any = ("factory", self._factory)
         else:
             payload = ("runnable", _shipping.dumps(self._runnable))
-        # The fingerprint is computed here, from the real runnable: a worker only
+        # The fingerprints are computed here, from the real runnable: a worker only
         # sees the recipe, and cache keys must be the same everywhere.
-        return (_rebuild, (payload, self._inputs, self._outputs_arg, self.name, self.fingerprint))
+        return (_rebuild, (payload, self._inputs, self._outputs_arg, self.name, self._analyse()))
+
+    def named(self, name: str) -> Chain:
+        """A copy under another name (the user's object is never changed)."""
+        copy = Chain.__new__(Chain)
+        for slot in Chain.__slots__:
+            setattr(copy, slot, getattr(self, slot))
+        copy._lock = threading.Lock()
+        copy.name = name
+        return copy
 
     # -- wiring ------------------------------------------------------------------------
-    @property
-    def explicit_inputs(self) -> dict[str, str]:
-        return dict(self._inputs)
-
     def variables(self) -> list[str]:
         """The runnable's input variables (the keys of its input dict)."""
         if self._factory is not None and self._inputs and self._outputs_arg is not None:
@@ -223,7 +307,7 @@ def _rebuild(
     inputs: dict[str, str],
     outputs: _Outputs,
     name: str | None,
-    fp: str,
+    analysis: Analysis,
 ) -> Chain:
     kind, value = payload
     runnable = value if kind == "factory" else _LazyRunnable(value)
@@ -234,7 +318,7 @@ def _rebuild(
     chain._outputs_arg = outputs
     chain.name = name
     chain._lock = threading.Lock()
-    chain._fingerprint = fp
+    chain._analysis = analysis
     return chain
 
 
@@ -253,7 +337,15 @@ class _LazyRunnable:
         return (_LazyRunnable, (self.data,))
 
 
+def _has_no_parameters(fn: Callable[..., Any]) -> bool:
+    try:
+        return not inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _takes_no_arguments(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn()`` can be called (every parameter has a default or is variadic)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):

@@ -2,6 +2,7 @@
 
     DaskLLMError                 root: catch this to catch everything below
     ├── ChainError               a chain failed for one row (``errors="raise"``)
+    ├── JobStopped               the job stopped before this partition finished
     └── WorkerSetupError         a chain could not be rebuilt on a worker
 
 Misuse of arguments (a missing column, an unknown option) raises plain
@@ -24,6 +25,32 @@ class ChainError(DaskLLMError):
         super().__init__(message)
         self.index = index
         self.chain = chain
+
+    def __reduce__(self) -> Any:
+        return (_chain_error, (str(self), self.index, self.chain))
+
+
+def _chain_error(message: str, index: Any, chain: str) -> ChainError:
+    return ChainError(message, index=index, chain=chain)
+
+
+class JobStopped(DaskLLMError):
+    """The job was stopped (interrupt, a failure elsewhere) before this partition finished.
+
+    ``kind`` is ``"interrupted"`` or ``"raised"``. Every answer paid for before the
+    stop is in the cache: running the job again pays only for what is missing.
+    """
+
+    def __init__(self, message: str, *, kind: str = "interrupted") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self) -> Any:
+        return (_job_stopped, (str(self), self.kind))
+
+
+def _job_stopped(message: str, kind: str) -> JobStopped:
+    return JobStopped(message, kind=kind)
 
 
 class WorkerSetupError(DaskLLMError):

@@ -8,9 +8,10 @@
   identical pairs once). A chain that reads another chain's output is keyed
   by its own column inputs and its upstream chain's key (deterministic
   upstream answers make equal inputs); a row whose upstream would be skipped
-  is skipped too. Answers already in the cache are not counted for chains
-  whose inputs are all columns (for dependent chains the inputs are not
-  known before the upstream answers).
+  is skipped too. Answers already in the cache's row memo are not counted,
+  dependent chains included when their upstream answers are cached (for
+  chains holding Python code, which have no row memo, the count is an upper
+  bound: their requests are only known by running them).
 * **input tokens**: the rendered prompt (plus the structured-output schema
   sent with it) through tiktoken's ``o200k_base`` encoding when it is
   available offline (tiktoken downloads encodings at first use, which a
@@ -19,7 +20,8 @@
   Outputs of upstream chains are stood in for by text of their expected length.
 * **expected output tokens**: the model's ``max_tokens`` if set, else 24 per
   field of a structured output, else 150 for text.
-* **cost** from the price table, and the **projected wall time** at the
+* **cost** from the price table (shown to 4 significant digits), and the
+  **projected wall time** at the
   given ``rpm``/``tpm``: the larger of calls / rpm and tokens / tpm.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -35,9 +38,9 @@ from typing import Any
 
 import pandas as pd
 
-from dask_llm._cache import ResultCache, make_key
+from dask_llm._cache import ResultCache, make_key, read_only
+from dask_llm._columns import is_missing
 from dask_llm._plan import Plan, PlannedChain
-from dask_llm._runner import _is_missing
 from dask_llm._usage import price_of
 
 _TEXT_OUTPUT_TOKENS = 150
@@ -59,7 +62,7 @@ class Estimate:
     tokenizer: str
 
     def __str__(self) -> str:
-        cost = "unknown" if self.cost_usd is None else f"${self.cost_usd:,.2f}"
+        cost = "unknown" if self.cost_usd is None else f"${significant(self.cost_usd)}"
         wall = (
             "unknown (give rpm= or tpm=)" if self.wall_s is None else f"{self.wall_s / 60:,.1f} min"
         )
@@ -137,48 +140,80 @@ def expected_output_tokens(pc: PlannedChain, model: Any) -> int:
     return _FIELD_OUTPUT_TOKENS * len(pc.outputs.fields)
 
 
-def partition_counts(df: pd.DataFrame, plan: Plan, cache: ResultCache | None) -> pd.DataFrame:
-    """One row per (row, chain) that would be called: its dedup key and token counts."""
+def partition_counts(
+    df: pd.DataFrame,
+    plan: Plan,
+    cache: ResultCache | None,
+    partition_info: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """One row per (row, chain) that would be called: its dedup key and token counts.
+
+    Chains are taken in dependency order, as the engine's memo pass does: a
+    chain whose answer is in the cache's row memo costs nothing, and its cached
+    answer is the real input of the chains that read it (so they are looked up
+    too); where an upstream answer is not known, a stand-in of its expected
+    length is rendered and the call is keyed by the upstream call's key.
+    """
     count, _ = token_counter()
-    records = []
-    info = {}
+    part = int((partition_info or {}).get("number", 0))
+    n = len(df)
+    columns = {c: df[c].tolist() for pc in plan.chains for c, p in pc.sources.values() if p is None}
+    records: list[tuple[str, str, int, int, Any]] = []
+    call_keys: dict[str, list[str | None]] = {}  # None: skipped for that row
+    known: dict[str, list[Any]] = {}  # cached outputs (dicts of fields, or the value)
     for pc in plan.chains:
         model = _model_of(pc)
         out_tokens = expected_output_tokens(pc, model)
-        info[pc.name] = (model, out_tokens, count(_schema_text(pc)))
-    columns = {c: df[c].tolist() for pc in plan.chains for c, p in pc.sources.values() if p is None}
-    for i in range(len(df)):
-        keys: dict[str, str | None] = {}
-        stand_ins: dict[str, str] = {}
-        for pc in plan.chains:
-            model, out_tokens, schema_tokens = info[pc.name]
-            if any(keys.get(d) is None for d in pc.deps):
-                keys[pc.name] = None
+        schema_tokens = count(_schema_text(pc))
+        memo, legacy = pc.chain.memo_fingerprint, pc.chain.legacy_fingerprint
+        keys: list[str | None] = [None] * n
+        values: list[Any] = [MISSING] * n
+        full: list[dict[str, Any] | None] = [None] * n
+        own_inputs: list[dict[str, Any] | None] = [None] * n
+        for i in range(n):
+            if any(call_keys[d][i] is None for d in pc.deps):
                 continue
             own = {v: columns[c][i] for v, (c, p) in pc.sources.items() if p is None}
-            if any(_is_missing(x) for x in own.values()):
-                keys[pc.name] = None
+            if any(is_missing(x) for x in own.values()):
                 continue
-            try:
-                key = make_key(
-                    pc.chain.fingerprint, {**own, "__upstream__": [keys[d] for d in pc.deps]}
-                )
-            except TypeError:
-                key = f"row-{i}"
-            keys[pc.name] = key
-            if not pc.deps and cache is not None:
-                real = make_key(pc.chain.fingerprint, own)
-                if cache.get_many([real]):
-                    continue  # answered already: no call, but its dependents still run
-            inputs = dict(own)
+            own_inputs[i] = own
+            inputs: dict[str, Any] | None = dict(own)
             for v, (c, p) in pc.sources.items():
-                if p is not None:
-                    inputs[v] = stand_ins.setdefault(c, "lorem " * info[p][1])
+                if p is not None and inputs is not None:
+                    upstream = known[p][i]
+                    if upstream is MISSING:
+                        inputs = None
+                    else:
+                        inputs[v] = _field(upstream, plan, p, c)
+            full[i] = inputs
+            try:
+                if inputs is not None:
+                    keys[i] = make_key(pc.chain.fingerprint, inputs)
+                else:
+                    upstream_keys = [call_keys[d][i] for d in pc.deps]
+                    keys[i] = make_key(pc.chain.fingerprint, {**own, "__upstream__": upstream_keys})
+            except TypeError:
+                keys[i] = f"row-{part}-{i}-{pc.name}"
+        if cache is not None and memo is not None:
+            rows = [i for i in range(n) if full[i] is not None]
+            values = _lookup(cache, memo, legacy, rows, full, values)
+        call_keys[pc.name] = keys
+        known[pc.name] = values
+        stand_in = "lorem " * out_tokens
+        for i in range(n):
+            given = own_inputs[i]
+            key = keys[i]
+            if key is None or values[i] is not MISSING or given is None:
+                continue
+            rendered = full[i] or {
+                **given,
+                **{v: stand_in for v, (_, p) in pc.sources.items() if p is not None},
+            }
             records.append(
                 (
                     pc.name,
                     key,
-                    count(_render(pc, inputs)) + schema_tokens + 7,
+                    count(_render(pc, rendered)) + schema_tokens + 7,
                     out_tokens,
                     getattr(model, "model_name", None),
                 )
@@ -186,6 +221,92 @@ def partition_counts(df: pd.DataFrame, plan: Plan, cache: ResultCache | None) ->
     return pd.DataFrame(
         records, columns=["chain", "key", "input_tokens", "output_tokens", "model"]
     ).astype({"input_tokens": "int64", "output_tokens": "int64", "model": object})
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+def _field(value: Any, plan: Plan, producer: str, column: str) -> Any:
+    """The value of ``column`` in the cached output of chain ``producer``."""
+    pc = next(c for c in plan.chains if c.name == producer)
+    if pc.outputs.scalar:
+        return value
+    field = next(f for f, col in pc.outputs.fields.items() if col == column)
+    return value.get(field) if isinstance(value, dict) else None
+
+
+def _lookup(
+    cache: ResultCache,
+    memo: str,
+    legacy: str | None,
+    rows: list[int],
+    full: list[dict[str, Any] | None],
+    values: list[Any],
+) -> list[Any]:
+    keys: dict[int, str] = {}
+    for i in rows:
+        inputs = full[i]
+        assert inputs is not None
+        try:
+            keys[i] = make_key(memo, inputs)
+        except TypeError:
+            continue
+    found = cache.get_many(list(keys.values()))
+    if legacy is not None:
+        old = {}
+        for i, key in keys.items():
+            if key not in found:
+                inputs = full[i]
+                assert inputs is not None
+                old[make_key(legacy, inputs)] = key
+        for old_key, value in cache.get_many(list(old)).items():
+            found[old[old_key]] = value
+    values = list(values)
+    for i, key in keys.items():
+        if key in found:
+            values[i] = found[key]
+    return values
+
+
+def run_estimate(
+    frame: Any,
+    plan: Plan,
+    cache: ResultCache | None,
+    *,
+    rpm: float | None,
+    tpm: float | None,
+    prices: dict[str, tuple[float, float]],
+) -> Estimate:
+    """``estimate()``'s work: counts per partition (read-only cache), then the summary."""
+    import dask
+    import dask.dataframe as dd
+
+    store = read_only(cache)
+    try:
+        if isinstance(frame, dd.DataFrame):
+            meta = partition_counts(frame._meta, plan, None)
+            counts_lazy = frame.map_partitions(partition_counts, plan, store, meta=meta)
+            counts, rows = dask.compute(counts_lazy, frame.map_partitions(len).sum())
+        else:
+            counts, rows = partition_counts(frame, plan, store), len(frame)
+    finally:
+        if store is not None:
+            store.close()
+    return summarize(counts, rows=int(rows), plan=plan, rpm=rpm, tpm=tpm, prices=prices)
+
+
+def significant(value: float, digits: int = 4) -> str:
+    """``value`` with ``digits`` significant digits, without an exponent: 0.004612, 12.35, 1,234."""
+    if value == 0:
+        return "0.00"
+    magnitude = math.floor(math.log10(abs(value)))
+    decimals = max(0, digits - 1 - magnitude)
+    return f"{value:,.{decimals}f}"
 
 
 def summarize(
@@ -224,7 +345,7 @@ def summarize(
         calls_by_chain={pc.name: int(by_chain.get(pc.name, 0)) for pc in plan.chains},
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        cost_usd=cost,
+        cost_usd=None if cost is None else float(cost),
         wall_s=max(waits) if waits else None,
         tokenizer=tokenizer,
     )

@@ -52,14 +52,15 @@ event loop, and a job here spans many loops on many threads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import sys
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+
+from dask_llm import _cluster
+from dask_llm._retry import retry_after
 
 _SAFETY = 0.97
 _DECREASE = 0.5
@@ -311,15 +312,6 @@ def _resolve(fut: asyncio.Future[None], owner: Concurrency) -> None:
         fut.set_result(None)
 
 
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    if headers is None:
-        return None
-    ms = _number(headers.get("retry-after-ms"))
-    if ms is not None:
-        return ms / 1000.0
-    return _number(headers.get("retry-after"))
-
-
 def _number(value: str | None) -> float | None:
     if not value:
         return None
@@ -353,7 +345,6 @@ class Throttle:
         self._actual = 0.0
         self._completions = 0.0
         self._calls = 0
-        self.requests = 0
         self.rate_limited = 0
         self.latency = 1.0  # seconds on the wire, moving average of successes
 
@@ -396,7 +387,6 @@ class Throttle:
     ) -> None:
         """A request that started at ``started`` ended with ``status`` (None: no response)."""
         with self._lock:
-            self.requests += 1
             if status == 429:
                 self.rate_limited += 1
             elif status is not None and status < 400:
@@ -410,7 +400,7 @@ class Throttle:
             # would starve the pipe for several round trips.
             if self.pacer.rates()[0] is None:
                 self.concurrency.on_overload(started)
-            self.pacer.rejected(started, _retry_after(headers))
+            self.pacer.rejected(started, retry_after(headers))
         elif status is not None and status < 400:
             self.concurrency.on_success()
 
@@ -429,44 +419,15 @@ class Throttle:
         return min(self.concurrency.cap, int(2 * rate * self.latency) + 8)
 
 
-_THROTTLES: dict[str, Throttle] = {}
-_THROTTLES_LOCK = threading.Lock()
-
-
-def throttle_for(job: str, **kwargs: Any) -> Throttle:
-    """The process's throttle for ``job`` (created on first use)."""
-    with _THROTTLES_LOCK:
-        throttle = _THROTTLES.get(job)
-        if throttle is None:
-            throttle = _THROTTLES[job] = Throttle(**kwargs)
-        return throttle
-
-
 def process_share(hint: int) -> int:
-    """How many processes split the job's budget, as seen from this process."""
-    worker = None
-    if "distributed" in sys.modules:  # a worker has imported it; importing it costs ~1 s
-        from distributed import get_worker
+    """How many processes split the job's budget, as seen from this process.
 
-        with contextlib.suppress(ValueError):
-            worker = get_worker()
-    if worker is not None:
-        try:
-            from distributed import get_client
-
-            return max(1, len(get_client().nthreads()))
-        except Exception:
-            return max(1, hint)
-    import multiprocessing
-
-    if multiprocessing.parent_process() is not None:
+    ``hint``: the ``distributed`` cluster's worker processes when ``enrich`` was called.
+    """
+    if _cluster.distributed_worker() is not None:
+        return max(1, hint)
+    if _cluster.in_pool_child():
         # A process of dask's local pool: as many as the CPUs, unless told more.
-        import os
-
-        return max(
-            hint,
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1),
-        )
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(hint, cpus or 1)
     return max(1, hint)

@@ -95,7 +95,7 @@ def as_chains(chains: Any) -> list[Chain]:
         for name, value in chains.items():
             if isinstance(value, Chain):
                 if value.name is None:
-                    value.name = str(name)
+                    value = value.named(str(name))
                 elif value.name != name:
                     raise ValueError(f"chain named {value.name!r} is given under the key {name!r}")
                 out.append(value)
@@ -109,7 +109,7 @@ def as_chains(chains: Any) -> list[Chain]:
         if not isinstance(c, Chain):
             c = Chain(c)
         if c.name is None:
-            c.name = f"chain_{i}"
+            c = c.named(f"chain_{i}")
         result.append(c)
     if not result:
         raise ValueError("enrich() needs at least one chain")

@@ -1,36 +1,64 @@
 """Progress you can watch and a summary you can keep: rows, calls, retries, 429s, tokens, cost.
 
-Each process keeps one ``RunProgress`` per job, fed by the partitions running
-in it. Where the job runs in the process that called ``compute`` (the
-synchronous and threaded schedulers, the pandas accessor) it drives a
-``tqdm.auto`` bar, which renders in terminals and notebooks. On
-``distributed`` the workers send their counts to the client through Dask's
-event machinery (``Worker.log_event`` -> ``Client.subscribe_topic``, twice a
-second per worker and at partition end), and the client draws the bar for
-the whole cluster, row by row. (Dask's local process pool has no channel
-back: there the bar counts nothing until the end, and ``last_run()`` is
-empty; use threads or ``distributed``.)
+Every partition reports the same three events: ``start`` (its row count),
+``counts`` (what it did since the last report, twice a second and at the
+end) and ``done``. They reach the process that called ``compute`` (the
+client) by the shortest way there is:
 
-The bar's total is the job's rows when known, else estimated as partitions x
-the mean rows of the partitions seen so far. When every partition has
-reported, the bar closes and a one-line summary is printed (``progress=``
-on) and kept: ``dask_llm.last_run()``.
+* synchronous and threaded schedulers, the pandas accessor: a direct call;
+* dask's local process pool: the client's job hub (``_hub``), a socket;
+* ``distributed``: ``Worker.log_event`` -> ``Client.subscribe_topic``
+  (one subscription per client, whatever the number of jobs).
+
+The client keeps one ``RunProgress`` per job while it runs (created by the
+first ``start``, dropped when the run ends, so nothing accumulates), draws a
+``tqdm.auto`` bar when a person is watching, and at the end keeps the
+summary: ``dask_llm.last_run()``.
+
+Rows are counted once per partition: a partition whose task is run again
+(a worker died, the scheduler retried it) replaces its earlier attempt's
+rows. Calls, tokens and dollars are added up over every attempt, because
+they were paid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 TOPIC = "dask-llm-progress"
 
+#: Counters a partition reports in its ``counts`` events (all ints, cost a float or None).
+COUNTERS = (
+    "rows",
+    "failed",
+    "calls",
+    "retries",
+    "rate_limited",
+    "cache_hits",
+    "cache_errors",
+    "input_tokens",
+    "output_tokens",
+    "unknown_usage",
+)
+
 
 @dataclass
 class RunSummary:
-    """What one run of a job did. ``cost_usd`` is None when a model had no price."""
+    """What one run of a job did.
+
+    ``status`` is ``"completed"``, ``"interrupted"`` (Ctrl-C, or the computation
+    failed elsewhere) or ``"stopped: <why>"`` (a fatal provider answer, ``errors="raise"``).
+    Tokens count what the provider reported; ``rows_without_usage`` rows had calls
+    whose usage no provider reported, and then ``cost_usd`` is None, as it is when
+    a model has no price. Answers from the cache cost nothing and count in
+    ``cache_hits``; ``cache_errors`` counts failed cache reads and writes (the
+    answers were kept, only not cached).
+    """
 
     rows: int = 0
     failed_rows: int = 0
@@ -38,10 +66,14 @@ class RunSummary:
     retries: int = 0
     rate_limited: int = 0
     cache_hits: int = 0
+    cache_errors: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    rows_without_usage: int = 0
     cost_usd: float | None = 0.0
     wall_s: float = 0.0
+    status: str = "completed"
+    cache: str | None = field(default=None, repr=False)
 
     @property
     def calls_per_s(self) -> float:
@@ -49,100 +81,133 @@ class RunSummary:
 
     def __str__(self) -> str:
         cost = "unknown" if self.cost_usd is None else f"${self.cost_usd:,.4f}"
-        return (
+        text = (
             f"{self.rows:,} rows ({self.failed_rows:,} failed) in {self.wall_s:,.1f} s: "
             f"{self.calls:,} calls ({self.calls_per_s:,.1f}/s), {self.retries:,} retries, "
             f"{self.rate_limited:,} rate-limited, {self.cache_hits:,} from cache, "
             f"{self.input_tokens:,} tokens in / {self.output_tokens:,} out, cost {cost}"
         )
+        if self.cache_errors:
+            text += f", {self.cache_errors:,} cache errors"
+        if self.status != "completed":
+            text += f" [{self.status}]"
+        return text
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "calls_per_s": self.calls_per_s}
+        data = asdict(self)
+        data.pop("cache")
+        return {**data, "calls_per_s": self.calls_per_s}
 
 
 _LAST: list[RunSummary] = []
 
 
 def last_run() -> RunSummary | None:
-    """The summary of the last run that finished in this process (the client on distributed)."""
+    """The summary of the last run that ended in this process (the client on distributed)."""
     return _LAST[-1] if _LAST else None
 
 
 class RunProgress:
-    """Counts of one job in one process, with an optional bar."""
+    """Counts of one job's run, as the client sees them, with an optional bar."""
 
-    def __init__(self, *, partitions: int, total_rows: int | None, show: bool) -> None:
-        self.partitions = partitions
-        self.total_rows = total_rows
-        self.show = show
-        self._lock = threading.Lock()
-        self._reset()
-
-    def _reset(self) -> None:
-        self.summary = RunSummary()
-        self.started = time.monotonic()
-        self.partitions_seen = 0
-        self.partitions_done = 0
-        self.rows_seen = 0
-        self.bar: Any = None
-
-    # -- fed by partitions (or by events from workers) ----------------------------------
-    def partition_started(self, rows: int) -> None:
-        with self._lock:
-            if self.partitions_done >= self.partitions and self.partitions_seen:
-                self._reset()  # the same lazy frame computed again: a new run
-            self.partitions_seen += 1
-            self.rows_seen += rows
-            if self.show and self.bar is None:
-                self.bar = _bar()
-            self._retotal()
-
-    def add(
+    def __init__(
         self,
         *,
-        rows: int = 0,
-        failed: int = 0,
-        calls: int = 0,
-        retries: int = 0,
-        rate_limited: int = 0,
-        cache_hits: int = 0,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-        cost: float | None = 0.0,
+        job: str,
+        partitions: int,
+        total_rows: int | None,
+        show: bool,
+        cache: str | None = None,
     ) -> None:
-        with self._lock:
-            s = self.summary
-            s.rows += rows
-            s.failed_rows += failed
-            s.calls += calls
-            s.retries += retries
-            s.rate_limited += rate_limited
-            s.cache_hits += cache_hits
-            s.input_tokens += input_tokens
-            s.output_tokens += output_tokens
-            if cost is None or s.cost_usd is None:
-                s.cost_usd = None
-            else:
-                s.cost_usd += cost
-            s.wall_s = time.monotonic() - self.started
-            if self.bar is not None:
-                self.bar.update(rows)
-                self.bar.set_postfix_str(self._postfix(), refresh=False)
+        self.job = job
+        self.partitions = max(1, partitions)
+        self.total_rows = total_rows
+        self.show = show
+        self.summary = RunSummary(cache=cache)
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        # partition -> (attempt, rows it has, rows done, failed rows)
+        self._parts: dict[int, list[Any]] = {}
+        self._done: set[int] = set()
+        self._cost_known = True
+        self.finished = False
+        self.bar: Any = None
 
-    def partition_done(self) -> None:
+    # -- events ---------------------------------------------------------------------------
+    def apply(self, event: dict[str, Any]) -> bool:
+        """Take one event; True once the run has ended (every partition done)."""
+        kind = event.get("kind")
+        part = int(event.get("partition", 0))
+        attempt = event.get("attempt")
         with self._lock:
-            self.partitions_done += 1
-            if self.partitions_done < self.partitions:
-                return
-            self.summary.wall_s = time.monotonic() - self.started
-            summary = self.summary
-            bar, self.bar = self.bar, None
-        _LAST.append(summary)
+            if self.finished:
+                return True
+            if kind == "start":
+                self._parts[part] = [attempt, int(event.get("rows", 0)), 0, 0]
+                self._done.discard(part)
+                if self.show and self.bar is None:
+                    self.bar = _bar()
+                self._retotal()
+            elif kind == "counts":
+                self._add(part, attempt, event.get("counts") or {})
+            elif kind == "done":
+                state = self._parts.get(part)
+                if state is not None and state[0] == attempt:
+                    self._done.add(part)
+                if len(self._done) >= self.partitions:
+                    self._finish("completed")
+                    return True
+        return False
+
+    def _add(self, part: int, attempt: Any, counts: dict[str, Any]) -> None:
+        s = self.summary
+        state = self._parts.get(part)
+        current = state is not None and state[0] == attempt
+        if current:
+            assert state is not None
+            state[2] += int(counts.get("rows", 0))
+            state[3] += int(counts.get("failed", 0))
+        s.calls += int(counts.get("calls", 0))
+        s.retries += int(counts.get("retries", 0))
+        s.rate_limited += int(counts.get("rate_limited", 0))
+        s.cache_hits += int(counts.get("cache_hits", 0))
+        s.cache_errors += int(counts.get("cache_errors", 0))
+        s.input_tokens += int(counts.get("input_tokens", 0))
+        s.output_tokens += int(counts.get("output_tokens", 0))
+        s.rows_without_usage += int(counts.get("unknown_usage", 0))
+        cost = counts.get("cost", 0.0)
+        if cost is None:
+            self._cost_known = False
+        elif self._cost_known and s.cost_usd is not None:
+            s.cost_usd += float(cost)
+        s.cost_usd = s.cost_usd if self._cost_known else None
+        before = s.rows
+        s.rows = sum(p[2] for p in self._parts.values())
+        s.failed_rows = sum(p[3] for p in self._parts.values())
+        s.wall_s = time.monotonic() - self.started
+        if self.bar is not None:
+            self.bar.update(s.rows - before)
+            self.bar.set_postfix_str(self._postfix(), refresh=False)
+
+    def stop(self, status: str) -> RunSummary:
+        """End the run early (interrupted or stopped); its summary becomes ``last_run()``."""
+        with self._lock:
+            if not self.finished:
+                self._finish(status)
+            return self.summary
+
+    def _finish(self, status: str) -> None:
+        self.finished = True
+        s = self.summary
+        s.status = status
+        s.wall_s = time.monotonic() - self.started
+        _LAST.append(s)
         del _LAST[:-1]
+        bar, self.bar = self.bar, None
         if bar is not None:
             bar.set_postfix_str(self._postfix(), refresh=False)
             bar.close()
-            print(f"dask-llm: {summary}", file=sys.stderr)
+            print(f"dask-llm: {s}", file=sys.stderr)
 
     def _retotal(self) -> None:
         if self.bar is None:
@@ -150,8 +215,8 @@ class RunProgress:
         if self.total_rows is not None:
             total = self.total_rows
         else:
-            mean = self.rows_seen / max(1, self.partitions_seen)
-            total = round(mean * self.partitions)
+            seen = [p[1] for p in self._parts.values()]
+            total = round(sum(seen) / max(1, len(seen)) * self.partitions)
         if self.bar.total != total:
             self.bar.total = total
             self.bar.refresh()
@@ -172,16 +237,45 @@ def _bar() -> Any:
     return tqdm(total=None, unit="row", desc="dask-llm", dynamic_ncols=True, mininterval=0.5)
 
 
+# -- the client's registry of runs in progress ----------------------------------------------
 _RUNS: dict[str, RunProgress] = {}
 _RUNS_LOCK = threading.Lock()
 
 
-def progress_for(job: str, *, partitions: int, total_rows: int | None, show: bool) -> RunProgress:
+def receive(event: dict[str, Any]) -> None:
+    """Apply a partition's event to its job's run (created by its first ``start``)."""
+    job = event.get("job")
+    if not isinstance(job, str):
+        return
     with _RUNS_LOCK:
         run = _RUNS.get(job)
-        if run is None:
-            run = _RUNS[job] = RunProgress(partitions=partitions, total_rows=total_rows, show=show)
-        return run
+        if run is None or (run.finished and event.get("kind") == "start"):
+            if event.get("kind") != "start":
+                return  # the tail of a run that has ended
+            run = _RUNS[job] = RunProgress(
+                job=job,
+                partitions=int(event.get("partitions", 1)),
+                total_rows=event.get("total_rows"),
+                show=bool(event.get("show")),
+                cache=event.get("cache"),
+            )
+    if run.apply(event):
+        with _RUNS_LOCK:
+            if _RUNS.get(job) is run:
+                del _RUNS[job]
+
+
+def active_jobs() -> list[str]:
+    """Jobs with a run in progress in this process (as the client sees them)."""
+    with _RUNS_LOCK:
+        return list(_RUNS)
+
+
+def stop_run(job: str, status: str) -> RunSummary | None:
+    """End ``job``'s run early; returns its summary (None if it has no run here)."""
+    with _RUNS_LOCK:
+        run = _RUNS.pop(job, None)
+    return None if run is None else run.stop(status)
 
 
 def interactive() -> bool:
@@ -191,113 +285,62 @@ def interactive() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-# -- distributed ---------------------------------------------------------------------------
-def on_distributed_worker() -> Any:
-    """The ``distributed`` worker running this task, or None."""
-    if "distributed" not in sys.modules:
-        return None
-    from distributed import get_worker
-
-    try:
-        return get_worker()
-    except ValueError:
-        return None
+# -- distributed: one subscription per client ------------------------------------------------
+_SUBSCRIBED: set[int] = set()
 
 
-def listen_on_client(job: str, run: RunProgress) -> None:
-    """Feed ``run`` from the workers' events for ``job`` (when a distributed client exists)."""
-    if "distributed" not in sys.modules:
-        return
-    from distributed import default_client
-
-    try:
-        client = default_client()
-    except ValueError:
-        return
+def listen_on_client(client: Any) -> None:
+    """Feed this process's runs from the events ``client``'s workers send (idempotent)."""
+    with _RUNS_LOCK:
+        if id(client) in _SUBSCRIBED:
+            return
+        _SUBSCRIBED.add(id(client))
 
     def handle(event: Any) -> None:
         _, msg = event
-        if not isinstance(msg, dict) or msg.get("job") != job:
-            return
-        kind = msg.get("kind")
-        if kind == "start":
-            run.partition_started(int(msg["rows"]))
-        elif kind == "counts":
-            run.add(**msg["counts"])
-        elif kind == "done":
-            run.partition_done()
+        if isinstance(msg, dict):
+            receive(msg)
 
-    client.subscribe_topic(f"{TOPIC}-{job}", handle)
+    client.subscribe_topic(TOPIC, handle)
 
 
-class EventSink:
-    """On a ``distributed`` worker: batch counts and send them to the client as events."""
+# -- where a partition reports -----------------------------------------------------------------
+class Reporter:
+    """A partition's side: counts batched and sent as events through ``send``."""
 
-    def __init__(self, worker: Any, job: str) -> None:
-        self.worker = worker
-        self.job = job
-        self.topic = f"{TOPIC}-{job}"
-        self.counts: dict[str, Any] = {}
-        self.last = time.monotonic()
+    __slots__ = ("_base", "_counts", "_last", "_send", "interval")
 
-    def _send(self, msg: dict[str, Any]) -> None:
-        self.worker.log_event(self.topic, {"job": self.job, **msg})
+    def __init__(self, send: Any, base: dict[str, Any], *, interval: float = 0.5) -> None:
+        self._send = send
+        self._base = base
+        self._counts: dict[str, Any] = {}
+        self._last = time.monotonic()
+        self.interval = interval
 
-    def partition_started(self, rows: int) -> None:
-        self._send({"kind": "start", "rows": rows})
+    def started(self, rows: int, extra: dict[str, Any]) -> None:
+        self._emit({"kind": "start", "rows": rows, **extra})
 
     def add(self, **counts: Any) -> None:
+        c = self._counts
         for key, value in counts.items():
             if key == "cost":
-                old = self.counts.get("cost", 0.0)
-                self.counts["cost"] = None if value is None or old is None else old + value
-            else:
-                self.counts[key] = self.counts.get(key, 0) + value
-        if time.monotonic() - self.last > 0.5:
+                old = c.get("cost", 0.0)
+                c["cost"] = None if value is None or old is None else old + value
+            elif value:
+                c[key] = c.get(key, 0) + value
+        if time.monotonic() - self._last > self.interval:
             self.flush()
 
     def flush(self) -> None:
-        if self.counts:
-            self._send({"kind": "counts", "counts": self.counts})
-            self.counts = {}
-        self.last = time.monotonic()
+        if self._counts:
+            counts, self._counts = self._counts, {}
+            self._emit({"kind": "counts", "counts": counts})
+        self._last = time.monotonic()
 
-    def partition_done(self) -> None:
-        self._send({"kind": "done"})
+    def done(self) -> None:
+        self.flush()
+        self._emit({"kind": "done"})
 
-
-class _LocalSink:
-    def __init__(self, run: RunProgress) -> None:
-        self.run = run
-
-    def partition_started(self, rows: int) -> None:
-        self.run.partition_started(rows)
-
-    def add(self, **counts: Any) -> None:
-        self.run.add(**counts)
-
-    def flush(self) -> None:
-        pass
-
-    def partition_done(self) -> None:
-        self.run.partition_done()
-
-
-def progress_sink(options: Any) -> Any:
-    """Where a partition reports: events to the client on distributed, else this process."""
-    worker = on_distributed_worker()
-    if worker is not None:
-        return EventSink(worker, options.job)
-    run = progress_for(
-        options.job,
-        partitions=options.partitions,
-        total_rows=options.total_rows,
-        show=options.progress and not _in_pool_child(),
-    )
-    return _LocalSink(run)
-
-
-def _in_pool_child() -> bool:
-    import multiprocessing
-
-    return multiprocessing.parent_process() is not None
+    def _emit(self, msg: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):  # progress must never fail a partition
+            self._send({**self._base, **msg})

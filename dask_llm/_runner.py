@@ -1,189 +1,104 @@
 """The per-partition engine: one event loop runs every row x chain of a partition.
 
-Rows are pulled by a pool of row workers that grows (and shrinks) with what
-the job's throttle can put on the wire; each worker walks its row's chains in
-dependency order, so a row's dependent chain starts the moment its own inputs
-are ready, with no barrier between chains and none between rows
-(``Runnable.abatch`` on a sequence waits for the slowest row at every step).
-When chains of one row are independent of each other, they run concurrently.
-A request holds its throttle slot only while it is on the wire, never while
-it sleeps before a retry (tenacity drives the retries, ``_retry`` the policy).
+A partition runs in three steps:
 
-Each answer is normalised to plain data, written to the cache at once, and
-shared with identical calls in flight (``_dedup``).
+1. **The memo pass.** For each chain whose fingerprint is complete, in
+   dependency order, the row memo of the cache is read for every row in one
+   round (``_calls``); a row whose chains are all answered there is done
+   without LangChain running at all.
+2. **The rows.** The remaining rows are pulled by a pool of row workers
+   that grows (and shrinks) with what the job's throttle can put on the
+   wire; each worker walks its row's chains in dependency order, so a row's
+   dependent chain starts the moment its own inputs are ready, with no
+   barrier between chains and none between rows (``Runnable.abatch`` on a
+   sequence waits for the slowest row at every step). Chains of one row that
+   do not depend on each other run concurrently.
+3. **The columns** (``_columns``), in the input's row order and index
+   (duplicates included).
 
-Results are kept per row position, so the index (duplicates included) and the
-row order are those of the input.
+A supervisor admits rows and watches for a stop (``_job``): when the job
+stops, no row is admitted, requests already on the wire get
+``STOP_GRACE_S`` to land in the cache, and the rest is cancelled; the
+partition then raises ``JobStopped`` (interrupted, or a row failed with
+``errors="raise"``: that ``ChainError`` is raised) or, after a fatal
+provider answer, returns its rows with the reason in ``llm_error``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
-from collections.abc import Callable
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import openai
 import pandas as pd
-import pydantic
-import tenacity
-from langchain_core.messages import BaseMessage
 
-from dask_llm import _dedup as dedup
-from dask_llm._cache import ResultCache, make_key
-from dask_llm._chain import object_dtype
-from dask_llm._errors import ChainError
-from dask_llm._limits import Throttle, process_share, throttle_for
+from dask_llm import _cluster
+from dask_llm import _job as jobs
+from dask_llm._calls import MISSING, ChainCaller, PartitionStats
+from dask_llm._columns import RowFailed, column, is_missing
+from dask_llm._errors import ChainError, JobStopped
+from dask_llm._loop import run_sync
+from dask_llm._options import EnrichOptions
 from dask_llm._plan import Plan, PlannedChain
-from dask_llm._progress import progress_sink
-from dask_llm._retry import RetryPolicy, classify, is_rate_limit, retry_after
 from dask_llm._transport import LoopClients
-from dask_llm._usage import Usage, UsageRecorder
-from dask_llm._usage import current as usage_context
+from dask_llm._usage import Usage
 
-
-@dataclass(frozen=True, kw_only=True)
-class EnrichOptions:
-    """Options of one ``enrich`` job (see ``enrich`` for their meaning)."""
-
-    job: str
-    max_concurrency: int = 256
-    initial_concurrency: int = 16
-    rpm: float | None = None
-    tpm: float | None = None
-    processes: int = 1
-    errors: Literal["column", "raise"] = "column"
-    timeout: float | None = 60.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    sync_threads: int = 16
-    prices: tuple[tuple[str, tuple[float, float]], ...] = ()
-    cache: ResultCache | None = None
-    partitions: int = 1
-    total_rows: int | None = None
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_concurrency < 1:
-            raise ValueError("max_concurrency must be >= 1")
-        if self.errors not in ("column", "raise"):
-            raise ValueError(f"errors= must be 'column' or 'raise', not {self.errors!r}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ValueError("timeout= must be > 0 seconds, or None")
-        if self.sync_threads < 1:
-            raise ValueError("sync_threads must be >= 1")
-        for name in ("rpm", "tpm"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}= must be > 0, or None for no limit")
-
-    def __dask_tokenize__(self) -> Any:
-        # Each enrich() call is its own job (its own throttle); the cache object is
-        # named by its type and location, not by content.
-        return ("dask_llm.EnrichOptions", self.job, repr(self.cache))
-
-    def throttle(self) -> Throttle:
-        """This process's throttle for the job (shared by its partitions)."""
-        return throttle_for(
-            self.job,
-            max_concurrency=self.max_concurrency,
-            initial_concurrency=self.initial_concurrency,
-            rpm=self.rpm,
-            tpm=self.tpm,
-            share=process_share(self.processes),
-        )
-
-
-class _RowFailed(Exception):
-    """Internal: a chain failed for a row; ``message`` goes to the error column."""
-
-    def __init__(self, message: str, cause: BaseException | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.cause = cause
-
-
-def _is_missing(value: Any) -> bool:
-    if value is None or value is pd.NA or value is pd.NaT:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and not value.strip()
-
-
-def _describe(exc: BaseException, limit: int = 500) -> str:
-    """``Type: message`` on one line; for API errors, ``Type (status code): message``."""
-    name = type(exc).__name__
-    if isinstance(exc, openai.APIStatusError):
-        code = getattr(exc, "code", None)
-        name = f"{name} ({exc.status_code}{f' {code}' if code else ''})"
-        body = exc.body if isinstance(exc.body, dict) else {}
-        text = str(body.get("message") or exc.message)
-    else:
-        text = str(exc)
-    text = text.strip().replace("\n", " ")
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{name}: {text}" if text else name
+_ADMIT_EVERY_S = 0.02
+_ADMIT_AT_ONCE = 8
 
 
 class PartitionRun:
     """State of one partition's run on one event loop."""
 
-    def __init__(self, df: pd.DataFrame, plan: Plan, options: EnrichOptions) -> None:
+    def __init__(
+        self,
+        df: pd.DataFrame,
+        plan: Plan,
+        options: EnrichOptions,
+        job: jobs.Job,
+        *,
+        partition: int = 0,
+    ) -> None:
         self.df = df
         self.plan = plan
         self.options = options
+        self.job = job
         self.n = len(df)
         needed = {
             col for pc in plan.chains for col, producer in pc.sources.values() if producer is None
         }
         self.inputs: dict[str, list[Any]] = {col: df[col].tolist() for col in needed}
         self.outputs: dict[str, list[Any]] = {col: [None] * self.n for col in plan.new_columns}
+        self.done: dict[str, list[bool]] = {pc.name: [False] * self.n for pc in plan.chains}
         self.errors: list[str | None] = [None] * self.n
+        self.reported = [False] * self.n
         self.row_usage = [Usage() for _ in range(self.n)]
-        self.prices = dict(options.prices)
-        self.calls = 0
-        self.retries = 0
-        self.cache_hits = 0
-        self.cache = options.cache
-        self.rate_limited = 0
-        self.throttle = options.throttle()
-        self.runnables: dict[str, Any] = {}
-        self.sink = progress_sink(options)
-        self._reported = (0, 0, 0, 0)
+        self.stats = PartitionStats()
+        self.callers: dict[str, ChainCaller] = {}
+        self.reporter = job.reporter(partition, uuid.uuid4().hex)
+        self._reported = self.stats.snapshot()
+        self._raised: ChainError | None = None
+        self.task_key = _cluster.current_task_key()
 
     async def run(self) -> pd.DataFrame:
-        self.sink.partition_started(self.n)
+        self.reporter.started(
+            self.n,
+            {
+                "partitions": self.options.partitions,
+                "total_rows": self.options.total_rows,
+                "show": self.options.progress and not _cluster.in_pool_child(),
+                "cache": self.options.cache_label,
+            },
+        )
         try:
             return await self._run()
         finally:
-            if self.cache is not None:
-                self.cache.close()  # this thread's connection; the next partition reopens
-            self.sink.flush()
-            self.sink.partition_done()
+            if self.job.cache is not None:
+                self.job.cache.close()  # this thread's connection; the next partition reopens
+            self.reporter.done()
 
-    def _row_done(self, i: int) -> None:
-        usage = self.row_usage[i]
-        counters = (self.calls, self.retries, self.rate_limited, self.cache_hits)
-        calls, retries, limited, hits = (
-            a - b for a, b in zip(counters, self._reported, strict=True)
-        )
-        self._reported = counters
-        self.sink.add(
-            rows=1,
-            failed=int(self.errors[i] is not None),
-            calls=calls,
-            retries=retries,
-            rate_limited=limited,
-            cache_hits=hits,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cost=usage.cost_usd,
-        )
-
+    # -- the three steps ------------------------------------------------------------------------
     async def _run(self) -> pd.DataFrame:
         if self.n == 0:
             return self._frame()
@@ -193,150 +108,179 @@ class PartitionRun:
         loop.set_default_executor(
             ThreadPoolExecutor(self.options.sync_threads, thread_name_prefix="dask-llm-sync")
         )
-        clients = LoopClients(self.throttle)
+        clients = LoopClients(self.job, self.stats)
         try:
             for pc in self.plan.chains:
-                self.runnables[pc.name] = clients.localize(
-                    pc.chain.runnable, timeout=self.options.timeout
+                runnable, tapped = clients.localize(
+                    pc.chain.runnable, timeout=self.options.request_timeout
                 )
-            row_fn = self._row_path if self.plan.is_path else self._row_dag
-            cap = min(self.n, self.options.max_concurrency)
-            next_row = 0
-            workers = 0
-
-            async def worker() -> None:
-                nonlocal next_row, workers
-                try:
-                    while next_row < self.n:
-                        i = next_row
-                        next_row += 1
-                        await row_fn(i)
-                        self._row_done(i)
-                        if workers > self.throttle.row_target():
-                            return  # the pool follows the target down, too
-                finally:
-                    workers -= 1
-
-            # Rows are admitted as the throttle can use them, a few at a time: each
-            # admitted row does a few ms of LangChain work before its request, and a
-            # loop busy preparing 250 rows at once sends nothing for a second.
-            async with asyncio.TaskGroup() as tg:
-                while next_row < self.n:
-                    target = min(cap, self.throttle.row_target())
-                    for _ in range(min(8, target - workers, self.n - next_row)):
-                        workers += 1
-                        tg.create_task(worker())
-                    await asyncio.sleep(0.02)
-        except* ChainError as group:
-            raise group.exceptions[0] from None
+                self.callers[pc.name] = ChainCaller(
+                    pc, runnable, job=self.job, stats=self.stats, tapped=tapped
+                )
+            self._memo_pass()
+            pending = [i for i in range(self.n) if not self._row_complete(i)]
+            await self._supervise(pending)
         finally:
             await clients.aclose()
+        stop = self.job.stopped
+        if self._raised is not None:
+            raise self._raised
+        if stop is not None and stop.kind == "raised":
+            stop.raise_error()
+        if stop is not None and stop.kind != "fatal":
+            raise JobStopped(f"{stop.text}; {jobs.resume_hint(None)}", kind=stop.kind)
         return self._frame()
 
-    # -- rows -------------------------------------------------------------------------
-    async def _row_path(self, i: int) -> None:
-        failed: set[str] = set()
+    def _memo_pass(self) -> None:
+        """Answer what the row memo holds, chain by chain, without running any chain."""
         for pc in self.plan.chains:
-            if pc.deps and failed.intersection(pc.deps):
-                failed.add(pc.name)
+            caller = self.callers[pc.name]
+            if caller.memo is None:
                 continue
-            if not await self._run_chain(i, pc):
-                failed.add(pc.name)
+            rows = []
+            inputs = []
+            for i in range(self.n):
+                row_inputs = self._inputs_of(i, pc)
+                if row_inputs is not None:
+                    rows.append(i)
+                    inputs.append(row_inputs)
+            for i, value in zip(rows, caller.lookup(inputs), strict=True):
+                if value is not MISSING:
+                    self._put(i, pc, value)
+                    self.stats.cache_hits += 1
+        done_rows = [i for i in range(self.n) if self._row_complete(i)]
+        for i in done_rows:
+            self.reported[i] = True
+        if done_rows:
+            self._report(len(done_rows), 0, Usage())
 
-    async def _row_dag(self, i: int) -> None:
-        tasks: dict[str, asyncio.Task[bool]] = {}
+    async def _supervise(self, pending: list[int]) -> None:
+        """Admit rows as the throttle can use them; on a stop, grace then cancel."""
+        if not pending:
+            return
+        queue = iter(pending)
+        remaining = len(pending)
+        cap = min(remaining, self.options.max_concurrency)
+        workers: set[asyncio.Task[None]] = set()
+        throttle = self.job.throttle
 
-        async def one(pc: PlannedChain) -> bool:
-            if pc.deps:
-                done = await asyncio.gather(*(tasks[d] for d in pc.deps))
-                if not all(done):
-                    return False
-            return await self._run_chain(i, pc)
+        async def worker() -> None:
+            nonlocal remaining
+            for i in queue:
+                remaining -= 1
+                await self._row(i)
+                if self.job.stopped is not None or len(workers) > throttle.row_target():
+                    return  # the pool follows the target down, too
 
-        for pc in self.plan.chains:  # dependency order: deps' tasks exist already
-            tasks[pc.name] = asyncio.create_task(one(pc))
-        await asyncio.gather(*tasks.values())
-
-    async def _run_chain(self, i: int, pc: PlannedChain) -> bool:
-        """Run one chain for row ``i``; store its outputs or its error. True on success."""
         try:
-            inputs = {}
-            for var, (col, producer) in pc.sources.items():
-                value = self.inputs[col][i] if producer is None else self.outputs[col][i]
-                if _is_missing(value):
-                    raise _RowFailed(f"{pc.name}: missing input {col}")
-                inputs[var] = value
-            key = self._key(pc, inputs)
-            if key is None:
-                value = await self._paid_call(i, pc, inputs)
-            else:
-                hit = self.cache.get_many([key]) if self.cache is not None else {}
-                if key in hit:
-                    value = hit[key]
-                    self.cache_hits += 1
-                else:
-                    value, _ = await dedup.once(key, lambda: self._paid_call(i, pc, inputs, key))
+            # Rows are admitted a few at a time: each admitted row does a few ms of
+            # LangChain work before its request, and a loop busy preparing 250 rows
+            # at once sends nothing for a second.
+            while True:
+                if self.job.poll(self.task_key) is not None:
+                    break
+                workers = {t for t in workers if not t.done()}
+                if remaining <= 0 and not workers:
+                    break
+                target = min(cap, throttle.row_target())
+                for _ in range(min(_ADMIT_AT_ONCE, target - len(workers), remaining)):
+                    workers.add(asyncio.create_task(worker()))
+                await asyncio.sleep(_ADMIT_EVERY_S)
+        except asyncio.CancelledError:
+            # asyncio.run cancels us on Ctrl-C (when this loop runs in the main thread).
+            self.job.stop("interrupted", "interrupted (KeyboardInterrupt)")
+            await self._wind_down(workers)
+            raise
+        await self._wind_down(workers)
+
+    async def _wind_down(self, workers: set[asyncio.Task[None]]) -> None:
+        live = [t for t in workers if not t.done()]
+        if live:
+            _, late = await asyncio.wait(live, timeout=jobs.STOP_GRACE_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*live, return_exceptions=True)
+        for task in workers:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        stop = self.job.stopped
+        if stop is not None and stop.kind == "fatal":
+            for i in range(self.n):
+                self._fail_rest(i, stop.text)
+
+    # -- rows -------------------------------------------------------------------------------------
+    async def _row(self, i: int) -> None:
+        if self.plan.is_path:
+            failed: set[str] = set()
+            for pc in self.plan.chains:
+                if pc.deps and failed.intersection(pc.deps):
+                    failed.add(pc.name)
+                    continue
+                if not await self._chain(i, pc):
+                    failed.add(pc.name)
+        else:
+            tasks: dict[str, asyncio.Task[bool]] = {}
+
+            async def one(pc: PlannedChain) -> bool:
+                if pc.deps:
+                    done = await asyncio.gather(*(tasks[d] for d in pc.deps))
+                    if not all(done):
+                        return False
+                return await self._chain(i, pc)
+
+            for pc in self.plan.chains:  # dependency order: deps' tasks exist already
+                tasks[pc.name] = asyncio.create_task(one(pc))
+            await asyncio.gather(*tasks.values())
+        self._row_done(i)
+
+    async def _chain(self, i: int, pc: PlannedChain) -> bool:
+        """Run one chain for row ``i``; store its outputs or its error. True on success."""
+        if self.done[pc.name][i]:
+            return True
+        try:
+            inputs = self._inputs_of(i, pc, strict=True)
+            assert inputs is not None
+            caller = self.callers[pc.name]
+            key = caller.memo_key(inputs)
+            if key is not None and pc.deps:
+                # A dependent chain's inputs were not known at the memo pass.
+                (hit,) = caller.lookup([inputs])
+                if hit is not MISSING:
+                    self.stats.cache_hits += 1
+                    self._put(i, pc, hit)
+                    return True
+            value, usage = await caller.call(inputs, key)
+            self.row_usage[i].add(usage)
             self._put(i, pc, value)
             return True
-        except _RowFailed as failure:
+        except RowFailed as failure:
+            spent = getattr(failure, "usage", None)
+            if spent is not None:
+                self.row_usage[i].add(spent)
             self._fail(i, pc, failure)
             return False
 
-    def _key(self, pc: PlannedChain, inputs: dict[str, Any]) -> str | None:
-        try:
-            return make_key(pc.chain.fingerprint, inputs)
-        except TypeError:
-            return None  # inputs that are not plain data: call, but do not cache
+    def _inputs_of(
+        self, i: int, pc: PlannedChain, *, strict: bool = False
+    ) -> dict[str, Any] | None:
+        """Row ``i``'s inputs to ``pc``; None (``RowFailed`` if ``strict``) if one is missing."""
+        inputs = {}
+        for var, (col, producer) in pc.sources.items():
+            if producer is None:
+                value = self.inputs[col][i]
+            elif self.done[producer][i]:
+                value = self.outputs[col][i]
+            else:
+                value = None
+            if is_missing(value):
+                if strict:
+                    raise RowFailed(f"{pc.name}: missing input {col}")
+                return None
+            inputs[var] = value
+        return inputs
 
-    async def _paid_call(
-        self, i: int, pc: PlannedChain, inputs: dict[str, Any], key: str | None = None
-    ) -> Any:
-        """Call the chain (with retries), normalise its result, and store it in the cache."""
-        recorder = UsageRecorder(self.prices)
-        try:
-            result = await self._call(pc, inputs, recorder)
-        finally:
-            self._account(i, recorder.usage)
-        value = _normalize(pc, result)
-        if key is not None and self.cache is not None:
-            with contextlib.suppress(TypeError, ValueError):  # not JSON-able: keep, don't cache
-                self.cache.put(key, value)
-        return value
-
-    def _account(self, i: int, usage: Usage) -> None:
-        if usage.calls:
-            self.throttle.record_usage(usage.input_tokens, usage.output_tokens, usage.calls)
-        self.row_usage[i].add(usage)
-
-    async def _call(self, pc: PlannedChain, inputs: dict[str, Any], recorder: UsageRecorder) -> Any:
-        policy = self.options.retry
-        runnable = self.runnables[pc.name]
-        self.calls += 1
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(policy.attempts)
-            | tenacity.stop_before_delay(policy.timeout),
-            wait=_wait(policy),
-            retry=_should_retry(policy),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                if attempt.retry_state.attempt_number > 1:
-                    self.retries += 1
-                with attempt:
-                    token = usage_context.set(recorder)
-                    try:
-                        return await runnable.ainvoke(inputs)
-                    except Exception as exc:
-                        self.rate_limited += is_rate_limit(exc)
-                        raise
-                    finally:
-                        usage_context.reset(token)
-        except _RowFailed:
-            raise
-        except Exception as exc:
-            raise _RowFailed(f"{pc.name}: {_describe(exc)}", exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _row_complete(self, i: int) -> bool:
+        return all(self.done[pc.name][i] for pc in self.plan.chains)
 
     def _put(self, i: int, pc: PlannedChain, value: Any) -> None:
         fields = pc.outputs.fields
@@ -346,94 +290,88 @@ class PartitionRun:
         else:
             for fname, col in fields.items():
                 self.outputs[col][i] = value[fname]
+        self.done[pc.name][i] = True
 
-    def _fail(self, i: int, pc: PlannedChain, failure: _RowFailed) -> None:
-        if self.options.errors == "raise":
+    def _fail(self, i: int, pc: PlannedChain, failure: RowFailed) -> None:
+        stopped = getattr(failure, "stopped", False)
+        if self.options.errors == "raise" and not stopped:
             label = self.df.index[i]
-            raise ChainError(
-                f"row {label!r}: {failure.message}", index=label, chain=pc.name
-            ) from failure.cause
+            message = f"row {label!r}: {failure.message}"
+            error = ChainError(message, index=label, chain=pc.name)
+            error.__cause__ = failure.cause
+            if self._raised is None:
+                self._raised = error
+            self.job.stop(
+                "raised",
+                f"row {label!r} failed ({pc.name}) with errors='raise'",
+                error=(message, label, pc.name),
+            )
+            return
         previous = self.errors[i]
         self.errors[i] = failure.message if previous is None else f"{previous}; {failure.message}"
 
-    # -- output -----------------------------------------------------------------------
+    def _fail_rest(self, i: int, text: str) -> None:
+        """After a fatal answer: every chain not done for row ``i`` gets the reason."""
+        missing = [pc.name for pc in self.plan.chains if not self.done[pc.name][i]]
+        if missing and self.errors[i] is None:
+            self.errors[i] = f"{', '.join(missing)}: not sent: {text}"
+        self._row_done(i)
+
+    def _row_done(self, i: int) -> None:
+        if not self.reported[i]:
+            self.reported[i] = True
+            self._report(1, int(self.errors[i] is not None), self.row_usage[i])
+
+    def _report(self, rows: int, failed: int, usage: Usage) -> None:
+        now = self.stats.snapshot()
+        calls, retries, limited, hits, cache_errors = (
+            a - b for a, b in zip(now, self._reported, strict=True)
+        )
+        self._reported = now
+        self.reporter.add(
+            rows=rows,
+            failed=failed,
+            calls=calls,
+            retries=retries,
+            rate_limited=limited,
+            cache_hits=hits,
+            cache_errors=cache_errors,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            unknown_usage=int(usage.unknown),
+            cost=usage.cost_usd,
+        )
+
+    # -- output -----------------------------------------------------------------------------------
     def _frame(self) -> pd.DataFrame:
         out = self.df.copy(deep=False)
         columns: dict[str, list[Any]] = {**self.outputs, self.plan.error_column: self.errors}
         if self.plan.usage_columns is not None:
             tokens_in, tokens_out, cost = self.plan.usage_columns
             rows = self.row_usage
-            columns[tokens_in] = [u.input_tokens for u in rows]
-            columns[tokens_out] = [u.output_tokens for u in rows]
+            columns[tokens_in] = [u.tokens_in for u in rows]
+            columns[tokens_out] = [u.tokens_out for u in rows]
             columns[cost] = [u.cost_usd for u in rows]
         for col, dtype in self.plan.new_columns.items():
-            out[col] = _column(columns[col], dtype, self.df.index)
+            out[col] = column(columns[col], dtype, self.df.index)
         return out
 
 
-def _normalize(pc: PlannedChain, result: Any) -> Any:
-    """The part of a chain's result that goes to its columns, as plain data (what is cached)."""
-    spec = pc.outputs
-    if spec.scalar:
-        if isinstance(result, BaseMessage):
-            return result.content
-        if isinstance(result, pydantic.BaseModel):
-            return result.model_dump(mode="json")
-        return result
-    if isinstance(result, pydantic.BaseModel):
-        result = result.model_dump(mode="json")
-    if not isinstance(result, dict):
-        raise _RowFailed(
-            f"{pc.name}: returned {type(result).__name__}, expected fields {', '.join(spec.fields)}"
-        )
-    missing = [f for f in spec.fields if f not in result]
-    if missing:
-        raise _RowFailed(f"{pc.name}: output missing from the result: {', '.join(missing)}")
-    return {f: result[f] for f in spec.fields}
-
-
-def _column(values: list[Any], dtype: Any, index: pd.Index) -> pd.Series:
-    if dtype == object_dtype():
-        return pd.Series(values, dtype=object, index=index)
-    try:
-        return pd.Series(values, dtype=dtype, index=index)
-    except (TypeError, ValueError):
-        # A value of the wrong type (text where the schema said a number): keep
-        # each value that converts, null the rest, rather than fail the partition.
-        return pd.Series([_convert(v, dtype) for v in values], dtype=dtype, index=index)
-
-
-def _convert(value: Any, dtype: Any) -> Any:
-    try:
-        return pd.array([value], dtype=dtype)[0]
-    except (TypeError, ValueError):
-        return None
-
-
-def _wait(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
-    def wait(state: tenacity.RetryCallState) -> float:
-        backoff = policy.backoff(state.attempt_number)
-        exc = state.outcome.exception() if state.outcome else None
-        floor = retry_after(exc) if exc is not None else None
-        return max(backoff, floor) if floor is not None else backoff
-
-    return wait
-
-
-def _should_retry(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], bool]:
-    def should(state: tenacity.RetryCallState) -> bool:
-        if state.outcome is None or not state.outcome.failed:
-            return False
-        kind = classify(state.outcome.exception())  # type: ignore[arg-type]
-        if kind == "transient":
-            return True
-        return kind == "parse" and state.attempt_number < policy.parse_attempts
-
-    return should
-
-
-def enrich_partition(df: pd.DataFrame, plan: Plan, options: EnrichOptions) -> pd.DataFrame:
+def enrich_partition(
+    df: pd.DataFrame,
+    plan: Plan,
+    options: EnrichOptions,
+    partition_info: dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """Dask's partition function: enrich ``df`` on a fresh event loop."""
-    from dask_llm._loop import run_sync
-
-    return run_sync(lambda: PartitionRun(df, plan, options).run())
+    partition = int((partition_info or {}).get("number", 0))
+    job = jobs.attach(options)
+    try:
+        run = PartitionRun(df, plan, options, job, partition=partition)
+        return run_sync(
+            run.run,
+            on_interrupt=lambda: job.stop("interrupted", "interrupted (KeyboardInterrupt)"),
+            grace=jobs.STOP_GRACE_S + 2.0,
+        )
+    finally:
+        jobs.detach(job)

@@ -1,75 +1,170 @@
-"""Per-event-loop HTTP clients for the models inside a chain, with the job's throttle in them.
+"""Per-event-loop HTTP clients for the models inside a chain, and the stages every request passes.
 
 An async HTTP client belongs to the event loop it first ran on.
-langchain-openai caches one default ``httpx`` async client per base URL for
-the whole process, so a chain used on one loop and then on another fails with
-``RuntimeError: Event loop is closed`` (or "bound to a different event
-loop"), and the user's own ``asyncio.run(chain.ainvoke(...))`` breaks once
-our loop has touched that shared client.
+langchain-openai caches one default async client per base URL for the whole
+process, so a chain used on one loop and then on another fails with
+``RuntimeError: Event loop is closed``, and the user's own
+``asyncio.run(chain.ainvoke(...))`` breaks once our loop has touched that
+shared client. So each partition's loop gets private copies of the chain's
+OpenAI models, with an ``AsyncOpenAI`` of its own built by ``with_options``
+(same key, base URL, headers, organization) on the aiohttp transport
+(``openai.DefaultAioHttpClient``, measured 1.8x the calls/s of httpx here),
+SDK retries off (dask-llm retries, one layer only), closed when the loop
+ends. The user's model objects and clients are never touched. A model given
+its own ``http_async_client`` by the user keeps it: that client is the
+user's choice, and its requests pass none of the stages below.
 
-So each partition's loop gets private copies of the chain's models, with an
-``AsyncOpenAI`` of its own built by ``with_options`` (same key, base URL,
-headers, organization) on the aiohttp transport (``openai.DefaultAioHttpClient``,
-measured 1.8x the calls/s of httpx here), SDK retries off (dask-llm retries,
-one layer only), and closes them when the loop ends. The user's model
-objects and their clients are never touched. A model given its own
-``http_async_client`` by the user keeps it (and is not throttled): that
-client is the user's choice.
+Every request of those clients passes, in ``JobTransport``::
 
-The job's ``Throttle`` wraps the client's transport: every HTTP request waits
-for a concurrency slot and a paced start, and every response's status and
-``x-ratelimit-*`` headers feed back into it. Wrapping ``_transport`` of the
-httpx client is the one private attribute we touch; ``tests/test_transport``
-fails loudly if the SDK moves it.
+    job stopped? -> request cache -> identical request in flight? -> throttle -> send
+                                                                   \\-> usage, breaker, cache
+
+* **Request cache.** The key is what is actually sent: method, path and the
+  JSON body (model, messages, tools, response format, sampling parameters),
+  so it cannot go stale whatever the chain computed to build it. A hit is
+  answered from the cache without touching the throttle; the chain's own
+  parsers then run on it as on a fresh answer. Answers are stored the
+  moment they are read, before the chain parses them.
+* **In flight.** An identical body already on the wire is waited for, not
+  sent again (``_dedup``).
+* **Throttle.** Pacing and concurrency for the whole job (``_limits``).
+* **Usage.** The ``usage`` block of each answer is credited to the chain
+  call running in this context (``_usage.Attempt``); answers without one are
+  marked unknown, never counted as zero.
+* **Breaker.** An answer no retry can fix (401, 403, 404,
+  ``insufficient_quota``) or a host that refuses connections stops the job
+  (``_job``); connection errors are re-raised naming the host and the cause.
+
+The throttle wraps ``_transport`` of the httpx client: the one private
+attribute we touch; ``tests/test_transport`` fails loudly if the SDK moves it.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import re
 from typing import Any, cast
 
 import openai
+from langchain_core.language_models import BaseChatModel
 from langchain_openai.chat_models.base import BaseChatOpenAI
 
-from dask_llm import _usage as usage
-from dask_llm._graph import rewrite
-from dask_llm._limits import Throttle
+from dask_llm import _dedup as dedup
+from dask_llm._cache import request_key
+from dask_llm._graph import find, rewrite
+from dask_llm._options import DEFAULT_REQUEST_TIMEOUT
+from dask_llm._usage import current_attempt, read_usage
 
 _MAX_TOKENS = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
+_DROP_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+_FATAL_STATUS = frozenset({401, 403, 404})
 
 
-class ThrottledTransport:
-    """An httpx async transport that asks the throttle before each request."""
+class Answer:
+    """A response read to its end: what the cache keeps and identical requests share."""
 
-    def __init__(self, inner: Any, throttle: Throttle) -> None:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def to_cache(self) -> dict[str, Any]:
+        ctype = next((v for k, v in self.headers if k.lower() == "content-type"), "")
+        return {"s": self.status, "t": ctype, "b": self.body.decode("utf-8", "replace")}
+
+    @classmethod
+    def from_cache(cls, value: Any) -> Answer | None:
+        """The answer a cache entry holds; None for a miss (or an entry of another shape)."""
+        if not isinstance(value, dict) or not isinstance(value.get("b"), str):
+            return None
+        return cls(
+            int(value.get("s", 200)), [("content-type", str(value.get("t")))], value["b"].encode()
+        )
+
+
+class JobTransport:
+    """An httpx async transport: the job's stages around the SDK's own transport."""
+
+    def __init__(self, inner: Any, job: Any, stats: Any) -> None:
         self.inner = inner
-        self.throttle = throttle
+        self.job = job
+        self.stats = stats
 
     async def handle_async_request(self, request: Any) -> Any:
+        job = self.job
+        job.check()
+        attempt = current_attempt.get()
         body = request.content if request.method == "POST" else b""
+        key = request_key(request.method, request.url.path, body) if body else None
+        fresh = key is None or (attempt is not None and key in attempt.refresh)
+        if not fresh and job.cache is not None:
+            assert key is not None
+            cached = Answer.from_cache(job.cache_get([key], self.stats).get(key))
+            if cached is not None:
+                self.stats.cache_hits += 1
+                if attempt is not None:
+                    attempt.keys.append(key)
+                    attempt.cached += 1
+                return _response(request, cached)
+        if fresh:
+            answer = await self._send(request, body, key)
+        else:
+            assert key is not None
+            answer, mine = await dedup.once(key, lambda: self._send(request, body, key))
+            if not mine and attempt is not None:
+                attempt.cached += 1  # the other caller paid for it
+        if attempt is not None and key is not None:
+            attempt.keys.append(key)
+        return _response(request, answer)
+
+    async def _send(self, request: Any, body: bytes, key: str | None) -> Answer:
+        job = self.job
+        throttle = job.throttle
         match = _MAX_TOKENS.search(body) if body else None
-        estimate = self.throttle.estimate_tokens(len(body), int(match.group(1)) if match else None)
-        started = await self.throttle.acquire(estimate)
+        estimate = throttle.estimate_tokens(len(body), int(match.group(1)) if match else None)
+        started = await throttle.acquire(estimate)
         status = None
         headers = None
         try:
-            response = await self.inner.handle_async_request(request)
+            job.check()  # it may have stopped while this request waited for its turn
+            try:
+                response = await self.inner.handle_async_request(request)
+                data = await response.aread()
+            except Exception as exc:
+                raise _connection_error(exc, request, job) from exc
             status = response.status_code
             headers = response.headers
-            recorder = usage.current.get()
-            if recorder is not None and status < 400:
-                response.stream = usage.tap(response.stream, recorder)
-            return response
         finally:
-            self.throttle.observe(started, status, headers)
+            throttle.observe(started, status, headers)
             if status is not None and status < 400:
-                self.throttle.record_estimate(estimate)
-            self.throttle.release()
+                throttle.record_estimate(estimate)
+            throttle.release()
+        assert status is not None and headers is not None
+        job.connection_ok()
+        answer = Answer(
+            status, [(k, v) for k, v in headers.items() if k.lower() not in _DROP_HEADERS], data
+        )
+        attempt = current_attempt.get()
+        if status < 400:
+            self.stats.calls_paid += 1
+            if attempt is not None:
+                model, prompt, completion = read_usage(data)
+                attempt.paid(model, prompt, completion)
+            if key is not None:
+                job.cache_put(key, answer.to_cache(), self.stats)
+        else:
+            if status == 429:
+                self.stats.rate_limited += 1
+            _check_fatal(status, data, request, job)
+        return answer
 
     async def aclose(self) -> None:
         await self.inner.aclose()
 
-    async def __aenter__(self) -> ThrottledTransport:
+    async def __aenter__(self) -> JobTransport:
         await self.inner.__aenter__()
         return self
 
@@ -77,24 +172,104 @@ class ThrottledTransport:
         await self.inner.__aexit__(*args)
 
 
+def _response(request: Any, answer: Answer) -> Any:
+    """An httpx(2) response for the SDK, of the request's own httpx flavour."""
+    module = importlib.import_module(type(request).__module__)
+    return module.Response(
+        answer.status, headers=answer.headers, content=answer.body, request=request
+    )
+
+
+def _host(request: Any) -> str:
+    url = request.url
+    return f"{url.host}:{url.port}" if url.port else str(url.host)
+
+
+def _check_fatal(status: int, data: bytes, request: Any, job: Any) -> None:
+    code = None
+    message = ""
+    try:
+        error = json.loads(data).get("error") or {}
+        code = error.get("code") or error.get("type")
+        message = str(error.get("message") or "")
+    except (ValueError, AttributeError):
+        pass
+    if status in _FATAL_STATUS or (status == 429 and code == "insufficient_quota"):
+        text = f"HTTP {status}{f' {code}' if code else ''} from {_host(request)}"
+        if message:
+            text += f": {message[:300]}"
+        job.fatal_answer(f"the provider refused the job ({text}); no request was sent after it")
+
+
+class ConnectionFailed(ConnectionError):
+    """A request could not reach the provider; says which host and why."""
+
+
+def _connection_error(exc: BaseException, request: Any, job: Any) -> BaseException:
+    """The exception to raise for a failed connection: the host and the real cause in its text.
+
+    The SDK's aiohttp transport maps a refused connection to ``ConnectTimeout``,
+    which the SDK reports as "Request timed out."; walking the chain of causes
+    finds what happened.
+    """
+    cause: BaseException | None = exc
+    refused = False
+    detail = f"{type(exc).__name__}: {exc}"
+    seen = 0
+    while cause is not None and seen < 10:
+        if isinstance(cause, ConnectionRefusedError):
+            refused = True
+        os_error = getattr(cause, "os_error", None)
+        if isinstance(os_error, ConnectionRefusedError):
+            refused = True
+            detail = f"{type(cause).__name__}: {cause}"
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    host = _host(request)
+    if refused:
+        text = f"connection refused by {host} ({detail})"
+        job.connection_refused(f"{text}; is base_url right and the server up?")
+        return ConnectionFailed(text)
+    if isinstance(exc, Exception) and "timeout" in type(exc).__name__.lower():
+        return exc  # the SDK turns it into APITimeoutError, which is retried
+    return ConnectionFailed(f"cannot reach {host} ({detail})")
+
+
 class LoopClients:
     """The clients opened for one event loop; ``aclose()`` them before the loop ends."""
 
-    __slots__ = ("_clients", "_throttle")
+    __slots__ = ("_clients", "_job", "_stats")
 
-    def __init__(self, throttle: Throttle | None = None) -> None:
+    def __init__(self, job: Any = None, stats: Any = None) -> None:
         self._clients: list[openai.AsyncOpenAI] = []
-        self._throttle = throttle
+        self._job = job
+        self._stats = stats
 
-    def localize(self, runnable: Any, *, timeout: float | None = None) -> Any:
-        """A copy of ``runnable`` whose OpenAI models use clients owned by this loop."""
+    def localize(self, runnable: Any, *, timeout: float | None = None) -> tuple[Any, bool]:
+        """A copy of ``runnable`` whose OpenAI models use clients owned by this loop.
+
+        ``timeout``: seconds per request; None keeps a model's own ``timeout=`` and
+        gives the others ``DEFAULT_REQUEST_TIMEOUT``.
+
+        Returns the copy and whether every chat model in it now sends through the
+        job's transport (if not, usage is read from LangChain's callbacks instead).
+        """
+        untapped = False
 
         def visit(obj: Any) -> Any:
+            nonlocal untapped
             if isinstance(obj, BaseChatOpenAI):
-                return self._local_model(obj, timeout=timeout)
+                local = self._local_model(obj, timeout=timeout)
+                untapped = untapped or local is obj
+                return local
+            if isinstance(obj, BaseChatModel):
+                untapped = True
             return NotImplemented
 
-        return rewrite(runnable, visit)
+        local = rewrite(runnable, visit)
+        if not find(local, lambda x: isinstance(x, BaseChatModel)):
+            untapped = True  # models hidden in Python code, or built at run time
+        return local, not untapped
 
     def _local_model(self, model: Any, *, timeout: float | None) -> Any:
         root = model.root_async_client
@@ -102,11 +277,13 @@ class LoopClients:
             return model
         # The SDK's aiohttp client allows 1,000 connections: above any sane concurrency.
         http = openai.DefaultAioHttpClient()
-        if self._throttle is not None:
-            http._transport = cast(Any, ThrottledTransport(http._transport, self._throttle))
+        if self._job is not None:
+            http._transport = cast(Any, JobTransport(http._transport, self._job, self._stats))
         options: dict[str, Any] = {"http_client": http, "max_retries": 0}
         if timeout is not None:
             options["timeout"] = timeout
+        elif "request_timeout" not in model.model_fields_set:
+            options["timeout"] = DEFAULT_REQUEST_TIMEOUT  # the SDK's own is 600 s
         client = root.with_options(**options)
         self._clients.append(client)
         return model.model_copy(

@@ -22,7 +22,8 @@ class Features(BaseModel):
 
 
 def llm(base_url: str, **kwargs: object) -> ChatOpenAI:
-    return ChatOpenAI(model="gpt-4o-mini", base_url=base_url, **kwargs)  # type: ignore[arg-type]
+    kwargs.setdefault("model", "gpt-4o-mini")
+    return ChatOpenAI(base_url=base_url, **kwargs)  # type: ignore[arg-type]
 
 
 def summary_chain(base_url: str, **kwargs: object) -> Runnable:

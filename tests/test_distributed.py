@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import cloudpickle
@@ -63,66 +58,6 @@ def test_the_api_key_is_not_in_the_task_graph(sim: Any) -> None:
     assert b"sk-test" not in blob
     # and it still unpickles into something runnable
     assert pickle.loads(blob)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def hand_started_cluster() -> Iterator[str]:
-    """`dask scheduler` and `dask worker` as separate processes, as on a real cluster."""
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask_cli = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [
-        subprocess.Popen(
-            [*dask_cli, "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-    ]
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "distributed.cli.dask_worker",
-                    address,
-                    "--nthreads",
-                    "2",
-                    "--no-dashboard",
-                    "--host",
-                    "127.0.0.1",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env=env,
-            )
-        )
-        yield address
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def test_scheduler_and_worker_started_as_separate_processes(

@@ -46,7 +46,7 @@ def test_a_faulty_provider_loses_no_row(make_simulator: Any) -> None:
     )
     out = (
         dd.from_pandas(df, npartitions=4)
-        .llm.enrich(chains(sim.base_url), timeout=2.0, cache=False)
+        .llm.enrich(chains(sim.base_url), request_timeout=2.0, cache=False)
         .compute()
     )  # nothing may be raised out of compute()
     assert len(out) == n

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import time
 
 import pytest
 
@@ -250,14 +252,22 @@ class _Err(Exception):
     [
         pytest.param({"retry-after-ms": "1500", "retry-after": "9"}, 1.5, id="ms-wins"),
         pytest.param({"retry-after": "2"}, 2.0, id="seconds"),
-        pytest.param(
-            {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, None, id="http-date-ignored"
-        ),
+        pytest.param({"retry-after": "0"}, 0.0, id="zero-means-now"),
+        pytest.param({"retry-after-ms": "0"}, 0.0, id="zero-ms-means-now"),
+        pytest.param({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0, id="past-http-date"),
+        pytest.param({"retry-after": "soon"}, None, id="unparseable"),
         pytest.param({}, None, id="absent"),
     ],
 )
 def test_retry_after_reads_the_headers(headers: dict[str, str], expected: float | None) -> None:
-    assert retry_after(_Err(headers)) == expected
+    """One parser for the throttle and the retries; 0 means now in both."""
+    assert retry_after(headers) == expected
+
+
+def test_retry_after_reads_a_future_http_date() -> None:
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    wait = retry_after({"retry-after": when})
+    assert wait is not None and 25 < wait <= 30
 
 
 @pytest.mark.parametrize(

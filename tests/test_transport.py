@@ -10,8 +10,10 @@ import cloudpickle
 import pytest
 
 import dask_llm
-from dask_llm._limits import Throttle
-from dask_llm._transport import LoopClients, ThrottledTransport
+from dask_llm import _job
+from dask_llm._calls import PartitionStats
+from dask_llm._options import EnrichOptions
+from dask_llm._transport import JobTransport, LoopClients
 from tests.chains import llm, summary_chain
 from tests.conftest import API_KEY
 
@@ -20,19 +22,25 @@ def test_models_get_an_aiohttp_client_with_the_throttle_and_no_sdk_retries(sim: 
     model = llm(sim.base_url)
     original = model.root_async_client
 
+    job = _job.attach(EnrichOptions(job="test-transport", max_concurrency=4))
+
     async def main() -> None:
-        clients = LoopClients(Throttle(max_concurrency=4))
-        local = clients.localize(model)
+        clients = LoopClients(job, PartitionStats())
+        local, tapped = clients.localize(model)
+        assert tapped
         http = local.root_async_client._client
         assert "AioHttp" in type(http).__name__
         # The one private attribute we touch: fail loudly if the SDK moves it.
-        assert isinstance(http._transport, ThrottledTransport)
+        assert isinstance(http._transport, JobTransport)
         assert local.root_async_client.max_retries == 0
         assert local.async_client is not model.async_client
         await local.ainvoke("hello")
         await clients.aclose()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        _job.detach(job)
     assert model.root_async_client is original  # the user's model is never mutated
 
 
@@ -41,8 +49,9 @@ def test_a_model_with_its_own_http_client_keeps_it(sim: Any) -> None:
 
     own = httpx.AsyncClient()
     model = llm(sim.base_url, http_async_client=own)
-    local = LoopClients().localize(model)
+    local, tapped = LoopClients().localize(model)
     assert local is model
+    assert not tapped  # its usage comes from LangChain's callbacks instead
 
 
 def test_chains_pickle_without_key_and_rebuild_on_the_other_side(sim: Any) -> None:

@@ -1,0 +1,81 @@
+"""Where this code runs: the one place that asks which scheduler's process this is.
+
+Three places matter to a job: the process that called ``enrich`` (the
+*client*; it also runs the partitions with the synchronous and threaded
+schedulers), a process of dask's local process pool (a child of the client),
+and a ``distributed`` worker. ``distributed`` is only consulted when it is
+already imported: importing it costs about a second, and a process without
+it cannot be a worker or hold a client.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from typing import Any
+
+
+def distributed_worker() -> Any:
+    """The ``distributed`` worker running this task, or None."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:
+        return None
+
+
+def distributed_client() -> Any:
+    """The default ``distributed`` client of this process, or None."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import default_client
+
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def in_pool_child() -> bool:
+    """True in a process of dask's local process pool (or any multiprocessing child)."""
+    return multiprocessing.parent_process() is not None
+
+
+def worker_processes() -> int:
+    """How many worker processes the default ``distributed`` client has (1 without one)."""
+    client = distributed_client()
+    if client is None:
+        return 1
+    try:
+        return max(1, len(client.nthreads()))
+    except (OSError, RuntimeError, ValueError):  # a client that is closing
+        return 1
+
+
+def current_task_key() -> Any:
+    """The key of the ``distributed`` task this thread executes, or None."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed.worker import thread_state
+
+    return getattr(thread_state, "key", None)
+
+
+def task_abandoned(worker: Any, key: Any) -> bool:
+    """Whether ``distributed`` no longer wants the task ``key`` this worker executes.
+
+    A client that is interrupted (or whose computation failed elsewhere) releases
+    its futures; the scheduler then tells the worker to forget the task, which
+    the worker cannot do to a running thread, so it marks it ``cancelled``. The
+    thread itself has to notice: this is how.
+    """
+    if worker is None or key is None:
+        return False
+    try:
+        ts = worker.state.tasks.get(key)
+    except (AttributeError, RuntimeError):  # the worker is closing; its dict changing
+        return False
+    return ts is None or ts.state in ("cancelled", "released", "forgotten")

@@ -1,0 +1,340 @@
+"""One ``enrich`` job in one process: what every partition of it running here shares.
+
+A ``Job`` owns, for its process, the job's throttle (pacing and
+concurrency), its cache handle, its fatal-answer breaker and its stop state;
+partitions attach to it when they start and detach when they end. A job
+that has had no partition for a minute is dropped (a process of a long-lived
+cluster does not accumulate the state of every job it ever ran).
+
+Stopping. A long paid job must stop when its user says so, and pay for
+nothing more. A job stops for one of four reasons, and the first one wins:
+
+=============  ===============================================  =========================
+kind           cause                                            the partition then
+=============  ===============================================  =========================
+interrupted    Ctrl-C, or the computation failed elsewhere      raises ``JobStopped``
+raised         ``errors="raise"``: a row failed somewhere       raises ``JobStopped``
+fatal          401/403/404, ``insufficient_quota``, refused     gives every row not done
+               connections: no request could succeed            the reason in ``llm_error``
+=============  ===============================================  =========================
+
+Once stopped, no new request starts (the transport checks before sending and
+after waiting for its turn), rows not started are not started, and requests
+already on the wire get a short grace (``STOP_GRACE_S``) to come back and be
+written to the cache before they are cancelled: a rerun then pays only for
+what was not back.
+
+How a stop reaches every process of the job:
+
+* in the process that raised or was interrupted, at once (this object);
+* synchronous and threaded schedulers: a Dask callback (``_ComputeWatch``,
+  registered when dask-llm is imported) sees the computation end with an
+  error in the client and stops every job running there;
+* dask's process pool: the same callback signals the client's job hub
+  (``_hub``); children poll it every 0.1 s, and stop when it is gone;
+* ``distributed``: an interrupted client releases its futures, and the
+  scheduler marks the tasks cancelled on the workers; each partition polls
+  its own task's state every 0.1 s.
+
+The fatal breaker exists because a bad key, a missing model or a wrong
+``base_url`` would otherwise cost one failed request (and its retries) per
+row: after the first such answer the job stops sending, and every affected
+row is told the real reason (status, code, host).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from dask.callbacks import Callback
+
+from dask_llm import _cluster, _hub, _progress
+from dask_llm._errors import ChainError, JobStopped
+from dask_llm._limits import Throttle
+
+if TYPE_CHECKING:
+    from dask_llm._options import EnrichOptions
+
+log = logging.getLogger("dask_llm")
+
+#: Seconds requests already on the wire get to land in the cache after a stop.
+STOP_GRACE_S = 2.0
+#: How often a running partition looks for a stop from elsewhere.
+POLL_S = 0.1
+_IDLE_S = 60.0
+_REFUSED_BEFORE_FATAL = 3
+
+
+class Stop(NamedTuple):
+    kind: str  # "interrupted" | "raised" | "fatal"
+    text: str
+    #: For "raised": (message, index, chain) of the ``ChainError``, which every
+    #: partition then raises, so the caller sees it whichever partition ends first.
+    error: tuple[str, Any, str] | None = None
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            message, index, chain = self.error
+            raise ChainError(message, index=index, chain=chain)
+        raise JobStopped(self.text, kind=self.kind)
+
+
+class Job:
+    """The state one job keeps in one process (see the module docstring)."""
+
+    def __init__(self, options: EnrichOptions) -> None:
+        self.id = options.job
+        self.options = options
+        self.cache = options.cache
+        self.throttle = Throttle(
+            max_concurrency=options.max_concurrency,
+            initial_concurrency=options.initial_concurrency,
+            rpm=options.rpm,
+            tpm=options.tpm,
+            share=options.share(),
+        )
+        self._lock = threading.Lock()
+        self._stop: Stop | None = None
+        self._refused = 0
+        self._attached = 0
+        self._idle_since = time.monotonic()
+        self._last_poll = 0.0
+        self._cache_warned = False
+        self.worker = _cluster.distributed_worker()
+        self.hub: _hub.HubClient | None = None
+        if self.worker is None and options.hub is not None and _cluster.in_pool_child():
+            address, key = options.hub
+            self.hub = _hub.hub_client(address, key)
+
+    # -- stopping ---------------------------------------------------------------------------
+    @property
+    def stopped(self) -> Stop | None:
+        """Why the job stopped, or None: what this process knows now (no I/O)."""
+        return self._stop
+
+    def stop(
+        self,
+        kind: str,
+        text: str,
+        *,
+        error: tuple[str, Any, str] | None = None,
+        broadcast: bool = True,
+    ) -> None:
+        """Stop the job here and, with ``broadcast``, in every process of it."""
+        with self._lock:
+            if self._stop is not None:
+                return
+            self._stop = Stop(kind, text, error)
+        log.warning("dask-llm job %s: stopping (%s): %s", self.id[:8], kind, text)
+        if not broadcast:
+            return
+        if self.hub is not None:
+            with contextlib.suppress(ConnectionError):
+                self.hub.call("stop", self.id, kind, text, error)
+        elif self.worker is None:
+            _hub.signal_stop(self.id, kind, text, error)
+
+    def poll(self, task_key: Any = None) -> Stop | None:
+        """Look for a stop from elsewhere (at most every ``POLL_S``); return the stop, if any."""
+        if self._stop is not None:
+            return self._stop
+        now = time.monotonic()
+        if now - self._last_poll < POLL_S:
+            return None
+        self._last_poll = now
+        found: tuple[str, str, Any] | None = None
+        if self.worker is not None:
+            if _cluster.task_abandoned(self.worker, task_key):
+                found = (
+                    "interrupted",
+                    "the client released this task (interrupted or failed)",
+                    None,
+                )
+        elif self.hub is not None:
+            try:
+                found = self.hub.call("poll", self.id)
+            except ConnectionError:
+                found = ("interrupted", "the client that computes this job is gone", None)
+        else:
+            found = _hub.stop_signal(self.id)
+        if found is not None:
+            self.stop(found[0], found[1], error=found[2], broadcast=False)
+        return self._stop
+
+    def check(self) -> None:
+        """Raise ``JobStopped`` if the job has stopped (before a request is sent)."""
+        stop = self._stop
+        if stop is not None:
+            raise JobStopped(stop.text, kind=stop.kind)
+
+    # -- the fatal breaker --------------------------------------------------------------------
+    def fatal_answer(self, description: str) -> None:
+        """A 401/403/404 or ``insufficient_quota``: no request of this job can succeed."""
+        self.stop("fatal", description)
+
+    def connection_refused(self, description: str) -> None:
+        with self._lock:
+            self._refused += 1
+            refused = self._refused
+        if refused >= _REFUSED_BEFORE_FATAL:
+            self.stop("fatal", description)
+
+    def connection_ok(self) -> None:
+        self._refused = 0
+
+    # -- the cache, which may fail without failing the job -------------------------------------
+    def cache_get(self, keys: Sequence[str], stats: Any) -> dict[str, Any]:
+        """Cached values of ``keys``; a failing cache is a miss (logged and counted)."""
+        if self.cache is None or not keys:
+            return {}
+        try:
+            return self.cache.get_many(keys)
+        # A ResultCache may be anyone's code over any store: whatever it raises, the
+        # job goes on without it for this lookup.
+        except Exception as exc:
+            self._cache_failed("read", exc, stats)
+            return {}
+
+    def cache_put(self, key: str, value: Any, stats: Any) -> None:
+        """Store ``value``; a failing write is logged and counted, and the answer kept."""
+        if self.cache is None:
+            return
+        try:
+            self.cache.put(key, value)
+        except (TypeError, ValueError) as exc:  # not JSON: keep the answer, do not cache it
+            log.debug("dask-llm: an answer that is not JSON was not cached: %s", exc)
+        except Exception as exc:  # see cache_get
+            self._cache_failed("write", exc, stats)
+
+    def _cache_failed(self, what: str, exc: Exception, stats: Any) -> None:
+        stats.cache_errors += 1
+        level = logging.DEBUG if self._cache_warned else logging.WARNING
+        self._cache_warned = True
+        log.log(
+            level,
+            "dask-llm: cache %s failed (%s: %s); the answer is kept, only not cached",
+            what,
+            type(exc).__name__,
+            exc,
+        )
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def reporter(self, partition: int, attempt: str) -> _progress.Reporter:
+        """Where a partition of this job sends its progress events."""
+        base = {"job": self.id, "partition": partition, "attempt": attempt}
+        if self.worker is not None:
+            worker = self.worker
+            return _progress.Reporter(
+                lambda msg: worker.log_event(_progress.TOPIC, msg), base, interval=0.5
+            )
+        if self.hub is not None:
+            hub = self.hub
+            return _progress.Reporter(lambda msg: hub.call("event", msg), base, interval=0.5)
+        return _progress.Reporter(_progress.receive, base, interval=0.0)
+
+
+_JOBS: dict[str, Job] = {}
+_JOBS_LOCK = threading.Lock()
+
+
+def attach(options: EnrichOptions) -> Job:
+    """The process's ``Job`` for ``options.job``, with one more partition attached."""
+    now = time.monotonic()
+    with _JOBS_LOCK:
+        for job_id in [
+            j for j, job in _JOBS.items() if job._attached == 0 and now - job._idle_since > _IDLE_S
+        ]:
+            del _JOBS[job_id]
+        job = _JOBS.get(options.job)
+        if job is None:
+            job = _JOBS[options.job] = Job(options)
+        job._attached += 1
+        return job
+
+
+def detach(job: Job) -> None:
+    with _JOBS_LOCK:
+        job._attached -= 1
+        if job._attached == 0:
+            job._idle_since = time.monotonic()
+
+
+def forget(job_id: str) -> None:
+    """Drop a job's state here (its run has ended; a recompute starts afresh)."""
+    with _JOBS_LOCK:
+        job = _JOBS.get(job_id)
+        if job is not None and job._attached == 0:
+            del _JOBS[job_id]
+
+
+def running_jobs() -> list[Job]:
+    with _JOBS_LOCK:
+        return [job for job in _JOBS.values() if job._attached > 0]
+
+
+def stop_everything(kind: str, text: str) -> list[str]:
+    """Stop every job running in (or through) this process; returns their ids."""
+    stopped = {job.id for job in running_jobs()}
+    stopped.update(_progress.active_jobs())
+    for job in running_jobs():
+        job.stop(kind, text)
+    for job_id in stopped:
+        _hub.signal_stop(job_id, kind, text)
+    return sorted(stopped)
+
+
+def resume_hint(summary: _progress.RunSummary | None) -> str:
+    where = f" in the cache at {summary.cache}" if summary is not None and summary.cache else ""
+    done = f"{summary.rows:,} rows were done; " if summary is not None else ""
+    return (
+        f"{done}every answer paid for is kept{where}. Run the same job again to resume: "
+        "only what is missing is paid for."
+    )
+
+
+class _ComputeWatch(Callback):
+    """Stops dask-llm jobs when a local Dask computation ends with an error or an interrupt.
+
+    Dask's local schedulers (synchronous, threads, processes) call ``_finish``
+    in a ``finally`` block, in the client, with ``errored=True`` when the
+    computation is being abandoned; the exception in flight tells which.
+    Partitions still running in pool threads or child processes would otherwise
+    go on calling the API for rows whose results nobody will read.
+    """
+
+    def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
+        if not errored:
+            return
+        exc = sys.exc_info()[1]
+        if isinstance(exc, KeyboardInterrupt):
+            kind, text = "interrupted", "interrupted (KeyboardInterrupt)"
+        elif isinstance(exc, JobStopped):
+            return
+        else:
+            kind = "interrupted"
+            text = f"the computation failed ({type(exc).__name__ if exc else 'error'})"
+        for job_id in stop_everything(kind, text):
+            summary = _progress.stop_run(job_id, "interrupted")
+            if isinstance(exc, KeyboardInterrupt):
+                print(
+                    f"dask-llm: stopped job {job_id[:8]}: {resume_hint(summary)}", file=sys.stderr
+                )
+
+
+_WATCH = _ComputeWatch()
+_WATCH.register()
+
+
+@atexit.register
+def _unfinished_runs() -> None:
+    """At exit, say how to resume runs that never finished (e.g. ``distributed`` + Ctrl-C)."""
+    for job_id in _progress.active_jobs():
+        summary = _progress.stop_run(job_id, "interrupted")
+        print(f"dask-llm: job {job_id[:8]} did not finish: {resume_hint(summary)}", file=sys.stderr)

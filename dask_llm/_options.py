@@ -1,0 +1,107 @@
+"""The options of one ``enrich`` job: validated once, frozen, each default written once.
+
+``enrich`` builds an ``EnrichOptions`` and ships it with every partition.
+The defaults below are the only place a default is written; ``enrich``'s
+signature, the accessor, the CLI and the docs all read them from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from dask_llm import _cluster
+from dask_llm._cache import ResultCache
+from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
+
+#: Requests in flight per process, at most.
+DEFAULT_MAX_CONCURRENCY: Final = 256
+#: Requests in flight per process at the start, before the limit is known.
+DEFAULT_INITIAL_CONCURRENCY: Final = 16
+#: Seconds one HTTP request may take, unless the model sets its own ``timeout``.
+DEFAULT_REQUEST_TIMEOUT: Final = 60.0
+#: Threads per process for chains that have only a synchronous implementation.
+DEFAULT_SYNC_THREADS: Final = 16
+#: What a failed row does: recorded in the error column, or raised.
+DEFAULT_ERRORS: Final = "column"
+#: Name of the column that explains failed rows.
+DEFAULT_ERROR_COLUMN: Final = "llm_error"
+
+Errors = Literal["column", "raise"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnrichOptions:
+    """Options of one ``enrich`` job (see ``enrich`` for their meaning)."""
+
+    job: str
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    initial_concurrency: int = DEFAULT_INITIAL_CONCURRENCY
+    rpm: float | None = None
+    tpm: float | None = None
+    processes: int = 1
+    errors: Errors = DEFAULT_ERRORS
+    request_timeout: float | None = None
+    retry: RetryPolicy = DEFAULT_RETRY
+    sync_threads: int = DEFAULT_SYNC_THREADS
+    prices: tuple[tuple[str, tuple[float, float]], ...] = ()
+    cache: ResultCache | None = None
+    partitions: int = 1
+    total_rows: int | None = None
+    progress: bool = False
+    #: The client's job hub (address, key), filled in when pickled for a pool child.
+    hub: tuple[tuple[str, int], bytes] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency= must be >= 1, not {self.max_concurrency}")
+        if self.errors not in ("column", "raise"):
+            raise ValueError(f"errors= must be 'column' or 'raise', not {self.errors!r}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError("request_timeout= must be > 0 seconds, or None")
+        if self.sync_threads < 1:
+            raise ValueError(f"sync_threads= must be >= 1, not {self.sync_threads}")
+        if not isinstance(self.retry, RetryPolicy):
+            raise TypeError("retry= takes a RetryPolicy or a number of attempts")
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}= must be > 0, or None for no limit")
+
+    @property
+    def price_table(self) -> Mapping[str, tuple[float, float]]:
+        return dict(self.prices)
+
+    @property
+    def cache_label(self) -> str | None:
+        """Where answers are kept, for messages (a path, or the cache's repr)."""
+        if self.cache is None:
+            return None
+        return str(getattr(self.cache, "path", None) or repr(self.cache))
+
+    def share(self) -> int:
+        """How many processes split the job's rpm/tpm, as seen from this process."""
+        from dask_llm._limits import process_share
+
+        return process_share(self.processes)
+
+    def __dask_tokenize__(self) -> Any:
+        # Each enrich() call is its own job (its own throttle); the cache object is
+        # named by its type and location, not by content.
+        return ("dask_llm.EnrichOptions", self.job, repr(self.cache))
+
+    def __reduce__(self) -> Any:
+        # Pickled in the client for a process of dask's local pool: give the
+        # child the way back (stops, progress). On distributed workers it is unused.
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if values["hub"] is None and not _cluster.in_pool_child():
+            from dask_llm._hub import hub_address
+
+            values["hub"] = hub_address()
+        return (_rebuild, (values,))
+
+
+def _rebuild(values: dict[str, Any]) -> EnrichOptions:
+    return EnrichOptions(**values)

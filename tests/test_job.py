@@ -1,0 +1,313 @@
+"""Stop means stop, fatal answers stop early, a cache hiccup never aborts (issue 9, cases 2, 5, 6).
+
+Interrupts are sent to a job running in a process of its own (pytest would
+take a SIGINT for itself); the simulator in this process counts what the
+job sent before and after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+
+import dask_llm
+from dask_llm._cache import MemoryCache
+from tests.chains import features_chain, llm, summary_chain
+from tests.helpers import ROOT, requests
+
+JOB_SCRIPT = """
+import sys, time
+import dask.dataframe as dd, pandas as pd
+import dask_llm
+from tests.chains import summary_chain, features_chain
+
+url, scheduler, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
+df = pd.DataFrame({
+    "description": [f"Review {i}: cassis, cedar and graphite" for i in range(rows)],
+    "title": [f"Wine {i}" for i in range(rows)],
+    "country": ["Chile"] * rows,
+})
+chains = [dask_llm.Chain(summary_chain(url), name="summarize"),
+          dask_llm.Chain(features_chain(url), name="features")]
+out = dd.from_pandas(df, npartitions=3).llm.enrich(chains, progress=False)
+if scheduler.startswith("tcp://"):
+    from distributed import Client
+    client = Client(scheduler)
+    print("ready", flush=True)
+    out.compute()
+else:
+    print("ready", flush=True)
+    out.compute(scheduler=scheduler, num_workers=3)
+print("finished", flush=True)
+"""
+
+
+def two_chains(url: str) -> list[dask_llm.Chain]:
+    return [
+        dask_llm.Chain(summary_chain(url), name="summarize"),
+        dask_llm.Chain(features_chain(url), name="features"),
+    ]
+
+
+def frame(rows: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "description": [f"Review {i}: cassis, cedar and graphite" for i in range(rows)],
+            "title": [f"Wine {i}" for i in range(rows)],
+            "country": ["Chile"] * rows,
+        }
+    )
+
+
+def interrupt(sim: Any, scheduler: str, cache: Path, *, rows: int = 150) -> dict[str, Any]:
+    """Start the job in a process of its own, SIGINT it mid-way; what was paid and when it ended."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_LLM_CACHE": str(cache)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", JOB_SCRIPT, sim.base_url, scheduler, str(rows)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while sim.stats()["successes"] < 40 and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    in_flight = sim.stats()["in_flight"]
+    proc.send_signal(signal.SIGINT)
+    sent_at = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    exit_s = time.monotonic() - sent_at
+    paid = sim.stats()["successes"]
+    time.sleep(1.0)
+    return {
+        "exit_s": exit_s,
+        "returncode": proc.returncode,
+        "stderr": err,
+        "paid": paid,
+        "in_flight": in_flight,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["threads", "processes"])
+def test_ctrl_c_stops_the_job_and_the_rerun_pays_only_for_what_is_missing(
+    make_simulator: Any, tmp_path: Path, scheduler: str
+) -> None:
+    sim = make_simulator(latency=0.3)
+    cache = tmp_path / "cache.sqlite"
+    rows = 150
+    result = interrupt(sim, scheduler, cache, rows=rows)
+    assert result["returncode"] != 0, result["stderr"]
+    assert result["exit_s"] < 5.0, result["stderr"]
+    assert sim.stats()["successes"] == result["paid"]  # nothing sent after the exit
+    assert "Run the same job again to resume" in result["stderr"]
+    paid_before = result["paid"]
+    sim.reset()
+    out = frame(rows).llm.enrich(two_chains(sim.base_url), cache=cache, progress=False)
+    assert out["llm_error"].isna().all()
+    # Every answer paid before the interrupt came back from the cache, give or take
+    # the requests that were still on the wire when the grace ran out.
+    assert requests(sim) <= 2 * rows - paid_before + result["in_flight"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_distributed_client_stops_the_workers(
+    make_simulator: Any, tmp_path: Path, hand_started_cluster: str
+) -> None:
+    """The cluster outlives the client: its workers must notice the tasks were abandoned."""
+    sim = make_simulator(latency=0.3)
+    result = interrupt(sim, hand_started_cluster, tmp_path / "cache.sqlite")
+    assert result["exit_s"] < 5.0, result["stderr"]
+    time.sleep(jobs_grace() + 1.0)
+    settled = sim.stats()["requests"]
+    time.sleep(1.0)
+    assert sim.stats()["requests"] == settled  # the workers have stopped sending
+
+
+def jobs_grace() -> float:
+    from dask_llm._job import STOP_GRACE_S
+
+    return STOP_GRACE_S
+
+
+INTERRUPT_IN_A_CELL = """
+import asyncio, os, signal, sys, threading, time
+import pandas as pd
+import dask_llm
+from tests.chains import summary_chain
+
+url, how = sys.argv[1], sys.argv[2]
+df = pd.DataFrame({"description": [f"Review {i}" for i in range(400)]})
+
+async def cell():  # a notebook cell: the caller's thread runs an event loop
+    threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    try:
+        df.llm.enrich([dask_llm.Chain(summary_chain(url), name="s")], max_concurrency=8)
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        print("interrupted", type(exc).__name__, flush=True)
+        raise
+
+try:
+    if how == "kernel":  # ipykernel: SIGINT raises KeyboardInterrupt in the main thread
+        asyncio.new_event_loop().run_until_complete(cell())
+    else:  # asyncio.run: SIGINT cancels the main task
+        asyncio.run(cell())
+except (KeyboardInterrupt, asyncio.CancelledError):
+    pass
+print("stopped", time.monotonic(), flush=True)
+time.sleep(3.0)  # the kernel lives on: nothing may keep sending
+print("alive", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["kernel", "asyncio-run"])
+def test_interrupting_a_notebook_cell_leaves_no_job_running(make_simulator: Any, how: str) -> None:
+    sim = make_simulator(latency=0.3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_IN_A_CELL, sim.base_url, how],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "interrupted" in done.stdout, done.stderr
+    assert "alive" in done.stdout
+    assert time.monotonic() - start < 15  # not the 15 s the whole job takes, plus 3 s
+    stats = sim.stats()
+    assert stats["in_flight"] == 0
+    assert stats["requests"] < 400  # stopped, not finished
+
+
+def test_errors_raise_stops_every_partition(make_simulator: Any) -> None:
+    sim = make_simulator(latency=0.2, context_tokens=200)
+    df = frame(120)
+    df.loc[30, "description"] = "very long " * 400  # over the context: a 400, not retried
+    out = dd.from_pandas(df, npartitions=4).llm.enrich(
+        [dask_llm.Chain(summary_chain(sim.base_url), name="summarize")],
+        errors="raise",
+        cache=False,
+        max_concurrency=4,
+    )
+    start = time.monotonic()
+    with pytest.raises(dask_llm.ChainError, match="row 30") as info:
+        out.compute(scheduler="threads")
+    assert info.value.index == 30
+    assert time.monotonic() - start < 10
+    at_raise = requests(sim)
+    time.sleep(1.0)
+    assert requests(sim) == at_raise  # nothing more after the error reached the caller
+    assert at_raise < 120
+
+
+# -- fatal answers --------------------------------------------------------------------------------
+def test_a_wrong_key_stops_the_job_after_the_first_answers(make_simulator: Any) -> None:
+    sim = make_simulator(api_key="sk-the-right-one")
+    df = frame(200)
+    out = dd.from_pandas(df, npartitions=4).llm.enrich(
+        [dask_llm.Chain(summary_chain(sim.base_url), name="s")], cache=False
+    )
+    result = out.compute(scheduler="threads")
+    assert requests(sim) <= 16  # the requests already in flight when the first 401 came
+    errors = result["llm_error"]
+    assert errors.notna().all()
+    assert errors.str.contains("401").all()
+    assert errors.str.contains(f"127.0.0.1:{sim.port}").all()
+
+
+def test_a_missing_model_stops_the_job(make_simulator: Any) -> None:
+    sim = make_simulator(models=("gpt-4o-mini",))
+    chain = summary_chain(sim.base_url, model="gpt-nope")
+    result = frame(100).llm.enrich([dask_llm.Chain(chain, name="s")], cache=False)
+    assert requests(sim) <= 16
+    assert result["llm_error"].str.contains("404").all()
+    assert result["llm_error"].str.contains("model_not_found").all()
+
+
+def test_a_refused_connection_names_the_host_and_stops_at_once() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once it is closed
+    start = time.monotonic()
+    result = frame(50).llm.enrich(
+        [dask_llm.Chain(summary_chain(f"http://127.0.0.1:{port}/v1"), name="s")], cache=False
+    )
+    assert time.monotonic() - start < 10
+    errors = result["llm_error"]
+    assert errors.str.contains(f"connection refused by 127.0.0.1:{port}").all(), errors[0]
+
+
+# -- the cache may fail; the job may not ----------------------------------------------------------
+class FlakyCache(MemoryCache):
+    """A store whose every other write fails, as a network store or a locked file would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def put(self, key: str, value: Any) -> None:
+        self.writes += 1
+        if self.writes % 2:
+            raise OSError("database is locked")
+        super().put(key, value)
+
+
+def test_a_failing_cache_write_keeps_the_answer_and_is_counted(
+    sim: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dask_llm")
+    out = frame(20).llm.enrich(two_chains(sim.base_url), cache=FlakyCache())
+    assert out["llm_error"].isna().all()
+    assert out["summary"].notna().all()
+    summary = dask_llm.last_run()
+    assert summary is not None and summary.cache_errors > 0
+    assert "cache write failed" in caplog.text
+    assert "database is locked" in caplog.text
+
+
+def test_an_unusable_cache_location_fails_at_enrich_time(sim: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    ddf = dd.from_pandas(frame(4), npartitions=2)
+    with pytest.raises(ValueError, match="cannot open the result cache") as info:
+        ddf.llm.enrich(two_chains(sim.base_url), cache=blocker / "cache.sqlite")
+    assert "\n" not in str(info.value)
+    assert requests(sim) == 0
+
+
+def test_array_inputs_are_cached(sim: Any, tmp_path: Path) -> None:
+    """Lists read back from Parquet are numpy arrays: they must be cached like lists."""
+    prompt_chain = summary_chain(sim.base_url)
+    df = pd.DataFrame(
+        {"notes": [np.array(["cassis", f"cedar {i}"], dtype=object) for i in range(5)]}
+    )
+    chain = dask_llm.Chain(prompt_chain, inputs={"description": "notes"}, name="summarize")
+    df.llm.enrich([chain], cache=tmp_path / "c.sqlite")
+    sent = requests(sim)
+    assert sent == 5
+    df.llm.enrich([chain], cache=tmp_path / "c.sqlite")
+    assert requests(sim) == sent
+
+
+def test_chains_used_by_two_jobs_are_left_as_they_were(sim: Any) -> None:
+    chain = dask_llm.Chain(llm(sim.base_url), inputs={"input": "description"})
+    assert chain.name is None
+    frame(2).llm.enrich([chain], cache=False)
+    frame(2).llm.enrich({"second": chain}, cache=False)
+    assert chain.name is None  # the plan names it; the user's object is never changed
