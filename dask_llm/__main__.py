@@ -1,5 +1,5 @@
 """``python -m dask_llm``: the same as the ``dask-llm`` command."""
 
-from dask_llm.cli import main
+from dask_llm.cli import run
 
-main()
+run()

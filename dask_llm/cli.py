@@ -1,22 +1,35 @@
 """The ``dask-llm`` command line: ``enrich``, ``estimate``, ``simulate``, ``demo``.
 
 Errors a shell user can fix (a missing file, a bad chain reference, an
-unreachable scheduler, a bad option) end with one clear line on stderr and a
-non-zero exit (2 for usage errors, 1 otherwise), not a traceback.
+unreachable scheduler, a bad option, input files whose columns differ) end
+with one line on stderr, ``dask-llm: error: ...``, and a non-zero exit (2 for
+usage errors, 1 otherwise), not a traceback; and they are found before any
+request is paid for.
+
+``enrich`` writes its Parquet output atomically: into a directory next to
+``OUTPUT`` that is renamed to it at the end, so an interrupted or failed run
+leaves no partial output and never a mix of two runs' parts; an ``OUTPUT``
+that is not empty is refused unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from dask_llm._chain import _takes_no_arguments
+from dask_llm._options import DEFAULT_ERRORS, DEFAULT_MAX_CONCURRENCY
+from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
 from dask_llm.simulator import SimulatorConfig, serve
 
 
@@ -24,6 +37,20 @@ from dask_llm.simulator import SimulatorConfig, serve
 @click.version_option(package_name="dask-llm")
 def main() -> None:
     """Enrich DataFrames with LLM chains at scale."""
+
+
+def run() -> None:
+    """The ``dask-llm`` script: click's commands, with usage errors on one line."""
+    try:
+        main.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("dask-llm: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"dask-llm: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 @main.command()
@@ -119,8 +146,12 @@ def load_chains(reference: str) -> Any:
     return obj
 
 
-def read_inputs(inputs: tuple[str, ...], blocksize: str) -> Any:
-    """CSV or Parquet files (globs allowed) as one lazy Dask DataFrame."""
+def read_inputs(inputs: tuple[str, ...], blocksize: int) -> Any:
+    """CSV or Parquet files (globs allowed) as one lazy Dask DataFrame.
+
+    CSV headers are read first: files whose columns differ are refused here,
+    naming the file, rather than failing after the calls are paid.
+    """
     import dask.dataframe as dd
 
     paths: list[str] = []
@@ -131,12 +162,47 @@ def read_inputs(inputs: tuple[str, ...], blocksize: str) -> Any:
         paths += found
     kinds = {os.path.splitext(p)[1].lower() for p in paths}
     if kinds <= {".parquet", ".pq"} or all(os.path.isdir(p) for p in paths):
-        return dd.read_parquet(paths)
+        try:
+            return dd.read_parquet(paths)
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(f"cannot read {paths[0]}: {exc}", param_hint="INPUT") from None
     if kinds <= {".csv", ".tsv", ".gz"}:
+        _same_columns(paths)
         return dd.read_csv(paths, blocksize=None if kinds == {".gz"} else blocksize)
     raise click.BadParameter(
         f"cannot read {', '.join(sorted(kinds))} files: give CSV or Parquet", param_hint="INPUT"
     )
+
+
+def _same_columns(paths: list[str]) -> None:
+    import pandas as pd
+
+    first: list[str] | None = None
+    for path in paths:
+        try:
+            columns = list(pd.read_csv(path, nrows=0).columns)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="INPUT") from None
+        if first is None:
+            first = columns
+        elif columns != first:
+            raise click.BadParameter(
+                f"{path} has other columns than {paths[0]} "
+                f"({', '.join(columns)} vs {', '.join(first)})",
+                param_hint="INPUT",
+            )
+
+
+def _blocksize(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from dask.utils import parse_bytes
+
+    try:
+        size = int(parse_bytes(value))
+    except (ValueError, TypeError):
+        raise click.BadParameter(f"{value!r} is not a size such as 16MB") from None
+    if size <= 0:
+        raise click.BadParameter(f"{value!r}: give a size above zero")
+    return size
 
 
 def connect(scheduler: str | None) -> Any:
@@ -159,8 +225,18 @@ _common = [
         help="MODULE.py:NAME (or package.module:NAME): a list of Chain, a {name: "
         "runnable} dict, or a zero-argument function returning one.",
     ),
-    click.option("--rpm", type=float, default=None, help="Requests per minute for the job."),
-    click.option("--tpm", type=float, default=None, help="Tokens per minute for the job."),
+    click.option(
+        "--rpm",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Requests per minute for the job.",
+    ),
+    click.option(
+        "--tpm",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Tokens per minute for the job.",
+    ),
     click.option(
         "--cache",
         "cache_path",
@@ -168,7 +244,13 @@ _common = [
         help="Result cache file (default: $DASK_LLM_CACHE or ./.dask-llm-cache/).",
     ),
     click.option("--no-cache", is_flag=True, help="Do not read or write the result cache."),
-    click.option("--blocksize", default="16MB", show_default=True, help="CSV partition size."),
+    click.option(
+        "--blocksize",
+        default="16MB",
+        show_default=True,
+        callback=_blocksize,
+        help="CSV partition size.",
+    ),
 ]
 
 
@@ -181,26 +263,50 @@ def _with_common(fn: Any) -> Any:
 @main.command()
 @_with_common
 @click.option("-o", "--output", required=True, help="Parquet directory to write.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace OUTPUT if it exists (swapped in at the end)."
+)
 @click.option("--scheduler", default=None, help="Address of a dask scheduler (tcp://host:8786).")
 @click.option(
     "--errors",
     type=click.Choice(["column", "raise"]),
-    default="column",
+    default=DEFAULT_ERRORS,
     show_default=True,
     help="Record failures per row, or stop at the first.",
 )
 @click.option(
     "--max-concurrency",
-    type=int,
-    default=256,
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_CONCURRENCY,
     show_default=True,
     help="Requests in flight per worker process (hard cap).",
+)
+@click.option(
+    "--attempts",
+    type=click.IntRange(min=1),
+    default=DEFAULT_RETRY.attempts,
+    show_default=True,
+    help="Most attempts per call (RetryPolicy.attempts).",
+)
+@click.option(
+    "--retry-timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_RETRY.timeout,
+    show_default=True,
+    help="Most seconds spent retrying one call (RetryPolicy.timeout).",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds one request may take (default: the model's own, else 60).",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 def enrich(
     inputs: tuple[str, ...],
     chains_ref: str,
     output: str,
+    overwrite: bool,
     scheduler: str | None,
     rpm: float | None,
     tpm: float | None,
@@ -208,38 +314,100 @@ def enrich(
     no_cache: bool,
     errors: str,
     max_concurrency: int,
-    blocksize: str,
+    attempts: int,
+    retry_timeout: float,
+    request_timeout: float | None,
+    blocksize: int,
     progress: bool | None,
 ) -> None:
     """Enrich CSV/Parquet INPUT files with the chains; write Parquet to OUTPUT."""
     import dask_llm
 
+    target = _output_dir(output, overwrite)
     frame = read_inputs(inputs, blocksize)
     chains = load_chains(chains_ref)
-    client = connect(scheduler)
     try:
         out = frame.llm.enrich(
             chains,
             rpm=rpm,
             tpm=tpm,
-            errors=errors,
+            errors="raise" if errors == "raise" else "column",
             max_concurrency=max_concurrency,
+            retry=RetryPolicy(attempts=attempts, timeout=retry_timeout),
+            request_timeout=request_timeout,
             cache=False if no_cache else (cache_path or True),
             progress=progress,
         )
-        out.to_parquet(output, write_index=False)
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
+    client = connect(scheduler)
+    try:
+        with _atomic(target, overwrite) as staging:
+            out.to_parquet(staging, write_index=False)
     except dask_llm.ChainError as exc:
         raise click.ClickException(str(exc)) from None
+    except dask_llm.JobStopped as exc:
+        raise click.ClickException(f"stopped: {exc}") from None
     finally:
         if client is not None:
             client.close()
     summary = dask_llm.last_run()
-    if summary is not None:
-        click.echo(f"wrote {output}: {summary}")
+    click.echo(f"wrote {output}: {summary}" if summary is not None else f"wrote {output}")
+
+
+def _output_dir(output: str, overwrite: bool) -> str:
+    """The output directory, checked before anything is read or paid for."""
+    if "://" in output:
+        # An object store has no rename: refuse a non-empty OUTPUT, else write in place.
+        from fsspec.core import url_to_fs
+
+        fs, root = url_to_fs(output)
+        if fs.exists(root) and fs.ls(root) and not overwrite:
+            raise click.BadParameter(
+                f"{output} exists and is not empty; pass --overwrite to replace it",
+                param_hint="--output",
+            )
+        return output
+    path = os.path.abspath(output)
+    if os.path.isfile(path):
+        raise click.BadParameter(f"{output} is a file, not a directory", param_hint="--output")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise click.BadParameter(
+            f"{output} exists and is not empty; pass --overwrite to replace it",
+            param_hint="--output",
+        )
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"no such directory: {parent}", param_hint="--output")
+    return path
+
+
+@contextlib.contextmanager
+def _atomic(path: str, overwrite: bool) -> Iterator[str]:
+    """A staging directory next to ``path``, renamed to it when the body succeeds."""
+    if "://" in path:
+        if overwrite:
+            from fsspec.core import url_to_fs
+
+            fs, root = url_to_fs(path)
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+        yield path
+        return
+    tag = uuid.uuid4().hex[:8]
+    staging = f"{path}.dask-llm-partial-{tag}"
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        old = f"{path}.dask-llm-old-{tag}"
+        os.rename(path, old)
+        os.rename(staging, path)
+        shutil.rmtree(old, ignore_errors=True)
     else:
-        click.echo(f"wrote {output}")
+        os.rename(staging, path)
 
 
 @main.command()
@@ -251,7 +419,7 @@ def estimate(
     tpm: float | None,
     cache_path: str | None,
     no_cache: bool,
-    blocksize: str,
+    blocksize: int,
 ) -> None:
     """What enriching INPUT would cost and take, without sending a request."""
     frame = read_inputs(inputs, blocksize)

@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Iterator
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import dask.dataframe as dd
 import pandas as pd
@@ -79,6 +79,9 @@ FEATURES_PROMPT = ChatPromptTemplate.from_messages(
 )
 
 
+_COLUMNS = ("country", "description", "points", "price", "title", "variety")
+
+
 def make_chains(model: str, base_url: str | None, **llm_options: Any) -> list[dask_llm.Chain]:
     """The two chains, sharing one ``ChatOpenAI`` (dask-llm gives each loop its own client)."""
     llm = ChatOpenAI(model=model, base_url=base_url, temperature=0, **llm_options)
@@ -113,22 +116,49 @@ def backend(args: argparse.Namespace) -> Iterator[str | None]:
         yield sim.base_url
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, as the ``dask-llm`` command has them."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0")
+    return value
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").splitlines()[0])
+    parser = _Parser(prog=prog, description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--input", help="CSV of reviews (default: the sample dask-llm ships)")
-    parser.add_argument("--rows", type=int, default=40, help="rows to enrich (default 40)")
+    parser.add_argument("--rows", type=_count, default=40, help="rows to enrich (default 40)")
     parser.add_argument("--model", default="gpt-4o-mini")
     parser.add_argument(
         "--base-url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
     )
-    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--partitions", type=_count, default=2)
     parser.add_argument(
         "--sequential-rows",
         type=int,
         default=5,
         help="rows timed one call at a time for the baseline (0 skips it)",
     )
-    parser.add_argument("--latency", type=float, default=2.2, help="simulator seconds per call")
+    parser.add_argument("--latency", type=_seconds, default=2.2, help="simulator seconds per call")
     parser.add_argument("--output", default="enriched_wine_reviews.parquet")
     parser.add_argument(
         "--progress",
@@ -139,8 +169,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parser.parse_args(argv)
 
     source = args.input or str(resources.files("dask_llm") / "data" / "wine_reviews_demo.csv")
-    frame = pd.read_csv(source, nrows=args.rows)
-    frame = frame[["country", "description", "points", "price", "title", "variety"]]
+    if not os.path.isfile(source):
+        parser.error(f"--input: no such file: {source}")
+    try:
+        frame = pd.read_csv(source, nrows=args.rows)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        parser.error(f"--input: cannot read {source}: {exc}")
+    missing = [c for c in _COLUMNS if c not in frame.columns]
+    if missing:
+        parser.error(f"--input: {source} has no column {', '.join(missing)}")
+    frame = frame[list(_COLUMNS)]
     print(f"{len(frame)} reviews from {source}")
 
     with backend(args) as base_url:

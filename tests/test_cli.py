@@ -111,12 +111,94 @@ def test_estimate_sends_nothing(sim: Any, workdir: Path) -> None:
             "cannot reach the scheduler",
             id="unreachable-scheduler",
         ),
+        pytest.param(
+            [
+                "enrich",
+                "reviews-0.csv",
+                "--chains",
+                "chains.py:chains",
+                "-o",
+                "o",
+                "--blocksize",
+                "lots",
+            ],
+            "'lots' is not a size",
+            id="bad-blocksize",
+        ),
+        pytest.param(
+            ["enrich", "reviews-0.csv", "--chains", "chains.py:chains", "-o", "o", "--rpm", "-5"],
+            "--rpm",
+            id="negative-rpm",
+        ),
+        pytest.param(
+            ["enrich", "*.csv", "--chains", "chains.py:chains", "-o", "o"],
+            "has other columns than",
+            id="csvs-with-different-columns",
+        ),
+        pytest.param(["demo", "--rows", "-3"], "-3 is below 1", id="demo-negative-rows"),
+        pytest.param(
+            ["demo", "--input", "missing.csv"], "no such file: missing.csv", id="demo-missing-input"
+        ),
     ],
 )
 def test_shell_errors_are_one_clear_line(
     sim: Any, workdir: Path, args: list[str], message: str
 ) -> None:
+    pd.DataFrame({"other": [1]}).to_csv(workdir / "zz-other.csv", index=False)
     result = run(args, sim.base_url, workdir)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert sim.stats()["requests"] == 0  # found before anything was paid for
+
+
+def test_output_is_written_atomically_and_never_mixes_runs(sim: Any, workdir: Path) -> None:
+    args = ["enrich", "reviews-0.csv", "--chains", "chains.py:chains", "-o", "out"]
+    first = run([*args[:1], "reviews-*.csv", *args[2:]], sim.base_url, workdir)
+    assert first.returncode == 0, first.stderr
+    assert len(pd.read_parquet(workdir / "out")) == 30
+    refused = run(args, sim.base_url, workdir)
+    assert refused.returncode == 2
+    assert "--overwrite" in refused.stderr
+    assert len(pd.read_parquet(workdir / "out")) == 30  # untouched
+    replaced = run([*args, "--overwrite"], sim.base_url, workdir)
+    assert replaced.returncode == 0, replaced.stderr
+    assert len(pd.read_parquet(workdir / "out")) == 15  # only this run's rows
+    assert sorted(p.name for p in workdir.iterdir() if "dask-llm" in p.name) == []
+
+
+def test_a_failed_run_leaves_the_previous_output_as_it_was(sim: Any, workdir: Path) -> None:
+    ok = run(
+        ["enrich", "reviews-0.csv", "--chains", "chains.py:chains", "-o", "out"],
+        sim.base_url,
+        workdir,
+    )
+    assert ok.returncode == 0, ok.stderr
+    (workdir / "bad.py").write_text(
+        "import dask_llm\n"
+        "def fail(row: dict) -> str:\n"
+        "    return str(1 / 0)\n"
+        "def broken():\n"
+        "    return [dask_llm.Chain(fail, inputs={'x': 'description'}, name='y')]\n"
+    )
+    failed = run(
+        [
+            "enrich",
+            "reviews-1.csv",
+            "--chains",
+            "bad.py:broken",
+            "-o",
+            "out",
+            "--overwrite",
+            "--errors",
+            "raise",
+        ],
+        sim.base_url,
+        workdir,
+    )
+    assert failed.returncode == 1
+    assert "ZeroDivisionError" in failed.stderr
+    out = pd.read_parquet(workdir / "out")
+    assert out["description"].str.startswith("plum 0-").all()  # the first run, whole
+    assert sorted(p.name for p in workdir.iterdir() if "dask-llm" in p.name) == []

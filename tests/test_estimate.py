@@ -71,3 +71,34 @@ def test_estimate_skips_what_the_cache_already_holds(sim: Any, tmp_path: Any) ->
 
 def test_estimate_without_limits_has_no_wall_time(sim: Any) -> None:
     assert frame().llm.estimate(chains(sim.base_url), cache=False).wall_s is None
+
+
+def test_rows_of_different_partitions_with_the_same_index_are_counted_apart(sim: Any) -> None:
+    """Each partition of a CSV read has its own 0..n index: the count is per global row."""
+    parts = [  # inputs that cannot key the cache (int keys) are told apart by their row
+        pd.DataFrame({"description": [{1: "a"}, {2: "b"}]}),
+        pd.DataFrame({"description": [{3: "c"}, {4: "d"}]}),
+    ]
+    ddf = dd.concat([dd.from_pandas(p, npartitions=1) for p in parts])
+    assert ddf.npartitions == 2
+    est = ddf.llm.estimate([dask_llm.Chain(summary_chain(sim.base_url), name="s")], cache=False)
+    assert est.calls == 4
+
+
+def test_the_cost_is_shown_to_four_significant_digits(sim: Any) -> None:
+    est = frame().llm.estimate(chains(sim.base_url), cache=False)
+    assert est.cost_usd is not None and 0 < est.cost_usd < 0.01
+    shown = str(est).split("cost ~$")[1].split(";")[0]
+    assert float(shown) > 0
+    assert len(shown.replace("0.", "", 1).lstrip("0")) == 4
+
+
+def test_estimate_writes_nothing(sim: Any, tmp_path: Any) -> None:
+    cache = tmp_path / "sub" / "cache.sqlite"
+    frame().llm.estimate(chains(sim.base_url), cache=cache)
+    assert not (tmp_path / "sub").exists()
+    assert requests_of(sim) == 0
+
+
+def requests_of(sim: Any) -> int:
+    return int(sim.stats()["requests"])
