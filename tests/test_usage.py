@@ -1,4 +1,4 @@
-"""Usage and cost are exact or null, and ``last_run()`` is the run just finished (issue 9, case 4)."""
+"""Usage and cost are exact or null; ``last_run()`` is the run just finished (issue 9, case 4)."""
 
 from __future__ import annotations
 
