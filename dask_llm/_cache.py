@@ -167,11 +167,18 @@ def make_key(fingerprint: str, inputs: Mapping[str, Any]) -> str:
     Raises ``TypeError`` naming the variable (and the place inside it) for any
     other value.
     """
-    plain = {str(name): _plain(value, repr(str(name))) for name, value in inputs.items()}
-    text = json.dumps(
-        plain, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=True
-    )
+    plain = {
+        str(name): value if type(value) is str else _plain(value, repr(str(name)))
+        for name, value in inputs.items()
+    }
+    text = _KEY_JSON.encode(plain)
     return hashlib.sha256(f"{fingerprint}\0{text}".encode()).hexdigest()
+
+
+# One encoder, reused: json.dumps builds one per call when given options.
+_KEY_JSON = json.JSONEncoder(
+    sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=True
+)
 
 
 def _plain(value: Any, where: str) -> Any:

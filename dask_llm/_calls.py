@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -62,19 +63,25 @@ class ChainCaller:
     def __init__(
         self,
         pc: PlannedChain,
-        runnable: Any,
+        localize: Callable[[Any], tuple[Any, bool]],
         *,
         job: Any,
         stats: PartitionStats,
-        tapped: bool,
     ) -> None:
         self.pc = pc
-        self.runnable = runnable
         self.job = job
         self.stats = stats
-        self.with_callbacks = not tapped
         self.memo = pc.chain.memo_fingerprint
         self.legacy = pc.chain.legacy_fingerprint if self.memo is not None else None
+        self._localize = localize
+        self._local: tuple[Any, bool] | None = None
+
+    def _runnable(self) -> tuple[Any, bool]:
+        """The chain with this loop's clients in it (built on the first call: a partition
+        answered from the row memo opens none)."""
+        if self._local is None:
+            self._local = self._localize(self.pc.chain.runnable)
+        return self._local
 
     # -- the row memo ---------------------------------------------------------------------------
     def memo_key(self, inputs: dict[str, Any]) -> str | None:
@@ -114,7 +121,7 @@ class ChainCaller:
         """The chain's normalized result for ``inputs`` and its usage; ``RowFailed`` on failure."""
         job = self.job
         options = job.options
-        runnable = self.runnable
+        runnable, tapped = self._runnable()
 
         def invoke(config: dict[str, Any] | None) -> Any:
             return runnable.ainvoke(inputs, config)
@@ -126,7 +133,7 @@ class ChainCaller:
                 prices=options.price_table,
                 stats=self.stats,
                 stopped=lambda: job.stopped is not None,
-                with_callbacks=self.with_callbacks,
+                with_callbacks=not tapped,
             )
         except (asyncio.CancelledError, RowFailed):
             raise

@@ -93,13 +93,22 @@ class EnrichOptions:
         return ("dask_llm.EnrichOptions", self.job, repr(self.cache))
 
     def __reduce__(self) -> Any:
-        # Pickled in the client for a process of dask's local pool: give the
-        # child the way back (stops, progress). On distributed workers it is unused.
+        # Options are pickled in the client when a computation is submitted: the
+        # moment to open the way back from the processes that will run the job.
+        # For dask's process pool that is the client's job hub (stops, progress);
+        # for distributed, a subscription to the workers' events (the client may
+        # have been created after enrich() was called).
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if values["hub"] is None and not _cluster.in_pool_child():
-            from dask_llm._hub import hub_address
+        if not _cluster.in_pool_child() and _cluster.distributed_worker() is None:
+            client = _cluster.distributed_client()
+            if client is not None:
+                from dask_llm._progress import listen_on_client
 
-            values["hub"] = hub_address()
+                listen_on_client(client)
+            elif values["hub"] is None:
+                from dask_llm._hub import hub_address
+
+                values["hub"] = hub_address()
         return (_rebuild, (values,))
 
 

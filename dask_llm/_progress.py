@@ -27,6 +27,7 @@ import contextlib
 import sys
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -286,15 +287,15 @@ def interactive() -> bool:
 
 
 # -- distributed: one subscription per client ------------------------------------------------
-_SUBSCRIBED: set[int] = set()
+_SUBSCRIBED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def listen_on_client(client: Any) -> None:
     """Feed this process's runs from the events ``client``'s workers send (idempotent)."""
     with _RUNS_LOCK:
-        if id(client) in _SUBSCRIBED:
+        if client in _SUBSCRIBED:
             return
-        _SUBSCRIBED.add(id(client))
+        _SUBSCRIBED.add(client)
 
     def handle(event: Any) -> None:
         _, msg = event

@@ -109,14 +109,13 @@ class PartitionRun:
             ThreadPoolExecutor(self.options.sync_threads, thread_name_prefix="dask-llm-sync")
         )
         clients = LoopClients(self.job, self.stats)
+
+        def localize(runnable: Any) -> tuple[Any, bool]:
+            return clients.localize(runnable, timeout=self.options.request_timeout)
+
         try:
             for pc in self.plan.chains:
-                runnable, tapped = clients.localize(
-                    pc.chain.runnable, timeout=self.options.request_timeout
-                )
-                self.callers[pc.name] = ChainCaller(
-                    pc, runnable, job=self.job, stats=self.stats, tapped=tapped
-                )
+                self.callers[pc.name] = ChainCaller(pc, localize, job=self.job, stats=self.stats)
             self._memo_pass()
             pending = [i for i in range(self.n) if not self._row_complete(i)]
             await self._supervise(pending)
