@@ -19,7 +19,7 @@ from dask.dataframe.extensions import register_dataframe_accessor as register_da
 
 from dask_llm import _cluster, _progress
 from dask_llm._cache import ResultCache, check_cache, open_cache
-from dask_llm._chain import Chain, string_dtype
+from dask_llm._chain import Chain
 from dask_llm._estimate import Estimate
 from dask_llm._options import (
     DEFAULT_ERROR_COLUMN,
@@ -29,6 +29,7 @@ from dask_llm._options import (
     EnrichOptions,
     Errors,
 )
+from dask_llm._outputs import string_dtype
 from dask_llm._plan import Plan, make_plan
 from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
 from dask_llm._usage import USAGE_COLUMNS

@@ -19,6 +19,7 @@ is written when the chain's result for the row is complete.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -126,10 +127,15 @@ class ChainCaller:
         def invoke(config: dict[str, Any] | None) -> Any:
             return runnable.ainvoke(inputs, config)
 
+        policy = options.retry
+        if self.pc.outputs.include_raw:
+            # The user asked for the raw answer beside the parsed one: an answer that
+            # does not parse is this row's error, not a reason to pay for another.
+            policy = dataclasses.replace(policy, parse_attempts=1)
         try:
             result, usage = await call_with_retries(
                 invoke,
-                policy=options.retry,
+                policy=policy,
                 prices=options.price_table,
                 stats=self.stats,
                 stopped=lambda: job.stopped is not None,

@@ -18,14 +18,11 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pydantic
 from langchain_core.runnables import Runnable, RunnableLambda
 
 from dask_llm import _shipping
 from dask_llm._fingerprint import Analysis, analyse, fingerprint
+from dask_llm._outputs import OutputSpec, json_schema_of, output_spec
 
 OutputsArg = str | Sequence[str] | Mapping[str, str] | None
 _Outputs = str | list[str] | dict[str, str] | None
@@ -238,7 +235,7 @@ class Chain:
         """The runnable's input variables (the keys of its input dict)."""
         if self._factory is not None and self._inputs and self._outputs_arg is not None:
             return list(self._inputs)
-        schema = _json_schema(self.runnable.input_schema)
+        schema = json_schema_of(self.runnable.input_schema)
         props = list((schema or {}).get("properties", {}))
         if not props:
             if self._inputs:
@@ -254,52 +251,10 @@ class Chain:
         return self._inputs.get(variable, variable)
 
     def output_columns(self) -> OutputSpec:
-        """Which fields of the result go to which columns, and their dtypes."""
-        arg = self._outputs_arg
-        schema = None
-        if not (self._factory is not None and arg is not None):
-            schema = _output_json_schema(self.runnable)
-        props = (schema or {}).get("properties") or {}
-        defs = (schema or {}).get("$defs") or {}
-        if isinstance(arg, str):
-            dtype = _dtype_for(schema, defs) if schema and not props else object_dtype()
-            return OutputSpec(scalar=True, fields={arg: arg}, dtypes={arg: dtype})
-        if arg is not None:
-            mapping = dict(arg) if isinstance(arg, Mapping) else {f: f for f in arg}
-            if not mapping:
-                raise ValueError(f"chain {self.name!r}: outputs= is empty")
-            dtypes = {
-                col: _dtype_for(props.get(field), defs) if field in props else object_dtype()
-                for field, col in mapping.items()
-            }
-            return OutputSpec(scalar=False, fields=mapping, dtypes=dtypes)
-        if (schema and schema.get("type") == "string" and not props) or _returns_message(
-            self.runnable
-        ):
-            assert self.name is not None
-            return OutputSpec(scalar=True, fields={self.name: self.name}, dtypes={self.name: TEXT})
-        if props:
-            return OutputSpec(
-                scalar=False,
-                fields={f: f for f in props},
-                dtypes={f: _dtype_for(p, defs) for f, p in props.items()},
-            )
-        raise ValueError(
-            f"chain {self.name!r}: cannot tell which columns the runnable returns (its output "
-            "schema is not text, a Pydantic model or a typed dict); give outputs='column' "
-            "for one column or outputs=['field', ...] for one column per field"
-        )
-
-
-class OutputSpec:
-    """``fields``: result field -> column (for a scalar chain, one entry); ``dtypes`` by column."""
-
-    __slots__ = ("dtypes", "fields", "scalar")
-
-    def __init__(self, *, scalar: bool, fields: dict[str, str], dtypes: dict[str, Any]) -> None:
-        self.scalar = scalar
-        self.fields = fields
-        self.dtypes = dtypes
+        """Which fields of the result go to which columns, and their dtypes (``_outputs``)."""
+        assert self.name is not None
+        unbuilt = self._factory is not None and self._outputs_arg is not None
+        return output_spec(self.name, None if unbuilt else self.runnable, self._outputs_arg)
 
 
 def _rebuild(
@@ -355,93 +310,3 @@ def _takes_no_arguments(fn: Callable[..., Any]) -> bool:
         or p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         for p in sig.parameters.values()
     )
-
-
-def _json_schema(model: Any) -> dict[str, Any] | None:
-    try:
-        schema: dict[str, Any] = model.model_json_schema()
-        return schema
-    except Exception:
-        return None
-
-
-def _returns_message(runnable: Runnable) -> bool:
-    """A chain ending in a chat model (no parser) returns a message: its text is the output."""
-    from langchain_core.language_models import BaseLanguageModel
-
-    last = getattr(runnable, "last", runnable)
-    while hasattr(last, "bound"):  # .bind(...) / .with_config(...)
-        last = last.bound
-    return isinstance(last, BaseLanguageModel)
-
-
-def _output_json_schema(runnable: Runnable) -> dict[str, Any] | None:
-    # A tool-calling structured-output chain ends in PydanticToolsParser, whose
-    # declared output is "Any": its one tool's model is the real output.
-    last = getattr(runnable, "last", runnable)
-    tools = getattr(last, "tools", None)
-    if getattr(last, "first_tool_only", False) and isinstance(tools, list) and len(tools) == 1:
-        tool = tools[0]
-        if isinstance(tool, type) and issubclass(tool, pydantic.BaseModel):
-            return tool.model_json_schema()
-    return _json_schema(runnable.output_schema)
-
-
-# -- dtypes -----------------------------------------------------------------------------
-class _Text:
-    """Placeholder dtype for text columns, resolved by the plan to the frame's own text dtype."""
-
-    def __repr__(self) -> str:
-        return "TEXT"
-
-    def __reduce__(self) -> str:
-        return "TEXT"
-
-
-TEXT: Any = _Text()
-
-
-def string_dtype() -> Any:
-    """The dtype pandas gives text columns here (``str`` on pandas 3, ``object`` before)."""
-    return pd.Series(["x"]).dtype
-
-
-def object_dtype() -> Any:
-    return np.dtype(object)
-
-
-def _dtype_for(prop: dict[str, Any] | None, defs: dict[str, Any]) -> Any:
-    if not prop:
-        return object_dtype()
-    if "$ref" in prop:
-        return object_dtype()
-    options = prop.get("anyOf")
-    if options:
-        non_null = [o for o in options if o.get("type") != "null"]
-        if len(non_null) == 1:
-            return _dtype_for(non_null[0], defs)
-        return object_dtype()
-    kind = prop.get("type")
-    if kind == "string":
-        return TEXT
-    if kind == "integer":
-        return pd.Int64Dtype()
-    if kind == "number":
-        return pd.Float64Dtype()
-    if kind == "boolean":
-        return pd.BooleanDtype()
-    if kind == "array":
-        # Lists of plain values get an Arrow list dtype: typed in memory, and
-        # writable to Parquet (dask cannot infer a schema for object columns).
-        item = _ARROW_ITEMS.get(str((prop.get("items") or {}).get("type")))
-        if item is not None:
-            return pd.ArrowDtype(pa.list_(item))
-    return object_dtype()
-
-
-_ARROW_ITEMS = {
-    "string": pa.string(),
-    "integer": pa.int64(),
-    "number": pa.float64(),
-    "boolean": pa.bool_(),
-}

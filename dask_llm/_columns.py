@@ -16,7 +16,7 @@ import pandas as pd
 import pydantic
 from langchain_core.messages import BaseMessage
 
-from dask_llm._chain import object_dtype
+from dask_llm._outputs import RAW, is_nested, object_dtype
 from dask_llm._plan import PlannedChain
 
 
@@ -41,6 +41,16 @@ def is_missing(value: Any) -> bool:
 def normalize(pc: PlannedChain, result: Any) -> Any:
     """The part of a chain's result that goes to its columns, as plain data."""
     spec = pc.outputs
+    raw_text = None
+    if spec.include_raw and isinstance(result, dict) and "parsed" in result:
+        # with_structured_output(..., include_raw=True) caught its own parsing error:
+        # the answer was paid for and is in the cache; a retry would pay again.
+        error = result.get("parsing_error")
+        if error is not None:
+            raise RowFailed(f"{pc.name}: {type(error).__name__}: {_one_line(error)}")
+        raw = result.get("raw")
+        raw_text = raw.content if isinstance(raw, BaseMessage) else raw
+        result = result.get("parsed")
     if spec.scalar:
         if isinstance(result, BaseMessage):
             return result.content
@@ -53,15 +63,26 @@ def normalize(pc: PlannedChain, result: Any) -> Any:
         raise RowFailed(
             f"{pc.name}: returned {type(result).__name__}, expected fields {', '.join(spec.fields)}"
         )
+    if spec.include_raw and RAW in spec.fields:
+        result = {**result, RAW: raw_text}
     missing = [f for f in spec.fields if f not in result]
     if missing:
         raise RowFailed(f"{pc.name}: output missing from the result: {', '.join(missing)}")
     return {f: result[f] for f in spec.fields}
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def column(values: list[Any], dtype: Any, index: pd.Index) -> pd.Series:
-    """A column of ``dtype``; values that do not convert become null."""
-    if dtype == object_dtype():
+    """A column of ``dtype``; values that do not convert become null.
+
+    Lists and nested objects (an Arrow list or struct in the plan) are kept as
+    Python objects in an object column (see ``_outputs``).
+    """
+    if dtype == object_dtype() or is_nested(dtype):
         return pd.Series(values, dtype=object, index=index)
     try:
         return pd.Series(values, dtype=dtype, index=index)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pydantic
+from langchain_core.runnables import Runnable
 
 #: Fields of an OpenAI chat model that hold transport objects or the API key: never
 #: part of a fingerprint, never shipped to a worker (rebuilt there from its environment).
@@ -73,7 +74,9 @@ def _rewrite(obj: Any, visit: Visitor, memo: dict[int, Any]) -> Any:
 
 
 def _may_contain(value: Any) -> bool:
-    return isinstance(value, pydantic.BaseModel | list | tuple | dict) or hasattr(
+    # Runnables that are not pydantic models (RunnableLambda, a configurable
+    # init_chat_model) are leaves, but the visitor must still see them.
+    return isinstance(value, pydantic.BaseModel | list | tuple | dict | Runnable) or hasattr(
         value, "_dask_llm_recipe"
     )
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from dask_llm._chain import TEXT, Chain, OutputSpec
+from dask_llm._chain import Chain
+from dask_llm._outputs import TEXT, OutputSpec
 
 
 class PlannedChain:

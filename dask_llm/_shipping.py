@@ -25,6 +25,7 @@ from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm._errors import WorkerSetupError
 from dask_llm._graph import CLIENT_FIELDS, rewrite
+from dask_llm._outputs import is_configurable_model
 
 
 class ModelRecipe:
@@ -67,12 +68,37 @@ def _recipe(model: Any) -> ModelRecipe:
     return ModelRecipe(type(model), fields, had_key=key is not None)
 
 
+_SECRET_CONFIG = frozenset({"api_key", "openai_api_key"})
+
+
+class ConfigurableRecipe:
+    """How to rebuild a configurable ``init_chat_model`` on a worker, without its key."""
+
+    __slots__ = ("cls", "fields", "queued")
+    _dask_llm_recipe = True
+
+    def __init__(self, model: Any) -> None:
+        self.cls = type(model)
+        config = dict(model._default_config)
+        self.fields = {
+            "default_config": {k: v for k, v in config.items() if k not in _SECRET_CONFIG},
+            "configurable_fields": model._configurable_fields,
+            "config_prefix": model._config_prefix,
+        }
+        self.queued = list(model._queued_declarative_operations)
+
+    def build(self) -> Any:
+        return self.cls(**self.fields, queued_declarative_operations=self.queued)
+
+
 def dumps(runnable: Any) -> bytes:
     """Pickle ``runnable`` with its OpenAI models turned into recipes."""
 
     def visit(obj: Any) -> Any:
         if isinstance(obj, BaseChatOpenAI):
             return _recipe(obj)
+        if is_configurable_model(obj):
+            return ConfigurableRecipe(obj)
         return NotImplemented
 
     portable = rewrite(runnable, visit)
@@ -90,7 +116,7 @@ def loads(data: bytes) -> Any:
     portable = cloudpickle.loads(data)
 
     def visit(obj: Any) -> Any:
-        if isinstance(obj, ModelRecipe):
+        if isinstance(obj, ModelRecipe | ConfigurableRecipe):
             return obj.build()
         return NotImplemented
 

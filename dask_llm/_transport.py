@@ -48,12 +48,14 @@ from typing import Any, cast
 
 import openai
 from langchain_core.language_models import BaseChatModel
+from langchain_core.runnables import Runnable
 from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm import _dedup as dedup
 from dask_llm._cache import request_key
 from dask_llm._graph import find, rewrite
 from dask_llm._options import DEFAULT_REQUEST_TIMEOUT
+from dask_llm._outputs import is_configurable_model
 from dask_llm._usage import current_attempt, read_usage
 
 _MAX_TOKENS = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
@@ -262,12 +264,15 @@ class LoopClients:
                 local = self._local_model(obj, timeout=timeout)
                 untapped = untapped or local is obj
                 return local
+            if is_configurable_model(obj):
+                return LocalConfigurable(obj, self, timeout)
             if isinstance(obj, BaseChatModel):
                 untapped = True
             return NotImplemented
 
         local = rewrite(runnable, visit)
-        if not find(local, lambda x: isinstance(x, BaseChatModel)):
+        models = find(local, lambda x: isinstance(x, BaseChatModel | LocalConfigurable))
+        if not models:
             untapped = True  # models hidden in Python code, or built at run time
         return local, not untapped
 
@@ -294,3 +299,34 @@ class LoopClients:
         clients, self._clients = self._clients, []
         for client in clients:
             await client.close()
+
+
+class LocalConfigurable(Runnable[Any, Any]):
+    """A configurable ``init_chat_model`` whose models use this loop's clients.
+
+    It builds a chat model per call from its configuration (with
+    langchain-openai's process-wide default client, which belongs to another
+    loop); here each distinct configuration is built once per loop and
+    localized like any other model.
+    """
+
+    def __init__(self, inner: Any, clients: LoopClients, timeout: float | None) -> None:
+        self.inner = inner
+        self.clients = clients
+        self.timeout = timeout
+        self._built: dict[str, Any] = {}
+
+    def _local(self, config: Any) -> Any:
+        params = {**self.inner._default_config, **self.inner._model_params(config)}
+        key = repr(sorted((k, repr(v)) for k, v in params.items()))
+        local = self._built.get(key)
+        if local is None:
+            local, _ = self.clients.localize(self.inner._model(config), timeout=self.timeout)
+            self._built[key] = local
+        return local
+
+    def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        return self.inner.invoke(input, config, **kwargs)
+
+    async def ainvoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        return await self._local(config).ainvoke(input, config=config, **kwargs)

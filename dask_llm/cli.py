@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -342,7 +343,9 @@ def enrich(
         raise click.ClickException(str(exc)) from None
     client = connect(scheduler)
     try:
-        with _atomic(target, overwrite) as staging:
+        with _atomic(target, overwrite) as staging, warnings.catch_warnings():
+            # dask's writer uses inplace=, which pandas 3.1 deprecates: noise for a user.
+            warnings.filterwarnings("ignore", message="The inplace keyword in DataFrame")
             out.to_parquet(staging, write_index=False)
     except dask_llm.ChainError as exc:
         raise click.ClickException(str(exc)) from None

@@ -162,6 +162,14 @@ def test_distributed_survives_a_killed_worker(make_simulator: Any) -> None:
         victim = next(iter(client.run(os.getpid).values()))
         os.kill(victim, signal.SIGKILL)
         result = future.result(timeout=120)
+        deadline = time.monotonic() + 10
+        while (dask_llm.last_run() is None or dask_llm.last_run().rows < n) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)  # the workers' last events are on their way
     assert len(result) == n
     assert result["llm_error"].isna().all()
     assert result["summary"].notna().all()
+    summary = dask_llm.last_run()
+    assert summary is not None
+    assert summary.rows == n  # a partition rerun elsewhere replaces its first attempt
