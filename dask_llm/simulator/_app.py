@@ -31,6 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from dask_llm.simulator import _answers as answers
+from dask_llm.simulator._batch import BatchAPI
 from dask_llm.simulator._config import SimulatorConfig
 from dask_llm.simulator._http import JSON, error, error_body, respond
 from dask_llm.simulator._limits import Limiter, duration, make_limiter
@@ -142,6 +143,7 @@ class SimulatorApp:
         )
         self._late_faults = tuple((name, p) for name, p in late if p > 0)
         self._late_draw = bool(self._late_faults) or config.schema_violation > 0
+        self.batches = BatchAPI(self)
 
     def _make_limiters(self) -> None:
         cfg = self.config
@@ -153,12 +155,13 @@ class SimulatorApp:
             self._tokens = make_limiter(cfg.limit_mode, cfg.tpm, cfg.limit_window, self.started)
 
     def reset(self) -> None:
-        """Clear stats and limits (fixed slices stay aligned to the start)."""
+        """Clear stats, limits, files and batches (fixed slices stay aligned to the start)."""
         self.stats.reset()
         self._faults = random.Random(self.config.seed)
         for window in (self._requests, self._tokens):
             if window is not None:
                 window.clear()
+        self.batches.reset()
 
     def make_app(self) -> web.Application:
         self.started = time.monotonic()
@@ -166,6 +169,7 @@ class SimulatorApp:
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        self.batches.add_routes(app.router)
         app.router.add_get("/sim/stats", self.get_stats)
         app.router.add_post("/sim/reset", self.post_reset)
         return app
@@ -173,6 +177,7 @@ class SimulatorApp:
     def snapshot(self) -> dict[str, Any]:
         """Everything ``/sim/stats`` reports; call on the event loop."""
         snapshot = self.stats.snapshot()
+        snapshot.update(self.batches.counters(time.monotonic()))
         return snapshot
 
     # -- small endpoints ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The simulator's settings: latency, limits and faults."""
+"""The simulator's settings: latency, limits, faults and the Batch API."""
 
 from __future__ import annotations
 
@@ -41,6 +41,14 @@ class SimulatorConfig:
     ``context_tokens``: prompts above it get 400 ``context_length_exceeded``.
     ``api_key``: when set, any other key gets 401. ``models``: when set, other
     models get 404 ``model_not_found``.
+
+    The Batch API: a batch validates for ``batch_validation_delay``, then its
+    lines complete evenly over ``batch_delay``, then it finalizes for
+    ``batch_finalize_delay``; a cancelled one is ``cancelling`` for
+    ``batch_cancel_delay``. ``batch_expire_after`` (None: never) expires a batch
+    that is still in progress that long. ``batch_line_failure_rate``: lines
+    answered with a 500 in the error file. ``batch_max_lines`` and
+    ``batch_max_bytes`` are OpenAI's limits on an input file.
     """
 
     latency: float = 0.0
@@ -68,6 +76,14 @@ class SimulatorConfig:
     models: tuple[str, ...] | None = None
     completion_tokens: int = 40
     seed: int = 0
+    batch_validation_delay: float = 0.1
+    batch_delay: float = 1.0
+    batch_finalize_delay: float = 0.1
+    batch_cancel_delay: float = 0.1
+    batch_expire_after: float | None = None
+    batch_line_failure_rate: float = 0.0
+    batch_max_lines: int = 50_000
+    batch_max_bytes: int = 200 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in (
@@ -76,6 +92,10 @@ class SimulatorConfig:
             "per_token_latency",
             "hang_seconds",
             "spurious_retry_after",
+            "batch_validation_delay",
+            "batch_delay",
+            "batch_finalize_delay",
+            "batch_cancel_delay",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -94,6 +114,7 @@ class SimulatorConfig:
             "schema_violation",
             "forbidden",
             "spurious_429",
+            "batch_line_failure_rate",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -104,6 +125,9 @@ class SimulatorConfig:
                 raise ValueError(f"{name} must be > 0, or None for no limit")
         if self.quota_after is not None and self.quota_after < 0:
             raise ValueError("quota_after must be >= 0, or None for no quota")
+        if self.batch_expire_after is not None and self.batch_expire_after < 0:
+            raise ValueError("batch_expire_after must be >= 0, or None to never expire")
+        for name in ("completion_tokens", "batch_max_lines", "batch_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
