@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from typing import Any, Literal
 
 import aiohttp
@@ -343,7 +344,20 @@ def test_config_validation() -> None:
 # -- CLI -----------------------------------------------------------------------------------
 def test_cli_prints_its_url_serves_and_stops_on_ctrl_c() -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "dask_llm", "simulate", "--port", "0", "--rpm", "600"],
+        [
+            sys.executable,
+            "-m",
+            "dask_llm",
+            "simulate",
+            "--port",
+            "0",
+            "--rpm",
+            "600",
+            "--limit-mode",
+            "bucket",
+            "--batch-validation-delay",
+            "5",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -354,10 +368,26 @@ def test_cli_prints_its_url_serves_and_stops_on_ctrl_c() -> None:
             assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
             with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
                 raw = c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+                uploaded = c.files.create(file=("in.jsonl", b"{}\n"), purpose="batch")
+                batch = c.batches.create(
+                    input_file_id=uploaded.id,
+                    endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                )
             assert raw.headers["x-ratelimit-limit-requests"] == "600"
+            assert batch.status == "validating"
+            stats = fetch_stats(url)
+            assert stats["batches_created"] == 1 and stats["series"][0]["requests"] == 1
         finally:
             proc.send_signal(signal.SIGINT)
             assert proc.wait(10) == 0
+
+
+def test_the_cli_mirrors_every_config_option() -> None:
+    from dask_llm.cli import simulate
+
+    options = {p.name for p in simulate.params} - {"host", "port"}
+    assert options == {f.name for f in fields(SimulatorConfig)}
 
 
 def test_cli_rejects_bad_options() -> None:
