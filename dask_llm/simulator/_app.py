@@ -166,6 +166,7 @@ class SimulatorApp:
     def make_app(self) -> web.Application:
         self.started = time.monotonic()
         self._make_limiters()
+        self.stats.reset()  # the series starts with the server
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
