@@ -118,13 +118,15 @@ def test_plain_prompts_still_get_prose(sim: Simulator) -> None:
 
 # -- streaming usage ---------------------------------------------------------------------------
 def test_streaming_usage_reaches_chat_openai_async(sim: Simulator) -> None:
-    model = llm(sim, streaming=True, stream_usage=True)
-
     async def main() -> tuple[Any, AIMessageChunk]:
-        message = await model.ainvoke("Describe a Merlot from Pomerol.")
-        total: AIMessageChunk | None = None
-        async for chunk in model.astream("Describe a Cabernet Franc from Chinon."):
-            total = chunk if total is None else total + chunk
+        # Our own client, closed on this loop: langchain_openai's shared default async client
+        # would keep a connection bound to this loop for the next test's loop.
+        async with openai.DefaultAsyncHttpxClient() as http:
+            model = llm(sim, streaming=True, stream_usage=True, http_async_client=http)
+            message = await model.ainvoke("Describe a Merlot from Pomerol.")
+            total: AIMessageChunk | None = None
+            async for chunk in model.astream("Describe a Cabernet Franc from Chinon."):
+                total = chunk if total is None else total + chunk
         assert total is not None
         return message, total
 
