@@ -399,3 +399,49 @@ def test_cli_rejects_bad_options() -> None:
     )
     assert result.returncode != 0
     assert "probability" in result.stderr
+
+
+# -- the hot path's shortcuts --------------------------------------------------------------
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"model": "gpt-4o-mini", "messages": MESSAGES},
+        {"model": 'm\u00e9"x\\', "messages": [{"role": "user", "content": '\u00e9 " \\ \n'}]},
+        {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 2},
+        {"model": "gpt-4o-mini", "messages": MESSAGES, "response_format": {"type": "json_object"}},
+        {
+            "model": "gpt-4o-mini",
+            "messages": MESSAGES,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        },
+    ],
+)
+def test_rendered_answers_are_byte_identical_to_json_dumps(payload: dict[str, Any]) -> None:
+    from dask_llm.simulator._app import SimulatorApp, render
+
+    app = SimulatorApp(SimulatorConfig())
+    body, completion_tokens, _ = app._compose(payload, app.answer_key(payload), None)
+    full = {**body, "usage": {"prompt_tokens": 7, "completion_tokens": completion_tokens}}
+    full["usage"]["total_tokens"] = 7 + completion_tokens
+    assert render(body, 7, completion_tokens) == json.dumps(full, separators=(",", ":")).encode()
+
+
+def test_the_answer_does_not_depend_on_key_order_or_spacing(sim: Simulator) -> None:
+    payloads = [
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"A Pinot Gris."}]}',
+        b'{"messages": [{"content": "A Pinot Gris.", "role": "user"}], "model": "gpt-4o-mini"}',
+    ]
+
+    async def post(data: bytes) -> Any:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"{sim.base_url}/chat/completions",
+                data=data,
+                headers={"Content-Type": "application/json"},
+            ) as r,
+        ):
+            return await r.json()
+
+    first, second = (asyncio.run(post(p)) for p in payloads)
+    assert first == second

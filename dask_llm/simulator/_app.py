@@ -86,7 +86,7 @@ def render(body: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> 
     if len(message) != 3 or len(body) != 6:  # tool calls, or a shape the template lacks
         return (_encode(body)[:-1] + "," + usage).encode()
     return (
-        f'{{"id":{_encode(body["id"])},"object":"chat.completion","created":{body["created"]},'
+        f'{{"id":"{body["id"]}","object":"chat.completion","created":{body["created"]},'
         f'"model":{_encode(body["model"])},"system_fingerprint":"fp_dask_llm_sim",'
         f'"choices":[{{"index":0,"message":{{"role":"assistant",'
         f'"content":{_encode(message["content"])},"refusal":null}},"logprobs":null,'
@@ -153,6 +153,9 @@ class SimulatorApp:
             self._requests = make_limiter(cfg.limit_mode, cfg.rpm, cfg.limit_window, self.started)
         if cfg.tpm:
             self._tokens = make_limiter(cfg.limit_mode, cfg.tpm, cfg.limit_window, self.started)
+        self._windows = tuple(
+            (kind, w) for kind, w in (("requests", self._requests), ("tokens", self._tokens)) if w
+        )
 
     def reset(self) -> None:
         """Clear stats, limits, files and batches (fixed slices stay aligned to the start)."""
@@ -308,9 +311,7 @@ class SimulatorApp:
     # -- headers ------------------------------------------------------------------------
     def _limit_headers(self, now: float) -> dict[str, str]:
         headers = {"x-request-id": self.request_id(), "openai-processing-ms": "1"}
-        for kind, window in (("requests", self._requests), ("tokens", self._tokens)):
-            if window is None:
-                continue
+        for kind, window in self._windows:
             headers[f"x-ratelimit-limit-{kind}"] = str(window.per_minute)
             headers[f"x-ratelimit-remaining-{kind}"] = str(window.remaining(now))
             headers[f"x-ratelimit-reset-{kind}"] = duration(window.reset_after(now))
