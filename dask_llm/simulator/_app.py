@@ -2,12 +2,12 @@
 
 The hot path is kept short (the simulator must never be the bottleneck of a
 benchmark): one ``json.loads``, one hash of the raw body (the key of an LRU of
-generated answers and of the latency draw), one ``json.dumps``, no access log,
-no random draw unless a fault is configured. A new answer is seeded from a
-hash of the body in canonical form (sorted keys), not of its bytes, so the
-same body gets the same answer however the client serialized it: online, or
-as a line of a batch (``answer_offline``, the same function minus limits,
-latency and faults).
+generated answers and of the latency draw), the answer rendered from a
+template (``render``), no access log, no random draw unless a fault is
+configured. A new answer is seeded from a hash of the body in canonical form
+(sorted keys, compact), not of its bytes, so the same body gets the same
+answer however the client serialized it: online, or as a line of a batch
+(``answer_offline``, the same function minus limits, latency and faults).
 
 The order of checks on arrival, each answered at once without latency: 401
 (``api_key``), 400 (bad body), 404 (``models``), 400 context length, 429
