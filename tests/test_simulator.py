@@ -211,6 +211,20 @@ def test_schema_violation_fails_parsing(make_simulator: Any, method: str) -> Non
     assert sim.stats()["faults"]["schema_violation"] == 1
 
 
+def test_schema_violation_of_a_truncated_answer_is_still_an_answer(make_simulator: Any) -> None:
+    sim = make_simulator(schema_violation=1.0)
+    reply = ask(
+        sim,
+        max_tokens=3,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "Review", "schema": Review.model_json_schema()},
+        },
+    ).parse()
+    assert reply.choices[0].finish_reason == "length"
+    assert sim.stats()["faults"]["schema_violation"] == 1
+
+
 def test_fault_rates_are_about_right_and_seeded(make_simulator: Any) -> None:
     sim = make_simulator(error_rate=0.2, seed=3)
 

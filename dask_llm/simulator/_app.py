@@ -566,11 +566,15 @@ class SimulatorApp:
     def _violated(self, body: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
         body = json.loads(json.dumps(body))
         message = body["choices"][0]["message"]
-        if message.get("tool_calls"):
-            fn = message["tool_calls"][0]["function"]
-            fn["arguments"] = json.dumps(answers.violate(json.loads(fn["arguments"]), schema))
-        else:
-            message["content"] = json.dumps(answers.violate(json.loads(message["content"]), schema))
+        try:
+            if message.get("tool_calls"):
+                fn = message["tool_calls"][0]["function"]
+                fn["arguments"] = json.dumps(answers.violate(json.loads(fn["arguments"]), schema))
+            else:
+                instance = json.loads(message["content"])
+                message["content"] = json.dumps(answers.violate(instance, schema))
+        except ValueError:  # cut short by max_tokens: already not an instance of the schema
+            pass
         return body
 
     async def _stream(
