@@ -272,6 +272,12 @@ def test_context_length_exceeded(make_simulator: Any) -> None:
         ),
         pytest.param(b"[1, 2]", 400, None, id="not-an-object"),
         pytest.param(
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}',
+            400,
+            "max_tokens",
+            id="max_tokens-not-an-integer",
+        ),
+        pytest.param(
             b'{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}',
             404,
             None,

@@ -248,6 +248,12 @@ class SimulatorApp:
         n = payload.get("n", 1)
         if n not in (None, 1):
             return _bad("The simulator answers n=1 only.", "n", "invalid_value")
+        for name in ("max_tokens", "max_completion_tokens"):
+            limit = payload.get(name)
+            if limit is not None and (type(limit) is not int or limit < 1):
+                return _bad(
+                    f"Invalid '{name}': expected an integer of at least 1.", name, "invalid_value"
+                )
         if self.config.models is not None and model not in self.config.models:
             return (
                 "model_not_found",
