@@ -70,10 +70,18 @@ def run() -> None:
     show_default=True,
     help="Seconds over which rpm/tpm are enforced (OpenAI-style slices).",
 )
+@click.option(
+    "--limit-mode",
+    type=click.Choice(["sliding", "fixed", "bucket"]),
+    default="sliding",
+    show_default=True,
+    help="How rpm/tpm windows are drawn: sliding, fixed slices, or a token bucket.",
+)
 @click.option("--max-in-flight", type=int, default=None, help="Concurrent requests (429 beyond).")
 @click.option("--error-rate", default=0.0, show_default=True, help="Probability of HTTP 500.")
 @click.option("--error-503", default=0.0, show_default=True, help="Probability of HTTP 503.")
 @click.option("--hang", default=0.0, show_default=True, help="Probability of never answering.")
+@click.option("--hang-seconds", default=3600.0, show_default=True, help="How long a hang lasts.")
 @click.option(
     "--malformed-json", default=0.0, show_default=True, help="Probability of a broken body."
 )
@@ -84,6 +92,28 @@ def run() -> None:
     show_default=True,
     help="Probability that structured output breaks its schema.",
 )
+@click.option("--forbidden", default=0.0, show_default=True, help="Probability of HTTP 403.")
+@click.option(
+    "--spurious-429",
+    default=0.0,
+    show_default=True,
+    help="Probability of a 429 that is not the quota's (no x-ratelimit-* headers).",
+)
+@click.option(
+    "--spurious-retry-after",
+    default=1.0,
+    show_default=True,
+    help="Seconds of retry-after sent with a spurious 429.",
+)
+@click.option(
+    "--insufficient-quota", is_flag=True, help="Answer every request with the billing 429."
+)
+@click.option(
+    "--quota-after",
+    type=int,
+    default=None,
+    help="Billing 429 for requests arriving once this many answers were sent.",
+)
 @click.option(
     "--context-tokens", type=int, default=None, help="Longest prompt accepted (400 beyond)."
 )
@@ -91,6 +121,48 @@ def run() -> None:
 @click.option("--model", "models", multiple=True, help="Accepted model (repeatable; default any).")
 @click.option("--completion-tokens", default=40, show_default=True, help="Length of text answers.")
 @click.option("--seed", default=0, show_default=True, help="Seed of answers, latency and faults.")
+@click.option(
+    "--batch-validation-delay",
+    default=0.1,
+    show_default=True,
+    help="Seconds a batch stays validating.",
+)
+@click.option(
+    "--batch-delay",
+    default=1.0,
+    show_default=True,
+    help="Seconds a batch is in progress (its lines complete evenly over it).",
+)
+@click.option(
+    "--batch-finalize-delay", default=0.1, show_default=True, help="Seconds a batch finalizes."
+)
+@click.option(
+    "--batch-cancel-delay",
+    default=0.1,
+    show_default=True,
+    help="Seconds a cancelled batch stays cancelling.",
+)
+@click.option(
+    "--batch-expire-after",
+    type=float,
+    default=None,
+    help="Seconds in progress after which a batch expires (default: never).",
+)
+@click.option(
+    "--batch-line-failure-rate",
+    default=0.0,
+    show_default=True,
+    help="Probability that a batch line is answered with a 500 (in the error file).",
+)
+@click.option(
+    "--batch-max-lines", default=50_000, show_default=True, help="Most requests in a batch file."
+)
+@click.option(
+    "--batch-max-bytes",
+    default=200 * 1024 * 1024,
+    show_default=True,
+    help="Largest batch input file, in bytes.",
+)
 def simulate(host: str, port: int, models: tuple[str, ...], **options: object) -> None:
     """Run the OpenAI-compatible simulator until Ctrl-C."""
     try:

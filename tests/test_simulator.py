@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from typing import Any, Literal
 
 import aiohttp
@@ -210,6 +211,20 @@ def test_schema_violation_fails_parsing(make_simulator: Any, method: str) -> Non
     assert sim.stats()["faults"]["schema_violation"] == 1
 
 
+def test_schema_violation_of_a_truncated_answer_is_still_an_answer(make_simulator: Any) -> None:
+    sim = make_simulator(schema_violation=1.0)
+    reply = ask(
+        sim,
+        max_tokens=3,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "Review", "schema": Review.model_json_schema()},
+        },
+    ).parse()
+    assert reply.choices[0].finish_reason == "length"
+    assert sim.stats()["faults"]["schema_violation"] == 1
+
+
 def test_fault_rates_are_about_right_and_seeded(make_simulator: Any) -> None:
     sim = make_simulator(error_rate=0.2, seed=3)
 
@@ -256,6 +271,12 @@ def test_context_length_exceeded(make_simulator: Any) -> None:
             b'{"messages": [{"role": "user", "content": "x"}]}', 400, "model", id="missing-model"
         ),
         pytest.param(b"[1, 2]", 400, None, id="not-an-object"),
+        pytest.param(
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}',
+            400,
+            "max_tokens",
+            id="max_tokens-not-an-integer",
+        ),
         pytest.param(
             b'{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}',
             404,
@@ -343,7 +364,20 @@ def test_config_validation() -> None:
 # -- CLI -----------------------------------------------------------------------------------
 def test_cli_prints_its_url_serves_and_stops_on_ctrl_c() -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "dask_llm", "simulate", "--port", "0", "--rpm", "600"],
+        [
+            sys.executable,
+            "-m",
+            "dask_llm",
+            "simulate",
+            "--port",
+            "0",
+            "--rpm",
+            "600",
+            "--limit-mode",
+            "bucket",
+            "--batch-validation-delay",
+            "5",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -354,10 +388,26 @@ def test_cli_prints_its_url_serves_and_stops_on_ctrl_c() -> None:
             assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
             with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
                 raw = c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+                uploaded = c.files.create(file=("in.jsonl", b"{}\n"), purpose="batch")
+                batch = c.batches.create(
+                    input_file_id=uploaded.id,
+                    endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                )
             assert raw.headers["x-ratelimit-limit-requests"] == "600"
+            assert batch.status == "validating"
+            stats = fetch_stats(url)
+            assert stats["batches_created"] == 1 and stats["series"][0]["requests"] == 1
         finally:
             proc.send_signal(signal.SIGINT)
             assert proc.wait(10) == 0
+
+
+def test_the_cli_mirrors_every_config_option() -> None:
+    from dask_llm.cli import simulate
+
+    options = {p.name for p in simulate.params} - {"host", "port"}
+    assert options == {f.name for f in fields(SimulatorConfig)}
 
 
 def test_cli_rejects_bad_options() -> None:
@@ -369,3 +419,49 @@ def test_cli_rejects_bad_options() -> None:
     )
     assert result.returncode != 0
     assert "probability" in result.stderr
+
+
+# -- the hot path's shortcuts --------------------------------------------------------------
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"model": "gpt-4o-mini", "messages": MESSAGES},
+        {"model": 'm\u00e9"x\\', "messages": [{"role": "user", "content": '\u00e9 " \\ \n'}]},
+        {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 2},
+        {"model": "gpt-4o-mini", "messages": MESSAGES, "response_format": {"type": "json_object"}},
+        {
+            "model": "gpt-4o-mini",
+            "messages": MESSAGES,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        },
+    ],
+)
+def test_rendered_answers_are_byte_identical_to_json_dumps(payload: dict[str, Any]) -> None:
+    from dask_llm.simulator._app import SimulatorApp, render
+
+    app = SimulatorApp(SimulatorConfig())
+    body, completion_tokens, _ = app._compose(payload, app.answer_key(payload), None)
+    full = {**body, "usage": {"prompt_tokens": 7, "completion_tokens": completion_tokens}}
+    full["usage"]["total_tokens"] = 7 + completion_tokens
+    assert render(body, 7, completion_tokens) == json.dumps(full, separators=(",", ":")).encode()
+
+
+def test_the_answer_does_not_depend_on_key_order_or_spacing(sim: Simulator) -> None:
+    payloads = [
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"A Pinot Gris."}]}',
+        b'{"messages": [{"content": "A Pinot Gris.", "role": "user"}], "model": "gpt-4o-mini"}',
+    ]
+
+    async def post(data: bytes) -> Any:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"{sim.base_url}/chat/completions",
+                data=data,
+                headers={"Content-Type": "application/json"},
+            ) as r,
+        ):
+            return await r.json()
+
+    first, second = (asyncio.run(post(p)) for p in payloads)
+    assert first == second

@@ -2,13 +2,22 @@
 
 Every answer is a function of the request's content and the seed: a
 ``random.Random`` seeded from a hash of both drives every choice, so the same
-request gets the same answer in any process, any order, any run (which makes
-caches and tests reproducible), and different rows get different answers
-(a few words of the prompt are echoed back).
+request gets the same answer in any process, any order, any run, online or in
+a batch (which makes caches and tests reproducible), and different rows get
+different answers (a few words of the prompt are echoed back).
+
+Prompts that carry a JSON schema in a code fence get an instance of it: the
+format instructions of LangChain's ``PydanticOutputParser`` and
+``JsonOutputParser(pydantic_object=...)`` ("The output should be formatted as
+a JSON instance that conforms to the JSON schema below." and the schema in a
+``` fence) in any message, or, when the answer is JSON anyway (``json_object``
+mode, or a prompt that mentions JSON), any fenced JSON object that looks like
+a schema (has ``properties``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -68,23 +77,29 @@ _TOKEN = re.compile(r"[A-Za-z][A-Za-z'-]{3,}")
 
 def prompt_words(text: str, limit: int = 6) -> list[str]:
     """A few distinctive words of the prompt, to make answers differ by row."""
-    seen: dict[str, None] = {}
-    for word in _TOKEN.findall(text[-600:]):
-        seen.setdefault(word.lower(), None)
-    return list(seen)[-limit:]
+    return list(dict.fromkeys(_TOKEN.findall(text[-600:].lower())))[-limit:]
 
 
-def sentence(rng: random.Random, echo: list[str], n_words: int) -> str:
-    words = [rng.choice(_WORDS) for _ in range(max(1, n_words))]
+def _sentence(words: list[str], echo: list[str]) -> str:
     for k, w in enumerate(echo[:3]):
         words[min(len(words) - 1, 1 + 2 * k)] = w
     text = " ".join(words)
     return text[0].upper() + text[1:] + "."
 
 
-def text_answer(rng: random.Random, echo: list[str], tokens: int) -> str:
-    # ~1.3 tokens per word of this vocabulary
-    return sentence(rng, echo, max(3, int(tokens / 1.3)))
+def sentence(rng: random.Random, echo: list[str], n_words: int) -> str:
+    return _sentence(rng.choices(_WORDS, k=max(1, n_words)), echo)
+
+
+# A word per byte value: prose drawn from hash bytes, without seeding a generator (hot path).
+_BYTE_WORDS = [_WORDS[b % len(_WORDS)] for b in range(256)]
+
+
+def text_answer(digest: bytes, echo: list[str], tokens: int) -> str:
+    """Prose of about ``tokens`` tokens (~1.3 a word), its words drawn from ``digest``."""
+    n_words = max(3, int(tokens / 1.3))
+    stream = hashlib.shake_256(digest).digest(n_words)
+    return _sentence([_BYTE_WORDS[b] for b in stream], echo)
 
 
 class SchemaFaker:
@@ -200,3 +215,46 @@ def json_object(rng: random.Random, echo: list[str]) -> str:
     return json.dumps(
         {"answer": sentence(rng, echo, 12), "keywords": [rng.choice(_WORDS) for _ in range(3)]}
     )
+
+
+_MARKER = "conforms to the JSON schema below"
+_INSTRUCTIONS = ("STRICT OUTPUT FORMAT:", "The output should be formatted as a JSON instance")
+_FENCE = re.compile(r"```(?:json)?[ \t]*\n(.*?)\n[ \t]*```", re.DOTALL)
+
+
+def message_text(message: Any) -> str:
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def without_instructions(text: str) -> str:
+    """The prompt before any LangChain format instructions (for the words echoed back)."""
+    if "JSON" not in text:
+        return text
+    cuts = [k for k in (text.find(m) for m in _INSTRUCTIONS) if k > 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def instructed_schema(messages: list[Any], *, json_answer: bool) -> dict[str, Any] | None:
+    """The JSON schema a prompt asks its answer to follow, if any (latest message first)."""
+    for message in reversed(messages):
+        text = message_text(message)
+        if "```" not in text:
+            continue
+        start = text.find(_MARKER)
+        if start < 0 and not json_answer:
+            continue
+        for match in _FENCE.finditer(text, max(start, 0)):
+            try:
+                schema = json.loads(match.group(1))
+            except ValueError:
+                continue
+            if isinstance(schema, dict) and (
+                "properties" in schema or (start >= 0 and ("$ref" in schema or "type" in schema))
+            ):
+                return schema
+    return None

@@ -1,8 +1,20 @@
 """The aiohttp application: OpenAI's Chat Completions wire format, limits, faults, stats.
 
 The hot path is kept short (the simulator must never be the bottleneck of a
-benchmark): one ``json.loads``, one hash, an LRU of generated answers, one
-``json.dumps``, no access log.
+benchmark): one ``json.loads``, one hash of the raw body (the key of an LRU of
+generated answers and of the latency draw), the answer rendered from a
+template (``render``), no access log, no random draw unless a fault is
+configured. A new answer is seeded from a hash of the body in canonical form
+(sorted keys, compact), not of its bytes, so the same body gets the same
+answer however the client serialized it: online, or as a line of a batch
+(``answer_offline``, the same function minus limits, latency and faults).
+
+The order of checks on arrival, each answered at once without latency: 401
+(``api_key``), 400 (bad body), 404 (``models``), 400 context length, 429
+``insufficient_quota`` (billing), 403 ``forbidden`` and 429 ``spurious_429``
+(one draw), then the quota: ``max_in_flight``, rpm, tpm (only these consume
+quota or count as ``rate_limited``). Then the answer, and the faults drawn
+after the latency (500, 503, hang, malformed body, reset, schema violation).
 """
 
 from __future__ import annotations
@@ -13,18 +25,18 @@ import json
 import math
 import random
 import time
-import uuid
 from collections import OrderedDict
 from typing import Any
 
 from aiohttp import web
 
 from dask_llm.simulator import _answers as answers
+from dask_llm.simulator._batch import BatchAPI
 from dask_llm.simulator._config import SimulatorConfig
-from dask_llm.simulator._limits import SlidingWindow, duration
+from dask_llm.simulator._http import JSON, error, error_body, respond
+from dask_llm.simulator._limits import Limiter, duration, make_limiter
 from dask_llm.simulator._stats import Stats
 
-_JSON = "application/json"
 _CACHE_SIZE = 20_000
 _SERVER_ERRORS = {
     "error_500": (
@@ -33,21 +45,53 @@ _SERVER_ERRORS = {
     ),
     "error_503": (503, "The engine is currently overloaded, please try again later."),
 }
+INSUFFICIENT_QUOTA = error_body(
+    "You exceeded your current quota, please check your plan and billing details. For more "
+    "information on this error, read the docs: "
+    "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+    type_="insufficient_quota",
+    code="insufficient_quota",
+)
+FORBIDDEN = error_body(
+    "You are not allowed to sample from this model",
+    type_="invalid_request_error",
+    code="permission_denied",
+)
+SPURIOUS_429 = error_body(
+    "The server is currently overloaded, please try again later.",
+    type_="server_error",
+    code="server_overloaded",
+)
+
+# A problem with a request: (fault counter, HTTP status, OpenAI error body).
+Problem = tuple[str, int, dict[str, Any]]
+
+# Encoders built once (``json.dumps`` with options builds one per call).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 
-def _error(
-    status: int,
-    message: str,
-    *,
-    type_: str,
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return web.Response(
-        status=status, body=json.dumps(body).encode(), content_type=_JSON, headers=headers
+def render(body: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> bytes:
+    """The answer with its usage as compact JSON: what ``json.dumps`` gives, byte for byte.
+
+    An answer with plain content is formatted from a template (about twice as
+    fast as encoding the nested dict, on the hot path); tool calls are encoded.
+    """
+    choice = body["choices"][0]
+    message = choice["message"]
+    usage = (
+        f'"usage":{{"prompt_tokens":{prompt_tokens},"completion_tokens":{completion_tokens},'
+        f'"total_tokens":{prompt_tokens + completion_tokens}}}}}'
     )
+    if len(message) != 3 or len(body) != 6:  # tool calls, or a shape the template lacks
+        return (_encode(body)[:-1] + "," + usage).encode()
+    return (
+        f'{{"id":"{body["id"]}","object":"chat.completion","created":{body["created"]},'
+        f'"model":{_encode(body["model"])},"system_fingerprint":"fp_dask_llm_sim",'
+        f'"choices":[{{"index":0,"message":{{"role":"assistant",'
+        f'"content":{_encode(message["content"])},"refusal":null}},"logprobs":null,'
+        f'"finish_reason":"{choice["finish_reason"]}"}}],{usage}'
+    ).encode()
 
 
 def count_tokens(payload: dict[str, Any]) -> int:
@@ -66,32 +110,79 @@ def count_tokens(payload: dict[str, Any]) -> int:
     return 3 + 3 * len(messages) + math.ceil(chars / 4)
 
 
+def _bad(message: str, param: str | None, code: str | None = None) -> Problem:
+    return (
+        "bad_request",
+        400,
+        error_body(message, type_="invalid_request_error", param=param, code=code),
+    )
+
+
 class SimulatorApp:
     """State and handlers of one simulated provider."""
 
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
+        self.started = time.monotonic()
         self.stats = Stats()
         self._faults = random.Random(config.seed)
-        self._answers: OrderedDict[bytes, tuple[dict[str, Any], int, bool]] = OrderedDict()
-        self._requests = SlidingWindow(config.rpm, config.limit_window) if config.rpm else None
-        self._tokens = SlidingWindow(config.tpm, config.limit_window) if config.tpm else None
-        self._seed = str(config.seed).encode()
+        self._ids = random.Random()
+        self._answers: OrderedDict[bytes, tuple[dict[str, Any], int, dict[str, Any] | None]] = (
+            OrderedDict()
+        )
+        self._seed = str(config.seed).encode()[:64]
+        self._make_limiters()
+        self._billing = config.insufficient_quota or config.quota_after is not None
+        self._arrival_draw = config.forbidden > 0 or config.spurious_429 > 0
+        late = (
+            ("connection_reset", config.connection_reset),
+            ("hang", config.hang),
+            ("error_500", config.error_rate),
+            ("error_503", config.error_503),
+            ("malformed_json", config.malformed_json),
+        )
+        self._late_faults = tuple((name, p) for name, p in late if p > 0)
+        self._late_draw = bool(self._late_faults) or config.schema_violation > 0
+        self.batches = BatchAPI(self)
+
+    def _make_limiters(self) -> None:
+        cfg = self.config
+        self._requests: Limiter | None = None
+        self._tokens: Limiter | None = None
+        if cfg.rpm:
+            self._requests = make_limiter(cfg.limit_mode, cfg.rpm, cfg.limit_window, self.started)
+        if cfg.tpm:
+            self._tokens = make_limiter(cfg.limit_mode, cfg.tpm, cfg.limit_window, self.started)
+        self._windows = tuple(
+            (kind, w) for kind, w in (("requests", self._requests), ("tokens", self._tokens)) if w
+        )
 
     def reset(self) -> None:
+        """Clear stats, limits, files and batches (fixed slices stay aligned to the start)."""
         self.stats.reset()
         self._faults = random.Random(self.config.seed)
         for window in (self._requests, self._tokens):
             if window is not None:
                 window.clear()
+        self.batches.reset()
 
     def make_app(self) -> web.Application:
+        self.started = time.monotonic()
+        self._make_limiters()
+        self.stats.reset()  # the series starts with the server
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        self.batches.add_routes(app.router)
         app.router.add_get("/sim/stats", self.get_stats)
         app.router.add_post("/sim/reset", self.post_reset)
         return app
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything ``/sim/stats`` reports; call on the event loop."""
+        snapshot = self.stats.snapshot()
+        snapshot.update(self.batches.counters(time.monotonic()))
+        return snapshot
 
     # -- small endpoints ----------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
@@ -103,18 +194,130 @@ class SimulatorApp:
         return web.json_response({"object": "list", "data": data})
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        return web.json_response(self.stats.snapshot())
+        return web.json_response(self.snapshot())
 
     async def post_reset(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response({"ok": True})
 
+    # -- shared with the Batch API -----------------------------------------------------
+    def request_id(self) -> str:
+        return f"req_{self._ids.getrandbits(96):024x}"
+
+    def unauthorized(self, request: web.Request) -> web.Response | None:
+        """401 unless the request carries the configured key (the key is never echoed)."""
+        key = self.config.api_key
+        if key is None or request.headers.get("Authorization", "") == f"Bearer {key}":
+            return None
+        return error(
+            401,
+            "Incorrect API key provided. You can find your API key at "
+            "https://platform.openai.com/account/api-keys.",
+            type_="invalid_request_error",
+            code="invalid_api_key",
+        )
+
+    def answer_key(self, payload: dict[str, Any]) -> bytes:
+        """The seed of a body's answer: a hash of its canonical JSON and the simulator's seed."""
+        canonical = _canonical(payload).encode()
+        return hashlib.blake2b(canonical, key=self._seed, digest_size=16).digest()
+
+    def problem(self, payload: Any) -> Problem | None:
+        """What the online endpoint would refuse this body for, before any limit or fault."""
+        if not isinstance(payload, dict):
+            return _bad("Invalid type for request body: expected an object.", None)
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            return _bad("you must provide a model parameter", "model", "missing_required_parameter")
+        messages = payload.get("messages")
+        if messages is None:
+            return _bad(
+                "Missing required parameter: 'messages'.", "messages", "missing_required_parameter"
+            )
+        if not isinstance(messages, list) or not messages:
+            return _bad(
+                "Invalid 'messages': expected a non-empty array.", "messages", "invalid_type"
+            )
+        for k, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                return _bad(
+                    f"Missing required parameter: 'messages[{k}].role'.",
+                    f"messages[{k}].role",
+                    "missing_required_parameter",
+                )
+        n = payload.get("n", 1)
+        if n not in (None, 1):
+            return _bad("The simulator answers n=1 only.", "n", "invalid_value")
+        for name in ("max_tokens", "max_completion_tokens"):
+            limit = payload.get(name)
+            if limit is not None and (type(limit) is not int or limit < 1):
+                return _bad(
+                    f"Invalid '{name}': expected an integer of at least 1.", name, "invalid_value"
+                )
+        if self.config.models is not None and model not in self.config.models:
+            return (
+                "model_not_found",
+                404,
+                error_body(
+                    f"The model `{model}` does not exist or you do not have access to it.",
+                    type_="invalid_request_error",
+                    code="model_not_found",
+                ),
+            )
+        return None
+
+    def too_long(self, prompt_tokens: int) -> Problem | None:
+        limit = self.config.context_tokens
+        if limit is None or prompt_tokens <= limit:
+            return None
+        return (
+            "context_length_exceeded",
+            400,
+            error_body(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"messages resulted in {prompt_tokens} tokens. Please reduce the length of "
+                "the messages.",
+                type_="invalid_request_error",
+                param="messages",
+                code="context_length_exceeded",
+            ),
+        )
+
+    def refusal(self, payload: Any) -> Problem | None:
+        """Why the endpoint refuses this body whatever the limits and faults (or None)."""
+        problem = self.problem(payload)
+        if problem is None:
+            problem = self.too_long(count_tokens(payload))
+        return problem
+
+    def answer_offline(self, payload: Any) -> tuple[int, dict[str, Any]]:
+        """The status and body the online endpoint would send, minus limits, latency, faults."""
+        problem = self.problem(payload)
+        if problem is None:
+            prompt_tokens = count_tokens(payload)
+            problem = self.too_long(prompt_tokens)
+        if problem is not None:
+            return problem[1], problem[2]
+        max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
+        body, completion_tokens, _ = self._compose(payload, self.answer_key(payload), max_tokens)
+        return 200, self._with_usage(body, prompt_tokens, completion_tokens)
+
+    @staticmethod
+    def _with_usage(
+        body: dict[str, Any], prompt_tokens: int, completion_tokens: int
+    ) -> dict[str, Any]:
+        full = dict(body)
+        full["usage"] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        return full
+
     # -- headers ------------------------------------------------------------------------
     def _limit_headers(self, now: float) -> dict[str, str]:
-        headers = {"x-request-id": f"req_{uuid.uuid4().hex[:24]}", "openai-processing-ms": "1"}
-        for kind, window in (("requests", self._requests), ("tokens", self._tokens)):
-            if window is None:
-                continue
+        headers = {"x-request-id": self.request_id(), "openai-processing-ms": "1"}
+        for kind, window in self._windows:
             headers[f"x-ratelimit-limit-{kind}"] = str(window.per_minute)
             headers[f"x-ratelimit-remaining-{kind}"] = str(window.remaining(now))
             headers[f"x-ratelimit-reset-{kind}"] = duration(window.reset_after(now))
@@ -122,58 +325,64 @@ class SimulatorApp:
 
     # -- the endpoint -------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        # Arrival is the moment the body has been read: nothing is awaited between it and
+        # the limits, so arrivals reach the limiters in time order (which keeps the sliding
+        # window strict) and peaks, series and limits all use this one timestamp.
+        raw = await request.read()
         stats = self.stats
         now = time.monotonic()
         stats.started(now)
         try:
-            return await self._chat(request, now)
+            return await self._chat(request, raw, now)
         finally:
             stats.finished()
 
-    async def _chat(self, request: web.Request, now: float) -> web.StreamResponse:
+    def _refuse(self, now: float, problem: Problem) -> web.Response:
+        fault, status, body = problem
+        self.stats.fault(fault, now)
+        return respond(status, body, {"x-request-id": self.request_id()})
+
+    async def _chat(self, request: web.Request, raw: bytes, now: float) -> web.StreamResponse:
         cfg = self.config
         stats = self.stats
         if cfg.api_key is not None:
-            auth = request.headers.get("Authorization", "")
-            if auth != f"Bearer {cfg.api_key}":
-                stats.faults["unauthorized"] += 1
-                return _error(
-                    401,
-                    "Incorrect API key provided. You can find your API key at "
-                    "https://platform.openai.com/account/api-keys.",
-                    type_="invalid_request_error",
-                    code="invalid_api_key",
-                )
-        raw = await request.read()
+            denied = self.unauthorized(request)
+            if denied is not None:
+                stats.fault("unauthorized", now)
+                return denied
         try:
             payload = json.loads(raw)
         except ValueError:
-            stats.faults["bad_request"] += 1
-            return _error(
-                400,
-                "We could not parse the JSON body of your request. (HINT: This "
-                "likely means you aren't using your HTTP library correctly. The OpenAI "
-                "API expects a JSON payload, but what was sent was not valid JSON.)",
-                type_="invalid_request_error",
+            return self._refuse(
+                now,
+                _bad(
+                    "We could not parse the JSON body of your request. (HINT: This likely "
+                    "means you aren't using your HTTP library correctly. The OpenAI API "
+                    "expects a JSON payload, but what was sent was not valid JSON.)",
+                    None,
+                ),
             )
-        problem = self._validate(payload)
+        problem = self.problem(payload)
         if problem is not None:
-            return problem
+            return self._refuse(now, problem)
         model = payload["model"]
         prompt_tokens = count_tokens(payload)
-        if cfg.context_tokens is not None and prompt_tokens > cfg.context_tokens:
-            stats.faults["context_length_exceeded"] += 1
-            return _error(
-                400,
-                f"This model's maximum context length is {cfg.context_tokens} "
-                f"tokens. However, your messages resulted in {prompt_tokens} tokens. "
-                "Please reduce the length of the messages.",
-                type_="invalid_request_error",
-                param="messages",
-                code="context_length_exceeded",
-            )
+        problem = self.too_long(prompt_tokens)
+        if problem is not None:
+            return self._refuse(now, problem)
+        if self._billing and (
+            cfg.insufficient_quota
+            or (cfg.quota_after is not None and stats.successes >= cfg.quota_after)
+        ):
+            return self._refuse(now, ("insufficient_quota", 429, INSUFFICIENT_QUOTA))
+        if self._arrival_draw:
+            draw = self._faults.random()
+            if draw < cfg.forbidden:
+                return self._refuse(now, ("forbidden", 403, FORBIDDEN))
+            if draw < cfg.forbidden + cfg.spurious_429:
+                return self._spurious(now)
 
-        # Limits, checked on arrival as the provider does.
+        # Quota, checked on arrival as the provider does.
         if cfg.max_in_flight is not None and stats.in_flight > cfg.max_in_flight:
             return self._too_many(now, 1.0, "requests", "Too many concurrent requests.")
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
@@ -189,6 +398,17 @@ class SimulatorApp:
         if self._tokens is not None:
             cost = prompt_tokens + int(max_tokens or cfg.completion_tokens)
             wait = self._tokens.try_take(now, cost)
+            if wait == math.inf:
+                window = self._tokens
+                return self._too_many(
+                    now,
+                    wait,
+                    "tokens",
+                    f"Request too large for {model} on tokens per min (TPM): Limit {cfg.tpm}, "
+                    f"Requested {cost}. The input or output tokens must be reduced in order to "
+                    f"run successfully. (The simulator allows {window.budget:g} tokens per "
+                    f"{window.window:g} s window.)",
+                )
             if wait:
                 return self._too_many(
                     now,
@@ -198,121 +418,80 @@ class SimulatorApp:
                     f"Limit {cfg.tpm}, Requested {cost}.",
                 )
 
-        digest = hashlib.blake2b(raw, key=self._seed[:64], digest_size=16).digest()
+        digest = hashlib.blake2b(raw, key=self._seed, digest_size=16).digest()
         cached = self._answers.get(digest)
         if cached is None:
-            cached = self._compose(payload, digest, max_tokens)
+            cached = self._compose(payload, self.answer_key(payload), max_tokens)
             self._answers[digest] = cached
             if len(self._answers) > _CACHE_SIZE:
                 self._answers.popitem(last=False)
         else:
             self._answers.move_to_end(digest)
-        body, completion_tokens, structured = cached
+        body, completion_tokens, schema = cached
 
         # Faults: one uniform draw, split into bands (each band's width is its probability).
-        draw = self._faults.random()
         fault = None
-        edge = 0.0
-        for name, p in (
-            ("connection_reset", cfg.connection_reset),
-            ("hang", cfg.hang),
-            ("error_500", cfg.error_rate),
-            ("error_503", cfg.error_503),
-            ("malformed_json", cfg.malformed_json),
-            ("schema_violation", cfg.schema_violation if structured else 0.0),
-        ):
-            edge += p
-            if draw < edge:
-                fault = name
-                break
+        if self._late_draw:
+            draw = self._faults.random()
+            edge = 0.0
+            for name, p in self._late_faults:
+                edge += p
+                if draw < edge:
+                    fault = name
+                    break
+            else:
+                if schema is not None and draw < edge + cfg.schema_violation:
+                    fault = "schema_violation"
+            if fault is not None:
+                stats.fault(fault, now)  # counted on arrival: a hang never gets further
 
         delay = self._latency(digest, completion_tokens)
-        if fault is not None:
-            stats.faults[fault] += 1  # counted on arrival: a hang never gets further
         if fault == "hang":
             await asyncio.sleep(cfg.hang_seconds)
         if delay > 0:
             await asyncio.sleep(delay)
         headers = self._limit_headers(time.monotonic())
-        if fault == "connection_reset":
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=500)
-        if fault in _SERVER_ERRORS:
-            status, message = _SERVER_ERRORS[fault]
-            return _error(status, message, type_="server_error", headers=headers)
-        if fault == "malformed_json":
-            broken = json.dumps(body)[:40]
-            return web.Response(body=broken.encode(), content_type=_JSON, headers=headers)
-        if fault == "schema_violation":
-            body = self._violated(payload, body)
+        if fault is not None:
+            if fault == "connection_reset":
+                if request.transport is not None:
+                    request.transport.abort()
+                return web.Response(status=500)
+            if fault in _SERVER_ERRORS:
+                status, message = _SERVER_ERRORS[fault]
+                return error(status, message, type_="server_error", headers=headers)
+            if fault == "malformed_json":
+                broken = json.dumps(body)[:40]
+                return web.Response(body=broken.encode(), content_type=JSON, headers=headers)
+            if fault == "schema_violation" and schema is not None:
+                body = self._violated(body, schema)
 
-        stats.answered(digest, model, prompt_tokens, completion_tokens)
-        full = dict(body)
-        full["usage"] = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+        stats.answered(digest, model, prompt_tokens, completion_tokens, time.monotonic())
         if payload.get("stream"):
+            full = self._with_usage(body, prompt_tokens, completion_tokens)
             return await self._stream(request, full, headers, payload)
         return web.Response(
-            body=json.dumps(full, separators=(",", ":")).encode(),
-            content_type=_JSON,
-            headers=headers,
+            body=render(body, prompt_tokens, completion_tokens), content_type=JSON, headers=headers
         )
-
-    def _validate(self, payload: Any) -> web.Response | None:
-        def bad(message: str, param: str | None, code: str | None = None) -> web.Response:
-            self.stats.faults["bad_request"] += 1
-            return _error(400, message, type_="invalid_request_error", param=param, code=code)
-
-        if not isinstance(payload, dict):
-            return bad("Invalid type for request body: expected an object.", None)
-        model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            return bad("you must provide a model parameter", "model", "missing_required_parameter")
-        messages = payload.get("messages")
-        if messages is None:
-            return bad(
-                "Missing required parameter: 'messages'.", "messages", "missing_required_parameter"
-            )
-        if not isinstance(messages, list) or not messages:
-            return bad(
-                "Invalid 'messages': expected a non-empty array.", "messages", "invalid_type"
-            )
-        for k, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m:
-                return bad(
-                    f"Missing required parameter: 'messages[{k}].role'.",
-                    f"messages[{k}].role",
-                    "missing_required_parameter",
-                )
-        n = payload.get("n", 1)
-        if n not in (None, 1):
-            return bad("The simulator answers n=1 only.", "n", "invalid_value")
-        if self.config.models is not None and model not in self.config.models:
-            self.stats.faults["model_not_found"] += 1
-            return _error(
-                404,
-                f"The model `{model}` does not exist or you do not have access to it.",
-                type_="invalid_request_error",
-                code="model_not_found",
-            )
-        return None
 
     def _too_many(self, now: float, wait: float, kind: str, message: str) -> web.Response:
-        self.stats.rate_limited += 1
+        self.stats.limited(now)
         headers = self._limit_headers(now)
-        headers["retry-after"] = str(max(1, math.ceil(wait)))
-        headers["retry-after-ms"] = str(max(1, round(wait * 1000)))
-        return _error(
-            429,
-            message + " Please try again in " + duration(wait) + ".",
-            type_=kind,
-            code="rate_limit_exceeded",
-            headers=headers,
-        )
+        if wait != math.inf:  # a request too large never fits: no point in retrying
+            headers["retry-after"] = str(max(1, math.ceil(wait)))
+            headers["retry-after-ms"] = str(max(1, round(wait * 1000)))
+            message += " Please try again in " + duration(wait) + "."
+        return error(429, message, type_=kind, code="rate_limit_exceeded", headers=headers)
+
+    def _spurious(self, now: float) -> web.Response:
+        """A 429 that is not the quota's: no x-ratelimit-* headers, a fixed retry-after."""
+        self.stats.fault("spurious_429", now)
+        wait = self.config.spurious_retry_after
+        headers = {
+            "x-request-id": self.request_id(),
+            "retry-after": str(math.ceil(wait)),
+            "retry-after-ms": str(round(wait * 1000)),
+        }
+        return respond(429, SPURIOUS_429, headers)
 
     def _latency(self, digest: bytes, completion_tokens: int) -> float:
         cfg = self.config
@@ -327,15 +506,14 @@ class SimulatorApp:
     # -- answers ------------------------------------------------------------------------
     def _compose(
         self, payload: dict[str, Any], digest: bytes, max_tokens: int | None
-    ) -> tuple[dict[str, Any], int, bool]:
-        rng = random.Random(digest)
-        last = payload["messages"][-1]
-        content = last.get("content") if isinstance(last, dict) else ""
-        text = content if isinstance(content, str) else json.dumps(content)
-        echo = answers.prompt_words(text)
+    ) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
+        """The answer (without usage), its completion tokens, and the schema it follows if any."""
+        messages = payload["messages"]
+        text = answers.message_text(messages[-1])
+        echo = answers.prompt_words(answers.without_instructions(text))
         message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
         finish = "stop"
-        structured = False
+        schema: dict[str, Any] | None = None
         tools = payload.get("tools") or []
         choice = payload.get("tool_choice")
         response_format = payload.get("response_format") or {}
@@ -345,8 +523,8 @@ class SimulatorApp:
                 wanted = (choice.get("function") or {}).get("name")
                 tool = next((t for t in tools if t.get("function", {}).get("name") == wanted), tool)
             fn = tool.get("function", {})
-            args = answers.schema_instance(fn.get("parameters") or {}, rng, echo)
-            arguments = json.dumps(args)
+            schema = fn.get("parameters") or {}
+            arguments = json.dumps(answers.schema_instance(schema, random.Random(digest), echo))
             message["tool_calls"] = [
                 {
                     "id": f"call_{digest.hex()[:24]}",
@@ -356,17 +534,19 @@ class SimulatorApp:
             ]
             finish = "tool_calls"
             produced = arguments
-            structured = True
         elif response_format.get("type") == "json_schema":
             schema = (response_format.get("json_schema") or {}).get("schema") or {}
-            produced = json.dumps(answers.schema_instance(schema, rng, echo))
-            message["content"] = produced
-            structured = True
-        elif response_format.get("type") == "json_object" or "json" in text.lower():
-            produced = answers.json_object(rng, echo)
+            produced = json.dumps(answers.schema_instance(schema, random.Random(digest), echo))
             message["content"] = produced
         else:
-            produced = answers.text_answer(rng, echo, self.config.completion_tokens)
+            json_answer = response_format.get("type") == "json_object" or "json" in text.lower()
+            schema = answers.instructed_schema(messages, json_answer=json_answer)
+            if schema is not None:
+                produced = json.dumps(answers.schema_instance(schema, random.Random(digest), echo))
+            elif json_answer:
+                produced = answers.json_object(random.Random(digest), echo)
+            else:
+                produced = answers.text_answer(digest, echo, self.config.completion_tokens)
             message["content"] = produced
         completion_tokens = max(1, math.ceil(len(produced) / 4))
         if max_tokens is not None and completion_tokens > int(max_tokens):
@@ -387,27 +567,20 @@ class SimulatorApp:
                 {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             ],
         }
-        return body, completion_tokens, structured
+        return body, completion_tokens, schema
 
-    def _violated(self, payload: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    def _violated(self, body: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
         body = json.loads(json.dumps(body))
         message = body["choices"][0]["message"]
-        if message.get("tool_calls"):
-            fn = message["tool_calls"][0]["function"]
-            schema = next(
-                (
-                    t["function"].get("parameters") or {}
-                    for t in payload["tools"]
-                    if t["function"].get("name") == fn["name"]
-                ),
-                {},
-            )
-            fn["arguments"] = json.dumps(answers.violate(json.loads(fn["arguments"]), schema))
-        else:
-            schema = ((payload.get("response_format") or {}).get("json_schema") or {}).get(
-                "schema"
-            ) or {}
-            message["content"] = json.dumps(answers.violate(json.loads(message["content"]), schema))
+        try:
+            if message.get("tool_calls"):
+                fn = message["tool_calls"][0]["function"]
+                fn["arguments"] = json.dumps(answers.violate(json.loads(fn["arguments"]), schema))
+            else:
+                instance = json.loads(message["content"])
+                message["content"] = json.dumps(answers.violate(instance, schema))
+        except ValueError:  # cut short by max_tokens: already not an instance of the schema
+            pass
         return body
 
     async def _stream(
@@ -417,11 +590,20 @@ class SimulatorApp:
         headers: dict[str, str],
         payload: dict[str, Any],
     ) -> web.StreamResponse:
+        """SSE chunks: the delta, the finish reason, and (``include_usage``) a usage chunk.
+
+        With ``stream_options.include_usage`` every chunk carries ``"usage": null``
+        and a last chunk with no choices carries the usage, as OpenAI sends them.
+        """
         response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
         await response.prepare(request)
         choice = full["choices"][0]
-        base = {k: full[k] for k in ("id", "created", "model", "system_fingerprint")}
+        keys = ("id", "created", "model", "system_fingerprint")
+        base: dict[str, Any] = {k: full[k] for k in keys}
         base["object"] = "chat.completion.chunk"
+        include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+        if include_usage:
+            base["usage"] = None
         delta = {k: v for k, v in choice["message"].items() if v is not None and k != "refusal"}
         if "tool_calls" in delta:
             delta["tool_calls"] = [{"index": 0, **tc} for tc in delta["tool_calls"]]
@@ -432,7 +614,7 @@ class SimulatorApp:
                 "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
             },
         ]
-        if (payload.get("stream_options") or {}).get("include_usage"):
+        if include_usage:
             chunks.append({**base, "choices": [], "usage": full["usage"]})
         for chunk in chunks:
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")

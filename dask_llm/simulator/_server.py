@@ -7,12 +7,15 @@ import json
 import signal
 import threading
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from dask_llm.simulator._app import SimulatorApp
 from dask_llm.simulator._config import SimulatorConfig
+
+T = TypeVar("T")
 
 
 async def _start(app: SimulatorApp, host: str, port: int) -> tuple[web.AppRunner, int]:
@@ -106,21 +109,37 @@ class Simulator:
 
     def stats(self) -> dict[str, Any]:
         """What the simulator saw so far (the same as ``GET /sim/stats``)."""
-        return self.app.stats.snapshot()
+        return self._on_loop(self.app.snapshot)
 
     def reset(self) -> None:
-        """Clear stats and rate-limit windows (the same as ``POST /sim/reset``)."""
-        if self._loop is not None and self._thread is not None:
-            done = threading.Event()
+        """Clear stats, rate-limit windows, files and batches (the same as ``POST /sim/reset``)."""
+        self._on_loop(self.app.reset)
 
-            def do() -> None:
-                self.app.reset()
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the server's event loop (its state is not shared across threads)."""
+        loop = self._loop
+        if loop is None or self._thread is None or not loop.is_running():
+            return fn()
+        if threading.current_thread() is self._thread:
+            return fn()
+        done = threading.Event()
+        result: list[T] = []
+        failure: list[BaseException] = []
+
+        def do() -> None:
+            try:
+                result.append(fn())
+            except BaseException as exc:  # handed to the caller
+                failure.append(exc)
+            finally:
                 done.set()
 
-            self._loop.call_soon_threadsafe(do)
-            done.wait(10)
-        else:
-            self.app.reset()
+        loop.call_soon_threadsafe(do)
+        if not done.wait(10):
+            raise TimeoutError("the simulator's event loop did not answer within 10 s")
+        if failure:
+            raise failure[0]
+        return result[0]
 
 
 def serve(config: SimulatorConfig, *, host: str, port: int) -> None:

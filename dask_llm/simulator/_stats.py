@@ -1,7 +1,27 @@
-"""What the simulator saw: counts, peaks over exact sliding windows, tokens, money paid twice."""
+"""What the simulator saw: counts, peaks over exact sliding windows, tokens, money paid twice.
+
+The per-second ``series`` lets a client check its own record against the
+server's. What is counted when (all on the server's clock, seconds since the
+last reset, ``t = floor(now - origin)``):
+
+* ``requests``: in the second the request arrived (the handler started, before
+  its body was read).
+* ``rate_limited`` (quota 429s: rpm, tpm, max_in_flight, request too large),
+  ``spurious_429`` and ``faults`` (every other non-200: 400, 401, 403, 404,
+  billing 429s, 500, 503, hangs, malformed bodies, resets, schema violations):
+  in the second the request ARRIVED, like the fault counters, so each is in
+  the same row as its request.
+* ``successes``, ``prompt_tokens``, ``completion_tokens``: in the second the
+  answer was sent (after the simulated latency).
+
+Rows are dense (idle seconds are rows of zeros) up to the second of the
+snapshot, and only the last ``SERIES_SECONDS`` are kept. The series counts the
+online endpoint only: Batch API lines have their own counters.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
@@ -16,11 +36,78 @@ FAULTS = (
     "unauthorized",
     "bad_request",
     "model_not_found",
+    "forbidden",
+    "insufficient_quota",
+    "spurious_429",
 )
+
+SERIES_SECONDS = 3600
+SERIES_FIELDS = (
+    "requests",
+    "successes",
+    "rate_limited",
+    "spurious_429",
+    "faults",
+    "prompt_tokens",
+    "completion_tokens",
+)
+_REQUESTS, _SUCCESSES, _LIMITED, _SPURIOUS, _FAULTS, _PROMPT, _COMPLETION = range(7)
+
+
+class Series:
+    """Per-second rows of counters, dense, the last ``SERIES_SECONDS`` of them."""
+
+    __slots__ = ("_first", "_row", "_rows", "_t", "origin", "origin_unix")
+
+    def __init__(self, origin: float, origin_unix: float) -> None:
+        self.origin = origin
+        self.origin_unix = origin_unix
+        self._rows: deque[list[int]] = deque()
+        self._first = 0
+        self._t = -1
+        self._row: list[int] = []
+
+    def row(self, now: float) -> list[int] | None:
+        """The row of the second ``now`` falls in (None: before the origin, or dropped)."""
+        elapsed = now - self.origin
+        t = int(elapsed)
+        if t == self._t and elapsed >= 0:
+            return self._row
+        if elapsed < 0:
+            return None
+        if t > self._t:
+            self._extend(t)
+            return self._row
+        k = t - self._first
+        return self._rows[k] if k >= 0 else None
+
+    def _extend(self, t: int) -> None:
+        rows = self._rows
+        if not rows or t - self._t >= SERIES_SECONDS:
+            rows.clear()
+            self._first = max(0, t - SERIES_SECONDS + 1)
+            new = t - self._first + 1
+        else:
+            new = t - self._t
+        width = len(SERIES_FIELDS)
+        for _ in range(new):
+            if len(rows) == SERIES_SECONDS:
+                rows.popleft()
+                self._first += 1
+            rows.append([0] * width)
+        self._t = t
+        self._row = rows[-1]
+
+    def snapshot(self, now: float) -> list[dict[str, int]]:
+        self.row(now)  # rows up to the current second
+        return [
+            {"t": self._first + k, **dict(zip(SERIES_FIELDS, row, strict=True))}
+            for k, row in enumerate(self._rows)
+        ]
 
 
 class Stats:
-    """Counters of one simulator. Mutated on its event loop only; read from anywhere."""
+    """Counters of one simulator, mutated and read on its event loop."""
 
     def __init__(self) -> None:
         self.reset()
@@ -41,29 +128,58 @@ class Stats:
         self._last_1s: deque[float] = deque()
         self._last_60s: deque[float] = deque()
         self._answered: set[bytes] = set()
+        self.series = Series(time.monotonic(), time.time())
 
     def started(self, now: float) -> None:
         """A request arrived. Peaks are exact: the busiest window ends at some arrival."""
         self.requests += 1
         self.in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-        for window, span, attr in (
-            (self._last_1s, 1.0, "peak_requests_1s"),
-            (self._last_60s, 60.0, "peak_requests_60s"),
-        ):
-            window.append(now)
-            edge = now - span
-            while window[0] <= edge:
-                window.popleft()
-            if len(window) > getattr(self, attr):
-                setattr(self, attr, len(window))
+        if self.in_flight > self.peak_in_flight:
+            self.peak_in_flight = self.in_flight
+        window = self._last_1s
+        window.append(now)
+        edge = now - 1.0
+        while window[0] <= edge:
+            window.popleft()
+        if len(window) > self.peak_requests_1s:
+            self.peak_requests_1s = len(window)
+        window = self._last_60s
+        window.append(now)
+        edge = now - 60.0
+        while window[0] <= edge:
+            window.popleft()
+        if len(window) > self.peak_requests_60s:
+            self.peak_requests_60s = len(window)
+        row = self.series.row(now)
+        if row is not None:
+            row[_REQUESTS] += 1
 
     def finished(self) -> None:
         self.in_flight -= 1
 
+    def fault(self, name: str, arrived: float) -> None:
+        """A request that arrived at ``arrived`` got fault ``name`` (one of ``FAULTS``)."""
+        self.faults[name] += 1
+        row = self.series.row(arrived)
+        if row is not None:
+            row[_SPURIOUS if name == "spurious_429" else _FAULTS] += 1
+
+    def limited(self, arrived: float) -> None:
+        """A request that arrived at ``arrived`` got a quota 429."""
+        self.rate_limited += 1
+        row = self.series.row(arrived)
+        if row is not None:
+            row[_LIMITED] += 1
+
     def answered(
-        self, digest: bytes, model: str, prompt_tokens: int, completion_tokens: int
+        self,
+        digest: bytes,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        now: float,
     ) -> None:
+        """A 200 was sent at ``now``."""
         self.successes += 1
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
@@ -72,8 +188,14 @@ class Stats:
             self.duplicate_requests += 1
         else:
             self._answered.add(digest)
+        row = self.series.row(now)
+        if row is not None:
+            row[_SUCCESSES] += 1
+            row[_PROMPT] += prompt_tokens
+            row[_COMPLETION] += completion_tokens
 
     def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
         return {
             "requests": self.requests,
             "successes": self.successes,
@@ -87,4 +209,6 @@ class Stats:
             "completion_tokens": self.completion_tokens,
             "duplicate_requests": self.duplicate_requests,
             "models": dict(self.models),
+            "series_origin": self.series.origin_unix,
+            "series": self.series.snapshot(now),
         }
