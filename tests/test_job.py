@@ -240,6 +240,34 @@ def test_a_missing_model_stops_the_job(make_simulator: Any) -> None:
     assert result["llm_error"].str.contains("model_not_found").all()
 
 
+@pytest.mark.parametrize(
+    ("options", "status", "code"),
+    [
+        pytest.param({"insufficient_quota": True}, "429", "insufficient_quota", id="billing-429"),
+        pytest.param({"forbidden": 1.0}, "403", "", id="forbidden"),
+    ],
+)
+def test_answers_no_retry_can_fix_stop_the_job(
+    make_simulator: Any, options: dict[str, Any], status: str, code: str
+) -> None:
+    sim = make_simulator(**options)
+    result = dd.from_pandas(frame(120), npartitions=3).llm.enrich(
+        [dask_llm.Chain(summary_chain(sim.base_url), name="s")], cache=False
+    )
+    errors = result.compute(scheduler="threads")["llm_error"]
+    assert requests(sim) <= 16
+    assert errors.str.contains(status).all()
+    assert errors.str.contains(code).all()
+
+
+def test_a_quota_429_that_is_only_a_rate_limit_is_retried(make_simulator: Any) -> None:
+    """Rate 429s (and 429s without quota headers) are retried, never fatal."""
+    sim = make_simulator(spurious_429=0.2, seed=5)
+    out = frame(40).llm.enrich([dask_llm.Chain(summary_chain(sim.base_url), name="s")], cache=False)
+    assert out["llm_error"].isna().all()
+    assert sim.stats()["faults"]["spurious_429"] > 0
+
+
 def test_a_refused_connection_names_the_host_and_stops_at_once() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
