@@ -5,6 +5,8 @@
     out = ddf.llm.enrich([dask_llm.Chain(summary_chain), dask_llm.Chain(features_chain)])
 """
 
+import logging
+
 from dask_llm import _job  # noqa: F401  (registers the Dask callback that stops jobs on Ctrl-C)
 from dask_llm._accessor import DaskLLMAccessor, PandasLLMAccessor, enrich, estimate
 from dask_llm._chain import Chain
@@ -33,3 +35,8 @@ __all__ = [
 ]
 
 __version__ = "0.1.0.dev0"
+
+# Silent unless the application configures logging: logging.getLogger("dask_llm")
+# tells a person debugging a long job about retries, 429 slowdowns, learned
+# limits, cache repairs and stops.
+logging.getLogger("dask_llm").addHandler(logging.NullHandler())

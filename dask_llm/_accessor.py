@@ -55,6 +55,7 @@ class EnrichKwargs(TypedDict, total=False):
     prices: Mapping[str, tuple[float, float]] | None
     cache: CacheArg
     progress: bool | None
+    ship_api_keys: bool
 
 
 class EstimateKwargs(TypedDict, total=False):
@@ -90,6 +91,7 @@ def enrich(
     prices: Mapping[str, tuple[float, float]] | None = None,
     cache: CacheArg = True,
     progress: bool | None = None,
+    ship_api_keys: bool = False,
     timeout: Any = _UNSET,
     attempts: Any = _UNSET,
     retry_timeout: Any = _UNSET,
@@ -129,6 +131,10 @@ def enrich(
         progress: show a progress bar (rows, calls/s, retries, 429s, tokens, cost, ETA);
             default: when a person is probably watching (a terminal or a notebook). After
             the run, ``dask_llm.last_run()`` holds its summary either way.
+        ship_api_keys: send models' explicit ``api_key=`` to worker processes, which
+            otherwise read ``OPENAI_API_KEY`` from their own environment. Only to workers
+            on this machine (dask's process pool, a ``LocalCluster``): a cluster with a
+            worker elsewhere is a ``ValueError``. Keys never appear in logs or reprs.
         timeout, attempts, retry_timeout: deprecated names of ``request_timeout`` and of
             ``retry=RetryPolicy(attempts=..., timeout=...)``; they warn and still work.
 
@@ -169,6 +175,7 @@ def enrich(
         partitions=frame.npartitions if is_dask else 1,
         total_rows=None if is_dask else len(frame),
         progress=_progress.interactive() if progress is None else bool(progress),
+        keys=_keys_to_ship(plan, ship_api_keys),
     )
     if store is not None:
         check_cache(store, cache)
@@ -185,6 +192,41 @@ def enrich(
             align_dataframes=False,
         )
     return _enrich_pandas(frame, plan, options)
+
+
+def _keys_to_ship(plan: Plan, ship: bool) -> tuple[tuple[str, str], ...]:
+    """Explicit keys to send with the job, after checking where the workers are."""
+    from dask_llm._shipping import explicit_keys
+
+    keys: dict[str, str] = {}
+    named: list[str] = []
+    for pc in plan.chains:
+        if pc.chain.is_factory:
+            continue  # a factory builds its model, key and all, in each process
+        found = explicit_keys(pc.chain.runnable)
+        keys.update(found)
+        if found:
+            named.append(pc.name)
+    client = _cluster.distributed_client()
+    if ship:
+        remote = _cluster.remote_worker(client) if client is not None else None
+        if remote is not None:
+            raise ValueError(
+                f"ship_api_keys=True: a worker of this cluster runs on another host ({remote}); "
+                "keys are only sent to workers on this machine: set OPENAI_API_KEY in the "
+                "workers' environment instead"
+            )
+        return tuple(sorted(keys.items()))
+    if keys and client is not None:
+        missing = _cluster.workers_without(client, "OPENAI_API_KEY")
+        if missing:
+            raise ValueError(
+                f"chain {named[0]!r}: its model has an explicit api_key, which is not sent to "
+                f"workers, and {len(missing)} worker(s) have no OPENAI_API_KEY ({missing[0]}); "
+                "set it in their environment, or pass ship_api_keys=True (workers on this "
+                "machine only)"
+            )
+    return ()
 
 
 def _enrich_partition(

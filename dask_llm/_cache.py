@@ -95,6 +95,7 @@ import datetime
 import functools
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -128,6 +129,7 @@ _CHUNK = 500
 _T = TypeVar("_T")
 # Connections inherited across fork: kept, unused, so that none is closed under the parent.
 _FROM_PARENT: list[sqlite3.Connection] = []
+log = logging.getLogger("dask_llm")
 
 
 @runtime_checkable
@@ -374,6 +376,9 @@ class SQLiteCache:
                 except ValueError:  # JSONDecodeError too
                     bad.append((key, value, checksum))
         if bad:
+            log.info(
+                "dask-llm: %d invalid cache entries dropped (they will be asked again)", len(bad)
+            )
             # Delete exactly what was read: a good entry written meanwhile stays.
             with contextlib.suppress(sqlite3.OperationalError):
                 conn.executemany(
@@ -479,6 +484,8 @@ def check_cache(cache: ResultCache, spec: Any) -> None:
     """
     try:
         cache.get_many(["dask-llm-check"])
+    # A ResultCache may be anyone's code over any store: whatever it raises means
+    # the location is unusable, which is what this check is for.
     except Exception as exc:
         where = getattr(cache, "path", None) or repr(spec)
         raise ValueError(

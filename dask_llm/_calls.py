@@ -143,6 +143,8 @@ class ChainCaller:
             )
         except (asyncio.CancelledError, RowFailed):
             raise
+        # The chain is the user's code: whatever it raises is this row's error, and the
+        # other rows go on (errors="column").
         except Exception as exc:
             usage = getattr(exc, "usage", Usage())
             raise _failure(self.pc.name, exc, job, usage) from exc

@@ -189,6 +189,11 @@ class Chain:
         """Why the chain has no memo fingerprint (Python code in it), if it has none."""
         return self._analyse().opaque
 
+    @property
+    def is_factory(self) -> bool:
+        """Built by a factory in each process (``Chain.from_factory``)."""
+        return self._is_factory_chain()
+
     def _is_factory_chain(self) -> bool:
         return self._factory is not None and not isinstance(self._factory, _LazyRunnable)
 

@@ -55,6 +55,39 @@ def worker_processes() -> int:
         return 1
 
 
+_LOOPBACK = ("127.", "localhost", "[::1]", "::1", "inproc")
+
+
+def remote_worker(client: Any) -> str | None:
+    """The address of a worker (or the scheduler) of ``client`` on another host, if any."""
+    try:
+        info = client.scheduler_info()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    addresses = [str((getattr(client, "scheduler", None) and client.scheduler.address) or "")]
+    addresses += list(info.get("workers", {}))
+    for address in addresses:
+        host = address.split("://", 1)[-1]
+        if address and not host.startswith(_LOOPBACK):
+            return address
+    return None
+
+
+def workers_without(client: Any, variable: str) -> list[str]:
+    """Workers of ``client`` whose environment lacks ``variable`` (one round trip)."""
+    try:
+        found = client.run(_has_variable, variable)
+    except (OSError, RuntimeError, ValueError):
+        return []
+    return sorted(address for address, has in found.items() if not has)
+
+
+def _has_variable(variable: str) -> bool:
+    import os
+
+    return bool(os.environ.get(variable))
+
+
 def current_task_key() -> Any:
     """The key of the ``distributed`` task this thread executes, or None."""
     if "distributed" not in sys.modules:

@@ -126,7 +126,7 @@ def _render(pc: PlannedChain, inputs: dict[str, Any]) -> str:
     if fmt is not None:
         try:
             return str(fmt(**inputs).to_string())
-        except Exception:
+        except (KeyError, TypeError, ValueError):  # a template it cannot render alone
             pass
     return " ".join(str(v) for v in inputs.values())
 

@@ -52,6 +52,7 @@ event loop, and a job here spans many loops on many threads.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import threading
@@ -61,6 +62,8 @@ from collections.abc import Callable, Mapping
 
 from dask_llm import _cluster
 from dask_llm._retry import retry_after
+
+log = logging.getLogger("dask_llm")
 
 _SAFETY = 0.97
 _DECREASE = 0.5
@@ -169,6 +172,8 @@ class Pacer:
         """Take the provider's limits from ``x-ratelimit-limit-*`` response headers."""
         rpm = _number(headers.get("x-ratelimit-limit-requests"))
         tpm = _number(headers.get("x-ratelimit-limit-tokens"))
+        if (rpm and rpm != self.learned_rpm) or (tpm and tpm != self.learned_tpm):
+            log.info("dask-llm: the provider announces rpm=%s tpm=%s", rpm, tpm)
         if rpm or tpm:
             with self._lock:
                 was_unpaced = self.rates() == (None, None)
@@ -210,6 +215,12 @@ class Pacer:
                 return
             self._penalty = max(0.3, self._current_penalty() * _RATE_BACKOFF)
             self._penalty_at = now
+        log.info(
+            "dask-llm: more than 5%% of requests met a 429: pacing at %.0f%% of the limit, "
+            "recovering over %.0f s",
+            100 * self._penalty,
+            _RATE_RECOVERY_S,
+        )
 
 
 class Concurrency:

@@ -53,6 +53,8 @@ class EnrichOptions:
     progress: bool = False
     #: The client's job hub (address, key), filled in when pickled for a pool child.
     hub: tuple[tuple[str, int], bytes] | None = field(default=None, repr=False)
+    #: Explicit API keys to give recipes on workers (ship_api_keys=True): (key_ref, key).
+    keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -87,6 +89,9 @@ class EnrichOptions:
 
         return process_share(self.processes)
 
+    def __repr__(self) -> str:  # never the keys
+        return f"EnrichOptions(job={self.job!r}, cache={self.cache!r})"
+
     def __dask_tokenize__(self) -> Any:
         # Each enrich() call is its own job (its own throttle); the cache object is
         # named by its type and location, not by content.
@@ -105,6 +110,13 @@ class EnrichOptions:
                 from dask_llm._progress import listen_on_client
 
                 listen_on_client(client)
+                if self.keys and _cluster.remote_worker(client) is not None:
+                    # Checked at enrich() too; the cluster may have grown since.
+                    raise ValueError(
+                        "ship_api_keys=True: a worker of this cluster runs on another host "
+                        f"({_cluster.remote_worker(client)}); keys are only sent to workers "
+                        "on this machine"
+                    )
             elif values["hub"] is None:
                 from dask_llm._hub import hub_address
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,6 +44,7 @@ from dask_llm._errors import JobStopped
 from dask_llm._usage import Attempt, Usage, UsageCallback, current_attempt, settle
 
 _RETRY_STATUS = frozenset({408, 409, 429})
+log = logging.getLogger("dask_llm")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,16 +142,6 @@ def _exception_headers(exc: BaseException) -> Mapping[str, str] | None:
     return getattr(response, "headers", None)
 
 
-def is_rate_limit(exc: BaseException) -> bool:
-    return isinstance(exc, openai.APIStatusError) and exc.status_code == 429
-
-
-class CallStats:
-    """Counters of a partition that the retry loop adds to (duck-typed: ``retries``)."""
-
-    retries: int
-
-
 async def call_with_retries(
     invoke: Callable[[dict[str, Any] | None], Awaitable[Any]],
     *,
@@ -183,11 +175,22 @@ async def call_with_retries(
         floor = retry_after(_exception_headers(exc)) if exc is not None else None
         return max(backoff, floor) if floor is not None else backoff
 
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.debug(
+            "dask-llm: retry %d in %.2f s after %s: %s",
+            state.attempt_number,
+            state.upcoming_sleep,
+            type(exc).__name__,
+            exc,
+        )
+
     retrying = tenacity.AsyncRetrying(
         stop=tenacity.stop_after_attempt(policy.attempts)
         | tenacity.stop_before_delay(policy.timeout),
         wait=wait,
         retry=should_retry,
+        before_sleep=before_sleep,
         reraise=True,
     )
     try:

@@ -178,7 +178,14 @@ class PartitionRun:
             while True:
                 if self.job.poll(self.task_key) is not None:
                     break
-                workers = {t for t in workers if not t.done()}
+                for task in [t for t in workers if t.done()]:
+                    workers.discard(task)
+                    if not task.cancelled() and task.exception() is not None:
+                        # Not a row's failure (those are in llm_error) but the partition's:
+                        # a chain that cannot be built here, a bug. The other rows wind
+                        # down, then it is raised.
+                        await self._wind_down(workers)
+                        raise task.exception()  # type: ignore[misc]
                 if remaining <= 0 and not workers:
                     break
                 target = min(cap, throttle.row_target())
@@ -364,6 +371,10 @@ def enrich_partition(
 ) -> pd.DataFrame:
     """Dask's partition function: enrich ``df`` on a fresh event loop."""
     partition = int((partition_info or {}).get("number", 0))
+    if options.keys:
+        from dask_llm._shipping import provide_keys
+
+        provide_keys(options.keys)
     job = jobs.attach(options)
     try:
         run = PartitionRun(df, plan, options, job, partition=partition)

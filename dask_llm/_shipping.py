@@ -8,8 +8,14 @@ and secrets. The worker rebuilds the model, which reads its key from the
 worker's own environment (``OPENAI_API_KEY``), as any process would.
 
 Chains that are not plain data (a model created inside a closure, a custom
-client) ship through a zero-argument factory instead: ``Chain(make_chain)``;
+client) ship through a factory instead: ``Chain.from_factory(make_chain)``;
 the factory itself is pickled with cloudpickle and called on the worker.
+
+An explicit ``api_key=`` (a dummy key for a local vLLM, say) is not in the
+recipe either. ``enrich(..., ship_api_keys=True)`` sends such keys with the
+job's options, only when every worker runs on this machine (checked in the
+client, before the graph leaves it); a recipe names its key by a hash, and
+the worker puts the key back when it rebuilds the model.
 
 We do not use LangChain's ``dumpd``/``load`` for this: it refuses pydantic
 classes (every structured-output chain) and lambdas, which cloudpickle
@@ -18,34 +24,48 @@ handles; we only take the model objects out of its way.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 import cloudpickle
 from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm._errors import WorkerSetupError
-from dask_llm._graph import CLIENT_FIELDS, rewrite
+from dask_llm._graph import CLIENT_FIELDS, find, rewrite
 from dask_llm._outputs import is_configurable_model
 
 
 class ModelRecipe:
-    """How to rebuild a model on a worker: its class and the fields the user set."""
+    """How to rebuild a model on a worker: its class and the fields the user set.
 
-    __slots__ = ("cls", "fields", "had_key")
+    ``key_ref`` names an explicit ``api_key=`` (a hash of it, never the key): the
+    worker uses the key only if the job was told to ship keys (``provide_keys``).
+    """
+
+    __slots__ = ("cls", "fields", "had_key", "key_ref")
     _dask_llm_recipe = True
 
-    def __init__(self, cls: type, fields: dict[str, Any], had_key: bool) -> None:
+    def __init__(
+        self, cls: type, fields: dict[str, Any], had_key: bool, key_ref: str | None = None
+    ) -> None:
         self.cls = cls
         self.fields = fields
         self.had_key = had_key
+        self.key_ref = key_ref
 
     def build(self) -> Any:
+        fields = dict(self.fields)
+        if self.key_ref is not None and self.key_ref in _KEYS:
+            fields["api_key"] = _KEYS[self.key_ref]
         try:
-            return self.cls(**self.fields)
+            return self.cls(**fields)
+        # The model's own validation (a missing key, a bad field): reported as what it is.
         except Exception as exc:
             hint = (
                 " The API key is never shipped to workers: set OPENAI_API_KEY in the"
-                " workers' environment."
+                " workers' environment, or pass enrich(..., ship_api_keys=True) when the"
+                " workers run on this machine."
                 if self.had_key
                 else ""
             )
@@ -59,13 +79,42 @@ def _recipe(model: Any) -> ModelRecipe:
     if model.http_async_client is not None or model.http_client is not None:
         raise TypeError(
             f"{type(model).__name__} has its own http client, which cannot be sent to "
-            "other processes; pass a zero-argument factory that builds the chain: Chain(make_chain)"
+            "other processes; build the chain in each process: Chain.from_factory(make_chain)"
         )
     fields = {
         name: getattr(model, name) for name in model.model_fields_set if name not in CLIENT_FIELDS
     }
     key = getattr(model, "openai_api_key", None)
-    return ModelRecipe(type(model), fields, had_key=key is not None)
+    explicit = key is not None and "openai_api_key" in model.model_fields_set
+    return ModelRecipe(
+        type(model), fields, had_key=key is not None, key_ref=key_ref(key) if explicit else None
+    )
+
+
+# Keys a job shipped to this process (ship_api_keys=True), by key_ref.
+_KEYS: dict[str, str] = {}
+
+
+def key_ref(key: Any) -> str:
+    """A name for a key that does not reveal it (the first 16 hex of its sha256)."""
+    secret = key.get_secret_value() if hasattr(key, "get_secret_value") else str(key)
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+def explicit_keys(runnable: Any) -> dict[str, str]:
+    """The explicit ``api_key=`` of every OpenAI model in ``runnable``, by key_ref."""
+    keys: dict[str, str] = {}
+    for model in find(runnable, lambda x: isinstance(x, BaseChatOpenAI)):
+        key = getattr(model, "openai_api_key", None)
+        if key is not None and "openai_api_key" in model.model_fields_set:
+            secret = key.get_secret_value() if hasattr(key, "get_secret_value") else str(key)
+            keys[key_ref(key)] = secret
+    return keys
+
+
+def provide_keys(keys: Iterable[tuple[str, str]]) -> None:
+    """Make shipped keys available to recipes rebuilt in this process."""
+    _KEYS.update(keys)
 
 
 _SECRET_CONFIG = frozenset({"api_key", "openai_api_key"})
@@ -104,10 +153,11 @@ def dumps(runnable: Any) -> bytes:
     portable = rewrite(runnable, visit)
     try:
         return cloudpickle.dumps(portable)
+    # Pickling fails in many ways (TypeError, PicklingError, AttributeError, ...).
     except Exception as exc:
         raise TypeError(
             f"this chain cannot be sent to other processes ({type(exc).__name__}: {exc}); "
-            "pass a zero-argument factory that builds it on the worker: Chain(make_chain)"
+            "build it in each process instead: Chain.from_factory(make_chain)"
         ) from None
 
 

@@ -135,6 +135,7 @@ class JobTransport:
             try:
                 response = await self.inner.handle_async_request(request)
                 data = await response.aread()
+            # Whatever the HTTP stack raised, re-raised with the host and the real cause.
             except Exception as exc:
                 raise _connection_error(exc, request, job) from exc
             status = response.status_code

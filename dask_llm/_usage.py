@@ -25,7 +25,6 @@ it. A model that is not in the table gets a null cost, never a guessed one.
 from __future__ import annotations
 
 import contextvars
-import json
 import re
 import threading
 from collections.abc import Mapping
@@ -227,10 +226,3 @@ def settle(attempt: Attempt, callback: UsageCallback | None) -> Usage:
         result.calls += untapped
         result.unknown = True
     return result
-
-
-def json_loads_safe(data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
@@ -38,6 +38,16 @@ def features_chain(base_url: str, **kwargs: object) -> Runnable:
     return prompt | llm(base_url, **kwargs).with_structured_output(
         Features, method="function_calling"
     )
+
+
+def wine_chains(base_url: str) -> list[Any]:
+    """The wine workload: a summary, then five features of it (a dependent chain)."""
+    import dask_llm
+
+    return [
+        dask_llm.Chain(summary_chain(base_url), name="summarize"),
+        dask_llm.Chain(features_chain(base_url), name="features"),
+    ]
 
 
 def text_chain(base_url: str) -> Runnable:

@@ -9,7 +9,20 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def reviews(n: int = 12, *, notes: str = "cassis, cedar and graphite") -> pd.DataFrame:
+    """``n`` small wine reviews with the columns the wine chains read."""
+    return pd.DataFrame(
+        {
+            "description": [f"Review {i}: {notes}" for i in range(n)],
+            "title": [f"Wine {i}" for i in range(n)],
+            "country": ["Chile"] * n,
+        }
+    )
 
 
 def requests(sim: Any) -> int:

@@ -26,8 +26,10 @@ import pytest
 
 import dask_llm
 from dask_llm._cache import MemoryCache, ResultCache, SQLiteCache, make_key, open_cache
-from tests.chains import features_chain, summary_chain
+from tests.chains import summary_chain
+from tests.chains import wine_chains as chains
 from tests.conftest import API_KEY
+from tests.helpers import reviews as frame
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -500,21 +502,6 @@ def test_open_cache_refuses_other_things(
 
 
 # -- through enrich -----------------------------------------------------------------------------
-def frame(n: int = 12) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "description": [f"Review {i}: plum and cedar" for i in range(n)],
-            "title": [f"Wine {i}" for i in range(n)],
-            "country": ["Spain"] * n,
-        }
-    )
-
-
-def chains(url: str) -> list[dask_llm.Chain]:
-    return [
-        dask_llm.Chain(summary_chain(url), name="summarize"),
-        dask_llm.Chain(features_chain(url), name="features"),
-    ]
 
 
 def test_a_rerun_pays_nothing_and_gives_the_same_frame(sim: Any, tmp_path: Path) -> None:

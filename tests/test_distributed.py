@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from tests.chains import features_chain, summary_chain
+from tests.chains import summary_chain
+from tests.chains import wine_chains as chains
 
 distributed = pytest.importorskip("distributed")
 
@@ -27,13 +28,6 @@ def frame(n: int = 30) -> pd.DataFrame:
             "country": ["Italy", "Chile", "Greece"] * (n // 3),
         }
     )
-
-
-def chains(url: str) -> list[dask_llm.Chain]:
-    return [
-        dask_llm.Chain(summary_chain(url), name="summarize"),
-        dask_llm.Chain(features_chain(url), name="features"),
-    ]
 
 
 def test_local_cluster_of_processes(sim: Any) -> None:
@@ -68,3 +62,36 @@ def test_scheduler_and_worker_started_as_separate_processes(
         out = dd.from_pandas(frame(), npartitions=3).llm.enrich(chains(sim.base_url))
         result = client.compute(out).result()
     assert len(result) == 30 and result["llm_error"].isna().all()
+
+
+DUMMY_KEY = "sk-local-vllm-dummy-key-0000"
+
+
+def test_an_explicit_key_reaches_local_workers_only_when_asked(
+    sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dummy key for a local server, given as api_key=, with no OPENAI_API_KEY anywhere."""
+    monkeypatch.delenv("OPENAI_API_KEY")
+    chain = dask_llm.Chain(summary_chain(sim.base_url, api_key=DUMMY_KEY), name="summarize")
+    ddf = dd.from_pandas(frame(6), npartitions=2)
+    with (
+        distributed.LocalCluster(n_workers=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster),
+    ):
+        with pytest.raises(ValueError, match="ship_api_keys=True") as info:
+            ddf.llm.enrich([chain], cache=False)
+        assert "\n" not in str(info.value) and DUMMY_KEY not in str(info.value)
+        out = ddf.llm.enrich([chain], cache=False, ship_api_keys=True).compute()
+    assert out["llm_error"].isna().all()
+
+
+def test_an_explicit_key_on_the_process_pool(sim: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY")
+    chain = dask_llm.Chain(summary_chain(sim.base_url, api_key=DUMMY_KEY), name="summarize")
+    ddf = dd.from_pandas(frame(6), npartitions=2)
+    with pytest.raises(dask_llm.WorkerSetupError, match="ship_api_keys=True"):
+        ddf.llm.enrich([chain], cache=False).compute(scheduler="processes", num_workers=2)
+    shipped = ddf.llm.enrich([chain], cache=False, ship_api_keys=True)
+    out = shipped.compute(scheduler="processes", num_workers=2)
+    assert out["llm_error"].isna().all()
+    assert DUMMY_KEY not in repr(shipped.dask)

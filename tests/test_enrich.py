@@ -17,6 +17,7 @@ from langchain_core.runnables import RunnableLambda
 
 import dask_llm
 from tests.chains import Summary, features_chain, llm, summary_chain, text_chain
+from tests.chains import wine_chains as two_chains
 
 
 @pytest.fixture
@@ -30,13 +31,6 @@ def reviews() -> pd.DataFrame:
         },
         index=pd.RangeIndex(100, 100 + n, name="id"),
     )
-
-
-def two_chains(url: str) -> list[dask_llm.Chain]:
-    return [
-        dask_llm.Chain(summary_chain(url), name="summarize"),
-        dask_llm.Chain(features_chain(url), name="features"),
-    ]
 
 
 def test_public_api() -> None:

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from tests.chains import features_chain, summary_chain
+from tests.chains import summary_chain
+from tests.chains import wine_chains as chains
 
 
 def frame() -> pd.DataFrame:
@@ -23,13 +24,6 @@ def frame() -> pd.DataFrame:
             "country": ["Chile"] * 20,
         }
     )
-
-
-def chains(url: str) -> list[dask_llm.Chain]:
-    return [
-        dask_llm.Chain(summary_chain(url), name="summarize"),
-        dask_llm.Chain(features_chain(url), name="features"),
-    ]
 
 
 @pytest.mark.parametrize("kind", ["pandas", "dask"])

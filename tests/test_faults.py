@@ -14,17 +14,11 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from tests.chains import features_chain, summary_chain, text_chain
+from tests.chains import summary_chain, text_chain
+from tests.chains import wine_chains as chains
 from tests.conftest import API_KEY
 
 pytestmark = pytest.mark.slow
-
-
-def chains(url: str) -> list[dask_llm.Chain]:
-    return [
-        dask_llm.Chain(summary_chain(url), name="summarize"),
-        dask_llm.Chain(features_chain(url), name="features"),
-    ]
 
 
 def test_a_faulty_provider_loses_no_row(make_simulator: Any) -> None:

@@ -24,8 +24,10 @@ import pytest
 
 import dask_llm
 from dask_llm._cache import MemoryCache
-from tests.chains import features_chain, llm, summary_chain
+from tests.chains import llm, summary_chain
+from tests.chains import wine_chains as two_chains
 from tests.helpers import ROOT, requests
+from tests.helpers import reviews as frame
 
 JOB_SCRIPT = """
 import sys, time
@@ -52,23 +54,6 @@ else:
     out.compute(scheduler=scheduler, num_workers=3)
 print("finished", flush=True)
 """
-
-
-def two_chains(url: str) -> list[dask_llm.Chain]:
-    return [
-        dask_llm.Chain(summary_chain(url), name="summarize"),
-        dask_llm.Chain(features_chain(url), name="features"),
-    ]
-
-
-def frame(rows: int) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "description": [f"Review {i}: cassis, cedar and graphite" for i in range(rows)],
-            "title": [f"Wine {i}" for i in range(rows)],
-            "country": ["Chile"] * rows,
-        }
-    )
 
 
 def interrupt(sim: Any, scheduler: str, cache: Path, *, rows: int = 150) -> dict[str, Any]:

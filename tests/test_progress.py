@@ -10,24 +10,8 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from tests.chains import features_chain, summary_chain
-
-
-def frame(n: int) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "description": [f"Review {i}: quince and chalk" for i in range(n)],
-            "title": [f"Wine {i}" for i in range(n)],
-            "country": ["France"] * n,
-        }
-    )
-
-
-def chains(url: str) -> list[dask_llm.Chain]:
-    return [
-        dask_llm.Chain(summary_chain(url), name="summarize"),
-        dask_llm.Chain(features_chain(url), name="features"),
-    ]
+from tests.chains import wine_chains as chains
+from tests.helpers import reviews as frame
 
 
 def test_progress_bar_reaches_100_percent_and_a_summary_is_kept(
