@@ -67,6 +67,8 @@ class EstimateKwargs(TypedDict, total=False):
     prices: Mapping[str, tuple[float, float]] | None
 
 
+# Where pandas and dask are typed (pandas-stubs), a checker resolves the frame's
+# kind; without stubs both are Any and the options are still checked.
 @overload
 def enrich(
     frame: dd.DataFrame, chains: ChainsArg, **options: Unpack[EnrichKwargs]
