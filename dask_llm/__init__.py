@@ -10,7 +10,13 @@ import logging
 from dask_llm import _job  # noqa: F401  (registers the Dask callback that stops jobs on Ctrl-C)
 from dask_llm._accessor import DaskLLMAccessor, PandasLLMAccessor, enrich, estimate
 from dask_llm._chain import Chain
-from dask_llm._errors import ChainError, DaskLLMError, JobStopped, WorkerSetupError
+from dask_llm._errors import (
+    BudgetExceeded,
+    ChainError,
+    DaskLLMError,
+    JobStopped,
+    WorkerSetupError,
+)
 from dask_llm._estimate import Estimate
 from dask_llm._progress import RunSummary, last_run
 from dask_llm._retry import RetryPolicy
@@ -19,6 +25,7 @@ from dask_llm._usage import PRICES, PRICES_AS_OF
 __all__ = [
     "PRICES",
     "PRICES_AS_OF",
+    "BudgetExceeded",
     "Chain",
     "ChainError",
     "DaskLLMAccessor",

@@ -17,7 +17,7 @@ import dask.dataframe as dd
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor as register_dask_accessor
 
-from dask_llm import _cluster, _progress
+from dask_llm import _cluster, _coordinator, _progress
 from dask_llm._cache import ResultCache, check_cache, open_cache
 from dask_llm._chain import Chain
 from dask_llm._estimate import Estimate
@@ -46,6 +46,7 @@ class EnrichKwargs(TypedDict, total=False):
     max_concurrency: int
     rpm: float | None
     tpm: float | None
+    budget_usd: float | None
     errors: Errors
     request_timeout: float | None
     retry: RetryPolicy | int
@@ -63,6 +64,7 @@ class EstimateKwargs(TypedDict, total=False):
 
     rpm: float | None
     tpm: float | None
+    budget_usd: float | None
     cache: CacheArg
     prices: Mapping[str, tuple[float, float]] | None
 
@@ -84,6 +86,7 @@ def enrich(
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     rpm: float | None = None,
     tpm: float | None = None,
+    budget_usd: float | None = None,
     errors: Errors = DEFAULT_ERRORS,
     request_timeout: float | None = None,
     retry: RetryPolicy | int = DEFAULT_RETRY,
@@ -110,6 +113,12 @@ def enrich(
         rpm: requests per minute for the whole job, across all processes and workers.
             Default: what the provider announces in its ``x-ratelimit-*`` headers.
         tpm: tokens per minute for the whole job, likewise.
+        budget_usd: a hard cap on the job's spend, in US dollars, across all processes.
+            Each request reserves its worst-case cost before it is sent and settles on
+            the reported usage; at the cap no request starts, and rows not done get
+            ``llm_error`` "budget reached ..." (``errors="raise"``: ``BudgetExceeded``).
+            Every model needs a price (``prices=``): checked here. See
+            docs/rate-limits.md for the bound on how far spend can pass the cap.
         errors: ``"column"`` records a row's failure in ``error_column`` and goes on;
             ``"raise"`` stops the job and raises ``ChainError`` naming the row's index.
         request_timeout: seconds one HTTP request may take before it is abandoned (and
@@ -167,6 +176,7 @@ def enrich(
         max_concurrency=max_concurrency,
         rpm=rpm,
         tpm=tpm,
+        budget_usd=budget_usd,
         processes=_cluster.worker_processes(),
         errors=errors,
         request_timeout=request_timeout,
@@ -179,12 +189,15 @@ def enrich(
         progress=_progress.interactive() if progress is None else bool(progress),
         keys=_keys_to_ship(plan, ship_api_keys),
     )
+    if budget_usd is not None:
+        _check_prices(plan, options)
     if store is not None:
         check_cache(store, cache)
     if is_dask:
         client = _cluster.distributed_client()
         if client is not None:
             _progress.listen_on_client(client)
+            _coordinator.register(client)
         return frame.map_partitions(
             _enrich_partition,
             plan,
@@ -194,6 +207,28 @@ def enrich(
             align_dataframes=False,
         )
     return _enrich_pandas(frame, plan, options)
+
+
+def _check_prices(plan: Plan, options: EnrichOptions) -> None:
+    """Under a budget every model needs a price: found now, not after the first request."""
+    from langchain_openai.chat_models.base import BaseChatOpenAI
+
+    from dask_llm._graph import find
+    from dask_llm._outputs import is_configurable_model
+    from dask_llm._usage import price_of
+
+    for pc in plan.chains:
+        models = find(pc.chain.runnable, lambda x: isinstance(x, BaseChatOpenAI))
+        names = [m.model_name for m in models]
+        for conf in find(pc.chain.runnable, is_configurable_model):
+            names.append(conf._default_config.get("model"))
+        for name in names:
+            if price_of(name, options.price_table) is None:
+                raise ValueError(
+                    f"chain {pc.name!r}: budget_usd= needs a price for model {name!r}, which "
+                    "the price table does not have; give prices={model: (input, output)} in "
+                    "US dollars per million tokens"
+                )
 
 
 def _keys_to_ship(plan: Plan, ship: bool) -> tuple[tuple[str, str], ...]:
@@ -321,6 +356,7 @@ def estimate(
     tpm: float | None = None,
     cache: CacheArg = True,
     prices: Mapping[str, tuple[float, float]] | None = None,
+    budget_usd: float | None = None,
 ) -> Estimate:
     """What ``enrich(frame, chains)`` would do, without any request: see ``Estimate``.
 
@@ -330,6 +366,8 @@ def estimate(
         rpm, tpm: the limits to project the wall time at.
         cache: the cache ``enrich`` would use (answers in it are not counted), or False.
         prices: as for ``enrich``.
+        budget_usd: the budget ``enrich`` would run under; the estimate says when it
+            would exceed it.
     """
     from dask_llm._estimate import run_estimate
 
@@ -337,7 +375,9 @@ def estimate(
         raise TypeError(f"estimate() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
     plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
     store = open_cache(cache, default_path=default_cache_path())
-    return run_estimate(frame, plan, store, rpm=rpm, tpm=tpm, prices=dict(prices or {}))
+    return run_estimate(
+        frame, plan, store, rpm=rpm, tpm=tpm, prices=dict(prices or {}), budget_usd=budget_usd
+    )
 
 
 class _LLMAccessor:

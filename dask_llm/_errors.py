@@ -3,6 +3,7 @@
     DaskLLMError                 root: catch this to catch everything below
     ├── ChainError               a chain failed for one row (``errors="raise"``)
     ├── JobStopped               the job stopped before this partition finished
+    ├── BudgetExceeded           the job's budget_usd was reached (errors="raise")
     └── WorkerSetupError         a chain could not be rebuilt on a worker
 
 Misuse of arguments (a missing column, an unknown option) raises plain
@@ -51,6 +52,14 @@ class JobStopped(DaskLLMError):
 
 def _job_stopped(message: str, kind: str) -> JobStopped:
     return JobStopped(message, kind=kind)
+
+
+class BudgetExceeded(DaskLLMError):
+    """The job reached its ``budget_usd`` (with ``errors="raise"``); the message names the spend.
+
+    Every answer paid for is in the cache: a rerun with a larger budget pays only for
+    what is missing.
+    """
 
 
 class WorkerSetupError(DaskLLMError):

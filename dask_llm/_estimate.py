@@ -60,6 +60,7 @@ class Estimate:
     cost_usd: float | None
     wall_s: float | None
     tokenizer: str
+    budget_usd: float | None = None
 
     def __str__(self) -> str:
         cost = "unknown" if self.cost_usd is None else f"${significant(self.cost_usd)}"
@@ -71,6 +72,14 @@ class Estimate:
             f"({', '.join(f'{k}: {v:,}' for k, v in self.calls_by_chain.items())}); "
             f"~{self.input_tokens:,} input + ~{self.output_tokens:,} output tokens "
             f"({self.tokenizer}); cost ~{cost}; wall time ~{wall}"
+        ) + self._over_budget()
+
+    def _over_budget(self) -> str:
+        if self.budget_usd is None or self.cost_usd is None or self.cost_usd <= self.budget_usd:
+            return ""
+        return (
+            f"; this exceeds the budget of ${significant(self.budget_usd)}: the job would stop "
+            "there (rerun with a larger budget to go on)"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -281,6 +290,7 @@ def run_estimate(
     rpm: float | None,
     tpm: float | None,
     prices: dict[str, tuple[float, float]],
+    budget_usd: float | None = None,
 ) -> Estimate:
     """``estimate()``'s work: counts per partition (read-only cache), then the summary."""
     import dask
@@ -297,7 +307,9 @@ def run_estimate(
     finally:
         if store is not None:
             store.close()
-    return summarize(counts, rows=int(rows), plan=plan, rpm=rpm, tpm=tpm, prices=prices)
+    estimate = summarize(counts, rows=int(rows), plan=plan, rpm=rpm, tpm=tpm, prices=prices)
+    estimate.budget_usd = budget_usd
+    return estimate
 
 
 def significant(value: float, digits: int = 4) -> str:

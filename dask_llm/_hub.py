@@ -123,6 +123,11 @@ def _handle(message: tuple[Any, ...]) -> Any:
         return None
     if op == "poll":
         return stop_signal(message[1])
+    if op == "lease":
+        from dask_llm._coordinator import local_coordinator
+
+        _, job, member, report = message
+        return local_coordinator().lease(job, member, report)
     raise ValueError(f"unknown operation {op!r}")
 
 

@@ -47,6 +47,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import math
+import re
 import sys
 import threading
 import time
@@ -57,7 +59,9 @@ from dask.callbacks import Callback
 
 from dask_llm import _cluster, _hub, _progress
 from dask_llm._errors import ChainError, JobStopped
+from dask_llm._ledger import Ledger, even_share_hint, link_for
 from dask_llm._limits import Throttle
+from dask_llm._usage import price_of
 
 if TYPE_CHECKING:
     from dask_llm._options import EnrichOptions
@@ -70,6 +74,8 @@ STOP_GRACE_S = 2.0
 POLL_S = 0.1
 _IDLE_S = 60.0
 _REFUSED_BEFORE_FATAL = 3
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"]+)"')
+_MAX_TOKENS = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
 
 
 class Stop(NamedTuple):
@@ -93,13 +99,6 @@ class Job:
         self.id = options.job
         self.options = options
         self.cache = options.cache
-        self.throttle = Throttle(
-            max_concurrency=options.max_concurrency,
-            initial_concurrency=options.initial_concurrency,
-            rpm=options.rpm,
-            tpm=options.tpm,
-            share=options.share(),
-        )
         self._lock = threading.Lock()
         self._stop: Stop | None = None
         self._refused = 0
@@ -112,6 +111,19 @@ class Job:
         if self.worker is None and options.hub is not None and _cluster.in_pool_child():
             address, key = options.hub
             self.hub = _hub.hub_client(address, key)
+        self.ledger = Ledger(
+            options.job,
+            {"rpm": options.rpm, "tpm": options.tpm, "budget_usd": options.budget_usd},
+            link_for(self.hub),
+            fallback_share=even_share_hint(options.processes),
+            on_stop=self._ledger_says_stop,
+        )
+        self.throttle = Throttle(
+            max_concurrency=options.max_concurrency,
+            initial_concurrency=options.initial_concurrency,
+            ledger=self.ledger,
+        )
+        self._largest_completion = 0
 
     # -- stopping ---------------------------------------------------------------------------
     @property
@@ -173,6 +185,39 @@ class Job:
         stop = self._stop
         if stop is not None:
             raise JobStopped(stop.text, kind=stop.kind)
+
+    def _ledger_says_stop(self, text: str) -> None:
+        self.stop("budget" if text.startswith("budget") else "interrupted", text, broadcast=False)
+
+    # -- the budget -----------------------------------------------------------------------------
+    def worst_cost(self, body: bytes) -> float:
+        """What a request may cost at most (``budget_usd``): see ``_coordinator``.
+
+        Prompt tokens are at most the body's bytes (a token is at least a byte, and the
+        body holds every message); completion tokens at most ``max_tokens``, else 1.5x
+        the largest completion seen (1,024 before any).
+        """
+        match = _MODEL.search(body)
+        model = match.group(1).decode() if match else None
+        price = price_of(model, self.options.price_table)
+        if price is None:
+            self.stop(
+                "budget",
+                f"budget_usd needs a price for every model, and {model!r} has none "
+                "(give prices={model: (input, output)})",
+            )
+            return math.inf
+        limit = _MAX_TOKENS.search(body)
+        completion = (
+            int(limit.group(1))
+            if limit
+            else (1.5 * self._largest_completion if self._largest_completion else 1024)
+        )
+        return (len(body) * price[0] + completion * price[1]) / 1e6
+
+    def completion_seen(self, tokens: int) -> None:
+        if tokens > self._largest_completion:
+            self._largest_completion = tokens
 
     # -- the fatal breaker --------------------------------------------------------------------
     def fatal_answer(self, description: str) -> None:
@@ -256,7 +301,9 @@ def attach(options: EnrichOptions) -> Job:
         if job is None:
             job = _JOBS[options.job] = Job(options)
         job._attached += 1
-        return job
+        job.ledger.attached(job._attached)
+    job.ledger.start()
+    return job
 
 
 def detach(job: Job) -> None:
@@ -264,6 +311,7 @@ def detach(job: Job) -> None:
         job._attached -= 1
         if job._attached == 0:
             job._idle_since = time.monotonic()
+        job.ledger.attached(job._attached)
 
 
 def forget(job_id: str) -> None:

@@ -1,49 +1,43 @@
-"""Job-wide concurrency and rate limits: how a job saturates a provider without 429 storms.
+"""How one HTTP request of a job may start: pacing within the job's lease, and concurrency.
 
-One ``Throttle`` per job per process, shared by every partition that runs in
-that process at once (threads of the threaded scheduler, of a ``distributed``
-worker). It governs HTTP requests, not chain calls: a chain that calls the
-model twice counts twice, and retries count as what they are, new requests.
-It sits in the HTTP transport of the clients dask-llm opens (``_transport``),
-so it sees every request's body (to estimate its tokens) and every response's
-status and ``x-ratelimit-*`` headers.
+One ``Throttle`` per job per process (owned by the ``Job``), shared by every
+partition running in that process, on whatever thread and event loop. It
+governs HTTP requests, not chain calls: a chain that calls the model twice
+counts twice, and retries count as what they are, new requests. It sits in
+the transport (``_transport``), so it sees every request's body (to estimate
+its tokens) and every response's status and headers.
 
-Three mechanisms, each for a different ignorance:
+* **Pacing.** The job's ``rpm``/``tpm`` (told, or learned from the
+  provider's ``x-ratelimit-limit-*`` headers) are held by the job's ledger
+  (``_coordinator``), which lends each process a rate according to its
+  demand; ``Pacer`` spends this process's rate. Two rules, both needed:
+  starts are booked no closer than ``1 / rate`` apart (GCRA from the last
+  booked start at the rate in force, no burst allowance), and at the moment a request is
+  really sent, no more than ``floor(rate)`` requests (and ``tpm / 60``
+  tokens) may have started in the last second: a loop that was busy sends
+  booked requests late and together, and a provider that counts any sliding
+  second (or fixed slices, or a token bucket: each is looser than a sliding
+  window) would see the bunch. With the ledger's 3% margin under the limit,
+  the sum over processes holds the limit over any sliding second.
+* **429s.** Only a *quota* 429 (rate-limit headers showing a spent quota,
+  or ``rate_limit_exceeded``) says the pace is too fast: starts are held
+  until its ``Retry-After``, and if more than 5% of the last 10 s of requests
+  met one, pacing slows by 5% (once per burst, recovering over 15 s). A 429
+  that is not the quota's (an overloaded server: no rate-limit headers, or
+  quota left) is only retried after its ``Retry-After``: it does not slow
+  the job. (0.1 slowed on every 429, so 5% of stray 429s halved a known
+  limit.)
+* **Adaptive concurrency** (AIMD, as TCP), while no rate is known: the number
+  of requests in flight starts at ``initial_concurrency``, grows by one per
+  success until the first quota 429 (slow start), then by ``1/limit`` per
+  success, and halves on a quota 429 (once per round trip). Where the
+  provider sends no limit headers and none is told, this alone finds the
+  ceiling. ``max_concurrency`` is a hard cap. Once a rate is known, pacing
+  governs and concurrency opens to its cap.
 
-* **Pacing** (GCRA, a leaky bucket kept as "the next free start time"):
-  requests start no closer than ``1 / rate`` apart, and tokens at most at
-  ``tpm / 60`` per second. The rate is the user's ``rpm=``/``tpm=`` if given,
-  else what the provider says in ``x-ratelimit-limit-requests`` /
-  ``-tokens`` (OpenAI sends them on every response), times a safety factor
-  (0.95: arrival jitter on the wire must not push a 1-second window over).
-  Pacing is arithmetic under a ``threading.Lock``, so partitions on
-  different threads and event loops draw on one budget. A request's token
-  cost is estimated before sending (request body characters / 4, plus
-  ``max_tokens`` or the mean completion seen so far) and the estimate is
-  scaled by the ratio of reported ``usage`` to estimates seen so far.
-* **Adaptive concurrency** (AIMD, as TCP), while no rate is known (once
-  one is, pacing governs and concurrency opens to its cap, since ramping
-  up would only slow the start): the number of requests in flight
-  starts at ``initial_concurrency``, grows by one per success until the
-  first 429 (slow start), then by ``1/limit`` per success; a 429 halves it
-  (once per round trip, not once per 429 of the same burst) unless pacing
-  knows the rate, which answers 429s better. Where the provider sends no
-  limit headers this alone finds the ceiling.
-  ``max_concurrency`` is a hard cap.
-* **Retry-After**: a 429 also slows pacing by 10% (recovering over the next
-  clean minute), and each retried request waits at least what the server
-  asked (``_retry``).
-
-Job-wide limits across processes: the budget is split evenly. A process
-that runs partitions of the job takes ``rate / P``, where ``P`` is the number
-of worker processes: the ``distributed`` cluster's worker count (read from
-the client when ``enrich`` is called, and from the worker's scheduler at run
-time), the size of dask's local process pool, or 1 for the threaded and
-synchronous schedulers. Trade-off: no coordinator, no round trip per request
-and nothing to fail; but a process idle at the end of a job leaves its share
-unused, so the tail runs below the limit. (A lease server on the scheduler
-would fix that at the cost of a network hop per lease; not worth it until
-measured.)
+Token costs are estimated before sending (body characters / 4, plus
+``max_tokens`` or the mean completion seen so far) and scaled by the ratio
+of reported usage to estimates so far.
 
 aiolimiter was the first choice for pacing, but its limiter belongs to one
 event loop, and a job here spans many loops on many threads.
@@ -54,39 +48,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import Any
 
-from dask_llm import _cluster
+from dask_llm._coordinator import MARGIN, RENEW_S
 from dask_llm._retry import retry_after
 
 log = logging.getLogger("dask_llm")
 
-_SAFETY = 0.97
 _DECREASE = 0.5
 _RATE_BACKOFF = 0.95
 _RATE_RECOVERY_S = 15.0
 
 
 class Pacer:
-    """Request and token pacing (GCRA), thread-safe, with an injectable clock."""
+    """Request and token pacing within a rate (GCRA + a strict sliding window); thread-safe.
+
+    The rate is the ledger's lease when there is one (``ledger``), else ``rpm``/``tpm``
+    (told or learned) minus the margin: a pacer on its own, for tests and tools.
+    """
 
     __slots__ = (
+        "_hold",
+        "_last",
+        "_last_tok",
         "_lock",
-        "_next",
         "_penalty",
         "_penalty_at",
-        "_recent",
         "_rejections",
         "_sent",
         "clock",
         "learned_rpm",
         "learned_tpm",
+        "ledger",
         "rpm",
-        "share",
         "tpm",
     )
 
@@ -95,62 +93,81 @@ class Pacer:
         *,
         rpm: float | None = None,
         tpm: float | None = None,
-        share: int = 1,
+        ledger: Any = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rpm = rpm
         self.tpm = tpm
-        self.share = max(1, share)
+        self.ledger = ledger
         self.learned_rpm: float | None = None
         self.learned_tpm: float | None = None
         self.clock = clock
         self._lock = threading.Lock()
-        self._next = 0.0  # earliest start of the next request
-        self._penalty = 1.0  # multiplier < 1 after a 429
+        self._last: float | None = None  # the last booked start
+        self._last_tok: tuple[float, float] | None = None  # (start, tokens) of the last booking
+        self._hold = 0.0  # no start before this (a quota 429's Retry-After)
+        self._penalty = 1.0  # multiplier < 1 after repeated quota 429s
         self._penalty_at = -math.inf
-        self._recent: deque[float] = deque()  # starts in the last second, before a limit is known
-        self._sent: deque[float] = deque()  # actual starts in the last second
-        self._rejections: deque[float] = deque()  # 429s in the last 10 s
-
-    def _limit(self, given: float | None, learned: float | None) -> float | None:
-        limits = [x for x in (given, learned) if x]
-        return min(limits) if limits else None
+        self._sent: deque[tuple[float, float]] = deque()  # (start, tokens) of the last second
+        self._rejections: deque[float] = deque()  # quota 429s in the last 10 s
 
     def rates(self) -> tuple[float | None, float | None]:
         """This process's requests/s and tokens/s, or None where unlimited."""
-        factor = _SAFETY * self._current_penalty() / self.share
-        rpm = self._limit(self.rpm, self.learned_rpm)
-        tpm = self._limit(self.tpm, self.learned_tpm)
-        return (rpm / 60.0 * factor if rpm else None, tpm / 60.0 * factor if tpm else None)
+        if self.ledger is not None:
+            req, tok = self.ledger.rates()
+        else:
+
+            def lowest(told: float | None, learned: float | None) -> float | None:
+                known = [x for x in (told, learned) if x]
+                return min(known) / 60.0 * (1.0 - MARGIN) if known else None
+
+            req, tok = lowest(self.rpm, self.learned_rpm), lowest(self.tpm, self.learned_tpm)
+        penalty = self._current_penalty()
+        return (
+            None if req is None else req * penalty,
+            None if tok is None else tok * penalty,
+        )
 
     def _current_penalty(self) -> float:
         if self._penalty >= 1.0:
             return 1.0
-        # Recover linearly to 1 over _RATE_RECOVERY_S after the last 429.
+        # Recover linearly to 1 over _RATE_RECOVERY_S after the last slow-down.
         elapsed = self.clock() - self._penalty_at
         return min(1.0, self._penalty + (1.0 - self._penalty) * elapsed / _RATE_RECOVERY_S)
 
-    def reserve(self, tokens: float) -> float:
-        """Book the next start for a request of ``tokens``; return the seconds to wait."""
+    def reserve(self, tokens: float) -> float | None:
+        """Book the next start for a request of ``tokens``; return the seconds to wait.
+
+        None: this process cannot start it within the next renewal of its lease (no
+        share, or a share too small for the queue); nothing was booked, ask again then,
+        with the lease as it will be.
+        """
         with self._lock:
             req_rate, tok_rate = self.rates()
             now = self.clock()
             if req_rate is None and tok_rate is None:
-                # Unpaced until a limit is known; remember the burst to pay it back then.
-                self._recent.append(now)
-                while self._recent and self._recent[0] <= now - 1.0:
-                    self._recent.popleft()
                 return 0.0
-            start = max(now, self._next)
-            step = 0.0
-            if req_rate:
-                step = 1.0 / req_rate
-            if tok_rate:
-                step = max(step, tokens / tok_rate)
-            self._next = start + step
-            return start - now
+            if (req_rate is not None and req_rate <= 0) or (tok_rate is not None and tok_rate <= 0):
+                self._waiting()
+                return None
+            # The next free start follows from the last booked one at the rate in force
+            # now: a lease that grows (or shrinks) applies at once.
+            start = max(now, self._hold)
+            if req_rate and self._last is not None:
+                start = max(start, self._last + 1.0 / req_rate)
+            if tok_rate and self._last_tok is not None:
+                start = max(start, self._last_tok[0] + self._last_tok[1] / tok_rate)
+            if start - now > RENEW_S:
+                self._waiting()
+                return None
+            self._last = start
+            self._last_tok = (start, tokens)
+            wait = start - now
+            if wait > 0:
+                self._waiting()
+            return wait
 
-    def admit(self) -> float:
+    def admit(self, tokens: float) -> float:
         """Check a paced request at the moment it is sent; return 0 (sent) or seconds to wait.
 
         GCRA books start times, but an event loop that was busy can send several
@@ -158,52 +175,57 @@ class Pacer:
         windows, so arrivals, too, are held to the rate over any 1 s window.
         """
         with self._lock:
-            req_rate = self.rates()[0]
+            req_rate, tok_rate = self.rates()
             now = self.clock()
             sent = self._sent
-            while sent and sent[0] <= now - 1.0:
+            while sent and sent[0][0] <= now - 1.0:
                 sent.popleft()
-            if req_rate and len(sent) + 1 > max(1.0, req_rate):
-                return sent[0] + 1.0 - now
-            sent.append(now)
+            if req_rate is not None and len(sent) + 1 > max(1, math.floor(req_rate)):
+                self._waiting()
+                return max(1e-3, sent[0][0] + 1.0 - now)
+            if tok_rate is not None and sent:
+                used = sum(t for _, t in sent)
+                if used + tokens > max(tokens, tok_rate):
+                    self._waiting()
+                    return max(1e-3, sent[0][0] + 1.0 - now)
+            if req_rate is not None or tok_rate is not None:
+                sent.append((now, tokens))
+            if self.ledger is not None:
+                self.ledger.started(tokens)
             return 0.0
+
+    def _waiting(self) -> None:
+        if self.ledger is not None:
+            self.ledger.waiting()
 
     def learn(self, headers: Mapping[str, str]) -> None:
         """Take the provider's limits from ``x-ratelimit-limit-*`` response headers."""
         rpm = _number(headers.get("x-ratelimit-limit-requests"))
         tpm = _number(headers.get("x-ratelimit-limit-tokens"))
+        if not (rpm or tpm):
+            return
         if (rpm and rpm != self.learned_rpm) or (tpm and tpm != self.learned_tpm):
             log.info("dask-llm: the provider announces rpm=%s tpm=%s", rpm, tpm)
-        if rpm or tpm:
-            with self._lock:
-                was_unpaced = self.rates() == (None, None)
-                self.learned_rpm = rpm or self.learned_rpm
-                self.learned_tpm = tpm or self.learned_tpm
-                req_rate = self.rates()[0]
-                if was_unpaced and req_rate and self._recent:
-                    # The requests sent before we knew the limit count against it:
-                    # start pacing only once that burst is paid back.
-                    now = self.clock()
-                    burst = sum(1 for t in self._recent if t > now - 1.0)
-                    self._next = max(self._next, now + burst / req_rate - 1.0 / req_rate)
-                self._recent.clear()
+        with self._lock:
+            self.learned_rpm = rpm or self.learned_rpm
+            self.learned_tpm = tpm or self.learned_tpm
+        if self.ledger is not None:
+            self.ledger.learned(rpm, tpm)
 
-    def rejected(self, started: float, retry_after: float | None) -> None:
-        """A request started at ``started`` got a 429 asking to wait ``retry_after`` s.
+    def rejected(self, started: float, retry_after_s: float | None) -> None:
+        """A request started at ``started`` met a *quota* 429 asking to wait ``retry_after_s``.
 
-        A few 429s while pacing to a known limit are arrival jitter (a stalled loop
-        on either side bunches arrivals into one window): hold every start until
-        the moment the provider named, and go on at the same rate. More than 5%
-        of the last 10 s of requests rejected mean the limit we pace to is not the
-        whole story (another client shares the quota): then pace 5% slower, once
-        per burst (429s of requests that started before the last slow-down are the
-        same event), recovering over the next 15 s. Without a known limit every
-        429 counts.
+        A few quota 429s while pacing to a known limit are arrival jitter: hold every
+        start until the moment the provider named, and go on at the same rate. More
+        than 5% of the last 10 s of requests rejected mean the limit we pace to is not
+        the whole story (another client shares the quota): then pace 5% slower, once
+        per burst (429s of requests that started before the last slow-down are the same
+        event), recovering over the next 15 s. Without a known limit every 429 counts.
         """
         with self._lock:
             now = self.clock()
-            if retry_after:
-                self._next = max(self._next, now + min(retry_after, 60.0))
+            if retry_after_s:
+                self._hold = max(self._hold, now + min(retry_after_s, 60.0))
             rejections = self._rejections
             rejections.append(now)
             while rejections[0] <= now - 10.0:
@@ -216,8 +238,8 @@ class Pacer:
             self._penalty = max(0.3, self._current_penalty() * _RATE_BACKOFF)
             self._penalty_at = now
         log.info(
-            "dask-llm: more than 5%% of requests met a 429: pacing at %.0f%% of the limit, "
-            "recovering over %.0f s",
+            "dask-llm: more than 5%% of requests met a quota 429: pacing at %.0f%% of the "
+            "limit, recovering over %.0f s",
             100 * self._penalty,
             _RATE_RECOVERY_S,
         )
@@ -323,6 +345,22 @@ def _resolve(fut: asyncio.Future[None], owner: Concurrency) -> None:
         fut.set_result(None)
 
 
+def is_quota_429(headers: Mapping[str, str] | None, code: str | None) -> bool:
+    """Whether a 429 says the quota is spent (pace slower), not that the server is busy.
+
+    Rate-limit headers decide when they are there: a quota is spent when one of
+    ``x-ratelimit-remaining-requests`` / ``-tokens`` is 0. Without them, only
+    ``code="rate_limit_exceeded"`` is the quota's.
+    """
+    remaining = [
+        (headers or {}).get(f"x-ratelimit-remaining-{kind}") for kind in ("requests", "tokens")
+    ]
+    known = [r for r in remaining if r is not None]
+    if known:
+        return any(_number(r) is None for r in known)  # "0" (or unparseable): spent
+    return code == "rate_limit_exceeded"
+
+
 def _number(value: str | None) -> float | None:
     if not value:
         return None
@@ -343,13 +381,13 @@ class Throttle:
         initial_concurrency: int = 16,
         rpm: float | None = None,
         tpm: float | None = None,
-        share: int = 1,
+        ledger: Any = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.concurrency = Concurrency(
             initial=initial_concurrency, cap=max_concurrency, clock=clock
         )
-        self.pacer = Pacer(rpm=rpm, tpm=tpm, share=share, clock=clock)
+        self.pacer = Pacer(rpm=rpm, tpm=tpm, ledger=ledger, clock=clock)
         self.clock = clock
         self._lock = threading.Lock()
         self._estimated = 0.0
@@ -382,21 +420,36 @@ class Throttle:
     async def acquire(self, tokens: float) -> float:
         """Wait for a slot and a paced start; return the start time (for ``observe``)."""
         await self.concurrency.acquire()
+        ledger = self.pacer.ledger
+        if ledger is not None:
+            ledger.queue(+1)
         try:
-            delay = self.pacer.reserve(tokens)
+            while (delay := self.pacer.reserve(tokens)) is None:  # noqa: ASYNC110 (a lease)
+                await asyncio.sleep(RENEW_S)
             if delay > 0:
                 await asyncio.sleep(delay)
-            while (late := self.pacer.admit()) > 0:  # noqa: ASYNC110 (waits on a clock)
+            while (late := self.pacer.admit(tokens)) > 0:  # noqa: ASYNC110 (a clock)
                 await asyncio.sleep(late)
         except BaseException:
             self.concurrency.release()
             raise
+        finally:
+            if ledger is not None:
+                ledger.queue(-1)
         return self.clock()
 
     def observe(
-        self, started: float, status: int | None, headers: Mapping[str, str] | None
+        self,
+        started: float,
+        status: int | None,
+        headers: Mapping[str, str] | None,
+        *,
+        quota: bool = True,
     ) -> None:
-        """A request that started at ``started`` ended with ``status`` (None: no response)."""
+        """A request that started at ``started`` ended with ``status`` (None: no response).
+
+        ``quota``: for a 429, whether it said the quota is spent (``is_quota_429``).
+        """
         with self._lock:
             if status == 429:
                 self.rate_limited += 1
@@ -406,7 +459,7 @@ class Throttle:
             self.pacer.learn(headers)
         if self.pacer.rates() != (None, None):
             self.concurrency.open_up()
-        if status == 429:
+        if status == 429 and quota:
             # With a known rate, pacing answers a 429; halving concurrency on top
             # would starve the pipe for several round trips.
             if self.pacer.rates()[0] is None:
@@ -427,18 +480,4 @@ class Throttle:
         rate = self.pacer.rates()[0]
         if rate is None:
             return max(4, int(2 * self.concurrency.limit))
-        return min(self.concurrency.cap, int(2 * rate * self.latency) + 8)
-
-
-def process_share(hint: int) -> int:
-    """How many processes split the job's budget, as seen from this process.
-
-    ``hint``: the ``distributed`` cluster's worker processes when ``enrich`` was called.
-    """
-    if _cluster.distributed_worker() is not None:
-        return max(1, hint)
-    if _cluster.in_pool_child():
-        # A process of dask's local pool: as many as the CPUs, unless told more.
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(hint, cpus or 1)
-    return max(1, hint)
+        return min(self.concurrency.cap, int(2 * max(rate, 1.0) * self.latency) + 8)

@@ -41,6 +41,7 @@ class EnrichOptions:
     initial_concurrency: int = DEFAULT_INITIAL_CONCURRENCY
     rpm: float | None = None
     tpm: float | None = None
+    budget_usd: float | None = None
     processes: int = 1
     errors: Errors = DEFAULT_ERRORS
     request_timeout: float | None = None
@@ -67,7 +68,7 @@ class EnrichOptions:
             raise ValueError(f"sync_threads= must be >= 1, not {self.sync_threads}")
         if not isinstance(self.retry, RetryPolicy):
             raise TypeError("retry= takes a RetryPolicy or a number of attempts")
-        for name in ("rpm", "tpm"):
+        for name in ("rpm", "tpm", "budget_usd"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}= must be > 0, or None for no limit")
@@ -82,12 +83,6 @@ class EnrichOptions:
         if self.cache is None:
             return None
         return str(getattr(self.cache, "path", None) or repr(self.cache))
-
-    def share(self) -> int:
-        """How many processes split the job's rpm/tpm, as seen from this process."""
-        from dask_llm._limits import process_share
-
-        return process_share(self.processes)
 
     def __repr__(self) -> str:  # never the keys
         return f"EnrichOptions(job={self.job!r}, cache={self.cache!r})"

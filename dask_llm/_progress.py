@@ -72,6 +72,7 @@ class RunSummary:
     output_tokens: int = 0
     rows_without_usage: int = 0
     cost_usd: float | None = 0.0
+    budget_usd: float | None = None
     wall_s: float = 0.0
     status: str = "completed"
     cache: str | None = field(default=None, repr=False)
@@ -82,6 +83,8 @@ class RunSummary:
 
     def __str__(self) -> str:
         cost = "unknown" if self.cost_usd is None else f"${self.cost_usd:,.4f}"
+        if self.budget_usd is not None:
+            cost += f" of ${self.budget_usd:,.2f} budget"
         text = (
             f"{self.rows:,} rows ({self.failed_rows:,} failed) in {self.wall_s:,.1f} s: "
             f"{self.calls:,} calls ({self.calls_per_s:,.1f}/s), {self.retries:,} retries, "
@@ -119,12 +122,13 @@ class RunProgress:
         total_rows: int | None,
         show: bool,
         cache: str | None = None,
+        budget_usd: float | None = None,
     ) -> None:
         self.job = job
         self.partitions = max(1, partitions)
         self.total_rows = total_rows
         self.show = show
-        self.summary = RunSummary(cache=cache)
+        self.summary = RunSummary(cache=cache, budget_usd=budget_usd)
         self.started = time.monotonic()
         self._lock = threading.Lock()
         # partition -> (attempt, rows it has, rows done, failed rows)
@@ -225,6 +229,8 @@ class RunProgress:
     def _postfix(self) -> str:
         s = self.summary
         cost = "?" if s.cost_usd is None else f"${s.cost_usd:.4f}"
+        if s.budget_usd is not None:
+            cost += f"/${s.budget_usd:,.2f}"
         rate = s.calls / s.wall_s if s.wall_s > 0 else 0.0
         return (
             f"{rate:.1f} calls/s, {s.retries} retries, {s.rate_limited} 429s, "
@@ -259,6 +265,7 @@ def receive(event: dict[str, Any]) -> None:
                 total_rows=event.get("total_rows"),
                 show=bool(event.get("show")),
                 cache=event.get("cache"),
+                budget_usd=event.get("budget_usd"),
             )
     if run.apply(event):
         with _RUNS_LOCK:

@@ -37,7 +37,7 @@ from dask_llm import _cluster
 from dask_llm import _job as jobs
 from dask_llm._calls import MISSING, ChainCaller, PartitionStats
 from dask_llm._columns import RowFailed, column, is_missing
-from dask_llm._errors import ChainError, JobStopped
+from dask_llm._errors import BudgetExceeded, ChainError, JobStopped
 from dask_llm._loop import run_sync
 from dask_llm._options import EnrichOptions
 from dask_llm._plan import Plan, PlannedChain
@@ -89,6 +89,7 @@ class PartitionRun:
                 "total_rows": self.options.total_rows,
                 "show": self.options.progress and not _cluster.in_pool_child(),
                 "cache": self.options.cache_label,
+                "budget_usd": self.options.budget_usd,
             },
         )
         try:
@@ -126,7 +127,9 @@ class PartitionRun:
             raise self._raised
         if stop is not None and stop.kind == "raised":
             stop.raise_error()
-        if stop is not None and stop.kind != "fatal":
+        if stop is not None and stop.kind == "budget" and self.options.errors == "raise":
+            raise BudgetExceeded(f"{stop.text}; {jobs.resume_hint(None)}")
+        if stop is not None and stop.kind not in ("fatal", "budget"):
             raise JobStopped(f"{stop.text}; {jobs.resume_hint(None)}", kind=stop.kind)
         return self._frame()
 
@@ -210,7 +213,7 @@ class PartitionRun:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
         stop = self.job.stopped
-        if stop is not None and stop.kind == "fatal":
+        if stop is not None and stop.kind in ("fatal", "budget"):
             for i in range(self.n):
                 self._fail_rest(i, stop.text)
 

@@ -41,6 +41,7 @@ attribute we touch; ``tests/test_transport`` fails loudly if the SDK moves it.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import re
@@ -53,10 +54,13 @@ from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm import _dedup as dedup
 from dask_llm._cache import request_key
+from dask_llm._coordinator import RENEW_S
+from dask_llm._errors import JobStopped
 from dask_llm._graph import find, rewrite
+from dask_llm._limits import is_quota_429
 from dask_llm._options import DEFAULT_REQUEST_TIMEOUT
 from dask_llm._outputs import is_configurable_model
-from dask_llm._usage import current_attempt, read_usage
+from dask_llm._usage import current_attempt, price_of, read_usage
 
 _MAX_TOKENS = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
 _DROP_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
@@ -127,9 +131,19 @@ class JobTransport:
         throttle = job.throttle
         match = _MAX_TOKENS.search(body) if body else None
         estimate = throttle.estimate_tokens(len(body), int(match.group(1)) if match else None)
+        worst = job.worst_cost(body) if job.ledger.budgeted and body else 0.0
+        if worst:
+            while (reserved := job.ledger.reserve(worst)) is None:  # noqa: ASYNC110 (settling)
+                job.check()
+                await asyncio.sleep(RENEW_S)
+            if not reserved:
+                job.check()  # the ledger has stopped the job: budget reached
+                raise JobStopped("budget reached", kind="budget")
         started = await throttle.acquire(estimate)
         status = None
         headers = None
+        data = b""
+        cost = worst  # what to settle if no answer comes: it may have been paid for
         try:
             job.check()  # it may have stopped while this request waited for its turn
             try:
@@ -141,10 +155,15 @@ class JobTransport:
             status = response.status_code
             headers = response.headers
         finally:
-            throttle.observe(started, status, headers)
+            quota = status == 429 and is_quota_429(headers, _error_code(data))
+            throttle.observe(started, status, headers, quota=quota)
             if status is not None and status < 400:
                 throttle.record_estimate(estimate)
             throttle.release()
+            if status is not None and status >= 400:
+                cost = 0.0  # an error answer is not billed
+            if worst and (status is None or status >= 400):
+                job.ledger.settle(worst, cost)
         assert status is not None and headers is not None
         job.connection_ok()
         answer = Answer(
@@ -153,9 +172,13 @@ class JobTransport:
         attempt = current_attempt.get()
         if status < 400:
             self.stats.calls_paid += 1
+            model, prompt, completion = read_usage(data)
+            if completion is not None:
+                job.completion_seen(completion)
             if attempt is not None:
-                model, prompt, completion = read_usage(data)
                 attempt.paid(model, prompt, completion)
+            if worst:
+                job.ledger.settle(worst, _cost(job, model, prompt, completion, worst))
             if key is not None:
                 job.cache_put(key, answer.to_cache(), self.stats)
         else:
@@ -181,6 +204,27 @@ def _response(request: Any, answer: Answer) -> Any:
     return module.Response(
         answer.status, headers=answer.headers, content=answer.body, request=request
     )
+
+
+def _error_code(data: bytes) -> str | None:
+    try:
+        error = json.loads(data).get("error") or {}
+    except (ValueError, AttributeError):
+        return None
+    code = error.get("code") if isinstance(error, dict) else None
+    return str(code) if code else None
+
+
+def _cost(
+    job: Any, model: str | None, prompt: int | None, completion: int | None, worst: float
+) -> float:
+    """What an answer cost, for the budget; the reserved worst case when it says nothing."""
+    if prompt is None:
+        return worst
+    price = price_of(model, job.options.price_table)
+    if price is None:
+        return worst
+    return (prompt * price[0] + (completion or 0) * price[1]) / 1e6
 
 
 def _host(request: Any) -> str:

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import time
 
 import pytest
 
-from dask_llm._limits import _RATE_BACKOFF, _RATE_RECOVERY_S, _SAFETY, Concurrency, Pacer, Throttle
+from dask_llm._coordinator import MARGIN
+from dask_llm._limits import (
+    _RATE_BACKOFF,
+    _RATE_RECOVERY_S,
+    Concurrency,
+    Pacer,
+    Throttle,
+    is_quota_429,
+)
 from dask_llm._retry import RetryPolicy, classify, retry_after
 
 
@@ -25,33 +34,65 @@ def test_pacer_without_limits_never_waits() -> None:
     assert [pacer.reserve(500) for _ in range(100)] == [0.0] * 100
 
 
-def test_pacer_spaces_requests_at_the_rpm_with_a_safety_margin() -> None:
+def booked_starts(pacer: Pacer, clock: Clock, n: int, tokens: float = 1) -> list[float]:
+    """Start times of ``n`` requests, letting time pass when the pacer says "not yet"."""
+    starts = []
+    while len(starts) < n:
+        wait = pacer.reserve(tokens)
+        if wait is None:
+            clock.now += 0.05  # nothing booked: come back later
+        else:
+            starts.append(clock.now + wait)
+    return starts
+
+
+def test_pacer_spaces_requests_at_the_rpm_with_a_margin_and_no_burst() -> None:
     clock = Clock()
     pacer = Pacer(rpm=600, clock=clock)  # 10/s, paced a little below
-    waits = [pacer.reserve(1) for _ in range(20)]
-    assert waits[0] == 0.0
-    step = 1 / (10 * _SAFETY)
-    assert waits[-1] == pytest.approx(19 * step)
-    # Requests booked within any 1 s window never exceed rpm/60.
-    starts = [clock.now + w for w in waits]
+    starts = booked_starts(pacer, clock, 20)
+    step = 1 / (10 * (1 - MARGIN))
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) == pytest.approx(step)  # no burst allowance, even at the start
+    assert starts[-1] - starts[0] == pytest.approx(19 * step)
     assert max(sum(1 for t in starts if s <= t < s + 1) for s in starts) <= 10
+
+
+def test_the_pacer_books_at_most_one_renewal_ahead() -> None:
+    """Beyond that it says "ask again", so that a lease that grows applies at once."""
+    clock = Clock()
+    pacer = Pacer(rpm=60, clock=clock)  # about one a second
+    assert pacer.reserve(1) == 0.0
+    assert pacer.reserve(1) is None
 
 
 def test_late_arrivals_are_held_to_the_rate_over_any_second() -> None:
     clock = Clock()
-    pacer = Pacer(rpm=600, clock=clock)  # 10/s, held a little below
+    pacer = Pacer(rpm=600, clock=clock)  # 10/s, held a little below: 9 in any second
     # A busy loop sends ten booked requests at once: the tenth must wait.
-    assert [pacer.admit() for _ in range(9)] == [0.0] * 9
-    assert pacer.admit() == pytest.approx(1.0)
+    assert [pacer.admit(1) for _ in range(9)] == [0.0] * 9
+    assert pacer.admit(1) == pytest.approx(1.0)
     clock.now += 1.0
-    assert pacer.admit() == 0.0
+    assert pacer.admit(1) == 0.0
+
+
+def test_tokens_too_are_held_over_any_second() -> None:
+    clock = Clock()
+    pacer = Pacer(tpm=60_000, clock=clock)  # 1,000 tokens/s before the margin
+    assert pacer.admit(600) == 0.0
+    assert pacer.admit(600) == pytest.approx(1.0)  # 1,200 tokens in one second: no
+    clock.now += 1.0
+    assert pacer.admit(600) == 0.0
+    assert pacer.admit(5_000) > 0  # one request larger than a second's tokens waits its turn
+    clock.now += 1.0
+    assert pacer.admit(5_000) == 0.0  # and then goes alone
 
 
 def test_pacer_time_passing_frees_the_budget() -> None:
     clock = Clock()
     pacer = Pacer(rpm=60, clock=clock)
     assert pacer.reserve(1) == 0.0
-    assert pacer.reserve(1) == pytest.approx(1 / _SAFETY)
+    clock.now += 0.9
+    assert pacer.reserve(1) == pytest.approx(1 / (1 - MARGIN) - 0.9)
     clock.now += 10
     assert pacer.reserve(1) == 0.0
 
@@ -59,48 +100,76 @@ def test_pacer_time_passing_frees_the_budget() -> None:
 def test_pacer_paces_tokens_by_cost() -> None:
     clock = Clock()
     pacer = Pacer(tpm=60_000, clock=clock)  # 1,000 tokens/s before the margin
-    assert pacer.reserve(2_000) == 0.0
-    assert pacer.reserve(10) == pytest.approx(2_000 / (1_000 * _SAFETY))
+    starts = booked_starts(pacer, clock, 2, tokens=2_000)
+    assert starts[1] - starts[0] == pytest.approx(2_000 / (1_000 * (1 - MARGIN)))
 
 
-def test_pacer_splits_the_budget_between_processes() -> None:
+class FixedLease:
+    """What a ledger gives the pacer: this process's share of the job's rate."""
+
+    def __init__(self, req: float | None, tok: float | None = None) -> None:
+        self.req, self.tok = req, tok
+        self.waited = 0
+        self.starts = 0
+
+    def rates(self) -> tuple[float | None, float | None]:
+        return self.req, self.tok
+
+    def waiting(self) -> None:
+        self.waited += 1
+
+    def started(self, tokens: float) -> None:
+        self.starts += 1
+
+    def learned(self, rpm: float | None, tpm: float | None) -> None:
+        pass
+
+
+def test_the_pacer_spends_the_leased_rate_and_says_when_it_waits() -> None:
     clock = Clock()
-    alone, shared = Pacer(rpm=600, clock=clock), Pacer(rpm=600, share=2, clock=clock)
-    alone.reserve(1)
-    shared.reserve(1)
-    assert shared.reserve(1) == pytest.approx(2 * alone.reserve(1))
+    lease = FixedLease(req=5.0)
+    pacer = Pacer(ledger=lease, clock=clock)
+    assert pacer.reserve(1) == 0.0 and pacer.reserve(1) == pytest.approx(0.2)
+    assert lease.waited == 1  # hungry: the ledger will ask for more
+    lease.req = 50.0  # the lease grows: the next start follows at the new rate
+    assert pacer.reserve(1) == pytest.approx(0.2 + 0.02)
+    lease.req = 0.0  # no share leased now
+    assert pacer.reserve(1) is None
+    lease.req = 5.0
+    assert [pacer.admit(1) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert lease.starts == 3
 
 
 def test_pacer_learns_the_limit_from_headers_and_keeps_the_lower_one() -> None:
     clock = Clock()
     pacer = Pacer(clock=clock)
     pacer.learn({"x-ratelimit-limit-requests": "3000", "x-ratelimit-limit-tokens": "bogus"})
-    assert pacer.rates()[0] == pytest.approx(50 * _SAFETY)
+    assert pacer.rates()[0] == pytest.approx(50 * (1 - MARGIN))
     assert pacer.rates()[1] is None
     given = Pacer(rpm=600, clock=clock)
     given.learn({"x-ratelimit-limit-requests": "3000"})
-    assert given.rates()[0] == pytest.approx(10 * _SAFETY)
+    assert given.rates()[0] == pytest.approx(10 * (1 - MARGIN))
 
 
-def test_an_isolated_429_holds_starts_until_retry_after_but_keeps_the_rate() -> None:
+def test_an_isolated_quota_429_holds_starts_until_retry_after_but_keeps_the_rate() -> None:
     clock = Clock()
     pacer = Pacer(rpm=600, clock=clock)
     before = pacer.rates()[0]
-    pacer.rejected(started=clock.now - 0.5, retry_after=0.25)
+    pacer.rejected(started=clock.now - 0.5, retry_after_s=0.25)
     assert pacer.rates()[0] == before
     assert pacer.reserve(1) == pytest.approx(0.25)
 
 
-def test_repeated_429s_slow_the_pacer_once_per_burst_then_it_recovers() -> None:
+def test_repeated_quota_429s_slow_the_pacer_once_per_burst_then_it_recovers() -> None:
     clock = Clock()
     pacer = Pacer(rpm=600, clock=clock)
     before = pacer.rates()[0]
     for _ in range(4):  # 5% of 10 s at 9.7/s is about 5: not yet
-        pacer.rejected(started=clock.now - 0.5, retry_after=None)
+        pacer.rejected(started=clock.now - 0.5, retry_after_s=None)
     assert pacer.rates()[0] == before
-    pacer.rejected(started=clock.now - 0.5, retry_after=None)
+    pacer.rejected(started=clock.now - 0.5, retry_after_s=None)
     assert pacer.rates()[0] == pytest.approx(before * _RATE_BACKOFF)
-    pacer.rejected(started=clock.now - 0.4, retry_after=None)  # same burst: no second cut
+    pacer.rejected(started=clock.now - 0.4, retry_after_s=None)  # same burst: no second cut
     assert pacer.rates()[0] == pytest.approx(before * _RATE_BACKOFF)
     clock.now += _RATE_RECOVERY_S / 2
     assert before * _RATE_BACKOFF < pacer.rates()[0] < before
@@ -108,14 +177,45 @@ def test_repeated_429s_slow_the_pacer_once_per_burst_then_it_recovers() -> None:
     assert pacer.rates()[0] == pytest.approx(before)
 
 
-def test_a_burst_sent_before_the_limit_was_known_is_paid_back() -> None:
+@pytest.mark.parametrize(
+    ("headers", "code", "quota"),
+    [
+        pytest.param(
+            {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0"},
+            "rate_limit_exceeded",
+            True,
+            id="requests-spent",
+        ),
+        pytest.param(
+            {"x-ratelimit-remaining-requests": "12", "x-ratelimit-remaining-tokens": "0"},
+            None,
+            True,
+            id="tokens-spent",
+        ),
+        pytest.param(
+            {"x-ratelimit-remaining-requests": "40", "x-ratelimit-remaining-tokens": "9000"},
+            "rate_limit_exceeded",
+            False,
+            id="quota-left",
+        ),
+        pytest.param({"retry-after": "1"}, "server_overloaded", False, id="overloaded"),
+        pytest.param({"retry-after": "1"}, None, False, id="no-headers-no-code"),
+        pytest.param({}, "rate_limit_exceeded", True, id="no-headers-quota-code"),
+    ],
+)
+def test_only_a_429_of_a_spent_quota_slows_the_job(
+    headers: dict[str, str], code: str | None, quota: bool
+) -> None:
+    assert is_quota_429(headers, code) is quota
+
+
+def test_a_429_that_is_not_the_quotas_does_not_touch_pacing_or_concurrency() -> None:
     clock = Clock()
-    pacer = Pacer(clock=clock)
-    for _ in range(20):
-        assert pacer.reserve(1) == 0.0  # no limit known yet
-    pacer.learn({"x-ratelimit-limit-requests": "3000"})  # 50/s, paced a little below
-    wait = pacer.reserve(1)
-    assert wait == pytest.approx(19 / (50 * _SAFETY))
+    t = Throttle(max_concurrency=64, initial_concurrency=16, clock=clock)
+    for _ in range(50):
+        t.observe(clock.now, 429, {"retry-after": "1"}, quota=False)
+    assert t.concurrency.limit == 16
+    assert t.pacer.reserve(1) == 0.0  # no hold
 
 
 def test_concurrency_slow_start_then_multiplicative_decrease() -> None:

@@ -1,0 +1,342 @@
+"""The job's ledger: one place that holds its rate and dollar budgets, and lends them out.
+
+Why one place. A provider enforces ``rpm``/``tpm`` for the whole account, and
+a job spans many processes. Splitting the limit evenly (0.1's design) leaves
+capacity idle whenever the work is uneven: one process with the big
+partition crawls at ``rate / P`` while the others have finished. A dollar
+cap cannot be split evenly at all. So each job has one ``JobLedger`` that
+lends capacity to the processes that have work *now*.
+
+Where it lives (the user starts nothing):
+
+* threads and the synchronous scheduler: in the process itself;
+* dask's process pool: in the client, behind the job hub (``_hub``);
+* ``distributed``: on the scheduler, as a scheduler plugin
+  (``LedgerPlugin``, registered by the client when the job is submitted) with
+  one handler, ``dask_llm_lease``, that workers call.
+
+Leases. Every member (a process running partitions of the job) calls
+``lease`` about four times a second with what it used since its last call
+(requests, tokens, dollars settled), whether requests are waiting for pacing
+(it is *hungry*), and what it learned from response headers. It gets back its
+request and token rates until its next call, a dollar allowance, and whether
+the job must stop. No round trip per request: the member paces locally
+(``_limits``) within its rates and reserves from its allowance.
+
+Allocation follows demand: members that use less than their share get what
+they use (plus a quarter, to grow), the rest is split evenly among the
+hungry ones. Capacity moves without overshoot: a member's rate is
+*committed* until a grant of the lower rate has been in force for one
+window (1 s) plus a renewal interval, and no member is granted more than
+the limit minus what the others have committed. So the sum of the rates in
+force never exceeds the limit, at any instant, and each member holds its own
+rate over any sliding second: the job holds the limit over any sliding
+second.
+
+Failure modes. A member that stops calling (a killed worker) loses its
+lease after ``LEASE_TTL_S``; its rate stays committed one window more, then
+returns to the others: within 3 s. A member added mid-job is hungry at its
+first call and gets a share as soon as the others' surplus has aged: within
+about 1.5 s. If the coordinator itself is lost (a scheduler restart, the
+client gone), members cannot renew: when their lease expires they stop
+sending (a restarted scheduler has lost the job's tasks anyway; a job
+without its client is abandoned). Budgets are not persisted: a rerun starts a
+new ledger, and pays only for what its cache does not hold.
+
+Dollars. A member reserves each request's worst-case cost from its
+allowance before sending it and settles on the reported usage. The
+coordinator grants allowances only out of ``budget - spent - outstanding``,
+so the sum of everything spent and everything reserved never exceeds the
+budget. Spend can pass the cap only where a request costs more than it
+reserved: with ``max_tokens`` set and prompts priced by their UTF-8 size (a
+token is at least a byte), never; without ``max_tokens``, completions are
+reserved at the largest seen so far (1,024 tokens before any is seen), and
+the bound is the sum over requests in flight at the cap of what their
+completions exceeded that. When a member cannot get the worst case of its
+next request, it waits for requests in flight to settle (their reservations
+are worst cases, their costs usually far less); when the settled spend
+alone leaves no room for it, the job stops with "budget reached".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("dask_llm")
+
+#: Members renew their lease this often (seconds).
+RENEW_S = 0.25
+#: A lease not renewed for this long has ended (its member is gone).
+LEASE_TTL_S = 1.5
+#: The provider's window: a rate given back is committed this much longer.
+WINDOW_S = 1.0
+#: Below the limit by this fraction: arrivals on the wire are never exactly paced.
+MARGIN = 0.03
+#: A member keeps what it used plus this fraction, so that it can grow.
+GROWTH = 1.25
+#: Seconds of spend an allowance covers (topped up at every renewal).
+ALLOWANCE_S = 1.0
+
+
+@dataclass
+class Member:
+    """One process's lease."""
+
+    rate_req: float = 0.0
+    rate_tok: float = 0.0
+    used_req: float = 0.0  # requests/s over its last interval
+    used_tok: float = 0.0
+    hungry: bool = True
+    expires: float = 0.0
+    allowance: float = 0.0  # dollars it holds, reserved or not
+    grants: deque[tuple[float, float, float]] = field(default_factory=deque)  # (t, req, tok)
+
+    def committed(self, now: float) -> tuple[float, float]:
+        """The highest rates it may still be using: its grants of the last window."""
+        edge = now - WINDOW_S - RENEW_S
+        while self.grants and self.grants[0][0] < edge and len(self.grants) > 1:
+            self.grants.popleft()
+        req = max((g[1] for g in self.grants), default=self.rate_req)
+        tok = max((g[2] for g in self.grants), default=self.rate_tok)
+        return req, tok
+
+
+@dataclass
+class JobLedger:
+    """The budgets of one job and the members it lends them to."""
+
+    rpm: float | None = None
+    tpm: float | None = None
+    budget_usd: float | None = None
+    learned_rpm: float | None = None
+    learned_tpm: float | None = None
+    spent_usd: float = 0.0
+    stop: str | None = None
+    members: dict[str, Member] = field(default_factory=dict)
+    ghosts: list[tuple[float, float, float]] = field(default_factory=list)  # (until, req, tok)
+    touched: float = 0.0
+
+    def limits(self) -> tuple[float | None, float | None]:
+        """Requests/s and tokens/s for the whole job (told, or learned), margin taken."""
+
+        def lowest(told: float | None, learned: float | None) -> float | None:
+            known = [x for x in (told, learned) if x]
+            return min(known) / 60.0 * (1.0 - MARGIN) if known else None
+
+        return lowest(self.rpm, self.learned_rpm), lowest(self.tpm, self.learned_tpm)
+
+
+class Coordinator:
+    """The ledgers of every job that leases from this place. Thread-safe; clock injectable."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._jobs: dict[str, JobLedger] = {}
+
+    def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+        """Take ``member``'s report, return its lease (see the module docstring).
+
+        ``report``: ``config`` (``rpm``, ``tpm``, ``budget_usd``: the job's, sent by
+        every member), ``used_req``/``used_tok`` (per second since the last call),
+        ``hungry``, ``spent_usd`` (settled since the last call), ``allowance`` (dollars
+        it holds now, after settling), ``need_usd`` (what its next request may cost
+        beyond that, 0 if it has enough), ``want_usd`` (about a second of its spend),
+        ``learned_rpm``/``learned_tpm``, and ``release`` (it has no more work).
+        """
+        now = self.clock()
+        with self._lock:
+            ledger = self._jobs.get(job)
+            if ledger is None:
+                self._forget_idle(now)
+                config = report.get("config") or {}
+                ledger = self._jobs[job] = JobLedger(
+                    rpm=config.get("rpm"),
+                    tpm=config.get("tpm"),
+                    budget_usd=config.get("budget_usd"),
+                )
+            ledger.touched = now
+            for name in ("learned_rpm", "learned_tpm"):
+                value = report.get(name)
+                if value:
+                    old = getattr(ledger, name)
+                    setattr(ledger, name, value if old is None else min(old, value))
+            self._expire(ledger, now)
+            me = ledger.members.get(member)
+            if me is None:
+                me = ledger.members[member] = Member()
+            ledger.spent_usd += float(report.get("spent_usd") or 0.0)
+            me.allowance = float(report.get("allowance") or 0.0)
+            if report.get("release"):
+                req, tok = me.committed(now)
+                ledger.ghosts.append((now + WINDOW_S + RENEW_S, req, tok))
+                del ledger.members[member]
+                return {"rate_req": 0.0, "rate_tok": 0.0, "grant_usd": 0.0, "stop": ledger.stop}
+            me.used_req = float(report.get("used_req") or 0.0)
+            me.used_tok = float(report.get("used_tok") or 0.0)
+            me.hungry = bool(report.get("hungry", True))
+            me.expires = now + LEASE_TTL_S
+            rate_req, rate_tok = self._rates(ledger, member, now)
+            me.rate_req, me.rate_tok = rate_req, rate_tok
+            me.grants.append((now, rate_req, rate_tok))
+            grant = self._dollars(
+                ledger,
+                me,
+                need=float(report.get("need_usd") or 0.0),
+                want=float(report.get("want_usd") or 0.0),
+            )
+            limit_req, limit_tok = ledger.limits()
+            return {
+                "rate_req": rate_req if limit_req is not None else None,
+                "rate_tok": rate_tok if limit_tok is not None else None,
+                "grant_usd": grant,
+                "spent_usd": ledger.spent_usd,
+                "budget_usd": ledger.budget_usd,
+                "stop": ledger.stop,
+                "members": len(ledger.members),
+            }
+
+    def snapshot(self, job: str) -> dict[str, Any] | None:
+        """The job's state, for tests and the run summary."""
+        with self._lock:
+            ledger = self._jobs.get(job)
+            if ledger is None:
+                return None
+            now = self.clock()
+            return {
+                "members": {m: (x.rate_req, x.rate_tok) for m, x in ledger.members.items()},
+                "committed_req": sum(x.committed(now)[0] for x in ledger.members.values()),
+                "limits": ledger.limits(),
+                "spent_usd": ledger.spent_usd,
+                "outstanding_usd": sum(x.allowance for x in ledger.members.values()),
+                "stop": ledger.stop,
+            }
+
+    # -- the arithmetic ------------------------------------------------------------------------
+    def _expire(self, ledger: JobLedger, now: float) -> None:
+        for name in [m for m, x in ledger.members.items() if x.expires and x.expires < now]:
+            gone = ledger.members.pop(name)
+            req, tok = gone.committed(now)
+            ledger.ghosts.append((now + WINDOW_S, req, tok))
+            # Its allowance was reserved for requests it can no longer settle: the
+            # worst case is that they were all paid for.
+            ledger.spent_usd += gone.allowance
+        ledger.ghosts = [g for g in ledger.ghosts if g[0] > now]
+
+    def _rates(self, ledger: JobLedger, member: str, now: float) -> tuple[float, float]:
+        limit_req, limit_tok = ledger.limits()
+        target_req = _share(ledger, member, limit_req, "req")
+        target_tok = _share(ledger, member, limit_tok, "tok")
+        # No more than what the others may still be using leaves free.
+        others_req = others_tok = 0.0
+        for name, other in ledger.members.items():
+            if name != member:
+                req, tok = other.committed(now)
+                others_req += req
+                others_tok += tok
+        for _, req, tok in ledger.ghosts:
+            others_req += req
+            others_tok += tok
+        free_req = max(0.0, (limit_req or 0.0) - others_req)
+        free_tok = max(0.0, (limit_tok or 0.0) - others_tok)
+        return min(target_req, free_req), min(target_tok, free_tok)
+
+    def _dollars(self, ledger: JobLedger, me: Member, *, need: float, want: float) -> float:
+        """Top ``me``'s allowance up toward ``want``; stop the job if not even ``need`` fits.
+
+        ``need``: what its next request may cost, beyond what it holds (0: it has
+        enough); ``want``: about a second of its recent spend.
+        """
+        if ledger.budget_usd is None:
+            return math.inf
+        outstanding = sum(m.allowance for m in ledger.members.values())
+        left = max(0.0, ledger.budget_usd - ledger.spent_usd - outstanding)
+        grant = min(left, max(want, need))
+        if need > 0 and grant < need * (1 - 1e-9):  # sums of floats: a hair is not a cent
+            if ledger.budget_usd - ledger.spent_usd < need * (1 - 1e-9) and ledger.stop is None:
+                # Even if every reservation in flight settled at nothing, the next
+                # request would not fit: the budget is spent.
+                ledger.stop = (
+                    f"budget reached: ${ledger.spent_usd:,.4f} spent of the "
+                    f"${ledger.budget_usd:,.4f} budget"
+                )
+            return 0.0  # else: wait for requests in flight to settle and free their reserve
+        me.allowance += grant
+        return grant
+
+    def _forget_idle(self, now: float) -> None:
+        for job in [j for j, x in self._jobs.items() if now - x.touched > 600.0]:
+            del self._jobs[job]
+
+
+def _share(ledger: JobLedger, member: str, limit: float | None, kind: str) -> float:
+    """``member``'s share of ``limit``: water-filling by demand (see the module docstring)."""
+    if limit is None:
+        return 0.0
+    members = ledger.members
+    wants: dict[str, float] = {}
+    for name, m in members.items():
+        used = m.used_req if kind == "req" else m.used_tok
+        wants[name] = math.inf if m.hungry else max(used * GROWTH, limit * 0.01)
+    left = limit
+    open_members = dict(wants)
+    share: dict[str, float] = {}
+    while open_members:
+        even = left / len(open_members)
+        small = {n: w for n, w in open_members.items() if w <= even}
+        if not small:
+            for name in open_members:
+                share[name] = even
+            break
+        for name, w in small.items():
+            share[name] = w
+            left -= w
+            del open_members[name]
+    return share.get(member, 0.0)
+
+
+_COORDINATOR: Coordinator | None = None
+_COORDINATOR_LOCK = threading.Lock()
+
+
+def local_coordinator() -> Coordinator:
+    """This process's coordinator (threads, the synchronous scheduler, a process pool's client)."""
+    global _COORDINATOR
+    with _COORDINATOR_LOCK:
+        if _COORDINATOR is None:
+            _COORDINATOR = Coordinator()
+        return _COORDINATOR
+
+
+# -- distributed: the coordinator on the scheduler ------------------------------------------------
+PLUGIN_NAME = "dask-llm-ledger"
+HANDLER = "dask_llm_lease"
+
+
+def register(client: Any) -> None:
+    """Install the ledger plugin on ``client``'s scheduler (once per client; best effort).
+
+    A scheduler that cannot load dask-llm refuses it: the workers then fall back
+    to an even share of the limit (and say so in the log).
+    """
+    with _COORDINATOR_LOCK:
+        if client in _REGISTERED:
+            return
+        _REGISTERED.add(client)
+    try:
+        from dask_llm._scheduler_plugin import LedgerPlugin
+
+        client.register_plugin(LedgerPlugin(), name=PLUGIN_NAME)
+    except (OSError, RuntimeError, ValueError, TypeError, ImportError) as exc:
+        log.warning("dask-llm: no job ledger on the scheduler (%s: %s)", type(exc).__name__, exc)
+
+
+_REGISTERED: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -1,0 +1,32 @@
+"""The job ledger on a ``distributed`` scheduler (see ``_coordinator``).
+
+A module of its own so that nothing else imports ``distributed`` for it: the
+client registers ``LedgerPlugin`` when a job is built on a ``distributed``
+client, and the scheduler unpickles it by reference (so it needs dask-llm
+installed, as the workers do). Workers call its one handler,
+``dask_llm_lease``, through their own connection to the scheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from dask_llm._coordinator import HANDLER, PLUGIN_NAME, Coordinator
+
+
+class LedgerPlugin(SchedulerPlugin):
+    """Holds the ledgers of the jobs running on this cluster."""
+
+    name = PLUGIN_NAME
+    idempotent = True  # a second job on the same cluster keeps the first's plugin
+
+    def __init__(self) -> None:
+        self.coordinator = Coordinator()
+
+    async def start(self, scheduler: Any) -> None:
+        scheduler.handlers[HANDLER] = self.handle
+
+    def handle(self, job: str, member: str, report: dict[str, Any], **_: Any) -> dict[str, Any]:
+        return self.coordinator.lease(job, member, report)
