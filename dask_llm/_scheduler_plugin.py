@@ -22,10 +22,12 @@ class LedgerPlugin(SchedulerPlugin):
     name = PLUGIN_NAME
     idempotent = True  # a second job on the same cluster keeps the first's plugin
 
-    def __init__(self) -> None:
-        self.coordinator = Coordinator()
+    coordinator: Coordinator
 
     async def start(self, scheduler: Any) -> None:
+        # Made here, on the scheduler: the plugin travels there pickled, and a
+        # coordinator (a lock, its ledgers) is not something to send.
+        self.coordinator = Coordinator()
         scheduler.handlers[HANDLER] = self.handle
 
     def handle(self, job: str, member: str, report: dict[str, Any], **_: Any) -> dict[str, Any]:

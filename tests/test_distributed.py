@@ -95,3 +95,47 @@ def test_an_explicit_key_on_the_process_pool(sim: Any, monkeypatch: pytest.Monke
     out = shipped.compute(scheduler="processes", num_workers=2)
     assert out["llm_error"].isna().all()
     assert DUMMY_KEY not in repr(shipped.dask)
+
+
+def _ledger_state(dask_scheduler: Any) -> dict[str, Any]:
+    plugin = dask_scheduler.plugins["dask-llm-ledger"]
+    coordinator = plugin.coordinator
+    return {job: coordinator.snapshot(job) for job in list(coordinator._jobs)}
+
+
+def test_a_killed_workers_lease_returns_within_seconds(make_simulator: Any) -> None:
+    import signal
+    import time
+
+    sim = make_simulator(latency=0.3)
+    rate = 1200 / 60 * (1 - 0.03)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        out = dd.from_pandas(frame(300), npartitions=6).llm.enrich(
+            [dask_llm.Chain(summary_chain(sim.base_url), name="summarize")],
+            rpm=1200,
+            cache=False,
+        )
+        future = client.compute(out)
+        deadline = time.monotonic() + 60
+        while sim.stats()["successes"] < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (state,) = client.run_on_scheduler(_ledger_state).values()
+        assert len(state["members"]) == 2  # both workers hold a share
+        victim = next(iter(client.run(os.getpid).values()))
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        while True:
+            (state,) = client.run_on_scheduler(_ledger_state).values()
+            shares = list(state["members"].values())
+            if len(shares) == 1 and shares[0][0] >= rate * 0.99:
+                break
+            assert time.monotonic() - killed < 5.0, state
+            time.sleep(0.1)
+        result = future.result(timeout=120)
+    assert len(result) == 300
+    assert result["llm_error"].isna().all()

@@ -1,0 +1,229 @@
+"""One ledger for the job against 0.1's even split: skew, scale-up, stray 429s.
+
+The wine workload (2 dependent chains) against the simulator in its own
+process, enforcing a strict sliding 1-second window (``--limit-mode
+sliding``) at 100 requests/s (``rpm=6000``, told to the job) with a 1 s
+median latency. Bound = calls / rate + 2 latencies (the dependent chain's
+last answers). Each configuration runs with this tree's code and with 0.1's
+(the commit this work started from, checked out into a temporary worktree and
+put first on ``PYTHONPATH`` of the job's process), against the same
+simulator, in the same run:
+
+* 4,000 rows x 2 chains on 8 partitions, one holding 60% of the rows, then
+  even partitions: on the threaded scheduler, and a LocalCluster of 2 and of
+  4 worker processes. Reported: wall / bound and 429s (share of requests).
+  Targets: <= 1.05x, 429s <= 0.5%.
+* scale-up: a LocalCluster of 1 worker scaled to 3 after 15 s: wall / bound
+  and the peak over any sliding second (target <= 1.10x, peak <= 100).
+* stray 429s: 600 calls against a token bucket at 3,000 rpm that also
+  answers 5% of requests with 429s that are not the quota's (no rate-limit
+  headers): calls/s against the limit, told and learned (target >= 90%).
+
+    python benchmarks/cluster_budget.py --input ../shared/data/wine_reviews_sample.csv
+    python benchmarks/cluster_budget.py --rows 1000   # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from benchmarks._common import reset, simulator_process, stats, table
+
+BASELINE = "0f4678b"  # 0.1: rpm/tpm split evenly across processes
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def job(args: argparse.Namespace) -> None:
+    """One configuration, in a process of its own (its PYTHONPATH picks the code)."""
+    import dask.dataframe as dd
+    import pandas as pd
+
+    import dask_llm
+    from benchmarks.rate_limited import load
+    from dask_llm.demo import make_chains
+
+    frame = load(args.input, args.rows)
+    if args.skew:
+        big = int(len(frame) * 0.6)
+        rest = len(frame) - big
+        sizes = [big] + [rest // 7 + (1 if i < rest % 7 else 0) for i in range(7)]
+        bounds = [0]
+        for size in sizes:
+            bounds.append(bounds[-1] + size)
+        parts = [frame.iloc[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        ddf = dd.concat([dd.from_pandas(p, npartitions=1) for p in parts])
+    else:
+        ddf = dd.from_pandas(frame, npartitions=8)
+    options: dict[str, Any] = {"cache": False, "progress": False}
+    if args.rpm:
+        options["rpm"] = args.rpm
+    out = ddf.llm.enrich(make_chains("gpt-4o-mini", args.job), **options)
+    start = time.perf_counter()
+    if args.workers:
+        from distributed import Client, LocalCluster
+
+        with (
+            LocalCluster(
+                n_workers=args.workers, threads_per_worker=1, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            future = client.compute(out)
+            if args.scale_to:
+                time.sleep(args.scale_after)
+                cluster.scale(args.scale_to)
+            result = future.result()
+    else:
+        result = out.compute(scheduler="threads", num_workers=8)
+    wall = time.perf_counter() - start
+    failed = int(result["llm_error"].notna().sum())
+    print(json.dumps({"wall": wall, "rows": len(result), "failed": failed}))
+    del pd, dask_llm
+
+
+def run_job(url: str, code: str, args: argparse.Namespace, **config: Any) -> dict[str, Any]:
+    reset(url)
+    # By path: with 0.1 first on the path, "benchmarks" is 0.1's package, without this file.
+    cmd = [sys.executable, os.path.abspath(__file__), "--job", url]
+    cmd += ["--rows", str(config.get("rows", args.rows))]
+    if args.input:
+        cmd += ["--input", args.input]
+    for flag in ("skew", "rpm", "workers", "scale_to", "scale_after"):
+        value = config.get(flag)
+        if value:
+            cmd += [f"--{flag.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([code, ROOT])}
+    env.setdefault("OPENAI_API_KEY", "sk-benchmark")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update(stats(url))
+    return result
+
+
+@contextlib.contextmanager
+def baseline_tree() -> Iterator[str]:
+    """0.1's code, checked out next to this tree for the length of the run."""
+    where = tempfile.mkdtemp(prefix="dask-llm-0.1-")
+    subprocess.run(
+        ["git", "-C", ROOT, "worktree", "add", "--detach", where, BASELINE],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(
+            ["git", "-C", ROOT, "worktree", "remove", "--force", where],
+            check=False,
+            capture_output=True,
+        )
+
+
+def describe(result: dict[str, Any], bound: float) -> tuple[str, str, str]:
+    share = result["rate_limited"] / max(1, result["requests"])
+    return (
+        f"{result['wall'] / bound:.2f}x",
+        f"{result['rate_limited']} ({share:.1%})",
+        str(result["peak_requests_1s"]),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--input", default=None)
+    parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--only", default="", help="comma-separated: skew,even,scale,stray")
+    parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--skew", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rpm", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--scale-to", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--scale-after", type=float, default=15.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.job:
+        job(args)
+        return
+    only = set(filter(None, args.only.split(","))) or {"skew", "even", "scale", "stray"}
+    rate, latency = 100.0, 1.0
+    bound = 2 * args.rows / rate + 2 * latency
+    rows: list[tuple[str, ...]] = []
+
+    def both(name: str, **config: Any) -> None:
+        new = run_job(url, ROOT, args, **config)
+        old = run_job(url, old_tree, args, **config)
+        assert new["failed"] == 0, new
+        n, o = describe(new, bound), describe(old, bound)
+        ratio = new["wall"] / old["wall"]
+        rows.append((name, *n, *o, f"{ratio:.2f}x"))
+        print(rows[-1], flush=True)
+
+    with baseline_tree() as old_tree:
+        sim_args = ["--latency", str(latency), "--jitter", "0.2", "--rpm", "6000"]
+        with simulator_process(*sim_args, "--limit-mode", "sliding") as url:
+            if "skew" in only:
+                both("skewed, threads", skew=True, rpm=6000)
+                both("skewed, LocalCluster 2", skew=True, rpm=6000, workers=2)
+                both("skewed, LocalCluster 4", skew=True, rpm=6000, workers=4)
+            if "even" in only:
+                both("even, threads", rpm=6000)
+                both("even, LocalCluster 2", rpm=6000, workers=2)
+                both("even, LocalCluster 4", rpm=6000, workers=4)
+            if "scale" in only:
+                both("scale-up 1 -> 3 workers", rpm=6000, workers=1, scale_to=3, scale_after=15)
+        print(
+            f"\n{args.rows:,} rows x 2 chains, strict sliding window at 100 req/s (rpm=6000 "
+            f"told), 1 s median latency: bound {bound:.0f} s\n"
+        )
+        print(
+            table(
+                rows,
+                (
+                    "run",
+                    "wall/bound",
+                    "429s",
+                    "peak/s",
+                    "0.1 wall/bound",
+                    "0.1 429s",
+                    "0.1 peak/s",
+                    "wall vs 0.1",
+                ),
+            )
+        )
+        if "stray" in only:
+            stray_rows = []
+            stray = ["--latency", "0.5", "--rpm", "3000", "--limit-mode", "bucket"]
+            with simulator_process(*stray, "--spurious-429", "0.05") as url:
+                for told in (3000, None):
+                    label = "rpm=3000 told" if told else "limit learned"
+                    results = {}
+                    for name, code in (("new", ROOT), ("0.1", old_tree)):
+                        r = run_job(url, code, args, rows=300, rpm=told)
+                        calls_per_s = r["successes"] / r["wall"]
+                        results[name] = (calls_per_s, r["faults"].get("spurious_429", 0))
+                    new_rate, old_rate = results["new"][0], results["0.1"][0]
+                    stray_rows.append(
+                        (
+                            label,
+                            f"{new_rate:.1f}/s ({new_rate / 50:.0%})",
+                            f"{old_rate:.1f}/s ({old_rate / 50:.0%})",
+                            str(results["new"][1]),
+                        )
+                    )
+                    print(stray_rows[-1], flush=True)
+            print("\n600 calls, token bucket at 3,000 rpm (50/s), 5% stray 429s, 0.5 s latency\n")
+            print(table(stray_rows, ("limit", "calls/s (of 50)", "0.1 calls/s", "stray 429s")))
+
+
+if __name__ == "__main__":
+    main()
