@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -59,7 +60,7 @@ def job(args: argparse.Namespace) -> None:
         bounds = [0]
         for size in sizes:
             bounds.append(bounds[-1] + size)
-        parts = [frame.iloc[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        parts = [frame.iloc[a:b] for a, b in itertools.pairwise(bounds)]
         ddf = dd.concat([dd.from_pandas(p, npartitions=1) for p in parts])
     else:
         ddf = dd.from_pandas(frame, npartitions=8)
