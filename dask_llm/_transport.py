@@ -133,7 +133,7 @@ class JobTransport:
         estimate = throttle.estimate_tokens(len(body), int(match.group(1)) if match else None)
         worst = job.worst_cost(body) if job.ledger.budgeted and body else 0.0
         if worst:
-            while (reserved := job.ledger.reserve(worst)) is None:  # noqa: ASYNC110 (settling)
+            while (reserved := job.ledger.reserve(worst)) is None:
                 job.check()
                 await asyncio.sleep(RENEW_S)
             if not reserved:
