@@ -19,8 +19,8 @@ simulator, in the same run:
   answers 5% of requests with 429s that are not the quota's (no rate-limit
   headers): calls/s against the limit, told and learned (target >= 90%).
 
-    python benchmarks/cluster_budget.py --input ../shared/data/wine_reviews_sample.csv
-    python benchmarks/cluster_budget.py --rows 1000   # a quicker look
+    python -m benchmarks.cluster_budget --input ../shared/data/wine_reviews_sample.csv
+    python -m benchmarks.cluster_budget --rows 1000   # a quicker look
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def main() -> None:
 
     with baseline_tree() as old_tree:
         sim_args = ["--latency", str(latency), "--jitter", "0.2", "--rpm", "6000"]
-        with simulator_process(*sim_args, "--limit-mode", "sliding") as url:
+        with simulator_process(*sim_args, "--limit-mode", "sliding", priority=True) as url:
             if "skew" in only:
                 both("skewed, threads", skew=True, rpm=6000)
                 both("skewed, LocalCluster 2", skew=True, rpm=6000, workers=2)
@@ -204,7 +204,7 @@ def main() -> None:
         if "stray" in only:
             stray_rows = []
             stray = ["--latency", "0.5", "--rpm", "3000", "--limit-mode", "bucket"]
-            with simulator_process(*stray, "--spurious-429", "0.05") as url:
+            with simulator_process(*stray, "--spurious-429", "0.05", priority=True) as url:
                 for told in (3000, None):
                     label = "rpm=3000 told" if told else "limit learned"
                     results = {}

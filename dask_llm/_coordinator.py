@@ -331,12 +331,32 @@ def register(client: Any) -> None:
         if client in _REGISTERED:
             return
         _REGISTERED.add(client)
-    try:
-        from dask_llm._scheduler_plugin import LedgerPlugin
+    from dask_llm._scheduler_plugin import LedgerPlugin
 
-        client.register_plugin(LedgerPlugin(), name=PLUGIN_NAME)
+    try:
+        if threading.current_thread() is getattr(client.loop, "_thread", None) or _in_loop(client):
+            # Called while the client submits a graph from its own event loop: the
+            # registration goes ahead of the graph on the same connection.
+            client.loop.add_callback(
+                client._register_scheduler_plugin,
+                plugin=LedgerPlugin(),
+                name=PLUGIN_NAME,
+                idempotent=True,
+            )
+        else:
+            client.register_plugin(LedgerPlugin(), name=PLUGIN_NAME)
     except (OSError, RuntimeError, ValueError, TypeError, ImportError) as exc:
         log.warning("dask-llm: no job ledger on the scheduler (%s: %s)", type(exc).__name__, exc)
+
+
+def _in_loop(client: Any) -> bool:
+    import asyncio
+
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return running is getattr(client.loop, "asyncio_loop", None)
 
 
 _REGISTERED: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -417,8 +417,13 @@ class Throttle:
             self._completions += completion_tokens
             self._calls += requests
 
-    async def acquire(self, tokens: float) -> float:
-        """Wait for a slot and a paced start; return the start time (for ``observe``)."""
+    async def acquire(self, tokens: float, *, admit: bool = True) -> float:
+        """Wait for a slot and a paced start; return the start time (for ``observe``).
+
+        ``admit=False``: the caller calls ``admit`` itself, at the moment the request
+        is written (see ``_transport``: anything that suspends between admission and
+        the write bunches requests on the wire).
+        """
         await self.concurrency.acquire()
         ledger = self.pacer.ledger
         if ledger is not None:
@@ -428,8 +433,8 @@ class Throttle:
                 await asyncio.sleep(RENEW_S)
             if delay > 0:
                 await asyncio.sleep(delay)
-            while (late := self.pacer.admit(tokens)) > 0:  # noqa: ASYNC110 (a clock)
-                await asyncio.sleep(late)
+            if admit:
+                await self.admit(tokens)
         except BaseException:
             self.concurrency.release()
             raise
@@ -437,6 +442,11 @@ class Throttle:
             if ledger is not None:
                 ledger.queue(-1)
         return self.clock()
+
+    async def admit(self, tokens: float) -> None:
+        """Wait until a request of ``tokens`` may go on the wire (the strict window)."""
+        while (late := self.pacer.admit(tokens)) > 0:  # noqa: ASYNC110 (a clock)
+            await asyncio.sleep(late)
 
     def observe(
         self,

@@ -102,9 +102,11 @@ class EnrichOptions:
         if not _cluster.in_pool_child() and _cluster.distributed_worker() is None:
             client = _cluster.distributed_client()
             if client is not None:
+                from dask_llm._coordinator import register
                 from dask_llm._progress import listen_on_client
 
                 listen_on_client(client)
+                register(client)
                 if self.keys and _cluster.remote_worker(client) is not None:
                     # Checked at enrich() too; the cluster may have grown since.
                     raise ValueError(

@@ -42,11 +42,13 @@ attribute we touch; ``tests/test_transport`` fails loudly if the SDK moves it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import json
 import re
 from typing import Any, cast
 
+import aiohttp
 import openai
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import Runnable
@@ -98,6 +100,9 @@ class JobTransport:
         self.inner = inner
         self.job = job
         self.stats = stats
+        # With the SDK's aiohttp transport, requests are admitted by the session's
+        # request class, at the moment they are written (see PacedRequest).
+        self.gated = _install_gate(inner)
 
     async def handle_async_request(self, request: Any) -> Any:
         job = self.job
@@ -139,19 +144,23 @@ class JobTransport:
             if not reserved:
                 job.check()  # the ledger has stopped the job: budget reached
                 raise JobStopped("budget reached", kind="budget")
-        started = await throttle.acquire(estimate)
+        started = await throttle.acquire(estimate, admit=not self.gated)
         status = None
         headers = None
         data = b""
         cost = worst  # what to settle if no answer comes: it may have been paid for
         try:
             job.check()  # it may have stopped while this request waited for its turn
+            gate = _GATE.set(_Gate(throttle, estimate)) if self.gated else None
             try:
                 response = await self.inner.handle_async_request(request)
                 data = await response.aread()
             # Whatever the HTTP stack raised, re-raised with the host and the real cause.
             except Exception as exc:
                 raise _connection_error(exc, request, job) from exc
+            finally:
+                if gate is not None:
+                    _GATE.reset(gate)
             status = response.status_code
             headers = response.headers
         finally:
@@ -196,6 +205,78 @@ class JobTransport:
 
     async def __aexit__(self, *args: Any) -> None:
         await self.inner.__aexit__(*args)
+
+
+class _Gate:
+    """What ``PacedRequest`` runs before writing: the strict window of the job's pacer."""
+
+    __slots__ = ("throttle", "tokens")
+
+    def __init__(self, throttle: Any, tokens: float) -> None:
+        self.throttle = throttle
+        self.tokens = tokens
+
+    async def __call__(self) -> None:
+        await self.throttle.admit(self.tokens)
+
+
+#: The admission of the request being sent in this context (set around the SDK's call).
+_GATE: contextvars.ContextVar[_Gate | None] = contextvars.ContextVar("dask_llm_gate", default=None)
+
+
+class PacedRequest(aiohttp.ClientRequest):
+    """aiohttp's request, admitted by the job's pacer at the moment it is written.
+
+    Pacing admits a request over any sliding second at the moment it goes on the
+    wire. Between the SDK's call and the socket, aiohttp suspends (to open or pick
+    a connection) and, before Python 3.12, writes the request in a task of its
+    own; a busy loop runs both late. Measured here, on Python 3.11: requests
+    admitted before the SDK's call were written up to 0.8 s later (p90 0.12 s),
+    and after ``send()`` began up to 0.5 s later, which bunched them at the
+    provider 20-50% above the limit. ``write_bytes`` runs right before the bytes
+    go out, on every Python: that is where they are admitted.
+    """
+
+    async def send(self, conn: Any) -> Any:
+        if not self.body_given():
+            gate = _GATE.get()
+            if gate is not None:  # no body: headers alone are written by send()
+                await gate()
+        return await super().send(conn)
+
+    async def write_bytes(self, writer: Any, conn: Any, *args: Any, **kwargs: Any) -> Any:
+        gate = _GATE.get()
+        if gate is not None:
+            await gate()
+        return await super().write_bytes(writer, conn, *args, **kwargs)
+
+    def body_given(self) -> bool:
+        return bool(getattr(self, "_body", None))
+
+
+def _install_gate(inner: Any) -> bool:
+    """Give the SDK's aiohttp transport a session whose requests are ``PacedRequest``s.
+
+    The vendored transport builds its ``ClientSession`` on first use, or calls
+    ``client`` when it is a factory: the same connector settings, one more
+    argument. False (admit before the SDK's call instead) for any other transport.
+    """
+    if not (hasattr(inner, "client") and hasattr(inner, "limits") and inner.client is None):
+        return False
+    if getattr(inner, "uds", None) or getattr(inner, "proxy", None):
+        return False
+    limits = inner.limits
+
+    def session() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            keepalive_timeout=limits.keepalive_expiry,
+            ssl=inner.ssl_context,
+            limit=limits.max_connections or 100,
+        )
+        return aiohttp.ClientSession(connector=connector, request_class=PacedRequest)
+
+    inner.client = session
+    return True
 
 
 def _response(request: Any, answer: Answer) -> Any:
