@@ -36,6 +36,16 @@ How a stop reaches every process of the job:
   scheduler marks the tasks cancelled on the workers; each partition polls
   its own task's state every 0.1 s.
 
+Garbage collection. While partitions run in a process, its long-lived
+objects (imported modules, models, the chains) are frozen out of the
+collector (``gc.freeze``) and collections are made rarer; both are restored
+when the last partition leaves. A full collection over a heap of LangChain
+objects stalls every thread of the process for hundreds of milliseconds:
+measured here (2,000 wine rows x 2 chains at 100 requests/s, threaded
+scheduler), the stalls bunched requests that pacing had spread, giving 27
+quota 429s and 1.23x the bound; frozen, with thresholds (50,000, 20, 100),
+13 and 1.08x.
+
 The fatal breaker exists because a bad key, a missing model or a wrong
 ``base_url`` would otherwise cost one failed request (and its retries) per
 row: after the first such answer the job stops sending, and every affected
@@ -46,6 +56,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import logging
 import math
 import re
@@ -289,10 +300,34 @@ _JOBS: dict[str, Job] = {}
 _JOBS_LOCK = threading.Lock()
 
 
+_GC_THRESHOLDS = (50_000, 20, 100)
+_gc_saved: tuple[int, int, int] | None = None
+_partitions_here = 0
+
+
+def _gc_enter() -> None:
+    global _gc_saved, _partitions_here
+    _partitions_here += 1
+    if _partitions_here == 1:
+        _gc_saved = gc.get_threshold()
+        gc.freeze()
+        gc.set_threshold(*_GC_THRESHOLDS)
+
+
+def _gc_leave() -> None:
+    global _gc_saved, _partitions_here
+    _partitions_here -= 1
+    if _partitions_here == 0 and _gc_saved is not None:
+        gc.set_threshold(*_gc_saved)
+        gc.unfreeze()
+        _gc_saved = None
+
+
 def attach(options: EnrichOptions) -> Job:
     """The process's ``Job`` for ``options.job``, with one more partition attached."""
     now = time.monotonic()
     with _JOBS_LOCK:
+        _gc_enter()
         for job_id in [
             j for j, job in _JOBS.items() if job._attached == 0 and now - job._idle_since > _IDLE_S
         ]:
@@ -308,6 +343,7 @@ def attach(options: EnrichOptions) -> Job:
 
 def detach(job: Job) -> None:
     with _JOBS_LOCK:
+        _gc_leave()
         job._attached -= 1
         if job._attached == 0:
             job._idle_since = time.monotonic()

@@ -165,6 +165,10 @@ class JobTransport:
             headers = response.headers
         finally:
             quota = status == 429 and is_quota_429(headers, _error_code(data))
+            if status is not None and status >= 400:
+                # Before the slot is released: a request of another thread waiting for
+                # it must find the job stopped.
+                _check_fatal(status, data, request, job)
             throttle.observe(started, status, headers, quota=quota)
             if status is not None and status < 400:
                 throttle.record_estimate(estimate)
@@ -193,7 +197,6 @@ class JobTransport:
         else:
             if status == 429:
                 self.stats.rate_limited += 1
-            _check_fatal(status, data, request, job)
         return answer
 
     async def aclose(self) -> None:
