@@ -9,6 +9,7 @@ import logging
 
 from dask_llm import _job  # noqa: F401  (registers the Dask callback that stops jobs on Ctrl-C)
 from dask_llm._accessor import DaskLLMAccessor, PandasLLMAccessor, enrich, estimate
+from dask_llm._batch import BatchPolicy, cancel_batches
 from dask_llm._chain import Chain
 from dask_llm._errors import (
     BudgetExceeded,
@@ -25,6 +26,7 @@ from dask_llm._usage import PRICES, PRICES_AS_OF
 __all__ = [
     "PRICES",
     "PRICES_AS_OF",
+    "BatchPolicy",
     "BudgetExceeded",
     "Chain",
     "ChainError",
@@ -36,6 +38,7 @@ __all__ = [
     "RetryPolicy",
     "RunSummary",
     "WorkerSetupError",
+    "cancel_batches",
     "enrich",
     "estimate",
     "last_run",

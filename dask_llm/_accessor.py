@@ -18,6 +18,7 @@ import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor as register_dask_accessor
 
 from dask_llm import _cluster, _coordinator, _progress
+from dask_llm._batch import DEFAULT_BATCH, BatchPolicy
 from dask_llm._cache import ResultCache, check_cache, open_cache
 from dask_llm._chain import Chain
 from dask_llm._estimate import Estimate
@@ -57,6 +58,7 @@ class EnrichKwargs(TypedDict, total=False):
     cache: CacheArg
     progress: bool | None
     ship_api_keys: bool
+    batch: bool | BatchPolicy
 
 
 class EstimateKwargs(TypedDict, total=False):
@@ -67,6 +69,7 @@ class EstimateKwargs(TypedDict, total=False):
     budget_usd: float | None
     cache: CacheArg
     prices: Mapping[str, tuple[float, float]] | None
+    batch: bool
 
 
 # Where pandas and dask are typed (pandas-stubs), a checker resolves the frame's
@@ -97,6 +100,7 @@ def enrich(
     cache: CacheArg = True,
     progress: bool | None = None,
     ship_api_keys: bool = False,
+    batch: bool | BatchPolicy = False,
     timeout: Any = _UNSET,
     attempts: Any = _UNSET,
     retry_timeout: Any = _UNSET,
@@ -146,6 +150,12 @@ def enrich(
             otherwise read ``OPENAI_API_KEY`` from their own environment. Only to workers
             on this machine (dask's process pool, a ``LocalCluster``): a cluster with a
             worker elsewhere is a ``ValueError``. Keys never appear in logs or reprs.
+        batch: send the requests through OpenAI's Batch API (half the price, answers
+            within the batch window) instead of online: ``True``, or a ``BatchPolicy``
+            (polling, fallback to online calls, a deadline). Outputs, ``llm_error``,
+            usage and cost columns are as online; each dependent chain is a later
+            round. Needs a cache to re-attach to batches after a crash. See
+            docs/batch.md.
         timeout, attempts, retry_timeout: deprecated names of ``request_timeout`` and of
             ``retry=RetryPolicy(attempts=..., timeout=...)``; they warn and still work.
 
@@ -188,6 +198,7 @@ def enrich(
         total_rows=None if is_dask else len(frame),
         progress=_progress.interactive() if progress is None else bool(progress),
         keys=_keys_to_ship(plan, ship_api_keys),
+        batch=_batch_policy(batch),
     )
     if budget_usd is not None:
         _check_prices(plan, options)
@@ -339,6 +350,14 @@ def default_cache_path() -> str:
     return os.path.abspath(path)
 
 
+def _batch_policy(batch: Any) -> BatchPolicy | None:
+    if isinstance(batch, BatchPolicy):
+        return batch
+    if isinstance(batch, bool):
+        return DEFAULT_BATCH if batch else None
+    raise TypeError(f"batch= takes True, False or a BatchPolicy, not {batch!r}")
+
+
 def _dask_text_dtype() -> Any:
     """The dtype dask gives text columns: pyarrow strings unless the user turned that off."""
     import dask
@@ -357,6 +376,7 @@ def estimate(
     cache: CacheArg = True,
     prices: Mapping[str, tuple[float, float]] | None = None,
     budget_usd: float | None = None,
+    batch: bool = False,
 ) -> Estimate:
     """What ``enrich(frame, chains)`` would do, without any request: see ``Estimate``.
 
@@ -368,6 +388,8 @@ def estimate(
         prices: as for ``enrich``.
         budget_usd: the budget ``enrich`` would run under; the estimate says when it
             would exceed it.
+        batch: estimate for ``enrich(..., batch=True)``: cost at Batch API prices (the
+            online cost is shown beside it) and no rate-limited wall time.
     """
     from dask_llm._estimate import run_estimate
 
@@ -376,7 +398,14 @@ def estimate(
     plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
     store = open_cache(cache, default_path=default_cache_path())
     return run_estimate(
-        frame, plan, store, rpm=rpm, tpm=tpm, prices=dict(prices or {}), budget_usd=budget_usd
+        frame,
+        plan,
+        store,
+        rpm=rpm,
+        tpm=tpm,
+        prices=dict(prices or {}),
+        budget_usd=budget_usd,
+        batch=bool(batch),
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import openai
 
+from dask_llm._batch import policy_for_retries
 from dask_llm._cache import make_key
 from dask_llm._columns import RowFailed, normalize
 from dask_llm._errors import JobStopped
@@ -39,7 +40,16 @@ log = logging.getLogger("dask_llm")
 class PartitionStats:
     """What one partition did: the counters it reports."""
 
-    __slots__ = ("cache_errors", "cache_hits", "calls_paid", "rate_limited", "retries")
+    __slots__ = (
+        "batch_lines",
+        "batches",
+        "batches_done",
+        "cache_errors",
+        "cache_hits",
+        "calls_paid",
+        "rate_limited",
+        "retries",
+    )
 
     def __init__(self) -> None:
         self.calls_paid = 0
@@ -47,6 +57,9 @@ class PartitionStats:
         self.rate_limited = 0
         self.cache_hits = 0
         self.cache_errors = 0
+        self.batches = 0  # batches submitted
+        self.batches_done = 0  # batches ended and read
+        self.batch_lines = 0  # lines answered by batches
 
     def snapshot(self) -> tuple[int, ...]:
         return (
@@ -55,6 +68,9 @@ class PartitionStats:
             self.rate_limited,
             self.cache_hits,
             self.cache_errors,
+            self.batches,
+            self.batches_done,
+            self.batch_lines,
         )
 
 
@@ -128,6 +144,15 @@ class ChainCaller:
             return runnable.ainvoke(inputs, config)
 
         policy = options.retry
+        if options.batch is not None:
+            if not tapped:
+                raise RowFailed(
+                    f"{self.pc.name}: batch=True needs every chat model of the chain to be a "
+                    "ChatOpenAI (or init_chat_model) that dask-llm routes (no "
+                    "http_async_client of its own, no model built inside Python code)",
+                    None,
+                )
+            policy = policy_for_retries(policy)
         if self.pc.outputs.include_raw:
             # The user asked for the raw answer beside the parsed one: an answer that
             # does not parse is this row's error, not a reason to pay for another.

@@ -61,12 +61,24 @@ class Estimate:
     wall_s: float | None
     tokenizer: str
     budget_usd: float | None = None
+    #: Estimated for the Batch API (``cost_usd`` at batch prices, no wall time).
+    batch: bool = False
+    #: The cost online and through the Batch API (None where a model has no price).
+    online_cost_usd: float | None = None
+    batch_cost_usd: float | None = None
 
     def __str__(self) -> str:
         cost = "unknown" if self.cost_usd is None else f"${significant(self.cost_usd)}"
-        wall = (
-            "unknown (give rpm= or tpm=)" if self.wall_s is None else f"{self.wall_s / 60:,.1f} min"
-        )
+        if self.batch and self.online_cost_usd is not None:
+            cost += f" with the Batch API (online: ${significant(self.online_cost_usd)})"
+        if self.batch:
+            wall = "within the batch window (rounds: one per dependent chain level)"
+        elif self.wall_s is None:
+            wall = "unknown (give rpm= or tpm=)"
+        else:
+            wall = f"{self.wall_s / 60:,.1f} min"
+        if not self.batch and self.batch_cost_usd is not None and self.cost_usd:
+            wall += f"; Batch API: ~${significant(self.batch_cost_usd)}"
         return (
             f"{self.rows:,} rows -> {self.calls:,} calls "
             f"({', '.join(f'{k}: {v:,}' for k, v in self.calls_by_chain.items())}); "
@@ -291,6 +303,7 @@ def run_estimate(
     tpm: float | None,
     prices: dict[str, tuple[float, float]],
     budget_usd: float | None = None,
+    batch: bool = False,
 ) -> Estimate:
     """``estimate()``'s work: counts per partition (read-only cache), then the summary."""
     import dask
@@ -307,7 +320,9 @@ def run_estimate(
     finally:
         if store is not None:
             store.close()
-    estimate = summarize(counts, rows=int(rows), plan=plan, rpm=rpm, tpm=tpm, prices=prices)
+    estimate = summarize(
+        counts, rows=int(rows), plan=plan, rpm=rpm, tpm=tpm, prices=prices, batch=batch
+    )
     estimate.budget_usd = budget_usd
     return estimate
 
@@ -329,21 +344,14 @@ def summarize(
     rpm: float | None,
     tpm: float | None,
     prices: dict[str, tuple[float, float]] | None,
+    batch: bool = False,
 ) -> Estimate:
     unique = counts.drop_duplicates(subset=["chain", "key"])
     by_chain = unique.groupby("chain").size().to_dict()
     input_tokens = int(unique["input_tokens"].sum())
     output_tokens = int(unique["output_tokens"].sum())
-    cost: float | None = 0.0
-    for model, group in unique.groupby("model", dropna=False):
-        price = price_of(model if isinstance(model, str) else None, prices)
-        if price is None:
-            cost = None
-            break
-        assert cost is not None
-        cost += (
-            group["input_tokens"].sum() * price[0] + group["output_tokens"].sum() * price[1]
-        ) / 1e6
+    cost = _cost(unique, prices, batch=False)
+    batch_cost = _cost(unique, prices, batch=True)
     calls = len(unique)
     waits = []
     if rpm:
@@ -357,7 +365,24 @@ def summarize(
         calls_by_chain={pc.name: int(by_chain.get(pc.name, 0)) for pc in plan.chains},
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        cost_usd=None if cost is None else float(cost),
-        wall_s=max(waits) if waits else None,
+        cost_usd=batch_cost if batch else cost,
+        wall_s=None if batch else (max(waits) if waits else None),
         tokenizer=tokenizer,
+        batch=batch,
+        online_cost_usd=cost,
+        batch_cost_usd=batch_cost,
     )
+
+
+def _cost(
+    unique: pd.DataFrame, prices: dict[str, tuple[float, float]] | None, *, batch: bool
+) -> float | None:
+    cost = 0.0
+    for model, group in unique.groupby("model", dropna=False):
+        price = price_of(model if isinstance(model, str) else None, prices, batch=batch)
+        if price is None:
+            return None
+        cost += (
+            group["input_tokens"].sum() * price[0] + group["output_tokens"].sum() * price[1]
+        ) / 1e6
+    return float(cost)

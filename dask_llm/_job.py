@@ -201,7 +201,7 @@ class Job:
         self.stop("budget" if text.startswith("budget") else "interrupted", text, broadcast=False)
 
     # -- the budget -----------------------------------------------------------------------------
-    def worst_cost(self, body: bytes) -> float:
+    def worst_cost(self, body: bytes, *, batch: bool = False) -> float:
         """What a request may cost at most (``budget_usd``): see ``_coordinator``.
 
         Prompt tokens are at most the body's bytes (a token is at least a byte, and the
@@ -210,7 +210,7 @@ class Job:
         """
         match = _MODEL.search(body)
         model = match.group(1).decode() if match else None
-        price = price_of(model, self.options.price_table)
+        price = price_of(model, self.options.price_table, batch=batch)
         if price is None:
             self.stop(
                 "budget",

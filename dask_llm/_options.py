@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from dask_llm import _cluster
+from dask_llm._batch import BatchPolicy
 from dask_llm._cache import ResultCache
 from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
 
@@ -52,6 +53,8 @@ class EnrichOptions:
     partitions: int = 1
     total_rows: int | None = None
     progress: bool = False
+    #: The Batch API (``batch=True``: ``BatchPolicy()``); None for online calls.
+    batch: BatchPolicy | None = None
     #: The client's job hub (address, key), filled in when pickled for a pool child.
     hub: tuple[tuple[str, int], bytes] | None = field(default=None, repr=False)
     #: Explicit API keys to give recipes on workers (ship_api_keys=True): (key_ref, key).
@@ -66,6 +69,8 @@ class EnrichOptions:
             raise ValueError("request_timeout= must be > 0 seconds, or None")
         if self.sync_threads < 1:
             raise ValueError(f"sync_threads= must be >= 1, not {self.sync_threads}")
+        if self.batch is not None and not isinstance(self.batch, BatchPolicy):
+            raise TypeError("batch= takes True, False or a BatchPolicy")
         if not isinstance(self.retry, RetryPolicy):
             raise TypeError("retry= takes a RetryPolicy or a number of attempts")
         for name in ("rpm", "tpm", "budget_usd"):

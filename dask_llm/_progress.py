@@ -45,6 +45,9 @@ COUNTERS = (
     "input_tokens",
     "output_tokens",
     "unknown_usage",
+    "batches",
+    "batches_done",
+    "batch_lines",
 )
 
 
@@ -71,6 +74,9 @@ class RunSummary:
     input_tokens: int = 0
     output_tokens: int = 0
     rows_without_usage: int = 0
+    batches: int = 0
+    batches_done: int = 0
+    batch_lines: int = 0
     cost_usd: float | None = 0.0
     budget_usd: float | None = None
     wall_s: float = 0.0
@@ -93,6 +99,11 @@ class RunSummary:
         )
         if self.cache_errors:
             text += f", {self.cache_errors:,} cache errors"
+        if self.batches:
+            text += (
+                f", {self.batches:,} batches ({self.batches_done:,} done, "
+                f"{self.batch_lines:,} lines answered)"
+            )
         if self.status != "completed":
             text += f" [{self.status}]"
         return text
@@ -180,6 +191,9 @@ class RunProgress:
         s.input_tokens += int(counts.get("input_tokens", 0))
         s.output_tokens += int(counts.get("output_tokens", 0))
         s.rows_without_usage += int(counts.get("unknown_usage", 0))
+        s.batches += int(counts.get("batches", 0))
+        s.batches_done += int(counts.get("batches_done", 0))
+        s.batch_lines += int(counts.get("batch_lines", 0))
         cost = counts.get("cost", 0.0)
         if cost is None:
             self._cost_known = False
@@ -232,6 +246,11 @@ class RunProgress:
         if s.budget_usd is not None:
             cost += f"/${s.budget_usd:,.2f}"
         rate = s.calls / s.wall_s if s.wall_s > 0 else 0.0
+        if s.batches:
+            return (
+                f"batches {s.batches_done}/{s.batches} done, {s.batch_lines:,} lines, "
+                f"{s.input_tokens + s.output_tokens:,} tok, {cost}, {s.failed_rows} failed"
+            )
         return (
             f"{rate:.1f} calls/s, {s.retries} retries, {s.rate_limited} 429s, "
             f"{s.input_tokens + s.output_tokens:,} tok, {cost}, {s.failed_rows} failed"

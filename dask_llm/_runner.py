@@ -27,6 +27,7 @@ provider answer, returns its rows with the reason in ``llm_error``.
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,6 +36,7 @@ import pandas as pd
 
 from dask_llm import _cluster
 from dask_llm import _job as jobs
+from dask_llm._batch import ROW, Batcher
 from dask_llm._calls import MISSING, ChainCaller, PartitionStats
 from dask_llm._columns import RowFailed, column, is_missing
 from dask_llm._errors import BudgetExceeded, ChainError, JobStopped
@@ -80,6 +82,7 @@ class PartitionRun:
         self._reported = self.stats.snapshot()
         self._raised: ChainError | None = None
         self.task_key = _cluster.current_task_key()
+        self.batcher: Batcher | None = None
 
     async def run(self) -> pd.DataFrame:
         self.reporter.started(
@@ -109,7 +112,12 @@ class PartitionRun:
         loop.set_default_executor(
             ThreadPoolExecutor(self.options.sync_threads, thread_name_prefix="dask-llm-sync")
         )
-        clients = LoopClients(self.job, self.stats)
+        policy = self.options.batch
+        if policy is not None:
+            self.batcher = Batcher(
+                self.job, self.stats, policy, on_progress=lambda: self._report(0, 0, Usage())
+            )
+        clients = LoopClients(self.job, self.stats, self.batcher)
 
         def localize(runnable: Any) -> tuple[Any, bool]:
             return clients.localize(runnable, timeout=self.options.request_timeout)
@@ -121,6 +129,11 @@ class PartitionRun:
             pending = [i for i in range(self.n) if not self._row_complete(i)]
             await self._supervise(pending)
         finally:
+            if self.batcher is not None:
+                hint = self._batches_hint()
+                if hint and self.job.stopped is not None:
+                    print(f"dask-llm: {hint.rstrip('; ')}", file=sys.stderr)
+                await self.batcher.aclose()
             await clients.aclose()
         stop = self.job.stopped
         if self._raised is not None:
@@ -130,7 +143,9 @@ class PartitionRun:
         if stop is not None and stop.kind == "budget" and self.options.errors == "raise":
             raise BudgetExceeded(f"{stop.text}; {jobs.resume_hint(None)}")
         if stop is not None and stop.kind not in ("fatal", "budget"):
-            raise JobStopped(f"{stop.text}; {jobs.resume_hint(None)}", kind=stop.kind)
+            raise JobStopped(
+                f"{stop.text}; {self._batches_hint()}{jobs.resume_hint(None)}", kind=stop.kind
+            )
         return self._frame()
 
     def _memo_pass(self) -> None:
@@ -156,6 +171,23 @@ class PartitionRun:
         if done_rows:
             self._report(len(done_rows), 0, Usage())
 
+    def _batches_hint(self) -> str:
+        ids = self.batcher.batch_ids() if self.batcher is not None else []
+        if not ids:
+            return ""
+        return (
+            f"batches still running: {', '.join(ids)} (a rerun re-attaches to them; "
+            f"dask_llm.cancel_batches({', '.join(repr(i) for i in ids)}) cancels them); "
+        )
+
+    async def _batch_row(self, i: int) -> None:
+        assert self.batcher is not None
+        ROW.set(i)
+        try:
+            await self._row(i)
+        finally:
+            self.batcher.row_done(i)
+
     async def _supervise(self, pending: list[int]) -> None:
         """Admit rows as the throttle can use them; on a stop, grace then cancel."""
         if not pending:
@@ -174,6 +206,13 @@ class PartitionRun:
                 if self.job.stopped is not None or len(workers) > throttle.row_target():
                     return  # the pool follows the target down, too
 
+        if self.batcher is not None:
+            # Batch mode: every row at once (a row waiting for its batch costs a coroutine),
+            # counted from here, so the batcher never submits before all have begun.
+            for i in pending:
+                self.batcher.row_admitted(i)
+                workers.add(asyncio.create_task(self._batch_row(i)))
+            remaining = 0
         try:
             # Rows are admitted a few at a time: each admitted row does a few ms of
             # LangChain work before its request, and a loop busy preparing 250 rows
@@ -258,7 +297,14 @@ class PartitionRun:
                     self.stats.cache_hits += 1
                     self._put(i, pc, hit)
                     return True
-            value, usage = await caller.call(inputs, key)
+            if self.batcher is None:
+                value, usage = await caller.call(inputs, key)
+            else:
+                self.batcher.call_started()
+                try:
+                    value, usage = await caller.call(inputs, key)
+                finally:
+                    self.batcher.call_ended()
             self.row_usage[i].add(usage)
             self._put(i, pc, value)
             return True
@@ -333,7 +379,7 @@ class PartitionRun:
 
     def _report(self, rows: int, failed: int, usage: Usage) -> None:
         now = self.stats.snapshot()
-        calls, retries, limited, hits, cache_errors = (
+        calls, retries, limited, hits, cache_errors, batches, batches_done, batch_lines = (
             a - b for a, b in zip(now, self._reported, strict=True)
         )
         self._reported = now
@@ -345,6 +391,9 @@ class PartitionRun:
             rate_limited=limited,
             cache_hits=hits,
             cache_errors=cache_errors,
+            batches=batches,
+            batches_done=batches_done,
+            batch_lines=batch_lines,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             unknown_usage=int(usage.unknown),

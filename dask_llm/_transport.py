@@ -42,6 +42,7 @@ attribute we touch; ``tests/test_transport`` fails loudly if the SDK moves it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import importlib
 import json
@@ -55,6 +56,7 @@ from langchain_core.runnables import Runnable
 from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm import _dedup as dedup
+from dask_llm._batch import GO_ONLINE, Batcher
 from dask_llm._cache import request_key
 from dask_llm._coordinator import RENEW_S
 from dask_llm._errors import JobStopped
@@ -96,10 +98,11 @@ class Answer:
 class JobTransport:
     """An httpx async transport: the job's stages around the SDK's own transport."""
 
-    def __init__(self, inner: Any, job: Any, stats: Any) -> None:
+    def __init__(self, inner: Any, job: Any, stats: Any, batcher: Batcher | None = None) -> None:
         self.inner = inner
         self.job = job
         self.stats = stats
+        self.batcher = batcher
         # With the SDK's aiohttp transport, requests are admitted by the session's
         # request class, at the moment they are written (see PacedRequest).
         self.gated = _install_gate(inner)
@@ -120,30 +123,85 @@ class JobTransport:
                     attempt.keys.append(key)
                     attempt.cached += 1
                 return _response(request, cached)
-        if fresh:
-            answer = await self._send(request, body, key)
-        else:
-            assert key is not None
-            answer, mine = await dedup.once(key, lambda: self._send(request, body, key))
-            if not mine and attempt is not None:
-                attempt.cached += 1  # the other caller paid for it
+        # In batch mode this row waits (for its batch, or an identical request's): the
+        # batcher counts it, to submit once nothing else can arrive.
+        waiting = (
+            self.batcher.waiting()
+            if self.batcher is not None and _is_chat(request)
+            else contextlib.nullcontext()
+        )
+        with waiting:
+            if fresh:
+                answer = await self._send(request, body, key, fresh=True)
+            else:
+                assert key is not None
+                answer, mine = await dedup.once(key, lambda: self._send(request, body, key))
+                if not mine and attempt is not None:
+                    attempt.cached += 1  # the other caller paid for it
         if attempt is not None and key is not None:
             attempt.keys.append(key)
         return _response(request, answer)
 
-    async def _send(self, request: Any, body: bytes, key: str | None) -> Answer:
+    async def _send(
+        self, request: Any, body: bytes, key: str | None, *, fresh: bool = False
+    ) -> Answer:
+        if self.batcher is not None and key is not None and _is_chat(request):
+            answer = await self._send_batch(request, body, key, fresh=fresh)
+            if answer is not None:
+                return answer
+        return await self._send_online(request, body, key)
+
+    async def _send_batch(
+        self, request: Any, body: bytes, key: str, *, fresh: bool
+    ) -> Answer | None:
+        """The answer from a batch line; None to send it online (fallback, deadline)."""
+        job = self.job
+        assert self.batcher is not None
+        worst = job.worst_cost(body, batch=True) if job.ledger.budgeted and body else 0.0
+        await self._reserve(worst)
+        cost = worst  # what to settle if no answer comes: it may have been paid for
+        try:
+            result = await self.batcher.answer(request, body, key, fresh=fresh)
+            if result is GO_ONLINE:
+                cost = 0.0
+                return None
+            answer = cast(Answer, result)
+            if answer.status >= 400:
+                cost = 0.0
+                _check_fatal(answer.status, answer.body, request, job)
+                return answer
+            self.stats.calls_paid += 1
+            model, prompt, completion = read_usage(answer.body)
+            if completion is not None:
+                job.completion_seen(completion)
+            attempt = current_attempt.get()
+            if attempt is not None:
+                attempt.paid(model, prompt, completion, batch=True)
+            cost = _cost(job, model, prompt, completion, worst, batch=True)
+            return answer
+        finally:
+            if worst:
+                job.ledger.settle(worst, cost)
+
+    async def _reserve(self, worst: float) -> None:
+        """Reserve a request's worst-case cost against the job's budget (if it has one)."""
+        if not worst:
+            return
+        job = self.job
+        while (reserved := job.ledger.reserve(worst)) is None:
+            job.check()
+            await asyncio.sleep(RENEW_S)
+        if not reserved:
+            job.check()  # the ledger has stopped the job: budget reached
+            raise JobStopped("budget reached", kind="budget")
+
+    async def _send_online(self, request: Any, body: bytes, key: str | None) -> Answer:
         job = self.job
         throttle = job.throttle
         match = _MAX_TOKENS.search(body) if body else None
         estimate = throttle.estimate_tokens(len(body), int(match.group(1)) if match else None)
         worst = job.worst_cost(body) if job.ledger.budgeted and body else 0.0
-        if worst:
-            while (reserved := job.ledger.reserve(worst)) is None:
-                job.check()
-                await asyncio.sleep(RENEW_S)
-            if not reserved:
-                job.check()  # the ledger has stopped the job: budget reached
-                raise JobStopped("budget reached", kind="budget")
+        await self._reserve(worst)
         started = await throttle.acquire(estimate, admit=not self.gated)
         status = None
         headers = None
@@ -300,12 +358,18 @@ def _error_code(data: bytes) -> str | None:
 
 
 def _cost(
-    job: Any, model: str | None, prompt: int | None, completion: int | None, worst: float
+    job: Any,
+    model: str | None,
+    prompt: int | None,
+    completion: int | None,
+    worst: float,
+    *,
+    batch: bool = False,
 ) -> float:
     """What an answer cost, for the budget; the reserved worst case when it says nothing."""
     if prompt is None:
         return worst
-    price = price_of(model, job.options.price_table)
+    price = price_of(model, job.options.price_table, batch=batch)
     if price is None:
         return worst
     return (prompt * price[0] + (completion or 0) * price[1]) / 1e6
@@ -314,6 +378,15 @@ def _cost(
 def _host(request: Any) -> str:
     url = request.url
     return f"{url.host}:{url.port}" if url.port else str(url.host)
+
+
+def _is_chat(request: Any) -> bool:
+    return request.method == "POST" and request.url.path.endswith("/chat/completions")
+
+
+def check_fatal(status: int, data: bytes, request: Any, job: Any) -> None:
+    """Stop the job on an answer no retry can fix (401, 403, 404, ``insufficient_quota``)."""
+    _check_fatal(status, data, request, job)
 
 
 def _check_fatal(status: int, data: bytes, request: Any, job: Any) -> None:
@@ -369,12 +442,13 @@ def _connection_error(exc: BaseException, request: Any, job: Any) -> BaseExcepti
 class LoopClients:
     """The clients opened for one event loop; ``aclose()`` them before the loop ends."""
 
-    __slots__ = ("_clients", "_job", "_stats")
+    __slots__ = ("_batcher", "_clients", "_job", "_stats")
 
-    def __init__(self, job: Any = None, stats: Any = None) -> None:
+    def __init__(self, job: Any = None, stats: Any = None, batcher: Batcher | None = None) -> None:
         self._clients: list[openai.AsyncOpenAI] = []
         self._job = job
         self._stats = stats
+        self._batcher = batcher
 
     def localize(self, runnable: Any, *, timeout: float | None = None) -> tuple[Any, bool]:
         """A copy of ``runnable`` whose OpenAI models use clients owned by this loop.
@@ -412,7 +486,9 @@ class LoopClients:
         # The SDK's aiohttp client allows 1,000 connections: above any sane concurrency.
         http = openai.DefaultAioHttpClient()
         if self._job is not None:
-            http._transport = cast(Any, JobTransport(http._transport, self._job, self._stats))
+            http._transport = cast(
+                Any, JobTransport(http._transport, self._job, self._stats, self._batcher)
+            )
         options: dict[str, Any] = {"http_client": http, "max_retries": 0}
         if timeout is not None:
             options["timeout"] = timeout

@@ -29,11 +29,14 @@ import re
 import threading
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 from langchain_core.callbacks import BaseCallbackHandler
 
 PRICES_AS_OF = "2025-08-07"
+
+#: The Batch API's price as a share of the online price, for entries without their own.
+BATCH_DISCOUNT: Final = 0.5
 
 USAGE_COLUMNS = ("llm_input_tokens", "llm_output_tokens", "llm_cost_usd")
 
@@ -59,9 +62,31 @@ _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
 
 def price_of(
-    model: str | None, prices: Mapping[str, tuple[float, float]] | None = None
+    model: str | None,
+    prices: Mapping[str, tuple[float, float]] | None = None,
+    *,
+    batch: bool = False,
 ) -> tuple[float, float] | None:
-    """(input, output) USD per 1M tokens for ``model``, or None when unknown."""
+    """(input, output) USD per 1M tokens for ``model``, or None when unknown.
+
+    ``batch``: the Batch API's price: an entry's third and fourth numbers when it
+    has them (``prices={"m": (in, out, batch_in, batch_out)}``), else
+    ``BATCH_DISCOUNT`` of the online price (OpenAI's Batch API is half price for
+    every model in ``PRICES``).
+    """
+    price = _online_or_batch(model, prices)
+    if price is None:
+        return None
+    if batch:
+        if len(price) >= 4:
+            return (float(price[2]), float(price[3]))
+        return (price[0] * BATCH_DISCOUNT, price[1] * BATCH_DISCOUNT)
+    return (price[0], price[1])
+
+
+def _online_or_batch(
+    model: str | None, prices: Mapping[str, tuple[float, ...]] | None
+) -> tuple[float, ...] | None:
     if not model:
         return None
     for table in (prices or {}, PRICES):
@@ -101,11 +126,13 @@ class Usage:
         input_tokens: int,
         output_tokens: int,
         prices: Mapping[str, tuple[float, float]] | None,
+        *,
+        batch: bool = False,
     ) -> None:
         self.calls += 1
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
-        price = price_of(model, prices)
+        price = price_of(model, prices, batch=batch)
         if price is None:
             self.unpriced = True
         else:
@@ -139,13 +166,20 @@ class Attempt:
         self.paid_answers = 0
         self.usage = Usage()
 
-    def paid(self, model: str | None, prompt: int | None, completion: int | None) -> None:
+    def paid(
+        self,
+        model: str | None,
+        prompt: int | None,
+        completion: int | None,
+        *,
+        batch: bool = False,
+    ) -> None:
         self.paid_answers += 1
         if prompt is None:
             self.usage.unknown = True
             self.usage.calls += 1
         else:
-            self.usage.charge(model, prompt, completion or 0, self.prices)
+            self.usage.charge(model, prompt, completion or 0, self.prices, batch=batch)
 
 
 #: The attempt of the chain call running in this context: the transport adds to it.

@@ -28,6 +28,7 @@ from typing import Any
 
 import click
 
+from dask_llm._batch import DEFAULT_BATCH, BatchPolicy
 from dask_llm._chain import _takes_no_arguments
 from dask_llm._options import DEFAULT_ERRORS, DEFAULT_MAX_CONCURRENCY
 from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
@@ -318,6 +319,17 @@ _common = [
     ),
     click.option("--no-cache", is_flag=True, help="Do not read or write the result cache."),
     click.option(
+        "--batch",
+        is_flag=True,
+        help="Use the Batch API (half price, answers within its 24 h window).",
+    ),
+    click.option(
+        "--budget-usd",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Hard cap on the job's spend in US dollars.",
+    ),
+    click.option(
         "--blocksize",
         default="16MB",
         show_default=True,
@@ -374,6 +386,20 @@ def _with_common(fn: Any) -> Any:
     default=None,
     help="Seconds one request may take (default: the model's own, else 60).",
 )
+@click.option(
+    "--batch-poll",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_BATCH.poll_max,
+    show_default=True,
+    help="Longest seconds between polls of a batch (--batch).",
+)
+@click.option(
+    "--batch-fallback",
+    type=click.Choice(["retry", "online"]),
+    default=DEFAULT_BATCH.fallback,
+    show_default=True,
+    help="Lines that failed or expired: resubmit in the next batch, or send online.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 def enrich(
     inputs: tuple[str, ...],
@@ -391,6 +417,10 @@ def enrich(
     retry_timeout: float,
     request_timeout: float | None,
     blocksize: int,
+    batch: bool,
+    budget_usd: float | None,
+    batch_poll: float,
+    batch_fallback: str,
     progress: bool | None,
 ) -> None:
     """Enrich CSV/Parquet INPUT files with the chains; write Parquet to OUTPUT."""
@@ -410,6 +440,14 @@ def enrich(
             request_timeout=request_timeout,
             cache=False if no_cache else (cache_path or True),
             progress=progress,
+            budget_usd=budget_usd,
+            batch=BatchPolicy(
+                poll_initial=min(DEFAULT_BATCH.poll_initial, batch_poll),
+                poll_max=batch_poll,
+                fallback="online" if batch_fallback == "online" else "retry",
+            )
+            if batch
+            else False,
         )
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -495,13 +533,20 @@ def estimate(
     cache_path: str | None,
     no_cache: bool,
     blocksize: int,
+    batch: bool,
+    budget_usd: float | None,
 ) -> None:
     """What enriching INPUT would cost and take, without sending a request."""
     frame = read_inputs(inputs, blocksize)
     chains = load_chains(chains_ref)
     try:
         est = frame.llm.estimate(
-            chains, rpm=rpm, tpm=tpm, cache=False if no_cache else (cache_path or True)
+            chains,
+            rpm=rpm,
+            tpm=tpm,
+            cache=False if no_cache else (cache_path or True),
+            batch=batch,
+            budget_usd=budget_usd,
         )
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None

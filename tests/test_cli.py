@@ -68,6 +68,21 @@ def test_enrich_csv_glob_to_parquet(sim: Any, workdir: Path) -> None:
     assert "wrote out" in result.stdout and "30 rows" in result.stdout
 
 
+def test_enrich_with_the_batch_api(make_simulator: Any, workdir: Path) -> None:
+    sim = make_simulator(batch_validation_delay=0.05, batch_delay=0.2, batch_finalize_delay=0.05)
+    result = run(
+        ["enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out", "--batch"]
+        + ["--batch-poll", "0.1"],
+        sim.base_url,
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    out = pd.read_parquet(workdir / "out", dtype_backend="pyarrow")
+    assert len(out) == 30 and out["llm_error"].isna().all()
+    assert sim.stats()["requests"] == 0 and sim.stats()["batch_lines_ok"] == 30
+    assert "batches (" in result.stdout
+
+
 def test_estimate_sends_nothing(sim: Any, workdir: Path) -> None:
     result = run(
         ["estimate", "reviews-*.csv", "--chains", "chains.py:chains", "--rpm", "600"],

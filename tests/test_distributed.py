@@ -139,3 +139,24 @@ def test_a_killed_workers_lease_returns_within_seconds(make_simulator: Any) -> N
         result = future.result(timeout=120)
     assert len(result) == 300
     assert result["llm_error"].isna().all()
+
+
+def test_batch_mode_on_a_local_cluster(make_simulator: Any) -> None:
+    sim = make_simulator(batch_validation_delay=0.05, batch_delay=0.2, batch_finalize_delay=0.05)
+    policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        out = dd.from_pandas(frame(), npartitions=2).llm.enrich(
+            chains(sim.base_url), batch=policy, cache=False
+        )
+        result = client.compute(out).result()
+    assert result["llm_error"].isna().all(), result["llm_error"].dropna().tolist()
+    stats = sim.stats()
+    assert stats["requests"] == 0
+    assert stats["batch_lines_ok"] == 60 and stats["batch_duplicate_lines"] == 0
+    summary = dask_llm.last_run()
+    assert summary is not None and summary.batch_lines == 60

@@ -513,6 +513,7 @@ class BatchAPI:
         t_expire = (
             t_valid + cfg.batch_expire_after
             if cfg.batch_expire_after is not None
+            and (cfg.batch_expire_count is None or number < cfg.batch_expire_count)
             else now + 24 * 3600.0
         )
         batch = Batch(

@@ -46,7 +46,8 @@ class SimulatorConfig:
     lines complete evenly over ``batch_delay``, then it finalizes for
     ``batch_finalize_delay``; a cancelled one is ``cancelling`` for
     ``batch_cancel_delay``. ``batch_expire_after`` (None: never) expires a batch
-    that is still in progress that long. ``batch_line_failure_rate``: lines
+    that is still in progress that long (only the first ``batch_expire_count``
+    batches created, when that is set). ``batch_line_failure_rate``: lines
     answered with a 500 in the error file. ``batch_max_lines`` and
     ``batch_max_bytes`` are OpenAI's limits on an input file.
     """
@@ -81,6 +82,7 @@ class SimulatorConfig:
     batch_finalize_delay: float = 0.1
     batch_cancel_delay: float = 0.1
     batch_expire_after: float | None = None
+    batch_expire_count: int | None = None
     batch_line_failure_rate: float = 0.0
     batch_max_lines: int = 50_000
     batch_max_bytes: int = 200 * 1024 * 1024
