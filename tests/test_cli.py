@@ -71,8 +71,10 @@ def test_enrich_csv_glob_to_parquet(sim: Any, workdir: Path) -> None:
 def test_enrich_with_the_batch_api(make_simulator: Any, workdir: Path) -> None:
     sim = make_simulator(batch_validation_delay=0.05, batch_delay=0.2, batch_finalize_delay=0.05)
     result = run(
-        ["enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out", "--batch"]
-        + ["--batch-poll", "0.1"],
+        [
+            *("enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out"),
+            *("--batch", "--batch-poll", "0.1"),
+        ],
         sim.base_url,
         workdir,
     )
