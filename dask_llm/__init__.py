@@ -21,9 +21,10 @@ from dask_llm._errors import (
 from dask_llm._estimate import Estimate
 from dask_llm._progress import RunSummary, last_run
 from dask_llm._retry import RetryPolicy
-from dask_llm._usage import PRICES, PRICES_AS_OF
+from dask_llm._usage import BATCH_DISCOUNT, PRICES, PRICES_AS_OF
 
 __all__ = [
+    "BATCH_DISCOUNT",
     "PRICES",
     "PRICES_AS_OF",
     "BatchPolicy",

@@ -54,7 +54,7 @@ class EnrichKwargs(TypedDict, total=False):
     sync_threads: int
     error_column: str
     usage: bool | Sequence[str]
-    prices: Mapping[str, tuple[float, float]] | None
+    prices: Mapping[str, tuple[float, ...]] | None
     cache: CacheArg
     progress: bool | None
     ship_api_keys: bool
@@ -68,7 +68,7 @@ class EstimateKwargs(TypedDict, total=False):
     tpm: float | None
     budget_usd: float | None
     cache: CacheArg
-    prices: Mapping[str, tuple[float, float]] | None
+    prices: Mapping[str, tuple[float, ...]] | None
     batch: bool
 
 
@@ -96,7 +96,7 @@ def enrich(
     sync_threads: int = DEFAULT_SYNC_THREADS,
     error_column: str = DEFAULT_ERROR_COLUMN,
     usage: bool | Sequence[str] = True,
-    prices: Mapping[str, tuple[float, float]] | None = None,
+    prices: Mapping[str, tuple[float, ...]] | None = None,
     cache: CacheArg = True,
     progress: bool | None = None,
     ship_api_keys: bool = False,
@@ -137,7 +137,9 @@ def enrich(
             no usage or the model has no price); three names rename them; False leaves
             them out.
         prices: ``{model: (input, output)}`` US dollars per million tokens, over the
-            built-in table (``dask_llm.PRICES``). Models in neither get a null cost.
+            built-in table (``dask_llm.PRICES``); ``(input, output, batch_input,
+            batch_output)`` gives the Batch API's prices too (else ``BATCH_DISCOUNT``
+            of the online ones). Models in neither get a null cost.
         cache: where paid answers are kept, so a rerun (after a crash, or with more
             rows) pays only for calls it has not made yet: ``True`` (default) for
             ``$DASK_LLM_CACHE`` or ``./.dask-llm-cache/results.sqlite``, a path, a
@@ -374,7 +376,7 @@ def estimate(
     rpm: float | None = None,
     tpm: float | None = None,
     cache: CacheArg = True,
-    prices: Mapping[str, tuple[float, float]] | None = None,
+    prices: Mapping[str, tuple[float, ...]] | None = None,
     budget_usd: float | None = None,
     batch: bool = False,
 ) -> Estimate:

@@ -301,7 +301,7 @@ def run_estimate(
     *,
     rpm: float | None,
     tpm: float | None,
-    prices: dict[str, tuple[float, float]],
+    prices: dict[str, tuple[float, ...]],
     budget_usd: float | None = None,
     batch: bool = False,
 ) -> Estimate:
@@ -343,7 +343,7 @@ def summarize(
     plan: Plan,
     rpm: float | None,
     tpm: float | None,
-    prices: dict[str, tuple[float, float]] | None,
+    prices: dict[str, tuple[float, ...]] | None,
     batch: bool = False,
 ) -> Estimate:
     unique = counts.drop_duplicates(subset=["chain", "key"])
@@ -375,7 +375,7 @@ def summarize(
 
 
 def _cost(
-    unique: pd.DataFrame, prices: dict[str, tuple[float, float]] | None, *, batch: bool
+    unique: pd.DataFrame, prices: dict[str, tuple[float, ...]] | None, *, batch: bool
 ) -> float | None:
     cost = 0.0
     for model, group in unique.groupby("model", dropna=False):

@@ -48,7 +48,7 @@ class EnrichOptions:
     request_timeout: float | None = None
     retry: RetryPolicy = DEFAULT_RETRY
     sync_threads: int = DEFAULT_SYNC_THREADS
-    prices: tuple[tuple[str, tuple[float, float]], ...] = ()
+    prices: tuple[tuple[str, tuple[float, ...]], ...] = ()
     cache: ResultCache | None = None
     partitions: int = 1
     total_rows: int | None = None
@@ -79,7 +79,7 @@ class EnrichOptions:
                 raise ValueError(f"{name}= must be > 0, or None for no limit")
 
     @property
-    def price_table(self) -> Mapping[str, tuple[float, float]]:
+    def price_table(self) -> Mapping[str, tuple[float, ...]]:
         return dict(self.prices)
 
     @property

@@ -146,7 +146,7 @@ async def call_with_retries(
     invoke: Callable[[dict[str, Any] | None], Awaitable[Any]],
     *,
     policy: RetryPolicy,
-    prices: Mapping[str, tuple[float, float]] | None,
+    prices: Mapping[str, tuple[float, ...]] | None,
     stats: Any,
     stopped: Callable[[], bool],
     with_callbacks: bool,

@@ -63,7 +63,7 @@ _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
 def price_of(
     model: str | None,
-    prices: Mapping[str, tuple[float, float]] | None = None,
+    prices: Mapping[str, tuple[float, ...]] | None = None,
     *,
     batch: bool = False,
 ) -> tuple[float, float] | None:
@@ -125,7 +125,7 @@ class Usage:
         model: str | None,
         input_tokens: int,
         output_tokens: int,
-        prices: Mapping[str, tuple[float, float]] | None,
+        prices: Mapping[str, tuple[float, ...]] | None,
         *,
         batch: bool = False,
     ) -> None:
@@ -157,7 +157,7 @@ class Attempt:
     __slots__ = ("cached", "keys", "paid_answers", "prices", "refresh", "usage")
 
     def __init__(
-        self, prices: Mapping[str, tuple[float, float]] | None, refresh: frozenset[str]
+        self, prices: Mapping[str, tuple[float, ...]] | None, refresh: frozenset[str]
     ) -> None:
         self.prices = prices
         self.refresh = refresh  # request keys whose cached answers must not be reused
