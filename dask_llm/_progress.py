@@ -90,7 +90,7 @@ class RunSummary:
     def __str__(self) -> str:
         cost = "unknown" if self.cost_usd is None else f"${self.cost_usd:,.4f}"
         if self.budget_usd is not None:
-            cost += f" of ${self.budget_usd:,.2f} budget"
+            cost += f" of ${_dollars(self.budget_usd)} budget"
         text = (
             f"{self.rows:,} rows ({self.failed_rows:,} failed) in {self.wall_s:,.1f} s: "
             f"{self.calls:,} calls ({self.calls_per_s:,.1f}/s), {self.retries:,} retries, "
@@ -112,6 +112,11 @@ class RunSummary:
         data = asdict(self)
         data.pop("cache")
         return {**data, "calls_per_s": self.calls_per_s}
+
+
+def _dollars(value: float) -> str:
+    """Cents for a dollar and more, four significant digits below (a $0.0005 budget)."""
+    return f"{value:,.2f}" if value >= 1 else f"{value:.4g}"
 
 
 _LAST: list[RunSummary] = []
@@ -244,7 +249,7 @@ class RunProgress:
         s = self.summary
         cost = "?" if s.cost_usd is None else f"${s.cost_usd:.4f}"
         if s.budget_usd is not None:
-            cost += f"/${s.budget_usd:,.2f}"
+            cost += f"/${_dollars(s.budget_usd)}"
         rate = s.calls / s.wall_s if s.wall_s > 0 else 0.0
         if s.batches:
             return (
