@@ -67,6 +67,12 @@ log = logging.getLogger("dask_llm")
 ROW: contextvars.ContextVar[int | None] = contextvars.ContextVar("dask_llm_row", default=None)
 
 _ENDPOINT: Final = "/v1/chat/completions"
+_GAUGES: Final = {
+    "validating": "batches_validating",
+    "in_progress": "batches_in_progress",
+    "finalizing": "batches_finalizing",
+    "cancelling": "batches_in_progress",
+}
 _TERMINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
 #: OpenAI's limits on one batch input file, with a margin for the JSONL framing.
 MAX_LINES: Final = 50_000
@@ -305,9 +311,8 @@ class Batcher:
         if self._first_submit is None:
             self._first_submit = time.monotonic()
         self.stats.batches += 1
-        self.in_flight[batch.id] = batch.status
+        self._status(batch.id, batch.status)
         log.info("dask-llm: submitted batch %s (%d lines)", batch.id, len(by_key))
-        self._on_progress()
         self._watching[batch.id] = by_key
         self._spawn(self._watch(batch.id, group))
 
@@ -337,8 +342,7 @@ class Batcher:
             while True:
                 batch = await client.batches.retrieve(batch_id)
                 if self.in_flight.get(batch_id) != batch.status:
-                    self.in_flight[batch_id] = batch.status
-                    self._on_progress()
+                    self._status(batch_id, batch.status)
                 if batch.status in _TERMINAL:
                     break
                 if not cancelled and self._past_deadline():
@@ -356,7 +360,20 @@ class Batcher:
             self._fail_lines(lines, exc)
         finally:
             self._watching.pop(batch_id, None)
+            self._status(batch_id, None)
+
+    def _status(self, batch_id: str, status: str | None) -> None:
+        """Batch ``batch_id`` is now in ``status`` (None: ended and read, or given up)."""
+        stats = self.stats
+        for old, sign in ((self.in_flight.get(batch_id), -1), (status, +1)):
+            field = _GAUGES.get(old or "")
+            if field is not None:
+                setattr(stats, field, getattr(stats, field) + sign)
+        if status is None:
             self.in_flight.pop(batch_id, None)
+        else:
+            self.in_flight[batch_id] = status
+        self._on_progress()
 
     def _past_deadline(self) -> bool:
         deadline = self.policy.deadline

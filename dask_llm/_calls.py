@@ -44,6 +44,9 @@ class PartitionStats:
         "batch_lines",
         "batches",
         "batches_done",
+        "batches_finalizing",
+        "batches_in_progress",
+        "batches_validating",
         "cache_errors",
         "cache_hits",
         "calls_paid",
@@ -60,6 +63,10 @@ class PartitionStats:
         self.batches = 0  # batches submitted
         self.batches_done = 0  # batches ended and read
         self.batch_lines = 0  # lines answered by batches
+        # Batches of this partition in each status now (gauges: reported as changes).
+        self.batches_validating = 0
+        self.batches_in_progress = 0
+        self.batches_finalizing = 0
 
     def snapshot(self) -> tuple[int, ...]:
         return (
@@ -71,6 +78,9 @@ class PartitionStats:
             self.batches,
             self.batches_done,
             self.batch_lines,
+            self.batches_validating,
+            self.batches_in_progress,
+            self.batches_finalizing,
         )
 
 

@@ -48,6 +48,9 @@ COUNTERS = (
     "batches",
     "batches_done",
     "batch_lines",
+    "batches_validating",
+    "batches_in_progress",
+    "batches_finalizing",
 )
 
 
@@ -77,6 +80,10 @@ class RunSummary:
     batches: int = 0
     batches_done: int = 0
     batch_lines: int = 0
+    #: Batches in each status now (during a run; 0 once it has ended).
+    batches_validating: int = 0
+    batches_in_progress: int = 0
+    batches_finalizing: int = 0
     cost_usd: float | None = 0.0
     budget_usd: float | None = None
     wall_s: float = 0.0
@@ -199,6 +206,9 @@ class RunProgress:
         s.batches += int(counts.get("batches", 0))
         s.batches_done += int(counts.get("batches_done", 0))
         s.batch_lines += int(counts.get("batch_lines", 0))
+        s.batches_validating += int(counts.get("batches_validating", 0))
+        s.batches_in_progress += int(counts.get("batches_in_progress", 0))
+        s.batches_finalizing += int(counts.get("batches_finalizing", 0))
         cost = counts.get("cost", 0.0)
         if cost is None:
             self._cost_known = False
@@ -253,7 +263,9 @@ class RunProgress:
         rate = s.calls / s.wall_s if s.wall_s > 0 else 0.0
         if s.batches:
             return (
-                f"batches {s.batches_done}/{s.batches} done, {s.batch_lines:,} lines, "
+                f"batches: {s.batches_validating} validating, {s.batches_in_progress} in "
+                f"progress, {s.batches_finalizing} finalizing, {s.batches_done}/{s.batches} "
+                f"done, {s.batch_lines:,} lines, "
                 f"{s.input_tokens + s.output_tokens:,} tok, {cost}, {s.failed_rows} failed"
             )
         return (

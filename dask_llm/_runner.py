@@ -379,9 +379,19 @@ class PartitionRun:
 
     def _report(self, rows: int, failed: int, usage: Usage) -> None:
         now = self.stats.snapshot()
-        calls, retries, limited, hits, cache_errors, batches, batches_done, batch_lines = (
-            a - b for a, b in zip(now, self._reported, strict=True)
-        )
+        (
+            calls,
+            retries,
+            limited,
+            hits,
+            cache_errors,
+            batches,
+            batches_done,
+            batch_lines,
+            validating,
+            in_progress,
+            finalizing,
+        ) = (a - b for a, b in zip(now, self._reported, strict=True))
         self._reported = now
         self.reporter.add(
             rows=rows,
@@ -394,6 +404,9 @@ class PartitionRun:
             batches=batches,
             batches_done=batches_done,
             batch_lines=batch_lines,
+            batches_validating=validating,
+            batches_in_progress=in_progress,
+            batches_finalizing=finalizing,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             unknown_usage=int(usage.unknown),

@@ -55,6 +55,8 @@ def test_batch_mode_gives_the_online_frame_at_half_the_price(
     summary = dask_llm.last_run()
     assert summary is not None
     assert summary.batches == 4 and summary.batches_done == 4 and summary.batch_lines == 60
+    assert summary.batches_validating == summary.batches_in_progress == 0
+    assert summary.batches_finalizing == 0
 
     online = ddf.llm.enrich(wine_chains(sim.base_url), cache=False).compute(scheduler=scheduler)
     assert requests(sim) == 60
@@ -221,3 +223,28 @@ def test_ctrl_c_names_the_batches_in_flight_and_they_can_be_cancelled(
     statuses = dask_llm.cancel_batches(batch_id, client=client)
     assert statuses[batch_id] in ("cancelling", "cancelled")
     client.close()
+
+
+def test_progress_shows_batches_by_status_while_they_run(make_simulator: Any) -> None:
+    import threading
+
+    from dask_llm import _progress
+
+    sim = make_simulator(batch_validation_delay=0.3, batch_delay=1.0, batch_finalize_delay=0.3)
+    ddf = dd.from_pandas(frame(20), npartitions=2)
+    seen: set[str] = set()
+    job = threading.Thread(
+        target=lambda: ddf.llm.enrich(
+            summary_only(sim.base_url), cache=False, batch=POLL, progress=False
+        ).compute(num_workers=2)
+    )
+    job.start()
+    while job.is_alive():
+        for run in list(_progress._RUNS.values()):
+            text = run._postfix()
+            for status in ("validating", "in progress", "finalizing"):
+                if f"1 {status}" in text or f"2 {status}" in text:
+                    seen.add(status)
+        time.sleep(0.05)
+    job.join()
+    assert seen == {"validating", "in progress", "finalizing"}
