@@ -248,3 +248,13 @@ def test_progress_shows_batches_by_status_while_they_run(make_simulator: Any) ->
         time.sleep(0.05)
     job.join()
     assert seen == {"validating", "in progress", "finalizing"}
+
+
+def test_requests_beyond_a_files_limits_are_split_into_batches(make_simulator: Any) -> None:
+    sim = make_simulator(batch_delay=0.1, batch_max_lines=5, **FAST)
+    policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1, max_lines=5)
+    out = frame(12).llm.enrich(summary_only(sim.base_url), cache=False, batch=policy)
+    assert out["llm_error"].isna().all()
+    stats = batch_stats(sim)
+    assert stats["batches_created"] == 3 and stats["batches_failed"] == 0
+    assert stats["batch_lines_ok"] == 12
