@@ -131,13 +131,14 @@ GO_ONLINE: Final = GoOnline()
 
 
 class _Line:
-    __slots__ = ("body", "future", "group", "key")
+    __slots__ = ("body", "future", "group", "key", "reattached")
 
     def __init__(self, key: str, body: bytes, group: tuple[str, str], future: Any) -> None:
         self.key = key
         self.body = body
         self.group = group
         self.future = future
+        self.reattached = False  # waits on a batch an earlier run submitted
 
 
 class Batcher:
@@ -159,6 +160,7 @@ class Batcher:
         self.in_flight: dict[str, str] = {}  # batch id -> last status seen
         self._first_submit: float | None = None
         self._online = False  # past the deadline: everything goes online
+        self._read_batches: set[str] = set()  # ended and read: never re-attached to
 
     # -- rows: what may still send a request -------------------------------------------------
     def row_admitted(self, row: int) -> None:
@@ -251,7 +253,8 @@ class Batcher:
                 return batch_id
         entry = job.cache_get([f"batchfile:{file_id}"], self.stats).get(f"batchfile:{file_id}")
         if isinstance(entry, dict) and isinstance(entry.get("batch"), str):
-            return str(entry["batch"])
+            batch_id = str(entry["batch"])
+            return None if batch_id in self._read_batches else batch_id
         client = self._client(line.group)
         try:
             async for batch in client.batches.list(limit=100):
@@ -263,6 +266,7 @@ class Batcher:
         return None  # uploaded, never submitted: submit again
 
     def _watch_line(self, batch_id: str, line: _Line) -> None:
+        line.reattached = True
         lines = self._watching.get(batch_id)
         if lines is None:
             self._watching[batch_id] = {line.key: [line]}
@@ -386,6 +390,13 @@ class Batcher:
 
     async def _read(self, client: openai.AsyncOpenAI, batch: Any) -> None:
         lines = self._watching.get(batch.id, {})
+        earlier = all(line.reattached for members in lines.values() for line in members)
+        if batch.status == "failed" and earlier:
+            # An earlier run's batch that was rejected: this run submits its own.
+            for members in lines.values():
+                self._resubmit(members)
+            self._read_batches.add(batch.id)
+            return
         if batch.status == "failed":
             text = _validation_errors(batch)
             self.job.fatal_answer(f"the provider rejected batch {batch.id} ({text})")
@@ -423,13 +434,25 @@ class Batcher:
                     else:
                         _resolve(members, answer)
         for key, members in lines.items():
-            if key not in answered:
-                if self._go_online():
-                    _resolve(members, GO_ONLINE)
-                else:
-                    _resolve(members, _answer(408, _expired_body(batch)))
+            if key in answered:
+                continue
+            if all(line.reattached for line in members):
+                # An earlier run's batch that never ran it (expired, cancelled): not
+                # an attempt of this run, so it joins this run's next batch.
+                self._resubmit(members)
+            elif self._go_online():
+                _resolve(members, GO_ONLINE)
+            else:
+                _resolve(members, _answer(408, _expired_body(batch)))
+        self._read_batches.add(batch.id)
         self.stats.batches_done += 1
         self._on_progress()
+
+    def _resubmit(self, members: list[_Line]) -> None:
+        for line in members:
+            line.reattached = False
+            self._unsent.append(line)
+        self._maybe_submit()
 
     def _go_online(self) -> bool:
         return self.policy.fallback == "online" or self._online

@@ -178,23 +178,32 @@ def wait_for(sim: Any, proc: subprocess.Popen[str], counter: str, value: int) ->
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("when", ["first round", "second round"])
+@pytest.mark.parametrize("when", ["first round", "second round", "expired before the rerun"])
 def test_sigkill_while_a_batch_is_in_flight_then_rerun_pays_nothing_twice(
     make_simulator: Any, tmp_path: Path, when: str
 ) -> None:
     rows = 12
-    sim = make_simulator(batch_delay=1.5, seed=5, **FAST)
+    expiry: dict[str, Any] = {}
+    if when.startswith("expired"):  # the killed run's batch expires half done
+        expiry = {"batch_expire_after": 0.75, "batch_expire_count": 1}
+    sim = make_simulator(batch_delay=1.5, seed=5, **FAST, **expiry)
     cache = tmp_path / "cache.sqlite"
     proc = start_job(sim, cache, rows)
-    wait_for(sim, proc, "batches_created", 1 if when == "first round" else 2)
+    wait_for(sim, proc, "batches_created", 2 if when == "second round" else 1)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
+    if expiry:
+        time.sleep(1.0)
+        assert batch_stats(sim)["batches_expired"] == 1
 
     out = frame(rows).llm.enrich(wine_chains(sim.base_url), cache=cache, batch=POLL)
     stats = batch_stats(sim)
-    assert stats["batch_duplicate_lines"] == 0  # no line submitted twice
-    assert stats["batch_lines_submitted"] == 2 * rows
+    assert stats["batch_duplicate_lines"] == 0  # nothing paid twice
+    # No line submitted twice, but those an expired batch never ran.
+    assert stats["batch_lines_submitted"] == 2 * rows + stats["batch_lines_expired"]
     assert stats["batch_lines_ok"] == 2 * rows  # each paid once
+    if expiry:  # its finished lines were read, the rest went into the rerun's batch
+        assert 0 < stats["batch_lines_expired"] < rows
     assert requests(sim) == 0
 
     reference = make_simulator(seed=5)
