@@ -150,6 +150,12 @@ def run() -> None:
     help="Seconds in progress after which a batch expires (default: never).",
 )
 @click.option(
+    "--batch-expire-count",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Only the first N batches created can expire (default: all).",
+)
+@click.option(
     "--batch-line-failure-rate",
     default=0.0,
     show_default=True,

@@ -129,6 +129,8 @@ class SimulatorConfig:
             raise ValueError("quota_after must be >= 0, or None for no quota")
         if self.batch_expire_after is not None and self.batch_expire_after < 0:
             raise ValueError("batch_expire_after must be >= 0, or None to never expire")
+        if self.batch_expire_count is not None and self.batch_expire_count < 0:
+            raise ValueError("batch_expire_count must be >= 0, or None for every batch")
         for name in ("completion_tokens", "batch_max_lines", "batch_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
