@@ -396,6 +396,11 @@ class Throttle:
         self._calls = 0
         self.rate_limited = 0
         self.latency = 1.0  # seconds on the wire, moving average of successes
+        self.rows = 0  # rows under way in this process, all partitions of the job
+
+    def rows_started(self, delta: int) -> None:
+        with self._lock:
+            self.rows += delta
 
     def estimate_tokens(self, prompt_chars: int, max_tokens: int | None) -> float:
         """Token cost of a request before it is sent, scaled by what usage has shown."""
@@ -424,20 +429,27 @@ class Throttle:
         is written (see ``_transport``: anything that suspends between admission and
         the write bunches requests on the wire).
         """
-        await self.concurrency.acquire()
         ledger = self.pacer.ledger
         if ledger is not None:
+            # Waiting for a slot is demand too: the ledger must not read a process whose
+            # requests all wait for concurrency as one that needs no rate.
             ledger.queue(+1)
         try:
-            while (delay := self.pacer.reserve(tokens)) is None:  # noqa: ASYNC110 (a lease)
-                await asyncio.sleep(RENEW_S)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if admit:
-                await self.admit(tokens)
-        except BaseException:
-            self.concurrency.release()
-            raise
+            if self.concurrency.limit < self.concurrency.cap and self.pacer.rates() != (None, None):
+                # A known rate governs from the first request, not from the first answer
+                # (which is a round trip away: a second of 16 in flight at the start).
+                self.concurrency.open_up()
+            await self.concurrency.acquire()
+            try:
+                while (delay := self.pacer.reserve(tokens)) is None:  # noqa: ASYNC110 (a lease)
+                    await asyncio.sleep(RENEW_S)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if admit:
+                    await self.admit(tokens)
+            except BaseException:
+                self.concurrency.release()
+                raise
         finally:
             if ledger is not None:
                 ledger.queue(-1)
@@ -482,7 +494,7 @@ class Throttle:
         self.concurrency.release()
 
     def row_target(self) -> int:
-        """How many rows a partition should have under way to keep the pipe full.
+        """How many rows this process should have under way to keep the pipe full.
 
         Paced: what the rate can have on the wire (rate x latency), doubled for
         rows between calls, plus a few. Unpaced: twice the concurrency limit.

@@ -202,9 +202,13 @@ class PartitionRun:
             nonlocal remaining
             for i in queue:
                 remaining -= 1
-                await self._row(i)
-                if self.job.stopped is not None or len(workers) > throttle.row_target():
-                    return  # the pool follows the target down, too
+                throttle.rows_started(1)
+                try:
+                    await self._row(i)
+                finally:
+                    throttle.rows_started(-1)
+                if self.job.stopped is not None or throttle.rows >= throttle.row_target():
+                    return  # the process has enough under way: follow the target down
 
         if self.batcher is not None:
             # Batch mode: every row at once (a row waiting for its batch costs a coroutine),
@@ -230,8 +234,9 @@ class PartitionRun:
                         raise task.exception()  # type: ignore[misc]
                 if remaining <= 0 and not workers:
                     break
-                target = min(cap, throttle.row_target())
-                for _ in range(min(_ADMIT_AT_ONCE, target - len(workers), remaining)):
+                # The target is the process's (all its partitions share the pipe).
+                room = min(cap - len(workers), throttle.row_target() - throttle.rows)
+                for _ in range(min(_ADMIT_AT_ONCE, room, remaining)):
                     workers.add(asyncio.create_task(worker()))
                 await asyncio.sleep(_ADMIT_EVERY_S)
         except asyncio.CancelledError:
