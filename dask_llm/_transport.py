@@ -145,6 +145,7 @@ class JobTransport:
                 job.check()  # the ledger has stopped the job: budget reached
                 raise JobStopped("budget reached", kind="budget")
         started = await throttle.acquire(estimate, admit=not self.gated)
+        sent_at = job.recorder.request_started()  # run record (_record)
         status = None
         headers = None
         data = b""
@@ -169,6 +170,7 @@ class JobTransport:
                 # Before the slot is released: a request of another thread waiting for
                 # it must find the job stopped.
                 _check_fatal(status, data, request, job)
+            job.recorder.request_finished(sent_at, status, headers, data, quota=quota)  # run record
             throttle.observe(started, status, headers, quota=quota)
             if status is not None and status < 400:
                 throttle.record_estimate(estimate)
