@@ -1,4 +1,4 @@
-"""The run record matches what the provider saw, second by second; the report is one offline file."""
+"""The run record matches what the provider saw, second by second; the report is offline."""
 
 from __future__ import annotations
 
