@@ -13,8 +13,9 @@ costs the whole job's money at 130,000. Two guards:
   the sample's per-row cost as a simple random sample of the frame's
   (normal interval on the mean, finite-population corrected), which the
   even spacing approximates; it counts rows as if none were cached. Time is
-  the larger of calls / rpm and tokens / tpm, at the limits given or those
-  the provider announced; without either, at the pilot's own pace. The
+  the larger of requests / rpm (the pilot's requests per answer included:
+  429s, errors and retries take turns too) and tokens / tpm, at the limits
+  given or those the provider announced; without either, at the pilot's own pace. The
   pilot's answers go to the cache like any run's: the full job does not pay
   for them again.
 * **``enrich(..., quality_gate=QualityGate(...))``** checks the same rates as
@@ -258,6 +259,13 @@ def project(run: RunSummary, *, rows: int, wall_s: float, tpm: float | None) -> 
     if not unpriced and r.priced:
         projected_cost, cost_interval = _total(r.cost, r.cost_sq, r.priced, rows)
     calls_total, calls_interval = _total(float(r.calls), float(r.calls_sq), paid_rows, rows)
+    # Limits pace requests, not answers: the pilot's 429s, 5xx and retries count too.
+    requests_per_answer = sum(c.calls for c in record.chains.values()) / answers if answers else 1
+    calls_total *= requests_per_answer
+    calls_interval = (
+        calls_interval[0] * requests_per_answer,
+        calls_interval[1] * requests_per_answer,
+    )
     limit = record.limit_per_s
     wall = wall_interval = None
     paced_by = "unknown"
