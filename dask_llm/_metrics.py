@@ -25,7 +25,7 @@ name                               type     what
 ``dask_llm_responses_total``       counter  answers (or failures) that came back
 ``dask_llm_rate_limited_total``    counter  429 answers (quota and others)
 ``dask_llm_errors_total``          counter  failed requests, label ``kind`` ("429 rate limit",
-                                            "429 other", "500", "connection", ...)
+                                            "429 other", "500", "timeout", "connection", ...)
 ``dask_llm_retries_total``         counter  chain-call attempts after the first
 ``dask_llm_input_tokens_total``    counter  prompt tokens of answers
 ``dask_llm_output_tokens_total``   counter  completion tokens of answers

@@ -35,7 +35,8 @@ What is counted, and when (unix time of the process that sent the request):
 * ``rate_limited``: 429s of the quota (``x-ratelimit-*`` headers);
   ``other_429``: 429s without them (overloaded, billing); ``retries``: a chain
   call's attempt after the first; ``errors``: every other non-2xx status and
-  failed connections, by kind (``"500"``, ``"503"``, ``"connection"``...).
+  requests that got no answer, by kind (``"500"``, ``"503"``, ``"timeout"``,
+  ``"connection"``, ``"cancelled"``...).
 * tokens and ``cost_usd`` of 2xx answers, in the second they came back, at
   the job's prices (``prices=`` over ``PRICES``); answers without a price
   count their tokens and mark the cost unknown.
@@ -43,12 +44,14 @@ What is counted, and when (unix time of the process that sent the request):
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
 import contextvars
 import json
 import math
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -100,9 +103,17 @@ def latency_bucket(seconds: float) -> int:
     return bisect.bisect_left(LATENCY_EDGES_S, seconds)
 
 
-def error_kind(status: int | None, quota: bool) -> str:
-    """The kind of a failed request, as the record and the metrics label it."""
+def error_kind(status: int | None, quota: bool, exc: BaseException | None = None) -> str:
+    """The kind of a failed request, as the record and the metrics label it.
+
+    Without a status: ``"cancelled"`` (the job stopped with it on the wire),
+    ``"timeout"`` or ``"connection"``, from the exception ``exc`` under way.
+    """
     if status is None:
+        if isinstance(exc, asyncio.CancelledError):
+            return "cancelled"
+        if exc is not None and "timeout" in type(exc).__name__.lower():
+            return "timeout"
         return "connection"
     if status == 429:
         return "429 rate limit" if quota else "429 other"
@@ -349,7 +360,8 @@ class Recorder:
                 cost = (prompt * price[0] + (completion or 0) * price[1]) / 1e6
         truncated = ok and _FINISH_LENGTH.search(body) is not None
         refused = ok and _REFUSAL.search(body) is not None
-        kind = None if ok else error_kind(status, quota)
+        # Called from the transport's ``finally``: the exception under way, if any.
+        kind = None if ok else error_kind(status, quota, sys.exc_info()[1])
         limit = headers.get(_LIMIT_REQUESTS) if headers is not None else None
         with self._lock:
             if limit is not None:
