@@ -44,6 +44,9 @@ def test_a_workers_metrics_show_the_job_while_it_runs_and_after(make_simulator: 
             progress=False,
             retry=dask_llm.RetryPolicy(wait_initial=0.05, wait_max=0.1),
         )
+        # Counters count since the process started: the scheduler here is this
+        # process, which earlier tests' clusters may have reported to.
+        before = scrape(scheduler_url)
         future = client.compute(out)
         during: dict[str, float] = {}
         deadline = time.monotonic() + 30
@@ -72,15 +75,18 @@ def test_a_workers_metrics_show_the_job_while_it_runs_and_after(make_simulator: 
         assert after['dask_llm_rows_total{scope="process",status="ok"}'] == 60
 
         # The scheduler sums what every worker reported through the event log.
+        def increase(name: str) -> float:
+            return cluster_view.get(name, 0.0) - before.get(name, 0.0)
+
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             cluster_view = scrape(scheduler_url)
-            if cluster_view.get('dask_llm_rows_total{scope="cluster",status="ok"}') == 60:
+            if increase('dask_llm_rows_total{scope="cluster",status="ok"}') == 60:
                 break
             time.sleep(0.1)
-        assert cluster_view['dask_llm_requests_total{scope="cluster"}'] == stats["requests"]
+        assert increase('dask_llm_requests_total{scope="cluster"}') == stats["requests"]
         assert (
-            cluster_view['dask_llm_output_tokens_total{scope="cluster"}']
+            increase('dask_llm_output_tokens_total{scope="cluster"}')
             == (stats["completion_tokens"])
         )
     summary = dask_llm.last_run()
