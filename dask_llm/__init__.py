@@ -8,7 +8,7 @@
 import logging
 
 from dask_llm import _job  # noqa: F401  (registers the Dask callback that stops jobs on Ctrl-C)
-from dask_llm._accessor import DaskLLMAccessor, PandasLLMAccessor, enrich, estimate
+from dask_llm._accessor import DaskLLMAccessor, PandasLLMAccessor, enrich, estimate, pilot
 from dask_llm._batch import BatchPolicy, cancel_batches
 from dask_llm._chain import Chain
 from dask_llm._errors import (
@@ -19,7 +19,9 @@ from dask_llm._errors import (
     WorkerSetupError,
 )
 from dask_llm._estimate import Estimate
+from dask_llm._pilot import Pilot, QualityGate
 from dask_llm._progress import RunSummary, last_run
+from dask_llm._record import RunRecord
 from dask_llm._retry import RetryPolicy
 from dask_llm._usage import BATCH_DISCOUNT, PRICES, PRICES_AS_OF
 
@@ -36,13 +38,17 @@ __all__ = [
     "Estimate",
     "JobStopped",
     "PandasLLMAccessor",
+    "Pilot",
+    "QualityGate",
     "RetryPolicy",
+    "RunRecord",
     "RunSummary",
     "WorkerSetupError",
     "cancel_batches",
     "enrich",
     "estimate",
     "last_run",
+    "pilot",
 ]
 
 __version__ = "0.1.0.dev0"

@@ -31,6 +31,7 @@ from dask_llm._options import (
     Errors,
 )
 from dask_llm._outputs import string_dtype
+from dask_llm._pilot import Pilot, QualityGate
 from dask_llm._plan import Plan, make_plan
 from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
 from dask_llm._usage import USAGE_COLUMNS
@@ -59,6 +60,7 @@ class EnrichKwargs(TypedDict, total=False):
     progress: bool | None
     ship_api_keys: bool
     batch: bool | BatchPolicy
+    quality_gate: QualityGate | None
 
 
 class EstimateKwargs(TypedDict, total=False):
@@ -101,6 +103,7 @@ def enrich(
     progress: bool | None = None,
     ship_api_keys: bool = False,
     batch: bool | BatchPolicy = False,
+    quality_gate: QualityGate | None = None,
     timeout: Any = _UNSET,
     attempts: Any = _UNSET,
     retry_timeout: Any = _UNSET,
@@ -158,6 +161,10 @@ def enrich(
             usage and cost columns are as online; each dependent chain is a later
             round. Needs a cache to re-attach to batches after a crash. See
             docs/batch.md.
+        quality_gate: a ``QualityGate``: stop the job early, keeping what is paid, when
+            the rate of errors, truncated answers, refusals or parse failures crosses its
+            threshold (judged once ``min_rows`` rows have finished; rows not done get
+            ``llm_error`` naming the rate). See ``pilot`` to measure the rates first.
         timeout, attempts, retry_timeout: deprecated names of ``request_timeout`` and of
             ``retry=RetryPolicy(attempts=..., timeout=...)``; they warn and still work.
 
@@ -201,6 +208,7 @@ def enrich(
         progress=_progress.interactive() if progress is None else bool(progress),
         keys=_keys_to_ship(plan, ship_api_keys),
         batch=_batch_policy(batch),
+        quality_gate=quality_gate,
     )
     if budget_usd is not None:
         _check_prices(plan, options)
@@ -411,9 +419,39 @@ def estimate(
     )
 
 
+def pilot(
+    frame: dd.DataFrame | pd.DataFrame,
+    chains: ChainsArg,
+    *,
+    n: int = 200,
+    **options: Unpack[EnrichKwargs],
+) -> Pilot:
+    """Run ``chains`` now on ``n`` rows spread over ``frame`` and project the full job.
+
+    The sample is stratified (rows from every partition, in proportion to its length,
+    evenly spaced within it) and enriched with ``options`` as ``enrich`` would. The
+    ``Pilot`` gives the rates of errors, truncated answers (``finish_reason="length"``),
+    refusals and parse failures, tokens per call, and the full job's projected cost and
+    wall time with 95% intervals. Its answers are cached like any run's.
+
+    Raises:
+        ValueError: ``n`` < 1, or anything ``enrich`` refuses.
+    """
+    from dask_llm._pilot import run_pilot
+
+    if not isinstance(frame, dd.DataFrame | pd.DataFrame):
+        raise TypeError(f"pilot() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
+    return run_pilot(frame, chains, n=n, options=dict(options))
+
+
 class _LLMAccessor:
     def __init__(self, obj: Any) -> None:
         self._obj = obj
+
+    def pilot(self, chains: ChainsArg, *, n: int = 200, **options: Unpack[EnrichKwargs]) -> Pilot:
+        """Enrich ``n`` rows spread over the frame now, and project the full job's rates,
+        cost and time; see ``dask_llm.pilot``."""
+        return pilot(self._obj, chains, n=n, **options)
 
     def estimate(self, chains: ChainsArg, **options: Unpack[EstimateKwargs]) -> Estimate:
         """Calls, tokens, cost and wall time ``enrich`` would take; see ``dask_llm.estimate``."""

@@ -31,6 +31,7 @@ from dask_llm._cache import make_key
 from dask_llm._columns import RowFailed, normalize
 from dask_llm._errors import JobStopped
 from dask_llm._plan import PlannedChain
+from dask_llm._record import ACTIVE
 from dask_llm._retry import call_with_retries, root_cause
 from dask_llm._usage import Usage
 
@@ -167,6 +168,7 @@ class ChainCaller:
             # The user asked for the raw answer beside the parsed one: an answer that
             # does not parse is this row's error, not a reason to pay for another.
             policy = dataclasses.replace(policy, parse_attempts=1)
+        active = ACTIVE.set((job.recorder, self.pc.name))  # the run record's chain
         try:
             result, usage = await call_with_retries(
                 invoke,
@@ -183,6 +185,8 @@ class ChainCaller:
         except Exception as exc:
             usage = getattr(exc, "usage", Usage())
             raise _failure(self.pc.name, exc, job, usage) from exc
+        finally:
+            ACTIVE.reset(active)
         try:
             value = normalize(self.pc, result)
         except RowFailed as failure:

@@ -7,7 +7,7 @@ that has had no partition for a minute is dropped (a process of a long-lived
 cluster does not accumulate the state of every job it ever ran).
 
 Stopping. A long paid job must stop when its user says so, and pay for
-nothing more. A job stops for one of four reasons, and the first one wins:
+nothing more. A job stops for one of five reasons, and the first one wins:
 
 =============  ===============================================  =========================
 kind           cause                                            the partition then
@@ -16,6 +16,8 @@ interrupted    Ctrl-C, or the computation failed elsewhere      raises ``JobStop
 raised         ``errors="raise"``: a row failed somewhere       raises ``JobStopped``
 fatal          401/403/404, ``insufficient_quota``, refused     gives every row not done
                connections: no request could succeed            the reason in ``llm_error``
+budget         ``budget_usd`` reached                           likewise
+quality        a rate crossed ``quality_gate`` (``_pilot``)     likewise
 =============  ===============================================  =========================
 
 Once stopped, no new request starts (the transport checks before sending and
@@ -68,10 +70,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dask.callbacks import Callback
 
-from dask_llm import _cluster, _hub, _progress
+from dask_llm import _cluster, _hub, _metrics, _progress
 from dask_llm._errors import ChainError, JobStopped
 from dask_llm._ledger import Ledger, even_share_hint, link_for
 from dask_llm._limits import Throttle
+from dask_llm._record import Recorder
 from dask_llm._usage import price_of
 
 if TYPE_CHECKING:
@@ -90,7 +93,7 @@ _MAX_TOKENS = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
 
 
 class Stop(NamedTuple):
-    kind: str  # "interrupted" | "raised" | "fatal"
+    kind: str  # "interrupted" | "raised" | "fatal" | "budget" | "quality"
     text: str
     #: For "raised": (message, index, chain) of the ``ChainError``, which every
     #: partition then raises, so the caller sees it whichever partition ends first.
@@ -135,6 +138,14 @@ class Job:
             ledger=self.ledger,
         )
         self._largest_completion = 0
+        # The run record (``_record``): requests, rows, the quality gate; metrics read it.
+        self.recorder = Recorder(
+            prices=options.price_table,
+            rpm=options.rpm,
+            gate=options.quality_gate,
+            on_gate=lambda text: self.stop("quality", text),
+        )
+        _metrics.install()
 
     # -- stopping ---------------------------------------------------------------------------
     @property
@@ -155,6 +166,8 @@ class Job:
             if self._stop is not None:
                 return
             self._stop = Stop(kind, text, error)
+        if kind in ("fatal", "budget", "quality"):
+            self.recorder.stopped(kind, text)
         log.warning("dask-llm job %s: stopping (%s): %s", self.id[:8], kind, text)
         if not broadcast:
             return
@@ -285,15 +298,18 @@ class Job:
     def reporter(self, partition: int, attempt: str) -> _progress.Reporter:
         """Where a partition of this job sends its progress events."""
         base = {"job": self.id, "partition": partition, "attempt": attempt}
+        drain = self.recorder.drain
         if self.worker is not None:
             worker = self.worker
             return _progress.Reporter(
-                lambda msg: worker.log_event(_progress.TOPIC, msg), base, interval=0.5
+                lambda msg: worker.log_event(_progress.TOPIC, msg), base, interval=0.5, drain=drain
             )
         if self.hub is not None:
             hub = self.hub
-            return _progress.Reporter(lambda msg: hub.call("event", msg), base, interval=0.5)
-        return _progress.Reporter(_progress.receive, base, interval=0.0)
+            return _progress.Reporter(
+                lambda msg: hub.call("event", msg), base, interval=0.5, drain=drain
+            )
+        return _progress.Reporter(_progress.receive, base, interval=0.0, drain=drain)
 
 
 _JOBS: dict[str, Job] = {}

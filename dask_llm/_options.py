@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from dask_llm import _cluster
 from dask_llm._batch import BatchPolicy
 from dask_llm._cache import ResultCache
 from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
+
+if TYPE_CHECKING:
+    from dask_llm._pilot import QualityGate
 
 #: Requests in flight per process, at most.
 DEFAULT_MAX_CONCURRENCY: Final = 256
@@ -55,6 +58,7 @@ class EnrichOptions:
     progress: bool = False
     #: The Batch API (``batch=True``: ``BatchPolicy()``); None for online calls.
     batch: BatchPolicy | None = None
+    quality_gate: QualityGate | None = None
     #: The client's job hub (address, key), filled in when pickled for a pool child.
     hub: tuple[tuple[str, int], bytes] | None = field(default=None, repr=False)
     #: Explicit API keys to give recipes on workers (ship_api_keys=True): (key_ref, key).
@@ -73,6 +77,12 @@ class EnrichOptions:
             raise TypeError("batch= takes True, False or a BatchPolicy")
         if not isinstance(self.retry, RetryPolicy):
             raise TypeError("retry= takes a RetryPolicy or a number of attempts")
+        from dask_llm._pilot import QualityGate
+
+        if self.quality_gate is not None and not isinstance(self.quality_gate, QualityGate):
+            raise TypeError(
+                f"quality_gate= takes a dask_llm.QualityGate or None, not {self.quality_gate!r}"
+            )
         for name in ("rpm", "tpm", "budget_usd"):
             value = getattr(self, name)
             if value is not None and value <= 0:

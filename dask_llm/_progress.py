@@ -24,12 +24,15 @@ they were paid.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from dask_llm._record import RunRecord
 
 TOPIC = "dask-llm-progress"
 
@@ -89,6 +92,8 @@ class RunSummary:
     wall_s: float = 0.0
     status: str = "completed"
     cache: str | None = field(default=None, repr=False)
+    #: What every request did over time (``_record``): ``report()`` draws it.
+    record: RunRecord | None = field(default=None, repr=False, compare=False)
 
     @property
     def calls_per_s(self) -> float:
@@ -116,9 +121,28 @@ class RunSummary:
         return text
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Plain data only (the record has its own ``as_dict``).
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.pop("cache")
+        data.pop("record")
         return {**data, "calls_per_s": self.calls_per_s}
+
+    def report(self, path: str | os.PathLike[str], *, estimate: Any = None) -> str:
+        """Write the run's report to ``path``: one self-contained HTML file, readable offline.
+
+        Plots of throughput against the limit, requests in flight, 429s, retries and
+        errors over time, latency per chain and cumulative cost against ``estimate``
+        (an ``Estimate``, a ``Pilot`` or US dollars) and the budget; a table of errors
+        with sample rows. Returns the path written. See ``docs/report.md``.
+        """
+        from dask_llm._report import write_report
+
+        return write_report(self, path, estimate=estimate)
+
+    def _repr_html_(self) -> str:
+        from dask_llm._report import render_html
+
+        return render_html(self, standalone=False)
 
 
 def _dollars(value: float) -> str:
@@ -151,7 +175,9 @@ class RunProgress:
         self.partitions = max(1, partitions)
         self.total_rows = total_rows
         self.show = show
-        self.summary = RunSummary(cache=cache, budget_usd=budget_usd)
+        self.summary = RunSummary(
+            cache=cache, budget_usd=budget_usd, record=RunRecord(budget_usd=budget_usd)
+        )
         self.started = time.monotonic()
         self._lock = threading.Lock()
         # partition -> (attempt, rows it has, rows done, failed rows)
@@ -178,6 +204,8 @@ class RunProgress:
                 self._retotal()
             elif kind == "counts":
                 self._add(part, attempt, event.get("counts") or {})
+                if event.get("record") and self.summary.record is not None:
+                    self.summary.record.merge(event["record"])
             elif kind == "done":
                 state = self._parts.get(part)
                 if state is not None and state[0] == attempt:
@@ -233,7 +261,8 @@ class RunProgress:
     def _finish(self, status: str) -> None:
         self.finished = True
         s = self.summary
-        s.status = status
+        stop = s.record.stop if s.record is not None else None
+        s.status = f"stopped: {stop[1]}" if stop is not None and status == "completed" else status
         s.wall_s = time.monotonic() - self.started
         _LAST.append(s)
         del _LAST[:-1]
@@ -352,10 +381,13 @@ def listen_on_client(client: Any) -> None:
 class Reporter:
     """A partition's side: counts batched and sent as events through ``send``."""
 
-    __slots__ = ("_base", "_counts", "_last", "_send", "interval")
+    __slots__ = ("_base", "_counts", "_drain", "_last", "_send", "interval")
 
-    def __init__(self, send: Any, base: dict[str, Any], *, interval: float = 0.5) -> None:
+    def __init__(
+        self, send: Any, base: dict[str, Any], *, interval: float = 0.5, drain: Any = None
+    ) -> None:
         self._send = send
+        self._drain = drain  # the job's run record in this process (``Recorder.drain``)
         self._base = base
         self._counts: dict[str, Any] = {}
         self._last = time.monotonic()
@@ -376,9 +408,10 @@ class Reporter:
             self.flush()
 
     def flush(self) -> None:
-        if self._counts:
+        record = self._drain() if self._drain is not None else None
+        if self._counts or record:
             counts, self._counts = self._counts, {}
-            self._emit({"kind": "counts", "counts": counts})
+            self._emit({"kind": "counts", "counts": counts, "record": record})
         self._last = time.monotonic()
 
     def done(self) -> None:

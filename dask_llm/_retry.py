@@ -41,6 +41,7 @@ import tenacity
 from langchain_core.exceptions import OutputParserException
 
 from dask_llm._errors import JobStopped
+from dask_llm._record import ACTIVE
 from dask_llm._usage import Attempt, Usage, UsageCallback, current_attempt, settle
 
 _RETRY_STATUS = frozenset({408, 409, 429})
@@ -165,6 +166,8 @@ async def call_with_retries(
         if state.outcome is None or not state.outcome.failed or stopped():
             return False
         kind = classify(state.outcome.exception())  # type: ignore[arg-type]
+        if kind == "parse" and (active := ACTIVE.get()) is not None:
+            active[0].parse_failed(active[1])
         if kind == "transient":
             return True
         return kind == "parse" and state.attempt_number < policy.parse_attempts
@@ -198,6 +201,8 @@ async def call_with_retries(
             attempt_number += 1
             if attempt_number > 1:
                 stats.retries += 1
+                if (active := ACTIVE.get()) is not None:
+                    active[0].retried()
             with attempt_state:
                 attempt = Attempt(prices, refresh)
                 callback = UsageCallback() if with_callbacks else None

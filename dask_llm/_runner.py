@@ -142,7 +142,9 @@ class PartitionRun:
             stop.raise_error()
         if stop is not None and stop.kind == "budget" and self.options.errors == "raise":
             raise BudgetExceeded(f"{stop.text}; {jobs.resume_hint(None)}")
-        if stop is not None and stop.kind not in ("fatal", "budget"):
+        if stop is not None and stop.kind == "quality" and self.options.errors == "raise":
+            raise JobStopped(f"{stop.text}; {jobs.resume_hint(None)}", kind=stop.kind)
+        if stop is not None and stop.kind not in ("fatal", "budget", "quality"):
             raise JobStopped(
                 f"{stop.text}; {self._batches_hint()}{jobs.resume_hint(None)}", kind=stop.kind
             )
@@ -257,7 +259,7 @@ class PartitionRun:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
         stop = self.job.stopped
-        if stop is not None and stop.kind in ("fatal", "budget"):
+        if stop is not None and stop.kind in ("fatal", "budget", "quality"):
             for i in range(self.n):
                 self._fail_rest(i, stop.text)
 
@@ -380,6 +382,7 @@ class PartitionRun:
     def _row_done(self, i: int) -> None:
         if not self.reported[i]:
             self.reported[i] = True
+            self.job.recorder.row_done(self.df.index[i], self.errors[i], self.row_usage[i])
             self._report(1, int(self.errors[i] is not None), self.row_usage[i])
 
     def _report(self, rows: int, failed: int, usage: Usage) -> None:

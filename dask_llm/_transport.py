@@ -160,12 +160,17 @@ class JobTransport:
         worst = job.worst_cost(body, batch=True) if job.ledger.budgeted and body else 0.0
         await self._reserve(worst)
         cost = worst  # what to settle if no answer comes: it may have been paid for
+        sent_at = job.recorder.request_started()  # run record: a line waits as long as its batch
+        status: int | None = None
+        data = b""
         try:
             result = await self.batcher.answer(request, body, key, fresh=fresh)
             if result is GO_ONLINE:
                 cost = 0.0
+                status = 408  # the line came back unanswered: it goes online
                 return None
             answer = cast(Answer, result)
+            status, data = answer.status, answer.body
             if answer.status >= 400:
                 cost = 0.0
                 _check_fatal(answer.status, answer.body, request, job)
@@ -180,6 +185,7 @@ class JobTransport:
             cost = _cost(job, model, prompt, completion, worst, batch=True)
             return answer
         finally:
+            job.recorder.request_finished(sent_at, status, None, data, quota=False, batch=True)
             if worst:
                 job.ledger.settle(worst, cost)
 
@@ -203,6 +209,7 @@ class JobTransport:
         worst = job.worst_cost(body) if job.ledger.budgeted and body else 0.0
         await self._reserve(worst)
         started = await throttle.acquire(estimate, admit=not self.gated)
+        sent_at = job.recorder.request_started()  # run record (_record)
         status = None
         headers = None
         data = b""
@@ -227,6 +234,7 @@ class JobTransport:
                 # Before the slot is released: a request of another thread waiting for
                 # it must find the job stopped.
                 _check_fatal(status, data, request, job)
+            job.recorder.request_finished(sent_at, status, headers, data, quota=quota)  # run record
             throttle.observe(started, status, headers, quota=quota)
             if status is not None and status < 400:
                 throttle.record_estimate(estimate)

@@ -407,6 +407,12 @@ def _with_common(fn: Any) -> Any:
     help="Lines that failed or expired: resubmit in the next batch, or send online.",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
+@click.option(
+    "--report",
+    "report_path",
+    default=None,
+    help="Write the run's report (one offline HTML file of plots and tables) here.",
+)
 def enrich(
     inputs: tuple[str, ...],
     chains_ref: str,
@@ -428,6 +434,7 @@ def enrich(
     batch_poll: float,
     batch_fallback: str,
     progress: bool | None,
+    report_path: str | None,
 ) -> None:
     """Enrich CSV/Parquet INPUT files with the chains; write Parquet to OUTPUT."""
     import dask_llm
@@ -470,7 +477,12 @@ def enrich(
     finally:
         if client is not None:
             client.close()
+        ran = dask_llm.last_run()
+        if report_path is not None and ran is not None:
+            ran.report(report_path)  # also for a run that stopped: it shows why
     summary = dask_llm.last_run()
+    if report_path is not None:
+        click.echo(f"report: {report_path}")
     click.echo(f"wrote {output}: {summary}" if summary is not None else f"wrote {output}")
 
 

@@ -55,11 +55,24 @@ def workdir(tmp_path: Path) -> Path:
 
 def test_enrich_csv_glob_to_parquet(sim: Any, workdir: Path) -> None:
     result = run(
-        ["enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out", "--rpm", "6000"],
+        [
+            "enrich",
+            "reviews-*.csv",
+            "--chains",
+            "chains.py:chains",
+            "-o",
+            "out",
+            "--rpm",
+            "6000",
+            "--report",
+            "run.html",
+        ],
         sim.base_url,
         workdir,
     )
     assert result.returncode == 0, result.stderr
+    report = (workdir / "run.html").read_text()
+    assert "<svg" in report and "limit 6,000/min" in report and "report: run.html" in result.stdout
     out = pd.read_parquet(workdir / "out", dtype_backend="pyarrow")
     assert len(out) == 30
     assert out["llm_error"].isna().all()

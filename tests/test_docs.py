@@ -27,4 +27,13 @@ def test_snippet_runs(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_every_concept_has_a_page() -> None:
     pages = {p.stem for p in (ROOT / "docs").glob("*.md")}
-    assert {"chains", "rate-limits", "cache", "cluster", "simulator", "cli", "errors"} <= pages
+    assert {
+        "chains",
+        "rate-limits",
+        "cache",
+        "cluster",
+        "simulator",
+        "cli",
+        "errors",
+        "report",
+    } <= pages
