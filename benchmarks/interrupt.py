@@ -14,7 +14,7 @@ Measured on the threaded scheduler, dask's process pool and a LocalCluster
   answers still missing plus those in flight at the interrupt (target
   rerun <= missing + in flight).
 
-    python benchmarks/interrupt.py [--input ../shared/data/wine_reviews_sample.csv]
+    python -m benchmarks.interrupt [--input ../shared/data/wine_reviews_sample.csv]
 """
 
 from __future__ import annotations
