@@ -16,8 +16,9 @@ user's choice, and its requests pass none of the stages below.
 
 Every request of those clients passes, in ``JobTransport``::
 
-    job stopped? -> request cache -> identical request in flight? -> throttle -> send
-                                                                   \\-> usage, breaker, cache
+    job stopped? -> request cache -> identical request in flight? -> budget -> throttle -> send
+                                                                   \\-> batch line (batch=)
+                               usage, breaker, cache, run record <-/
 
 * **Request cache.** The key is what is actually sent: method, path and the
   JSON body (model, messages, tools, response format, sampling parameters),
@@ -28,6 +29,11 @@ Every request of those clients passes, in ``JobTransport``::
 * **In flight.** An identical body already on the wire is waited for, not
   sent again (``_dedup``).
 * **Throttle.** Pacing and concurrency for the whole job (``_limits``).
+* **Sender.** Online, or with ``batch=`` a line of this partition's next
+  Batch API batch (``_batch``): the request waits for its line and gets it
+  back as if it had come online (or, for a failed or expired line under the
+  online fallback, is sent online after all). Batch lines skip the throttle:
+  the Batch API has a pool of its own.
 * **Usage.** The ``usage`` block of each answer is credited to the chain
   call running in this context (``_usage.Attempt``); answers without one are
   marked unknown, never counted as zero.
