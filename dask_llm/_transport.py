@@ -16,9 +16,9 @@ user's choice, and its requests pass none of the stages below.
 
 Every request of those clients passes, in ``JobTransport``::
 
-    job stopped? -> request cache -> identical request in flight? -> budget -> throttle -> send
-                                                                   \\-> batch line (batch=)
-                               usage, breaker, cache, run record <-/
+    job stopped? -> request cache -> identical request in flight? -> budget
+        -> throttle -> send online   |   -> a batch line (batch=)
+    then, on the answer: usage, breaker, cache, run record
 
 * **Request cache.** The key is what is actually sent: method, path and the
   JSON body (model, messages, tools, response format, sampling parameters),
