@@ -270,6 +270,7 @@ class Batcher:
         lines = self._watching.get(batch_id)
         if lines is None:
             self._watching[batch_id] = {line.key: [line]}
+            self.stats.batches += 1  # this run's batches: submitted or re-attached to
             log.info("dask-llm: re-attaching to batch %s", batch_id)
             self._spawn(self._watch(batch_id, line.group))
         else:

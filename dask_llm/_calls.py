@@ -61,7 +61,7 @@ class PartitionStats:
         self.rate_limited = 0
         self.cache_hits = 0
         self.cache_errors = 0
-        self.batches = 0  # batches submitted
+        self.batches = 0  # batches submitted, or re-attached to after a crash
         self.batches_done = 0  # batches ended and read
         self.batch_lines = 0  # lines answered by batches
         # Batches of this partition in each status now (gauges: reported as changes).
