@@ -189,23 +189,25 @@ class Ledger:
         """
         if not self.budgeted:
             return True
+        if self._take(worst_usd):
+            return True
         with self._lock:
-            if self.allowance >= worst_usd:
-                self.allowance -= worst_usd
-                self.reserved += worst_usd
-                return True
             need = worst_usd - self.allowance
         reply = self._renew(need=need)
         if reply is None:
             return None
         if reply.get("stop"):
             return False
+        return True if self._take(worst_usd) else None
+
+    def _take(self, worst_usd: float) -> bool:
+        """Reserve ``worst_usd`` out of the allowance in hand, if it is there."""
         with self._lock:
-            if self.allowance >= worst_usd:
-                self.allowance -= worst_usd
-                self.reserved += worst_usd
-                return True
-        return None
+            if self.allowance < worst_usd:
+                return False
+            self.allowance -= worst_usd
+            self.reserved += worst_usd
+            return True
 
     def settle(self, reserved_usd: float, actual_usd: float) -> None:
         """A request that reserved ``reserved_usd`` cost ``actual_usd``."""
