@@ -25,8 +25,8 @@ its tokens) and every response's status and headers.
   met one, pacing slows by 5% (once per burst, recovering over 15 s). A 429
   that is not the quota's (an overloaded server: no rate-limit headers, or
   quota left) is only retried after its ``Retry-After``: it does not slow
-  the job. (0.1 slowed on every 429, so 5% of stray 429s halved a known
-  limit.)
+  the job, and its start is given back (``Pacer.refund``). (0.1 slowed on
+  every 429, so 5% of stray 429s halved a known limit.)
 * **Adaptive concurrency** (AIMD, as TCP), while no rate is known: the number
   of requests in flight starts at ``initial_concurrency``, grows by one per
   success until the first quota 429 (slow start), then by ``1/limit`` per
@@ -193,6 +193,26 @@ class Pacer:
             if self.ledger is not None:
                 self.ledger.started(tokens)
             return 0.0
+
+    def refund(self, started: float) -> None:
+        """A request that started at ``started`` was turned away uncounted: give its start back.
+
+        A 429 that is not the quota's (an overloaded server) spent none of the
+        provider's quota, so it spends none of ours: the strict window forgets
+        the request's start (if still within the last second) and the next
+        booking moves up by one interval. A provider that does count such
+        requests sees the job over its limit by their share; its quota 429s
+        then hold and slow the pace as any other.
+        """
+        with self._lock:
+            sent = self._sent
+            for i, (at, _) in enumerate(sent):
+                if at >= started - 1e-3:
+                    del sent[i]
+                    break
+            req_rate = self.rates()[0]
+            if req_rate and self._last is not None and self._last > self.clock():
+                self._last -= 1.0 / req_rate
 
     def _waiting(self) -> None:
         if self.ledger is not None:
@@ -487,6 +507,8 @@ class Throttle:
             if self.pacer.rates()[0] is None:
                 self.concurrency.on_overload(started)
             self.pacer.rejected(started, retry_after(headers))
+        elif status == 429:
+            self.pacer.refund(started)
         elif status is not None and status < 400:
             self.concurrency.on_success()
 

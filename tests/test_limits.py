@@ -218,6 +218,27 @@ def test_a_429_that_is_not_the_quotas_does_not_touch_pacing_or_concurrency() -> 
     assert t.pacer.reserve(1) == 0.0  # no hold
 
 
+def test_a_429_that_is_not_the_quotas_gives_its_start_back() -> None:
+    """The provider did not count it (no quota spent): neither does the pace."""
+    clock = Clock()
+    t = Throttle(max_concurrency=64, rpm=600, clock=clock)  # 9 in any second
+    starts = [clock.now] * 9
+    assert [t.pacer.admit(1) for _ in starts] == [0.0] * 9
+    assert t.pacer.admit(1) > 0  # the window is full
+    t.observe(starts[0], 429, {"retry-after": "1"}, quota=False)
+    assert t.pacer.admit(1) == 0.0  # the stray 429's start was given back
+    assert t.pacer.admit(1) > 0
+    t.observe(starts[1], 429, {"x-ratelimit-remaining-requests": "0"}, quota=True)
+    assert t.pacer.admit(1) > 0  # a quota 429 was counted: nothing given back
+    # The next booking moves up by one interval.
+    clock.now += 5.0
+    first = t.pacer.reserve(1)
+    second = t.pacer.reserve(1)
+    assert first == 0.0 and second is not None and second > 0
+    t.observe(clock.now, 429, {}, quota=False)
+    assert t.pacer.reserve(1) == pytest.approx(second)
+
+
 def test_concurrency_slow_start_then_multiplicative_decrease() -> None:
     clock = Clock()
     c = Concurrency(initial=4, cap=100, clock=clock)
