@@ -10,9 +10,13 @@ it cannot be a worker or hold a client.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import sys
+import threading
 from typing import Any
+
+log = logging.getLogger("dask_llm")
 
 
 def distributed_worker() -> Any:
@@ -95,6 +99,53 @@ def current_task_key() -> Any:
     from distributed.worker import thread_state
 
     return getattr(thread_state, "key", None)
+
+
+_tails_out = 0  # partitions of this process that left their worker thread for their tail
+_TAILS_LOCK = threading.Lock()
+
+
+def secede_for_tail() -> bool:
+    """Give this task's ``distributed`` thread slot to the next partition; True if done.
+
+    Called when a partition has admitted its last row: what is left is its
+    tail (the rows in flight, their last answers and retries: seconds in which
+    this process would send less and less). ``distributed.secede`` lets the
+    worker start its next task now, so that the next partition's rows fill the
+    pipe as the tail empties it (a worker with one thread otherwise idles for
+    the tail of every partition, and on a cluster those tails line up). The
+    task still ends as usual; its thread leaves the pool when it does. At most
+    one tail per thread slot is out at a time, so a worker of small partitions
+    does not pile them up.
+    """
+    global _tails_out
+    worker = distributed_worker()
+    if worker is None or current_task_key() is None:
+        return False
+    try:
+        from distributed import secede
+
+        with _TAILS_LOCK:
+            if _tails_out >= max(1, int(worker.state.nthreads)):
+                return False
+            _tails_out += 1
+        try:
+            secede()
+        except BaseException:
+            with _TAILS_LOCK:
+                _tails_out -= 1
+            raise
+    except (AttributeError, ValueError, KeyError, RuntimeError) as exc:
+        log.debug("dask-llm: the partition could not secede (%s)", exc)
+        return False
+    return True
+
+
+def tail_done() -> None:
+    """A partition that seceded for its tail has ended."""
+    global _tails_out
+    with _TAILS_LOCK:
+        _tails_out = max(0, _tails_out - 1)
 
 
 def task_abandoned(worker: Any, key: Any) -> bool:

@@ -25,13 +25,17 @@ the job must stop. No round trip per request: the member paces locally
 
 Allocation follows demand: members that use less than their share get what
 they use (plus a quarter, to grow), the rest is split evenly among the
-hungry ones. Capacity moves without overshoot: a member's rate is
-*committed* until a grant of the lower rate has been in force for one
-window (1 s) plus a renewal interval, and no member is granted more than
-the limit minus what the others have committed. So the sum of the rates in
-force never exceeds the limit, at any instant, and each member holds its own
-rate over any sliding second: the job holds the limit over any sliding
-second.
+hungry ones. Capacity moves without overshoot: no member is granted more
+than the limit minus what the others have *committed*, and a member's
+commitment is the higher of its rate in force (what it may send until its
+next renewal) and the most it reported sending in the second before any of
+its reports of the last window (1 s) and a renewal (what its requests of the
+last second still count at the provider). So the sum over members of what they may send in
+any sliding second never exceeds the limit, and each member holds its own
+rate over any sliding second (``_limits``): the job holds the limit over any
+sliding second. A rate granted and not used (a partition still building its
+rows, the tail of one) commits nothing once it is taken back: it moves to
+the others at the next renewal, not a window later.
 
 Failure modes. A member that stops calling (a killed worker) loses its
 lease after ``LEASE_TTL_S``; its rate stays committed one window more, then
@@ -97,16 +101,24 @@ class Member:
     hungry: bool = True
     expires: float = 0.0
     allowance: float = 0.0  # dollars it holds, reserved or not
-    grants: deque[tuple[float, float, float]] = field(default_factory=deque)  # (t, req, tok)
+    # What it sent in the second before each report: (reported at, requests, tokens).
+    sent: deque[tuple[float, float, float]] = field(default_factory=deque)
 
     def committed(self, now: float) -> tuple[float, float]:
-        """The highest rates it may still be using: its grants of the last window."""
+        """The most it may have sent, or may send, in a window that holds ``now``.
+
+        From now on, its rate in force (until its next renewal). Before, what it
+        reported sending in the second before each of its reports of the last
+        window and a renewal: a rate it was granted and did not use (a partition still
+        building its rows, the tail of one) is not held back from the others.
+        """
         edge = now - WINDOW_S - RENEW_S
-        while self.grants and self.grants[0][0] < edge and len(self.grants) > 1:
-            self.grants.popleft()
-        req = max((g[1] for g in self.grants), default=self.rate_req)
-        tok = max((g[2] for g in self.grants), default=self.rate_tok)
-        return req, tok
+        sent = self.sent
+        while sent and sent[0][0] < edge:
+            sent.popleft()
+        req = max((x[1] for x in sent), default=0.0)
+        tok = max((x[2] for x in sent), default=0.0)
+        return max(req, self.rate_req), max(tok, self.rate_tok)
 
 
 @dataclass
@@ -176,17 +188,18 @@ class Coordinator:
             ledger.spent_usd += float(report.get("spent_usd") or 0.0)
             me.allowance = float(report.get("allowance") or 0.0)
             if report.get("release"):
+                _sent(me, report, now)
                 req, tok = me.committed(now)
                 ledger.ghosts.append((now + WINDOW_S + RENEW_S, req, tok))
                 del ledger.members[member]
                 return {"rate_req": 0.0, "rate_tok": 0.0, "grant_usd": 0.0, "stop": ledger.stop}
             me.used_req = float(report.get("used_req") or 0.0)
             me.used_tok = float(report.get("used_tok") or 0.0)
+            _sent(me, report, now)
             me.hungry = bool(report.get("hungry", True))
             me.expires = now + LEASE_TTL_S
             rate_req, rate_tok = self._rates(ledger, member, now)
             me.rate_req, me.rate_tok = rate_req, rate_tok
-            me.grants.append((now, rate_req, rate_tok))
             grant = self._dollars(
                 ledger,
                 me,
@@ -275,6 +288,25 @@ class Coordinator:
     def _forget_idle(self, now: float) -> None:
         for job in [j for j, x in self._jobs.items() if now - x.touched > 600.0]:
             del self._jobs[job]
+
+
+def _sent(me: Member, report: dict[str, Any], now: float) -> None:
+    """Record what ``me`` sent in the second before its report.
+
+    ``sent_1s``: requests and tokens it started in that second, counted as
+    the provider counts them. Without it (an older member), the averages over
+    its interval. A renewal that came late leaves seconds unreported, in which
+    it may have sent at its rate in force: then that rate is recorded.
+    """
+    sent = report.get("sent_1s")
+    if sent is not None:
+        used_req, used_tok = float(sent[0]) / WINDOW_S, float(sent[1]) / WINDOW_S
+    else:
+        used_req = float(report.get("used_req") or 0.0)
+        used_tok = float(report.get("used_tok") or 0.0)
+    if float(report.get("interval") or math.inf) > 2 * RENEW_S:
+        used_req, used_tok = max(used_req, me.rate_req), max(used_tok, me.rate_tok)
+    me.sent.append((now, used_req, used_tok))
 
 
 def _share(ledger: JobLedger, member: str, limit: float | None, kind: str) -> float:

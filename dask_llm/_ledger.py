@@ -27,12 +27,14 @@ whole lease, it stops sending (see ``_coordinator``, failure modes).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -43,6 +45,7 @@ from dask_llm._coordinator import (
     LEASE_TTL_S,
     MARGIN,
     RENEW_S,
+    WINDOW_S,
     local_coordinator,
 )
 
@@ -77,11 +80,30 @@ class SchedulerLink:
         self.worker = worker
 
     def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
-        rpc = getattr(self.worker.scheduler, HANDLER)
-        future = asyncio.run_coroutine_threadsafe(
-            rpc(job=job, member=member, report=report), self.worker.loop.asyncio_loop
-        )
-        reply = future.result(timeout=LEASE_TTL_S)
+        worker = self.worker
+        answer: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def settle(task: asyncio.Future[Any]) -> None:
+            if task.cancelled():
+                answer.set_exception(LeaseUnavailable("the worker is closing"))
+            elif task.exception() is not None:
+                answer.set_exception(task.exception())
+            else:
+                answer.set_result(task.result())
+
+        def call() -> None:
+            # Made here, on the worker's loop: a worker that closed before this ran
+            # leaves no call behind (a coroutine made and never awaited).
+            rpc = getattr(worker.scheduler, HANDLER)
+            asyncio.ensure_future(rpc(job=job, member=member, report=report)).add_done_callback(
+                settle
+            )
+
+        try:
+            worker.loop.asyncio_loop.call_soon_threadsafe(call)
+        except RuntimeError as exc:  # its loop is closed
+            raise LeaseUnavailable("the worker has closed") from exc
+        reply = answer.result(timeout=LEASE_TTL_S)
         if not isinstance(reply, dict):
             raise LeaseUnavailable(f"the scheduler answered {reply!r}")
         return reply
@@ -131,6 +153,7 @@ class Ledger:
         # demand
         self._started_req = 0
         self._started_tok = 0.0
+        self._last_second: deque[tuple[float, float]] = deque()  # (start, tokens)
         self._hungry = True  # until it has reported once: a new member has work
         self._last = clock()
         self._thread: threading.Thread | None = None
@@ -145,6 +168,13 @@ class Ledger:
             return self._even_share()  # before the first lease: an even share, not unpaced
         if not self.leased and (self.learned_rpm or self.learned_tpm):
             return self._even_share()  # a limit learned here, not yet known to the ledger
+        if self.clock() > self.expires:
+            # Renewals are late (a busy process, a slow link): the coordinator has
+            # given this share to others by now. Wait for the next lease.
+            return (
+                None if self.rate_req is None else 0.0,
+                None if self.rate_tok is None else 0.0,
+            )
         return self.rate_req, self.rate_tok
 
     def _even_share(self) -> tuple[float | None, float | None]:
@@ -162,6 +192,14 @@ class Ledger:
         with self._lock:
             self._started_req += 1
             self._started_tok += tokens
+            self._last_second.append((self.clock(), tokens))
+
+    def _sent_last_second(self, now: float) -> tuple[int, float]:
+        """Requests and tokens started in the last second (what the provider still counts)."""
+        recent = self._last_second
+        while recent and recent[0][0] <= now - WINDOW_S:
+            recent.popleft()
+        return len(recent), sum(t for _, t in recent)
 
     def waiting(self) -> None:
         """A request had to wait for pacing: this member could use more."""
@@ -265,6 +303,8 @@ class Ledger:
                 "config": self.config,
                 "used_req": self._started_req / elapsed,
                 "used_tok": self._started_tok / elapsed,
+                "interval": elapsed,
+                "sent_1s": self._sent_last_second(now),
                 "hungry": self._hungry or self._queued > 0,
                 "spent_usd": self.spent_since,
                 "allowance": self.allowance + self.reserved,
@@ -290,7 +330,7 @@ class Ledger:
         with self._lock:
             self.reached = True
             self.fallback = False
-            self.expires = now + 1.5
+            self.expires = now + LEASE_TTL_S  # the coordinator's, counted from before the call
             rate_req, rate_tok = reply.get("rate_req"), reply.get("rate_tok")
             self.rate_req = rate_req
             self.rate_tok = rate_tok

@@ -82,6 +82,7 @@ class PartitionRun:
         self._reported = self.stats.snapshot()
         self._raised: ChainError | None = None
         self.task_key = _cluster.current_task_key()
+        self.seceded = False  # left the worker's thread pool for its tail (_cluster)
         self.batcher: Batcher | None = None
 
     async def run(self) -> pd.DataFrame:
@@ -98,6 +99,8 @@ class PartitionRun:
         try:
             return await self._run()
         finally:
+            if self.seceded:
+                _cluster.tail_done()
             if self.job.cache is not None:
                 self.job.cache.close()  # this thread's connection; the next partition reopens
             self.reporter.done()
@@ -236,6 +239,9 @@ class PartitionRun:
                         raise task.exception()  # type: ignore[misc]
                 if remaining <= 0 and not workers:
                     break
+                if remaining <= 0 and not self.seceded and self.batcher is None:
+                    # Every row admitted: the rest is this partition's tail.
+                    self.seceded = _cluster.secede_for_tail()
                 # The target is the process's (all its partitions share the pipe).
                 room = min(cap - len(workers), throttle.row_target() - throttle.rows)
                 for _ in range(min(_ADMIT_AT_ONCE, room, remaining)):

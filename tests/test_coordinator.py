@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from dask_llm._coordinator import LEASE_TTL_S, MARGIN, RENEW_S, WINDOW_S, Coordinator
+from dask_llm._ledger import Ledger
 
 LIMIT = 100 / 60 * 60 * 60  # rpm for 100 requests/s
 RATE = 100 * (1 - MARGIN)  # what the whole job may use, per second
@@ -75,6 +76,34 @@ def test_a_new_member_gets_a_share_within_two_seconds() -> None:
         assert clock.now - joined < 2.0
 
 
+def test_what_a_member_sent_in_the_last_second_stays_committed() -> None:
+    """Its requests of the last second still count at the provider: not lent to others."""
+    clock = Clock()
+    c = Coordinator(clock=clock)
+    full = (RATE, 0.0)  # it sent at its whole rate in the second before the report
+    c.lease("job", "a", report(sent_1s=full, interval=RENEW_S))
+    clock.now += RENEW_S
+    c.lease("job", "a", report(hungry=False, sent_1s=full, interval=RENEW_S))  # done, at once
+    b = c.lease("job", "b", report())
+    assert b["rate_req"] == pytest.approx(0.0)
+    while b["rate_req"] < RATE * 0.98:
+        clock.now += RENEW_S
+        c.lease("job", "a", report(hungry=False, sent_1s=(0.0, 0.0), interval=RENEW_S))
+        b = c.lease("job", "b", report())
+    assert clock.now - 1000.0 >= WINDOW_S  # not before its last second has passed
+
+
+def test_a_rate_granted_and_not_used_moves_to_the_others_at_once() -> None:
+    """A partition still building its rows, or the tail of one: nothing sent, nothing held."""
+    clock = Clock()
+    c = Coordinator(clock=clock)
+    assert c.lease("job", "a", report())["rate_req"] == pytest.approx(RATE)
+    clock.now += RENEW_S
+    idle = report(hungry=False, sent_1s=(0.0, 0.0), interval=RENEW_S)
+    assert c.lease("job", "a", idle)["rate_req"] < RATE * 0.02
+    assert c.lease("job", "b", report())["rate_req"] > RATE * 0.98
+
+
 def test_a_member_that_stops_renewing_gives_its_share_back_within_three_seconds() -> None:
     clock = Clock()
     c = Coordinator(clock=clock)
@@ -86,33 +115,84 @@ def test_a_member_that_stops_renewing_gives_its_share_back_within_three_seconds(
         assert clock.now - died < LEASE_TTL_S + WINDOW_S + 0.5
 
 
-def test_capacity_moves_between_members_without_ever_exceeding_the_limit() -> None:
-    """Random demand, joins and departures: the rates in force never sum above the limit.
+def test_a_member_whose_lease_has_lapsed_sends_nothing_until_it_renews() -> None:
+    """The coordinator lends a lapsed lease to the others: the member must not keep using it."""
+    clock = Clock()
+    coordinator = Coordinator(clock=clock)
 
-    A member may use a rate from the moment it is granted until one window after a
-    lower grant replaced it (its requests of the last second still count at the
-    provider): that is what is summed, at every renewal.
+    class Link:
+        up = True
+
+        def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+            if not self.up:
+                raise ConnectionError("the scheduler is busy")
+            return coordinator.lease(job, member, report)
+
+    link = Link()
+    ledger = Ledger("job", {"rpm": LIMIT}, link, clock=clock)
+    ledger._renew()
+    assert ledger.rates() == (pytest.approx(RATE), None)
+    link.up = False
+    clock.now += LEASE_TTL_S / 2
+    ledger._renew()  # late renewals fail: the lease holds until it lapses
+    assert ledger.rates() == (pytest.approx(RATE), None)
+    clock.now += LEASE_TTL_S / 2 + 0.01
+    assert ledger.rates() == (0.0, None)
+    link.up = True
+    ledger._renew()  # its lapsed lease still counts one window at the coordinator
+    clock.now += WINDOW_S
+    ledger.waiting()  # it has requests waiting: hungry
+    ledger._renew()
+    assert ledger.rates() == (pytest.approx(RATE), None)
+
+
+def test_capacity_moves_between_members_without_ever_exceeding_the_limit() -> None:
+    """Random demand, joins and departures: what the members send never sums above the limit.
+
+    Each member sends, between its renewals, at its rate in force (when hungry) or
+    at part of it, and reports what it sent in the last second; a member whose
+    renewal is late stops sending when its lease ends (``Ledger.rates``). The
+    test sums what every member really sent over every sliding second.
     """
     clock = Clock()
     c = Coordinator(clock=clock)
     rng = random.Random(7)
-    in_force: dict[str, list[tuple[float, float]]] = {}  # member -> [(granted at, rate)]
+    renewed: dict[str, float] = {}  # member -> its last renewal
+    used: dict[str, float] = {}  # member -> what it sends now (requests/s)
+    sends: list[tuple[str, float, float, float]] = []  # (member, from, to, requests/s)
+
+    def sent(since: float, name: str | None = None) -> float:
+        """Requests sent from ``since`` to now (by ``name``, or by all)."""
+        live = [(m, renewed[m], min(clock.now, renewed[m] + LEASE_TTL_S), used[m]) for m in used]
+        return sum(
+            r * max(0.0, min(b, clock.now) - max(a, since))
+            for m, a, b, r in sends + live
+            if name is None or m == name
+        )
+
     members = {"a"}
-    for step in range(2_000):
-        if rng.random() < 0.02:
+    for step in range(4_000):
+        if rng.random() < 0.01:
             members.add(f"m{step}")
-        if len(members) > 1 and rng.random() < 0.02:
-            members.discard(rng.choice(sorted(members)))  # stops renewing: dies
+        if len(members) > 1 and rng.random() < 0.01:
+            members.discard(rng.choice(sorted(members)))  # stops renewing (and sending): dies
+        for gone in set(used) - members:
+            sends.append((gone, renewed[gone], renewed[gone] + LEASE_TTL_S, used.pop(gone)))
         name = rng.choice(sorted(members))
+        last = renewed.get(name, clock.now)
+        last_second = (sent(clock.now - WINDOW_S, name), 0.0)
+        if name in used:
+            sends.append((name, last, min(clock.now, last + LEASE_TTL_S), used.pop(name)))
         hungry = rng.random() < 0.6
-        lease = c.lease("job", name, report(hungry=hungry, used_req=rng.uniform(0, 60)))
-        in_force.setdefault(name, []).append((clock.now, lease["rate_req"]))
+        lease = c.lease(
+            "job", name, report(hungry=hungry, sent_1s=last_second, interval=clock.now - last)
+        )
+        renewed[name] = clock.now
+        used[name] = lease["rate_req"] * (1.0 if hungry else rng.uniform(0.0, 1.0))
         clock.now += rng.uniform(0.01, RENEW_S / 2)
-        total = 0.0
-        for grants in in_force.values():
-            recent = [r for t, r in grants if t >= clock.now - WINDOW_S - RENEW_S]
-            total += max(recent) if recent else 0.0
-        assert total <= RATE * 1.000001, (step, total)
+        total = sent(clock.now - WINDOW_S)  # the sliding second ending now
+        assert total <= RATE * WINDOW_S * 1.000001, (step, total)
+        sends = [x for x in sends if x[2] > clock.now - 2.0]
 
 
 # -- dollars ------------------------------------------------------------------------------------

@@ -144,6 +144,50 @@ def test_a_killed_workers_lease_returns_within_seconds(make_simulator: Any) -> N
     assert result["llm_error"].isna().all()
 
 
+_STARTS: dict[int, float] = {}  # row -> when its chain began (the worker runs in this process)
+
+
+def _row_starts(inputs: dict[str, Any]) -> dict[str, Any]:
+    import time
+
+    _STARTS[int(inputs["description"].split()[1].rstrip(":"))] = time.monotonic()
+    return inputs
+
+
+def test_a_worker_starts_its_next_partition_during_the_tail_of_the_last(
+    make_simulator: Any,
+) -> None:
+    """A worker with one thread: once a partition has begun its last rows, the next begins.
+
+    Without it, the worker sends nothing while the last answers of each partition
+    come back, and on a cluster those tails line up (``_cluster.secede_for_tail``).
+    """
+    from langchain_core.runnables import RunnableLambda
+
+    sim = make_simulator(latency=1.0)
+    _STARTS.clear()
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        chain = RunnableLambda(_row_starts) | summary_chain(sim.base_url)
+        out = dd.from_pandas(frame(24), npartitions=2).llm.enrich(
+            [dask_llm.Chain(chain, name="summarize", inputs={"description": "description"})],
+            cache=False,
+        )
+        result = client.compute(out).result()
+        threads = client.run(lambda dask_worker: dask_worker.state.nthreads)
+    assert result["llm_error"].isna().all(), result["llm_error"].dropna().tolist()
+    parts = [[t for row, t in _STARTS.items() if row // 12 == p] for p in (0, 1)]
+    first, second = sorted(parts, key=min)  # whichever the worker ran first
+    assert len(first) == len(second) == 12
+    # The first partition's answers take a second; the second began well before.
+    assert min(second) < max(first) + 0.5, min(second) - max(first)
+    assert list(threads.values()) == [1]
+
+
 def test_batch_mode_on_a_local_cluster(make_simulator: Any) -> None:
     sim = make_simulator(batch_validation_delay=0.05, batch_delay=0.2, batch_finalize_delay=0.05)
     policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1)
