@@ -37,15 +37,18 @@ sliding second. A rate granted and not used (a partition still building its
 rows, the tail of one) commits nothing once it is taken back: it moves to
 the others at the next renewal, not a window later.
 
-Failure modes. A member that stops calling (a killed worker) loses its
-lease after ``LEASE_TTL_S``; its rate stays committed one window more, then
-returns to the others: within 3 s. A member added mid-job is hungry at its
-first call and gets a share as soon as the others' surplus has aged: within
-about 1.5 s. If the coordinator itself is lost (a scheduler restart, the
-client gone), members cannot renew: when their lease expires they stop
-sending (a restarted scheduler has lost the job's tasks anyway; a job
-without its client is abandoned). Budgets are not persisted: a rerun starts a
-new ledger, and pays only for what its cache does not hold.
+Failure modes. A member that stops calling (a killed worker) loses its lease
+after ``LEASE_TTL_S``; its rate stays committed one window more, then
+returns to the others: within 3 s. A member whose renewals are late (a busy
+process, a slow link) stops sending when its own lease runs out, counted
+from before its last call, so it never uses a share already lent again. A
+member added mid-job is hungry at its first call and gets a share as soon as
+the others' surplus has aged: within about 1.5 s. If the coordinator itself
+is lost (a scheduler restart, the client gone), members cannot renew: when
+their lease expires they stop sending (a restarted scheduler has lost the
+job's tasks anyway; a job without its client is abandoned). Budgets are not
+persisted: a rerun starts a new ledger, and pays only for what its cache
+does not hold.
 
 Dollars. A member reserves each request's worst-case cost from its
 allowance before sending it and settles on the reported usage. The
