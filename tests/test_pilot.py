@@ -78,7 +78,7 @@ def test_a_prompt_that_truncates_30_percent_stops_after_the_gates_sample(
         truncating_chain(sim.base_url), cache=False, progress=False, quality_gate=gate
     )
     sent = sim.stats()["requests"]
-    assert 50 <= sent < 200  # the gate's sample, and the rows already on the wire
+    assert 50 <= sent < 300  # of 600: the gate's sample, and the rows already on the wire
     done = out["text"].notna()
     assert done.sum() >= 50
     stopped = out.loc[~done, "llm_error"]
