@@ -127,11 +127,11 @@ def run_job(url: str, code: str, args: argparse.Namespace, **config: Any) -> dic
 
 
 @contextlib.contextmanager
-def baseline_tree() -> Iterator[str]:
-    """0.1's code, checked out next to this tree for the length of the run."""
-    where = tempfile.mkdtemp(prefix="dask-llm-0.1-")
+def baseline_tree(rev: str = BASELINE) -> Iterator[str]:
+    """0.1's code (or ``rev``'s), checked out next to this tree for the length of the run."""
+    where = tempfile.mkdtemp(prefix="dask-llm-baseline-")
     subprocess.run(
-        ["git", "-C", ROOT, "worktree", "add", "--detach", where, BASELINE],
+        ["git", "-C", ROOT, "worktree", "add", "--detach", where, rev],
         check=True,
         capture_output=True,
     )
@@ -162,6 +162,17 @@ def main() -> None:
     parser.add_argument(
         "--new-only", action="store_true", help="skip 0.1's runs (a quicker look while tuning)"
     )
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE,
+        help="the commit to compare with (default: 0.1's); e.g. HEAD to measure a change",
+    )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also run each configuration against a simulator without a limit: what the "
+        "client itself can do on this machine, the floor under any paced wall time",
+    )
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skew", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rpm", type=float, default=None, help=argparse.SUPPRESS)
@@ -184,12 +195,20 @@ def main() -> None:
         assert new["failed"] == 0, new
         n, o = describe(new, bound), describe(old, bound)
         ratio = new["wall"] / old["wall"]
-        rows.append((name, *n, *o, f"{ratio:.2f}x"))
+        row = (name, *n, *o, f"{ratio:.2f}x")
+        if args.ceiling:
+            free = run_job(open_url, ROOT, args, **{**config, "rpm": None})
+            floor = max(bound, free["wall"])
+            row += (f"{free['wall'] / bound:.2f}x", f"{new['wall'] / floor:.2f}x")
+        rows.append(row)
         print(rows[-1], flush=True)
 
-    with baseline_tree() as old_tree:
+    with baseline_tree(args.baseline) as old_tree:
         sim_args = ["--latency", str(latency), "--jitter", "0.2", "--rpm", "6000"]
-        with simulator_process(*sim_args, "--limit-mode", "sliding", priority=True) as url:
+        with (
+            simulator_process(*sim_args, "--limit-mode", "sliding", priority=True) as url,
+            simulator_process(*sim_args[:4], priority=True) as open_url,
+        ):
             if "skew" in only:
                 both("skewed, threads", skew=True, rpm=6000)
                 both("skewed, LocalCluster 2", skew=True, rpm=6000, workers=2)
@@ -216,6 +235,11 @@ def main() -> None:
                     "0.1 429s",
                     "0.1 peak/s",
                     "wall vs 0.1",
+                    *(
+                        ("no limit: wall/bound", "wall/max(bound, no limit)")
+                        if args.ceiling
+                        else ()
+                    ),
                 ),
             )
         )

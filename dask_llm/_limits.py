@@ -13,12 +13,14 @@ its tokens) and every response's status and headers.
   demand; ``Pacer`` spends this process's rate. Two rules, both needed:
   starts are booked no closer than ``1 / rate`` apart (GCRA from the last
   booked start at the rate in force, no burst allowance), and at the moment a request is
-  really sent, no more than ``floor(rate)`` requests (and ``tpm / 60``
-  tokens) may have started in the last second: a loop that was busy sends
-  booked requests late and together, and a provider that counts any sliding
-  second (or fixed slices, or a token bucket: each is looser than a sliding
-  window) would see the bunch. With the ledger's 3% margin under the limit,
-  the sum over processes holds the limit over any sliding second.
+  really sent, no more than the process's share of the limit (its rate
+  before the margin, rounded down) may have started in the last 1.02 s: a
+  loop that was busy sends booked requests late and together, and a provider
+  that counts any sliding second (or fixed slices, or a token bucket: each
+  is looser than a sliding window) would see the bunch. The extra 20 ms
+  cover the spread of delays between our write and the provider's clock.
+  The shares sum to at most the limit, so the job holds it over any sliding
+  second as the provider stamps it.
 * **429s.** Only a *quota* 429 (rate-limit headers showing a spent quota,
   or ``rate_limit_exceeded``) says the pace is too fast: starts are held
   until its ``Retry-After``, and if more than 5% of the last 10 s of requests
@@ -62,6 +64,11 @@ log = logging.getLogger("dask_llm")
 _DECREASE = 0.5
 _RATE_BACKOFF = 0.95
 _RATE_RECOVERY_S = 15.0
+#: Arrivals are counted over this window: the provider's second plus the spread of
+#: the delays between our write and its clock (see ``Pacer.admit``).
+ADMIT_WINDOW_S = 1.02
+#: Seconds of starts a process that fell behind its schedule may make up at once.
+CATCH_UP_S = 0.1
 
 
 class Pacer:
@@ -152,15 +159,21 @@ class Pacer:
                 return None
             # The next free start follows from the last booked one at the rate in force
             # now: a lease that grows (or shrinks) applies at once.
-            start = max(now, self._hold)
+            # A process that fell behind its schedule (a busy loop, a row still being
+            # built when its turn came) may catch up by CATCH_UP_S worth of starts: its
+            # next booking follows the last one, not the late moment it was made. The
+            # strict window (``admit``) still holds any second to the share of the limit.
+            booked = self._hold
             if req_rate and self._last is not None:
-                start = max(start, self._last + 1.0 / req_rate)
+                booked = max(booked, self._last + 1.0 / req_rate, now - CATCH_UP_S)
+            start = max(now, booked)
             if tok_rate and self._last_tok is not None:
                 start = max(start, self._last_tok[0] + self._last_tok[1] / tok_rate)
+                booked = max(booked, start)
             if start - now > RENEW_S:
                 self._waiting()
                 return None
-            self._last = start
+            self._last = booked if req_rate and self._last is not None else start
             self._last_tok = (start, tokens)
             wait = start - now
             if wait > 0:
@@ -172,22 +185,33 @@ class Pacer:
 
         GCRA books start times, but an event loop that was busy can send several
         booked requests late and together. The provider counts arrivals in short
-        windows, so arrivals, too, are held to the rate over any 1 s window.
+        windows, so arrivals, too, are held: no more than this process's share of
+        the *limit* (its rate before the margin) in any ``ADMIT_WINDOW_S``. The
+        window is longer than the provider's second by the spread of the delays
+        between our write and the provider's clock: a window exactly 1 s long
+        admits a request the instant the oldest leaves it, so a burst echoes every
+        second and meets its own echo wherever the older one arrived a few
+        milliseconds later (measured: 0.3-6 ms between write and the simulator's
+        stamp, server peaks 4-15 above a client window that held). Counting to
+        the share of the limit, not of the paced rate, keeps the window from
+        binding while pacing holds, so requests are not pinned to its edge.
         """
         with self._lock:
             req_rate, tok_rate = self.rates()
             now = self.clock()
             sent = self._sent
-            while sent and sent[0][0] <= now - 1.0:
+            while sent and sent[0][0] <= now - ADMIT_WINDOW_S:
                 sent.popleft()
-            if req_rate is not None and len(sent) + 1 > max(1, math.floor(req_rate)):
+            if req_rate is not None and len(sent) + 1 > max(
+                1, math.floor(req_rate / (1.0 - MARGIN) + 1e-9)
+            ):
                 self._waiting()
-                return max(1e-3, sent[0][0] + 1.0 - now)
+                return max(1e-3, sent[0][0] + ADMIT_WINDOW_S - now)
             if tok_rate is not None and sent:
                 used = sum(t for _, t in sent)
-                if used + tokens > max(tokens, tok_rate):
+                if used + tokens > max(tokens, tok_rate / (1.0 - MARGIN)):
                     self._waiting()
-                    return max(1e-3, sent[0][0] + 1.0 - now)
+                    return max(1e-3, sent[0][0] + ADMIT_WINDOW_S - now)
             if req_rate is not None or tok_rate is not None:
                 sent.append((now, tokens))
             if self.ledger is not None:

@@ -125,3 +125,59 @@ def hand_started_cluster() -> Iterator[str]:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+class ExternalSimulator:
+    """A simulator in a process of its own, as the provider is: our GIL never delays its clock.
+
+    The in-process simulator shares the test's GIL, so a busy client stamps its
+    requests' arrivals late by up to a switch interval or more; tests that check
+    the peak over a sliding second at the limit itself use this one.
+    """
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+
+    def stats(self) -> dict[str, Any]:
+        import json
+        import urllib.request
+
+        root = self.base_url.rsplit("/v1", 1)[0]
+        with urllib.request.urlopen(f"{root}/sim/stats", timeout=10) as r:
+            stats: dict[str, Any] = json.loads(r.read())
+        return stats
+
+
+@pytest.fixture
+def external_simulator() -> Iterator[Callable[..., ExternalSimulator]]:
+    """Start ``python -m dask_llm simulate`` with the given options (``--latency 0.05``...)."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def make(*args: str) -> ExternalSimulator:
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dask_llm", "simulate", "--port", str(port), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        procs.append(proc)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        return ExternalSimulator(f"http://127.0.0.1:{port}/v1")
+
+    yield make
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()

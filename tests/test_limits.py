@@ -13,6 +13,8 @@ from dask_llm._coordinator import MARGIN
 from dask_llm._limits import (
     _RATE_BACKOFF,
     _RATE_RECOVERY_S,
+    ADMIT_WINDOW_S,
+    CATCH_UP_S,
     Concurrency,
     Pacer,
     Throttle,
@@ -57,6 +59,22 @@ def test_pacer_spaces_requests_at_the_rpm_with_a_margin_and_no_burst() -> None:
     assert max(sum(1 for t in starts if s <= t < s + 1) for s in starts) <= 10
 
 
+def test_a_process_that_fell_behind_catches_up_a_little_and_no_more() -> None:
+    """A slot missed while the loop was busy is made up, up to CATCH_UP_S of them."""
+    clock = Clock()
+    pacer = Pacer(rpm=6000, clock=clock)  # 100/s: paced at 97/s
+    step = 1 / (100 * (1 - MARGIN))
+    assert pacer.reserve(1) == 0.0
+    clock.now += 3 * step  # two slots missed
+    assert [pacer.reserve(1) for _ in range(3)] == [0.0, 0.0, 0.0]  # made up at once
+    assert pacer.reserve(1) == pytest.approx(step)  # then the schedule again
+    clock.now += 5.0  # a long stall: only CATCH_UP_S of it is made up
+    made_up = 0
+    while pacer.reserve(1) == 0.0:
+        made_up += 1
+    assert made_up == int(CATCH_UP_S / step) + 1
+
+
 def test_the_pacer_books_at_most_one_renewal_ahead() -> None:
     """Beyond that it says "ask again", so that a lease that grows applies at once."""
     clock = Clock()
@@ -65,25 +83,48 @@ def test_the_pacer_books_at_most_one_renewal_ahead() -> None:
     assert pacer.reserve(1) is None
 
 
-def test_late_arrivals_are_held_to_the_rate_over_any_second() -> None:
+def test_late_arrivals_are_held_to_the_limit_over_any_second_and_a_guard() -> None:
     clock = Clock()
-    pacer = Pacer(rpm=600, clock=clock)  # 10/s, held a little below: 9 in any second
-    # A busy loop sends ten booked requests at once: the tenth must wait.
-    assert [pacer.admit(1) for _ in range(9)] == [0.0] * 9
-    assert pacer.admit(1) == pytest.approx(1.0)
+    pacer = Pacer(rpm=600, clock=clock)  # 10/s: paced at 9.7/s, at most 10 in any 1.02 s
+    # A busy loop sends eleven booked requests at once: the eleventh must wait.
+    assert [pacer.admit(1) for _ in range(10)] == [0.0] * 10
+    assert pacer.admit(1) == pytest.approx(ADMIT_WINDOW_S)
     clock.now += 1.0
+    assert pacer.admit(1) > 0  # a second later, the guard still holds it
+    clock.now += ADMIT_WINDOW_S - 1.0
     assert pacer.admit(1) == 0.0
+
+
+def test_a_burst_does_not_echo_at_the_edge_of_the_providers_second() -> None:
+    """Paced requests never fill the window, so none is sent the instant an old one leaves.
+
+    A window of exactly 1 s, full, admits the next request as the oldest leaves it:
+    the provider, stamping the old one a few ms late, sees both in one second.
+    """
+    clock = Clock()
+    pacer = Pacer(rpm=6000, clock=clock)  # 100/s: paced at 97/s
+    starts: list[float] = []
+    end = clock.now + 10.0
+    while clock.now < end:
+        wait = pacer.reserve(1)
+        assert wait is not None
+        clock.now += wait
+        assert pacer.admit(1) == 0.0  # pacing alone keeps it under the window
+        starts.append(clock.now)
+    # Even if each request reached the provider up to 20 ms late, no second holds more.
+    assert max(sum(1 for t in starts if at - ADMIT_WINDOW_S < t <= at) for at in starts) <= 100
+    assert len(starts) == pytest.approx(970, abs=2)  # and the pace is the paced rate
 
 
 def test_tokens_too_are_held_over_any_second() -> None:
     clock = Clock()
     pacer = Pacer(tpm=60_000, clock=clock)  # 1,000 tokens/s before the margin
     assert pacer.admit(600) == 0.0
-    assert pacer.admit(600) == pytest.approx(1.0)  # 1,200 tokens in one second: no
-    clock.now += 1.0
+    assert pacer.admit(600) == pytest.approx(ADMIT_WINDOW_S)  # 1,200 tokens in one second: no
+    clock.now += ADMIT_WINDOW_S
     assert pacer.admit(600) == 0.0
     assert pacer.admit(5_000) > 0  # one request larger than a second's tokens waits its turn
-    clock.now += 1.0
+    clock.now += ADMIT_WINDOW_S
     assert pacer.admit(5_000) == 0.0  # and then goes alone
 
 
@@ -221,9 +262,9 @@ def test_a_429_that_is_not_the_quotas_does_not_touch_pacing_or_concurrency() -> 
 def test_a_429_that_is_not_the_quotas_gives_its_start_back() -> None:
     """The provider did not count it (no quota spent): neither does the pace."""
     clock = Clock()
-    t = Throttle(max_concurrency=64, rpm=600, clock=clock)  # 9 in any second
-    starts = [clock.now] * 9
-    assert [t.pacer.admit(1) for _ in starts] == [0.0] * 9
+    t = Throttle(max_concurrency=64, rpm=600, clock=clock)  # 10 in any 1.02 s
+    starts = [clock.now] * 10
+    assert [t.pacer.admit(1) for _ in starts] == [0.0] * 10
     assert t.pacer.admit(1) > 0  # the window is full
     t.observe(starts[0], 429, {"retry-after": "1"}, quota=False)
     assert t.pacer.admit(1) == 0.0  # the stray 429's start was given back

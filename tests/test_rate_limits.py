@@ -20,8 +20,11 @@ def frame(n: int) -> pd.DataFrame:
     return pd.DataFrame({"description": [f"Review {i}: cassis and graphite" for i in range(n)]})
 
 
-def test_threads_with_four_partitions_in_flight_share_one_budget(make_simulator: Any) -> None:
-    sim = make_simulator(latency=0.05)  # the provider enforces nothing: we measure our own pacing
+def test_threads_with_four_partitions_in_flight_share_one_budget(
+    external_simulator: Any,
+) -> None:
+    # The provider enforces nothing: we measure our own pacing, on a clock of its own.
+    sim = external_simulator("--latency", "0.05")
     out = dd.from_pandas(frame(60), npartitions=4).llm.enrich(
         {"word": text_chain(sim.base_url)}, rpm=RPM, cache=False
     )
