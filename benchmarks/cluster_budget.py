@@ -21,7 +21,14 @@ simulator, in the same run:
   and sustained (the steady seconds between start-up and the last answers;
   target >= 90%).
 
-    python -m benchmarks.cluster_budget --input ../shared/data/wine_reviews_sample.csv
+``--ceiling`` also runs each configuration against a simulator without a
+limit (same latency): what the client itself can do on this machine. On two
+cores the client's own work (LangChain and the SDK, 8-16 ms of CPU a call)
+is often the ceiling at 100 requests/s, and wall / max(bound, no limit) is
+what the pacing costs. ``--baseline REV`` compares with another commit
+(``HEAD`` to measure an uncommitted change) instead of 0.1.
+
+    python -m benchmarks.cluster_budget --input ../shared/data/wine_reviews_sample.csv --ceiling
     python -m benchmarks.cluster_budget --rows 1000   # a quicker look
 """
 
