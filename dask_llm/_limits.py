@@ -12,8 +12,9 @@ its tokens) and every response's status and headers.
   (``_coordinator``), which lends each process a rate according to its
   demand; ``Pacer`` spends this process's rate. Two rules, both needed:
   starts are booked no closer than ``1 / rate`` apart (GCRA from the last
-  booked start at the rate in force, no burst allowance), and at the moment a request is
-  really sent, no more than the process's share of the limit (its rate
+  booked start at the rate in force; a process behind its schedule makes up
+  at most ``CATCH_UP_S`` of starts), and at the moment a request is really
+  sent, no more than the process's share of the limit (its rate
   before the margin, rounded down) may have started in the last 1.02 s: a
   loop that was busy sends booked requests late and together, and a provider
   that counts any sliding second (or fixed slices, or a token bucket: each

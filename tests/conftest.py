@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -67,6 +67,31 @@ def _restore_environment() -> Iterator[None]:
         os.environ.update(saved)
 
 
+def _wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    """Until something listens on ``port`` of 127.0.0.1 (``proc`` dying first is an error)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.1)
+
+
+def _stop(procs: Iterable[subprocess.Popen[Any]]) -> None:
+    """Terminate ``procs`` in that order; kill any still running 10 s later."""
+    procs = list(procs)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,15 +114,7 @@ def hand_started_cluster() -> Iterator[str]:
         )
     ]
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        _wait_for_port(port, procs[0])
         procs.append(
             subprocess.Popen(
                 [
@@ -118,13 +135,7 @@ def hand_started_cluster() -> Iterator[str]:
         )
         yield address
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop(reversed(procs))
 
 
 class ExternalSimulator:
@@ -162,22 +173,8 @@ def external_simulator() -> Iterator[Callable[..., ExternalSimulator]]:
             text=True,
         )
         procs.append(proc)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.1)
+        _wait_for_port(port, proc)
         return ExternalSimulator(f"http://127.0.0.1:{port}/v1")
 
     yield make
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    _stop(procs)
