@@ -25,17 +25,23 @@ the job must stop. No round trip per request: the member paces locally
 
 Allocation follows demand: members that use less than their share get what
 they use (plus a quarter, to grow), the rest is split evenly among the
-hungry ones. Capacity moves without overshoot: no member is granted more
-than the limit minus what the others have *committed*, and a member's
+hungry ones. Capacity moves without overshoot. Rates are lent in paced
+units: they sum to at most the limit less ``MARGIN``, and a member's strict
+window (``_limits``) admits its rate over ``1 - MARGIN`` in any second, so
+what members may send sums to at most the limit. No member is granted more
+than the paced limit minus what the others have *committed*, and a member's
 commitment is the higher of its rate in force (what it may send until its
 next renewal) and the most it reported sending in the second before any of
 its reports of the last window (1 s) and a renewal (what its requests of the
-last second still count at the provider). So the sum over members of what they may send in
-any sliding second never exceeds the limit, and each member holds its own
-rate over any sliding second (``_limits``): the job holds the limit over any
-sliding second. A rate granted and not used (a partition still building its
-rows, the tail of one) commits nothing once it is taken back: it moves to
-the others at the next renewal, not a window later.
+last second still count at the provider), times ``1 - MARGIN``. So the sum
+over members of what they may send in any sliding second never exceeds the
+limit: the job holds the limit over any sliding second. (Counted unscaled, a
+member that used its window's full share committed more than its rate and
+shaved the others' grants at every renewal: skewed partitions on 4 workers
+took 1.11x the bound, 1.07x with the scaling, in one run.) A rate granted
+and not used (a partition still building its rows, the tail of one) commits
+nothing once it is taken back: it moves to the others at the next renewal,
+not a window later.
 
 Failure modes. A member that stops calling (a killed worker) loses its lease
 after ``LEASE_TTL_S``; its rate stays committed one window more, then
@@ -114,13 +120,19 @@ class Member:
         reported sending in the second before each of its reports of the last
         window and a renewal: a rate it was granted and did not use (a partition still
         building its rows, the tail of one) is not held back from the others.
+        Both in paced units (rates less the margin): what it sent counts times
+        ``1 - MARGIN``, as its strict window admits its rate over ``1 - MARGIN``.
         """
         edge = now - WINDOW_S - RENEW_S
         sent = self.sent
         while sent and sent[0][0] < edge:
             sent.popleft()
-        req = max((x[1] for x in sent), default=0.0)
-        tok = max((x[2] for x in sent), default=0.0)
+        # In paced units: a member's strict window (``_limits.Pacer.admit``) lets it
+        # send its rate before the margin in a second, and the job's rates sum to
+        # the limit less the margin. Counted as sent, a member at its full share
+        # would shave the margin off every other member's grant at each renewal.
+        req = max((x[1] for x in sent), default=0.0) * (1.0 - MARGIN)
+        tok = max((x[2] for x in sent), default=0.0) * (1.0 - MARGIN)
         return max(req, self.rate_req), max(tok, self.rate_tok)
 
 

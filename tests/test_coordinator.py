@@ -80,7 +80,9 @@ def test_what_a_member_sent_in_the_last_second_stays_committed() -> None:
     """Its requests of the last second still count at the provider: not lent to others."""
     clock = Clock()
     c = Coordinator(clock=clock)
-    full = (RATE, 0.0)  # it sent at its whole rate in the second before the report
+    # It sent its whole window's worth in the second before the report: its rate
+    # before the margin, as its strict window allows (``Pacer.admit``).
+    full = (RATE / (1 - MARGIN), 0.0)
     c.lease("job", "a", report(sent_1s=full, interval=RENEW_S))
     clock.now += RENEW_S
     c.lease("job", "a", report(hungry=False, sent_1s=full, interval=RENEW_S))  # done, at once
@@ -149,10 +151,12 @@ def test_a_member_whose_lease_has_lapsed_sends_nothing_until_it_renews() -> None
 def test_capacity_moves_between_members_without_ever_exceeding_the_limit() -> None:
     """Random demand, joins and departures: what the members send never sums above the limit.
 
-    Each member sends, between its renewals, at its rate in force (when hungry) or
-    at part of it, and reports what it sent in the last second; a member whose
+    Each member sends, between its renewals, at the most its strict window lets
+    it (its rate in force before the margin, ``Pacer.admit``) when hungry, or at
+    part of it, and reports what it sent in the last second; a member whose
     renewal is late stops sending when its lease ends (``Ledger.rates``). The
-    test sums what every member really sent over every sliding second.
+    test sums what every member really sent over every sliding second: never
+    above the limit itself.
     """
     clock = Clock()
     c = Coordinator(clock=clock)
@@ -188,10 +192,11 @@ def test_capacity_moves_between_members_without_ever_exceeding_the_limit() -> No
             "job", name, report(hungry=hungry, sent_1s=last_second, interval=clock.now - last)
         )
         renewed[name] = clock.now
-        used[name] = lease["rate_req"] * (1.0 if hungry else rng.uniform(0.0, 1.0))
+        window = lease["rate_req"] / (1 - MARGIN)
+        used[name] = window * (1.0 if hungry else rng.uniform(0.0, 1.0))
         clock.now += rng.uniform(0.01, RENEW_S / 2)
         total = sent(clock.now - WINDOW_S)  # the sliding second ending now
-        assert total <= RATE * WINDOW_S * 1.000001, (step, total)
+        assert total <= RATE / (1 - MARGIN) * WINDOW_S * 1.000001, (step, total)
         sends = [x for x in sends if x[2] > clock.now - 2.0]
 
 
