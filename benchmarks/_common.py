@@ -14,6 +14,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+from dask_llm.simulator import fetch_stats
+
 
 @contextlib.contextmanager
 def simulator_process(*args: str, priority: bool = False) -> Iterator[str]:
@@ -58,13 +60,8 @@ def simulator_process(*args: str, priority: bool = False) -> Iterator[str]:
             proc.kill()
 
 
-def stats(base_url: str) -> dict:
-    import json
-    import urllib.request
-
-    root = base_url.rsplit("/v1", 1)[0]
-    with urllib.request.urlopen(f"{root}/sim/stats", timeout=10) as r:
-        return json.loads(r.read())
+#: ``GET /sim/stats`` of the simulator at a base URL (the simulator's own helper).
+stats = fetch_stats
 
 
 def reset(base_url: str) -> None:

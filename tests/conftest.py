@@ -19,7 +19,7 @@ API_KEY = "sk-test-dask-llm-SECRET-0123456789"
 os.environ["OPENAI_API_KEY"] = API_KEY
 os.environ.pop("OPENAI_BASE_URL", None)
 
-from dask_llm.simulator import Simulator  # noqa: E402
+from dask_llm.simulator import Simulator, fetch_stats  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -150,13 +150,7 @@ class ExternalSimulator:
         self.base_url = base_url
 
     def stats(self) -> dict[str, Any]:
-        import json
-        import urllib.request
-
-        root = self.base_url.rsplit("/v1", 1)[0]
-        with urllib.request.urlopen(f"{root}/sim/stats", timeout=10) as r:
-            stats: dict[str, Any] = json.loads(r.read())
-        return stats
+        return fetch_stats(self.base_url)
 
 
 @pytest.fixture
