@@ -127,10 +127,6 @@ class Member:
         sent = self.sent
         while sent and sent[0][0] < edge:
             sent.popleft()
-        # In paced units: a member's strict window (``_limits.Pacer.admit``) lets it
-        # send its rate before the margin in a second, and the job's rates sum to
-        # the limit less the margin. Counted as sent, a member at its full share
-        # would shave the margin off every other member's grant at each renewal.
         req = max((x[1] for x in sent), default=0.0) * (1.0 - MARGIN)
         tok = max((x[2] for x in sent), default=0.0) * (1.0 - MARGIN)
         return max(req, self.rate_req), max(tok, self.rate_tok)
@@ -311,7 +307,8 @@ def _sent(me: Member, report: dict[str, Any], now: float) -> None:
     ``sent_1s``: requests and tokens it started in that second, counted as
     the provider counts them. Without it (an older member), the averages over
     its interval. A renewal that came late leaves seconds unreported, in which
-    it may have sent at its rate in force: then that rate is recorded.
+    it may have sent at its rate in force: then what its strict window admits
+    at that rate is recorded (sent, like the rest, not paced).
     """
     sent = report.get("sent_1s")
     if sent is not None:
@@ -320,7 +317,8 @@ def _sent(me: Member, report: dict[str, Any], now: float) -> None:
         used_req = float(report.get("used_req") or 0.0)
         used_tok = float(report.get("used_tok") or 0.0)
     if float(report.get("interval") or math.inf) > 2 * RENEW_S:
-        used_req, used_tok = max(used_req, me.rate_req), max(used_tok, me.rate_tok)
+        used_req = max(used_req, me.rate_req / (1.0 - MARGIN))
+        used_tok = max(used_tok, me.rate_tok / (1.0 - MARGIN))
     me.sent.append((now, used_req, used_tok))
 
 

@@ -95,6 +95,16 @@ def test_what_a_member_sent_in_the_last_second_stays_committed() -> None:
     assert clock.now - 1000.0 >= WINDOW_S  # not before its last second has passed
 
 
+def test_a_late_renewal_keeps_what_its_window_may_have_sent_committed() -> None:
+    """Seconds it did not report: it may have sent its whole window's worth in them."""
+    clock = Clock()
+    c = Coordinator(clock=clock)
+    assert c.lease("job", "a", report())["rate_req"] == pytest.approx(RATE)
+    clock.now += 3 * RENEW_S  # late: nothing reported for 0.75 s
+    c.lease("job", "a", report(hungry=False, sent_1s=(0.0, 0.0), interval=3 * RENEW_S))
+    assert c.lease("job", "b", report())["rate_req"] < RATE * 0.02
+
+
 def test_a_rate_granted_and_not_used_moves_to_the_others_at_once() -> None:
     """A partition still building its rows, or the tail of one: nothing sent, nothing held."""
     clock = Clock()
