@@ -17,11 +17,21 @@ from dask_llm.simulator._limits import FixedWindow, SlidingWindow, TokenBucket, 
 MESSAGES = [{"role": "user", "content": "A dry Furmint from Tokaj."}]
 
 
+def client(sim: Simulator) -> openai.OpenAI:
+    return openai.OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0)
+
+
+def chat(c: openai.OpenAI, content: str = "A dry Furmint from Tokaj.", **kwargs: Any) -> Any:
+    """One chat request on ``c``; the raw response (its headers and its parse)."""
+    return c.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": content}], **kwargs
+    )
+
+
 def ask(sim: Simulator, content: str = "A dry Furmint from Tokaj.", **kwargs: Any) -> Any:
-    with openai.OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as c:
-        return c.chat.completions.with_raw_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": content}], **kwargs
-        )
+    """One chat request on a new client."""
+    with client(sim) as c:
+        return chat(c, content, **kwargs)
 
 
 def max_in_any_window(events: list[tuple[float, float]], window: float) -> float:
@@ -173,20 +183,14 @@ def test_fixed_slices_let_a_client_pass_twice_the_budget_across_a_boundary(
     sim = make_simulator(rpm=60, limit_window=2.0, limit_mode=mode)  # 2 per 2 s
     # One client, its connection opened before the clock starts: a new client per request
     # cost CI more than the 0.4 s to the boundary, and the pair before it spilled across.
-    with openai.OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as c:
-
-        def call(content: str) -> Any:
-            return c.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": content}]
-            )
-
+    with client(sim) as c:
         c.models.list()  # not counted against the limit
         _at_phase(sim, 2.0, 1.6)
-        results = [call(f"before {k}") for k in range(2)]
+        results = [chat(c, f"before {k}") for k in range(2)]
         _at_phase(sim, 2.0, 0.05)
         for k in range(2):
             with contextlib.suppress(openai.RateLimitError):
-                results.append(call(f"after {k}"))
+                results.append(chat(c, f"after {k}"))
     assert len(results) == passed
     stats = sim.stats()
     assert stats["peak_requests_1s"] == 4  # all four arrived within one second
@@ -195,24 +199,18 @@ def test_fixed_slices_let_a_client_pass_twice_the_budget_across_a_boundary(
 
 def test_bucket_mode_over_http(make_simulator: Any) -> None:
     sim = make_simulator(rpm=120, limit_window=5.0, limit_mode="bucket")  # capacity 10, 2/s
-    with openai.OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as c:
-
-        def call(content: str) -> Any:
-            return c.chat.completions.with_raw_response.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": content}]
-            )
-
+    with client(sim) as c:
         for k in range(10):
-            call(f"burst {k}")
+            chat(c, f"burst {k}")
         with pytest.raises(openai.RateLimitError) as info:
-            call("one too many")
+            chat(c, "one too many")
         assert 0 < int(info.value.response.headers["retry-after-ms"]) <= 500
         time.sleep(1.05)  # two more tokens
-        call("refilled 1")
-        left = call("refilled 2").headers["x-ratelimit-remaining-requests"]
+        chat(c, "refilled 1")
+        left = chat(c, "refilled 2").headers["x-ratelimit-remaining-requests"]
         assert int(left) < 12  # per-minute units: less than one request (12) left
         with pytest.raises(openai.RateLimitError):
-            call("empty again")
+            chat(c, "empty again")
     assert sim.stats()["rate_limited"] == 2
 
 
