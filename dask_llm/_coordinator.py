@@ -25,7 +25,21 @@ the job must stop. No round trip per request: the member paces locally
 
 Allocation follows demand: members that use less than their share get what
 they use (plus a quarter, to grow), the rest is split evenly among the
-hungry ones. Capacity moves without overshoot. Rates are lent in paced
+hungry ones, except for the job's critical path. Each member reports its
+*backlog* (the rows of its running partitions not done) and the rows of each
+partition it begins; the job's work left is the members' backlogs plus the
+partitions not begun, counted at the median size of those begun. A member
+whose backlog is a larger part of that work than an even share of the
+limit is lent that part (``limit * backlog / work left``): the big partition
+of a skewed job then finishes with the rest. Split evenly, it got a quarter
+of the rate on four processes while the others had work, then ran alone at
+what one process can send, which on two cores is less than the limit (the
+tail of a skewed job). A member that knows no backlog (an older one), or a
+job whose partitions are not known, is split as before. A partition rerun
+after its worker died counts as begun twice: the work not begun is then
+underestimated, and the members running partitions are lent a little more
+than their part (a dead member's backlog leaves with its lease). Capacity
+moves without overshoot. Rates are lent in paced
 units: they sum to at most the limit less ``MARGIN``, and a member's strict
 window (``_limits``) admits its rate over ``1 - MARGIN`` in any second, so
 what members may send sums to at most the limit. No member is granted more
@@ -75,6 +89,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 import time
 import weakref
@@ -97,6 +112,8 @@ MARGIN = 0.03
 GROWTH = 1.25
 #: Seconds of spend an allowance covers (topped up at every renewal).
 ALLOWANCE_S = 1.0
+#: The sizes of the partitions begun most recently that estimate those not begun yet.
+SIZES = 256
 
 
 @dataclass
@@ -108,6 +125,7 @@ class Member:
     used_req: float = 0.0  # requests/s over its last interval
     used_tok: float = 0.0
     hungry: bool = True
+    backlog: int | None = None  # rows of its running partitions not done (None: not told)
     expires: float = 0.0
     allowance: float = 0.0  # dollars it holds, reserved or not
     # What it sent in the second before each report: (reported at, requests, tokens).
@@ -146,6 +164,30 @@ class JobLedger:
     members: dict[str, Member] = field(default_factory=dict)
     ghosts: list[tuple[float, float, float]] = field(default_factory=list)  # (until, req, tok)
     touched: float = 0.0
+    partitions: int | None = None  # the job's partitions (from its config)
+    begun: int = 0  # partitions begun
+    sizes: deque[int] = field(default_factory=lambda: deque(maxlen=SIZES))  # rows to run, last ones
+
+    def work_left(self) -> float | None:
+        """Rows of the job not done yet: in the members' partitions, and in those not begun.
+
+        The partitions not begun are counted at the median size of those begun
+        (the lower of the middle two): a skewed job's big partition does not make
+        the others look big. Too low an estimate lends the big partition's member
+        a little more than its part for a while; too high, less, and it finishes
+        last, alone.
+        None when it cannot be told: a member that does not report its backlog,
+        or no partition begun yet.
+        """
+        if self.partitions is None or not self.sizes:
+            return None
+        running = 0
+        for m in self.members.values():
+            if m.backlog is None:
+                return None
+            running += m.backlog
+        queued = max(0, self.partitions - self.begun) * statistics.median_low(self.sizes)
+        return running + queued
 
     def limits(self) -> tuple[float | None, float | None]:
         """Requests/s and tokens/s for the whole job (told, or learned), margin taken."""
@@ -185,6 +227,7 @@ class Coordinator:
                     rpm=config.get("rpm"),
                     tpm=config.get("tpm"),
                     budget_usd=config.get("budget_usd"),
+                    partitions=config.get("partitions"),
                 )
             ledger.touched = now
             for name in ("learned_rpm", "learned_tpm"):
@@ -198,6 +241,9 @@ class Coordinator:
                 me = ledger.members[member] = Member()
             ledger.spent_usd += float(report.get("spent_usd") or 0.0)
             me.allowance = float(report.get("allowance") or 0.0)
+            for rows in report.get("begun") or ():
+                ledger.begun += 1
+                ledger.sizes.append(int(rows))
             if report.get("release"):
                 _sent(me, report, now)
                 req, tok = me.committed(now)
@@ -208,6 +254,8 @@ class Coordinator:
             me.used_tok = float(report.get("used_tok") or 0.0)
             _sent(me, report, now)
             me.hungry = bool(report.get("hungry", True))
+            backlog = report.get("backlog")
+            me.backlog = None if backlog is None else int(backlog)
             me.expires = now + LEASE_TTL_S
             rate_req, rate_tok = self._rates(ledger, member, now)
             me.rate_req, me.rate_tok = rate_req, rate_tok
@@ -334,6 +382,17 @@ def _share(ledger: JobLedger, member: str, limit: float | None, kind: str) -> fl
     left = limit
     open_members = dict(wants)
     share: dict[str, float] = {}
+    work = ledger.work_left()
+    if work:
+        # The critical path: a member whose partitions hold more of the job's remaining
+        # work than an even share would finish by the job's end gets its part of the
+        # limit, so that it does not finish last, alone (and short of CPU).
+        for name in sorted(open_members, key=lambda n: -(members[n].backlog or 0)):
+            need = limit * (members[name].backlog or 0) / work
+            if len(open_members) <= 1 or need <= left / len(open_members):
+                break
+            share[name] = min(need, open_members.pop(name))
+            left -= share[name]
     while open_members:
         even = left / len(open_members)
         small = {n: w for n, w in open_members.items() if w <= even}

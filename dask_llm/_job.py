@@ -127,7 +127,12 @@ class Job:
             self.hub = _hub.hub_client(address, key)
         self.ledger = Ledger(
             options.job,
-            {"rpm": options.rpm, "tpm": options.tpm, "budget_usd": options.budget_usd},
+            {
+                "rpm": options.rpm,
+                "tpm": options.tpm,
+                "budget_usd": options.budget_usd,
+                "partitions": options.partitions,
+            },
             link_for(self.hub),
             fallback_share=even_share_hint(options.processes),
             on_stop=self._ledger_says_stop,

@@ -151,6 +151,7 @@ class Ledger:
         self.spent_usd = 0.0
         self.budget_usd: float | None = config.get("budget_usd")
         # demand
+        self._begun: list[int] = []  # rows to run of each partition begun since the last report
         self._started_req = 0
         self._started_tok = 0.0
         self._last_second: deque[tuple[float, float]] = deque()  # (start, tokens)
@@ -160,6 +161,7 @@ class Ledger:
         self._partitions = 0
         self._idle_since = clock()
         self._queued = 0
+        self._backlog = 0  # rows of the partitions running here that are not done yet
 
     # -- what the pacer reads --------------------------------------------------------------------
     def rates(self) -> tuple[float | None, float | None]:
@@ -209,6 +211,17 @@ class Ledger:
         """Requests waiting for their start (+1 when one begins to wait, -1 when it goes)."""
         with self._lock:
             self._queued += delta
+
+    def partition_began(self, rows: int) -> None:
+        """A partition of the job began here with ``rows`` rows to run (the cache's not counted)."""
+        with self._lock:
+            self._backlog += rows
+            self._begun.append(rows)
+
+    def rows_done(self, rows: int) -> None:
+        """``rows`` of the partitions running here are done (or will not run: a stop)."""
+        with self._lock:
+            self._backlog = max(0, self._backlog - rows)
 
     def learned(self, rpm: float | None, tpm: float | None) -> None:
         with self._lock:
@@ -299,6 +312,7 @@ class Ledger:
             want = max(need, self.spent_rate * ALLOWANCE_S) if self.budgeted else 0.0
             if self.budgeted and self.allowance > want and not need:
                 self.allowance = want  # hand back what it will not need soon
+            begun = self._begun
             report = {
                 "config": self.config,
                 "used_req": self._started_req / elapsed,
@@ -313,7 +327,10 @@ class Ledger:
                 "learned_rpm": self.learned_rpm,
                 "learned_tpm": self.learned_tpm,
                 "release": release,
+                "backlog": self._backlog,
+                "begun": begun,
             }
+            self._begun = []
             spent = self.spent_since
             self.spent_rate = 0.8 * self.spent_rate + 0.2 * (spent / elapsed)
             self.spent_since = 0.0
@@ -325,6 +342,7 @@ class Ledger:
         except (OSError, ConnectionError, TimeoutError, RuntimeError, KeyError, ValueError) as exc:
             with self._lock:
                 self.spent_since += spent  # not delivered: report it next time
+                self._begun = begun + self._begun
             self._unreachable(exc, now)
             return None
         with self._lock:

@@ -84,6 +84,7 @@ class PartitionRun:
         self.task_key = _cluster.current_task_key()
         self.seceded = False  # left the worker's thread pool for its tail (_cluster)
         self.batcher: Batcher | None = None
+        self._backlog = 0  # rows of this partition still to run, as told to the ledger
 
     async def run(self) -> pd.DataFrame:
         self.reporter.started(
@@ -130,8 +131,15 @@ class PartitionRun:
                 self.callers[pc.name] = ChainCaller(pc, localize, job=self.job, stats=self.stats)
             self._memo_pass()
             pending = [i for i in range(self.n) if not self._row_complete(i)]
+            # What is left of this partition, for the job's ledger: a process whose
+            # partitions hold much of the job's remaining work is lent more (_coordinator).
+            self.job.ledger.partition_began(len(pending))
+            self._backlog = len(pending)
             await self._supervise(pending)
         finally:
+            if self._backlog:
+                self.job.ledger.rows_done(self._backlog)  # a stop: they will not run here
+                self._backlog = 0
             if self.batcher is not None:
                 hint = self._batches_hint()
                 if hint and self.job.stopped is not None:
@@ -388,6 +396,9 @@ class PartitionRun:
     def _row_done(self, i: int) -> None:
         if not self.reported[i]:
             self.reported[i] = True
+            if self._backlog:
+                self._backlog -= 1
+                self.job.ledger.rows_done(1)
             self.job.recorder.row_done(self.df.index[i], self.errors[i], self.row_usage[i])
             self._report(1, int(self.errors[i] is not None), self.row_usage[i])
 

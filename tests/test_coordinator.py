@@ -76,6 +76,79 @@ def test_a_new_member_gets_a_share_within_two_seconds() -> None:
         assert clock.now - joined < 2.0
 
 
+def skewed(c: Coordinator, clock: Clock, backlogs: dict[str, int], begun: dict[str, list[int]]):
+    """Renewals for 3 s of a job of 8 partitions, each member reporting its backlog."""
+    config = {"rpm": LIMIT, "partitions": 8}
+    leases: dict[str, Any] = {}
+    for round_ in range(12):
+        for name, backlog in backlogs.items():
+            fields = {"backlog": backlog, "begun": begun[name] if round_ == 0 else []}
+            leases[name] = c.lease("job", name, {**report(**fields), "config": config})
+        clock.now += RENEW_S
+    return leases
+
+
+def test_a_member_holding_most_of_the_remaining_work_gets_its_part_of_the_limit() -> None:
+    """60% of the rows in one partition of 8, on 4 processes: it is lent 60%, not a quarter.
+
+    Split evenly, it would get a quarter of the rate while the others have work,
+    then finish alone, at what one process can do (on 2 cores, less than the
+    limit). The partitions not begun count at the median of those begun.
+    """
+    clock = Clock()
+    c = Coordinator(clock=clock)
+    backlogs = {"big": 2400, "a": 229, "b": 229, "c": 229}
+    leases = skewed(c, clock, backlogs, {n: [b] for n, b in backlogs.items()})
+    work = 2400 + 3 * 229 + 4 * 229  # 4 partitions not begun, at the median size
+    assert leases["big"]["rate_req"] == pytest.approx(RATE * 2400 / work)
+    for name in "abc":
+        assert leases[name]["rate_req"] == pytest.approx(RATE * (1 - 2400 / work) / 3)
+
+
+def test_a_process_running_small_partitions_one_after_another_is_not_starved() -> None:
+    """The small partitions still queued count as the others' work, not the big one's."""
+    clock = Clock()
+    c = Coordinator(clock=clock)
+    leases = skewed(c, clock, {"big": 2400, "small": 229}, {"big": [2400], "small": [229]})
+    work = 2400 + 229 + 6 * 229
+    assert leases["small"]["rate_req"] == pytest.approx(RATE * (1 - 2400 / work))
+    assert leases["small"]["rate_req"] > RATE / 3  # by its own rows alone: 9%
+
+
+def test_even_partitions_share_evenly_and_a_member_that_does_not_tell_its_backlog_too() -> None:
+    clock = Clock()
+    c = Coordinator(clock=clock)
+    even = skewed(c, clock, {"a": 500, "b": 500}, {"a": [500], "b": [500]})
+    assert even["a"]["rate_req"] == pytest.approx(RATE / 2)
+    assert even["b"]["rate_req"] == pytest.approx(RATE / 2)
+    clock.now += 10 * LEASE_TTL_S
+    c = Coordinator(clock=clock)
+    config = {"rpm": LIMIT, "partitions": 8}
+    leases: dict[str, Any] = {}
+    for _ in range(12):
+        big = report(backlog=2400, begun=[2400])
+        leases["big"] = c.lease("job", "big", {**big, "config": config})
+        leases["old"] = c.lease("job", "old", {**report(), "config": config})  # an older member
+        clock.now += RENEW_S
+    assert leases["big"]["rate_req"] == pytest.approx(RATE / 2)
+
+
+def test_a_critical_member_that_cannot_use_its_part_keeps_what_it_uses() -> None:
+    """Short of CPU, it is not hungry: it keeps what it sends plus a quarter, the rest moves."""
+    clock = Clock()
+    c = Coordinator(clock=clock)
+    config = {"rpm": LIMIT, "partitions": 2}
+    leases: dict[str, Any] = {}
+    for round_ in range(12):
+        big = report(backlog=2400, begun=[2400] if round_ == 0 else [], hungry=False, used_req=30.0)
+        leases["big"] = c.lease("job", "big", {**big, "config": config})
+        small = report(backlog=200, begun=[200] if round_ == 0 else [])
+        leases["small"] = c.lease("job", "small", {**small, "config": config})
+        clock.now += RENEW_S
+    assert leases["big"]["rate_req"] == pytest.approx(30.0 * 1.25)
+    assert leases["small"]["rate_req"] == pytest.approx(RATE - 30.0 * 1.25)
+
+
 def test_what_a_member_sent_in_the_last_second_stays_committed() -> None:
     """Its requests of the last second still count at the provider: not lent to others."""
     clock = Clock()
@@ -198,9 +271,12 @@ def test_capacity_moves_between_members_without_ever_exceeding_the_limit() -> No
         if name in used:
             sends.append((name, last, min(clock.now, last + LEASE_TTL_S), used.pop(name)))
         hungry = rng.random() < 0.6
-        lease = c.lease(
-            "job", name, report(hungry=hungry, sent_1s=last_second, interval=clock.now - last)
-        )
+        fields = report(hungry=hungry, sent_1s=last_second, interval=clock.now - last)
+        fields["config"] = {"rpm": LIMIT, "partitions": 50}
+        if rng.random() < 0.05:  # a partition begins; the backlogs skewed, as real jobs are
+            fields["begun"] = [int(rng.paretovariate(1.0) * 100)]
+        fields["backlog"] = int(rng.paretovariate(1.0) * 100)
+        lease = c.lease("job", name, fields)
         renewed[name] = clock.now
         window = lease["rate_req"] / (1 - MARGIN)
         used[name] = window * (1.0 if hungry else rng.uniform(0.0, 1.0))

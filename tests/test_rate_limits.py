@@ -48,8 +48,10 @@ def test_two_distributed_workers_share_one_budget(make_simulator: Any) -> None:
             [dask_llm.Chain(text_chain(sim.base_url), name="word")], rpm=RPM, cache=False
         )
         result = client.compute(out).result()
-        # The job's ledger lives on the scheduler (not the fallback even split).
+        # The job's ledger lives on the scheduler (not the fallback even split),
+        # and the workers told it each partition's rows (its work left, to lend by).
         assert client.run_on_scheduler(_has_ledger)
+        assert client.run_on_scheduler(_partitions_begun) == [(4, 4, [15, 15, 15, 15])]
     assert result["llm_error"].isna().all()
     stats = sim.stats()
     assert stats["requests"] == 60
@@ -60,6 +62,11 @@ def _has_ledger(dask_scheduler: Any) -> bool:
     return (
         "dask-llm-ledger" in dask_scheduler.plugins and "dask_llm_lease" in dask_scheduler.handlers
     )
+
+
+def _partitions_begun(dask_scheduler: Any) -> list[tuple[Any, int, list[int]]]:
+    ledgers = dask_scheduler.plugins["dask-llm-ledger"].coordinator._jobs.values()
+    return [(x.partitions, x.begun, sorted(x.sizes)) for x in ledgers]
 
 
 def test_the_providers_limit_is_learned_without_any_option(make_simulator: Any) -> None:
