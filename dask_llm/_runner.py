@@ -109,6 +109,7 @@ class PartitionRun:
     # -- the three steps ------------------------------------------------------------------------
     async def _run(self) -> pd.DataFrame:
         if self.n == 0:
+            self.job.ledger.partition_began(0)  # the job's work left counts it as done
             return self._frame()
         loop = asyncio.get_running_loop()
         # Sync-only runnables (a RunnableLambda of a plain function) run in the

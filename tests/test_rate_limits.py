@@ -69,6 +69,20 @@ def _partitions_begun(dask_scheduler: Any) -> list[tuple[Any, int, list[int]]]:
     return [(x.partitions, x.begun, sorted(x.sizes)) for x in ledgers]
 
 
+def test_the_ledger_hears_of_every_partition_an_empty_one_too(sim: Any) -> None:
+    """Each partition's rows to run reach the ledger (its estimate of the job's work left)."""
+    from dask_llm._coordinator import local_coordinator
+
+    df = dd.from_pandas(frame(30), npartitions=3)
+    kept = df[~df["description"].str.startswith("Review 1")]  # partition 1 (rows 10-19): empty
+    out = kept.llm.enrich({"word": text_chain(sim.base_url)}, rpm=RPM * 10, cache=False)
+    result = out.compute(scheduler="threads", num_workers=3)
+    assert result["llm_error"].isna().all() and len(result) == 19
+    ledgers = list(local_coordinator()._jobs.values())
+    latest = max(ledgers, key=lambda x: x.touched)
+    assert (latest.partitions, latest.begun, sorted(latest.sizes)) == (3, 3, [0, 9, 10])
+
+
 def test_the_providers_limit_is_learned_without_any_option(make_simulator: Any) -> None:
     """Not told the limit, the job reads it from x-ratelimit headers and loses nothing."""
     sim = make_simulator(latency=0.05, rpm=1200)  # 20/s enforced in 1 s slices
