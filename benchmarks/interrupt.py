@@ -14,6 +14,9 @@ Measured on the threaded scheduler, dask's process pool and a LocalCluster
   answers still missing plus those in flight at the interrupt (target
   rerun <= missing + in flight).
 
+A last row interrupts the process pool 1 s in, while its children are still
+starting: no partition has begun, and the job must still stop at once.
+
     python -m benchmarks.interrupt [--input ../shared/data/wine_reviews_sample.csv]
 """
 
@@ -32,6 +35,7 @@ from benchmarks._common import reset, simulator_process, stats, table
 
 ROWS = 300
 CALLS = 2 * ROWS
+STARTING_S = 1.0
 
 
 def job(url: str, source: str | None, scheduler: str, cache: str) -> None:
@@ -127,6 +131,11 @@ def main() -> None:
         for scheduler in ("threads", "processes", "local-cluster"):
             rows.append(measure(url, args.input, scheduler, args.after))
             print(rows[-1], flush=True)
+        # The pool's children still starting (~3 s here): no partition has begun, and
+        # dask waits for the tasks it submitted, which must stop as they begin.
+        row = measure(url, args.input, "processes", STARTING_S)
+        rows.append((f"processes, ^C at {STARTING_S:.0f} s", *row[1:]))
+        print(rows[-1], flush=True)
     print(
         f"\n{ROWS} rows x 2 chains, 3 partitions, 1,200 rpm, 1 s per call, SIGINT after "
         f"{args.after:.0f} s\n"

@@ -14,8 +14,8 @@ is submitted) and shared by all jobs of the process: a
 child. Messages are small tuples; every one gets a reply:
 
     ("event", event)            -> None       a progress event (``_progress``)
-    ("stop", job, kind, text, error) -> None  a child stops the whole job
-    ("poll", job)               -> (kind, text, error) | None
+    ("stop", job, run, kind, text, error) -> None  a child stops the whole run
+    ("poll", job, run)          -> (kind, text, error) | None
 
 A child polls every 0.1 s while it runs partitions, so a stop reaches every
 process within that. Failure modes: a child that cannot connect (the task
@@ -24,13 +24,26 @@ the hub is not used) runs on without the hub, as a process of its own; if
 the client dies, the children's connections break and they stop their
 partitions (``client gone``).
 
-Stops are kept per job for ten minutes (a later compute of the same lazy
-frame is a new run with the same job id; ``clear`` forgets the stop when it
-starts).
+Runs. Every local computation (``compute``, ``to_parquet``...) is a *run*,
+numbered in the client when Dask starts it (``_ComputeWatch`` in ``_job``
+calls ``run_began``). A stop belongs to the job *and* the run: computing the
+same lazy frame again after a Ctrl-C is a new run of the same job id, and it
+must not meet the old run's stop (it is how a notebook user resumes). A run
+that ends with an error is *abandoned* (``run_ended``): every partition of it
+stops, also one that begins only after the error. That matters at start-up:
+a Ctrl-C while dask's process pool is still spawning reaches the client before
+any partition exists, and dask then waits for the tasks it already submitted;
+without the mark they would run to the end (measured: the whole job paid,
+40 s after the Ctrl-C). A pool child learns its run from the pickled options
+(``current_run``, read while the client thread submits); a partition on
+threads takes the newest run of its process (``newest_run``), which can
+misname the run only when two computations start in different threads at
+once. Stops and abandoned runs are kept ten minutes.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -45,31 +58,96 @@ log = logging.getLogger("dask_llm")
 
 _KEEP_STOPS_S = 600.0
 
-# -- stop signals, in the client --------------------------------------------------------------
-_STOPS: dict[str, tuple[str, str, Any, float]] = {}
+# -- runs and stop signals, in the client --------------------------------------------------------
+#: A job's stop, by (job, run); run None where no run is known (distributed).
+_STOPS: dict[tuple[str, int | None], tuple[str, str, Any, float]] = {}
+#: Runs that ended with an error (or were interrupted): (kind, text, when).
+_ABANDONED: dict[int, tuple[str, str, float]] = {}
+#: Runs begun and not ended, and the jobs each of them is known to hold.
+_LIVE: dict[int, set[str]] = {}
 _STOPS_LOCK = threading.Lock()
+_RUN_IDS = itertools.count(1)
+_newest_run: int | None = None
+_local = threading.local()
 
 
-def signal_stop(job: str, kind: str, text: str, error: Any = None) -> None:
-    """Record that ``job`` must stop (the first reason wins)."""
+def _prune(now: float) -> None:
+    for key in [k for k, stop in _STOPS.items() if now - stop[3] > _KEEP_STOPS_S]:
+        del _STOPS[key]
+    for run in [r for r, mark in _ABANDONED.items() if now - mark[2] > _KEEP_STOPS_S]:
+        del _ABANDONED[run]
+
+
+def run_began() -> int:
+    """A local computation starts in this thread: its run number."""
+    global _newest_run
+    with _STOPS_LOCK:
+        run = next(_RUN_IDS)
+        _newest_run = run
+        _LIVE[run] = set()
+    stack: list[int] = getattr(_local, "runs", None) or []
+    stack.append(run)
+    _local.runs = stack
+    return run
+
+
+def run_ended(run: int, abandoned: tuple[str, str] | None = None) -> set[str]:
+    """The computation ``run`` ended (``abandoned``: with this stop); the jobs it held."""
+    stack: list[int] = getattr(_local, "runs", None) or []
+    if run in stack:
+        stack.remove(run)
     now = time.monotonic()
     with _STOPS_LOCK:
-        for old in [j for j, stop in _STOPS.items() if now - stop[3] > _KEEP_STOPS_S]:
-            del _STOPS[old]
-        _STOPS.setdefault(job, (kind, text, error, now))
+        _prune(now)
+        jobs = _LIVE.pop(run, set())
+        if abandoned is not None:
+            _ABANDONED[run] = (abandoned[0], abandoned[1], now)
+    return jobs
 
 
-def stop_signal(job: str) -> tuple[str, str, Any] | None:
-    """(kind, text, error) of ``job``'s stop, if it has been told to stop."""
+def live_runs() -> list[int]:
+    """Runs begun and not ended in this process (any thread)."""
     with _STOPS_LOCK:
-        found = _STOPS.get(job)
+        return list(_LIVE)
+
+
+def current_run() -> int | None:
+    """The run this thread is computing now, if any (read when options are pickled)."""
+    stack: list[int] | None = getattr(_local, "runs", None)
+    return stack[-1] if stack else None
+
+
+def newest_run() -> int | None:
+    """The run begun last in this process (a partition on threads belongs to it)."""
+    return _newest_run
+
+
+def run_holds(run: int | None, job: str) -> None:
+    """Note that ``run`` holds ``job`` (its options were pickled, or a partition began)."""
+    if run is None:
+        return
+    with _STOPS_LOCK:
+        jobs = _LIVE.get(run)
+        if jobs is not None:
+            jobs.add(job)
+
+
+def signal_stop(job: str, run: int | None, kind: str, text: str, error: Any = None) -> None:
+    """Record that ``job``'s ``run`` must stop (the first reason wins)."""
+    now = time.monotonic()
+    with _STOPS_LOCK:
+        _prune(now)
+        _STOPS.setdefault((job, run), (kind, text, error, now))
+
+
+def stop_signal(job: str, run: int | None) -> tuple[str, str, Any] | None:
+    """(kind, text, error) of the stop of ``job``'s ``run``, if it has been told to stop."""
+    with _STOPS_LOCK:
+        found = _STOPS.get((job, run))
+        if found is None and run is not None and run in _ABANDONED:
+            kind, text, _ = _ABANDONED[run]
+            return (kind, text, None)
     return None if found is None else (found[0], found[1], found[2])
-
-
-def clear(job: str) -> None:
-    """A new run of ``job`` starts: forget an earlier run's stop."""
-    with _STOPS_LOCK:
-        _STOPS.pop(job, None)
 
 
 # -- the server, in the client ------------------------------------------------------------------
@@ -118,11 +196,11 @@ def _handle(message: tuple[Any, ...]) -> Any:
         _progress.receive(message[1])
         return None
     if op == "stop":
-        _, job, kind, text, error = message
-        signal_stop(job, kind, text, error)
+        _, job, run, kind, text, error = message
+        signal_stop(job, run, kind, text, error)
         return None
     if op == "poll":
-        return stop_signal(message[1])
+        return stop_signal(message[1], message[2])
     if op == "lease":
         from dask_llm._coordinator import local_coordinator
 

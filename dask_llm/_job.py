@@ -30,10 +30,14 @@ How a stop reaches every process of the job:
 
 * in the process that raised or was interrupted, at once (this object);
 * synchronous and threaded schedulers: a Dask callback (``_ComputeWatch``,
-  registered when dask-llm is imported) sees the computation end with an
-  error in the client and stops every job running there;
-* dask's process pool: the same callback signals the client's job hub
-  (``_hub``); children poll it every 0.1 s, and stop when it is gone;
+  registered when dask-llm is imported) numbers each local computation (a
+  *run*, ``_hub``) and sees it end with an error in the client: it stops the
+  run's jobs (Ctrl-C: every job running there) and marks the run abandoned,
+  so a partition of it that begins later stops at once too;
+* dask's process pool: the same mark is kept in the client's job hub
+  (``_hub``); children poll it every 0.1 s, and stop when it is gone.
+  Computing the same frame again is a new run, which the old stop does not
+  touch;
 * ``distributed``: an interrupted client releases its futures, and the
   scheduler marks the tasks cancelled on the workers; each partition polls
   its own task's state every 0.1 s.
@@ -109,8 +113,10 @@ class Stop(NamedTuple):
 class Job:
     """The state one job keeps in one process (see the module docstring)."""
 
-    def __init__(self, options: EnrichOptions) -> None:
+    def __init__(self, options: EnrichOptions, run: int | None = None) -> None:
         self.id = options.job
+        #: The client's run (one computation) this object serves; see ``_hub``.
+        self.run = run
         self.options = options
         self.cache = options.cache
         self._lock = threading.Lock()
@@ -178,9 +184,9 @@ class Job:
             return
         if self.hub is not None:
             with contextlib.suppress(ConnectionError):
-                self.hub.call("stop", self.id, kind, text, error)
+                self.hub.call("stop", self.id, self.run, kind, text, error)
         elif self.worker is None:
-            _hub.signal_stop(self.id, kind, text, error)
+            _hub.signal_stop(self.id, self.run, kind, text, error)
 
     def poll(self, task_key: Any = None) -> Stop | None:
         """Look for a stop from elsewhere (at most every ``POLL_S``); return the stop, if any."""
@@ -200,11 +206,11 @@ class Job:
                 )
         elif self.hub is not None:
             try:
-                found = self.hub.call("poll", self.id)
+                found = self.hub.call("poll", self.id, self.run)
             except ConnectionError:
                 found = ("interrupted", "the client that computes this job is gone", None)
         else:
-            found = _hub.stop_signal(self.id)
+            found = _hub.stop_signal(self.id, self.run)
         if found is not None:
             self.stop(found[0], found[1], error=found[2], broadcast=False)
         return self._stop
@@ -317,7 +323,7 @@ class Job:
         return _progress.Reporter(_progress.receive, base, interval=0.0, drain=drain)
 
 
-_JOBS: dict[str, Job] = {}
+_JOBS: dict[tuple[str, int | None], Job] = {}
 _JOBS_LOCK = threading.Lock()
 
 
@@ -344,18 +350,29 @@ def _gc_leave() -> None:
         _gc_saved = None
 
 
+def run_of(options: EnrichOptions) -> int | None:
+    """The run a partition starting here with ``options`` belongs to (see ``_hub``)."""
+    if options.run is not None:
+        return options.run  # pickled for a pool child, in the client thread that submitted it
+    if _cluster.in_pool_child() or _cluster.distributed_worker() is not None:
+        return None
+    return _hub.newest_run()  # threads or synchronous: the client's newest computation
+
+
 def attach(options: EnrichOptions) -> Job:
-    """The process's ``Job`` for ``options.job``, with one more partition attached."""
+    """The process's ``Job`` for ``options.job`` in this run, with one more partition attached."""
     now = time.monotonic()
+    run = run_of(options)
+    _hub.run_holds(run, options.job)
     with _JOBS_LOCK:
         _gc_enter()
-        for job_id in [
-            j for j, job in _JOBS.items() if job._attached == 0 and now - job._idle_since > _IDLE_S
+        for key in [
+            k for k, job in _JOBS.items() if job._attached == 0 and now - job._idle_since > _IDLE_S
         ]:
-            del _JOBS[job_id]
-        job = _JOBS.get(options.job)
+            del _JOBS[key]
+        job = _JOBS.get((options.job, run))
         if job is None:
-            job = _JOBS[options.job] = Job(options)
+            job = _JOBS[(options.job, run)] = Job(options, run)
         job._attached += 1
         job.ledger.attached(job._attached)
     job.ledger.start()
@@ -371,27 +388,28 @@ def detach(job: Job) -> None:
         job.ledger.attached(job._attached)
 
 
-def forget(job_id: str) -> None:
-    """Drop a job's state here (its run has ended; a recompute starts afresh)."""
-    with _JOBS_LOCK:
-        job = _JOBS.get(job_id)
-        if job is not None and job._attached == 0:
-            del _JOBS[job_id]
-
-
 def running_jobs() -> list[Job]:
     with _JOBS_LOCK:
         return [job for job in _JOBS.values() if job._attached > 0]
 
 
-def stop_everything(kind: str, text: str) -> list[str]:
-    """Stop every job running in (or through) this process; returns their ids."""
-    stopped = {job.id for job in running_jobs()}
-    stopped.update(_progress.active_jobs())
+def stop_run(run: int | None, kind: str, text: str, *, everything: bool) -> list[str]:
+    """Stop the computation ``run`` (``everything``: every job running here); the job ids.
+
+    The run is marked abandoned in the hub, so its partitions stop also where
+    they have not begun yet (a pool child still starting up, a task queued).
+    """
+    stopped = set(_hub.run_ended(run, (kind, text))) if run is not None else set()
+    runs = {run}
+    if everything:  # Ctrl-C: every computation of this process
+        for other in _hub.live_runs():
+            stopped |= _hub.run_ended(other, (kind, text))
+            runs.add(other)
+        stopped.update(_progress.active_jobs())
     for job in running_jobs():
-        job.stop(kind, text)
-    for job_id in stopped:
-        _hub.signal_stop(job_id, kind, text)
+        if everything or job.run in runs:
+            stopped.add(job.id)
+            job.stop(kind, text)
     return sorted(stopped)
 
 
@@ -414,20 +432,29 @@ class _ComputeWatch(Callback):
     go on calling the API for rows whose results nobody will read.
     """
 
+    def _start(self, dsk: Any) -> None:
+        _hub.run_began()
+
     def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
+        run = _hub.current_run()
         if not errored:
+            if run is not None:
+                _hub.run_ended(run)
             return
         exc = sys.exc_info()[1]
         if isinstance(exc, KeyboardInterrupt):
             kind, text = "interrupted", "interrupted (KeyboardInterrupt)"
-        elif isinstance(exc, JobStopped):
+        elif isinstance(exc, JobStopped):  # the job stopped itself; its run ends with it
+            if run is not None:
+                _hub.run_ended(run, (exc.kind, str(exc)))
             return
         else:
             kind = "interrupted"
             text = f"the computation failed ({type(exc).__name__ if exc else 'error'})"
-        for job_id in stop_everything(kind, text):
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        for job_id in stop_run(run, kind, text, everything=interrupted):
             summary = _progress.stop_run(job_id, "interrupted")
-            if isinstance(exc, KeyboardInterrupt):
+            if interrupted:
                 print(
                     f"dask-llm: stopped job {job_id[:8]}: {resume_hint(summary)}", file=sys.stderr
                 )

@@ -61,6 +61,8 @@ class EnrichOptions:
     quality_gate: QualityGate | None = None
     #: The client's job hub (address, key), filled in when pickled for a pool child.
     hub: tuple[tuple[str, int], bytes] | None = field(default=None, repr=False)
+    #: The client's run (one local computation) this copy was pickled for (``_hub``).
+    run: int | None = field(default=None, repr=False)
     #: Explicit API keys to give recipes on workers (ship_api_keys=True): (key_ref, key).
     keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
@@ -129,10 +131,13 @@ class EnrichOptions:
                         f"({_cluster.remote_worker(client)}); keys are only sent to workers "
                         "on this machine"
                     )
-            elif values["hub"] is None:
-                from dask_llm._hub import hub_address
+            else:
+                from dask_llm import _hub
 
-                values["hub"] = hub_address()
+                if values["hub"] is None:
+                    values["hub"] = _hub.hub_address()
+                values["run"] = _hub.current_run()
+                _hub.run_holds(values["run"], self.job)
         return (_rebuild, (values,))
 
 

@@ -56,8 +56,11 @@ print("finished", flush=True)
 """
 
 
-def interrupt(sim: Any, scheduler: str, cache: Path, *, rows: int = 150) -> dict[str, Any]:
-    """Start the job in a process of its own, SIGINT it mid-way; what was paid and when it ended."""
+def interrupt(
+    sim: Any, scheduler: str, cache: Path, *, rows: int = 150, after: float | None = None
+) -> dict[str, Any]:
+    """Start the job in a process of its own, SIGINT it once 40 answers are paid (or
+    ``after`` seconds into the computation); what was paid and when it ended."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_LLM_CACHE": str(cache)}
     proc = subprocess.Popen(
         [sys.executable, "-c", JOB_SCRIPT, sim.base_url, scheduler, str(rows)],
@@ -66,8 +69,10 @@ def interrupt(sim: Any, scheduler: str, cache: Path, *, rows: int = 150) -> dict
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    while sim.stats()["successes"] < 40 and time.monotonic() < deadline:
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", proc.stderr
+    deadline = time.monotonic() + (60 if after is None else after)
+    while (after is not None or sim.stats()["successes"] < 40) and time.monotonic() < deadline:
         if proc.poll() is not None:
             break
         time.sleep(0.02)
@@ -107,6 +112,76 @@ def test_ctrl_c_stops_the_job_and_the_rerun_pays_only_for_what_is_missing(
     # Every answer paid before the interrupt came back from the cache, give or take
     # the requests that were still on the wire when the grace ran out.
     assert requests(sim) <= 2 * rows - paid_before + result["in_flight"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_process_pool_starts_stops_it_too(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    """Before any partition began (the pool's children still starting): the tasks dask
+    already submitted must not run to the end once the Ctrl-C is in (they did: 40 s)."""
+    sim = make_simulator(latency=0.3)
+    rows = 150
+    result = interrupt(sim, "processes", tmp_path / "cache.sqlite", rows=rows, after=1.0)
+    assert result["returncode"] != 0, result["stderr"]
+    assert result["exit_s"] < 8.0, result["stderr"]  # a child takes ~3 s to start here
+    assert result["paid"] < rows // 2, result["stderr"]  # not the job's 2 x 150 calls
+    assert sim.stats()["successes"] == result["paid"]  # nothing sent after the exit
+
+
+COMPUTE_AGAIN = """
+import os, signal, sys, threading
+import dask.dataframe as dd, pandas as pd
+import dask_llm
+from tests.chains import summary_chain, features_chain
+
+def main():
+    url, scheduler, rows, after = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    df = pd.DataFrame({
+        "description": [f"Review {i}: cassis, cedar and graphite" for i in range(rows)],
+        "title": [f"Wine {i}" for i in range(rows)],
+        "country": ["Chile"] * rows,
+    })
+    chains = [dask_llm.Chain(summary_chain(url), name="summarize"),
+              dask_llm.Chain(features_chain(url), name="features")]
+    out = dd.from_pandas(df, npartitions=3).llm.enrich(chains, progress=False)
+    threading.Timer(after, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    try:
+        out.compute(scheduler=scheduler, num_workers=3)
+        print("not interrupted", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    again = out.compute(scheduler=scheduler, num_workers=3)  # the notebook user resumes
+    print("errors", int(again["llm_error"].notna().sum()), flush=True)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("scheduler", "after"), [("threads", 1.0), ("processes", 0.5)])
+def test_computing_the_same_frame_after_ctrl_c_resumes_it(
+    make_simulator: Any, tmp_path: Path, scheduler: str, after: float
+) -> None:
+    """The second compute is a new run of the same job: the first run's stop is not its own."""
+    sim = make_simulator(latency=0.3)
+    rows = 150
+    script = tmp_path / "again.py"
+    script.write_text(COMPUTE_AGAIN)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_LLM_CACHE": str(tmp_path / "c.sqlite")}
+    done = subprocess.run(
+        [sys.executable, str(script), sim.base_url, scheduler, str(rows), str(after)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "interrupted" in done.stdout.splitlines(), done.stdout + done.stderr
+    assert "errors 0" in done.stdout, done.stdout + done.stderr
+    # Paid once, give or take the requests on the wire when the first run's grace ran out.
+    assert sim.stats()["successes"] <= 2 * rows + 30
 
 
 @pytest.mark.slow
