@@ -59,6 +59,19 @@ BASELINE = "0f4678b"  # 0.1: rpm/tpm split evenly across processes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: The columns of the comparison tables: this tree's run, the baseline's, and the ratio.
+HEADERS = (
+    "run",
+    "wall/bound",
+    "429s",
+    "peak/s",
+    "0.1 wall/bound",
+    "0.1 429s",
+    "0.1 peak/s",
+    "wall vs 0.1",
+)
+
+
 def job(args: argparse.Namespace) -> None:
     """One configuration, in a process of its own (its PYTHONPATH picks the code)."""
     import dask.dataframe as dd
@@ -244,14 +257,7 @@ def main() -> None:
                 table(
                     rows,
                     (
-                        "run",
-                        "wall/bound",
-                        "429s",
-                        "peak/s",
-                        "0.1 wall/bound",
-                        "0.1 429s",
-                        "0.1 peak/s",
-                        "wall vs 0.1",
+                        *HEADERS,
                         *(
                             ("no limit: wall/bound", "wall/max(bound, no limit)")
                             if args.ceiling
@@ -280,16 +286,7 @@ def main() -> None:
             print(
                 table(
                     [("skewed, 24 in flight", *n, *o, f"{new['wall'] / old['wall']:.2f}x")],
-                    (
-                        "run",
-                        "wall/bound",
-                        "429s",
-                        "peak/s",
-                        "0.1 wall/bound",
-                        "0.1 429s",
-                        "0.1 peak/s",
-                        "wall vs 0.1",
-                    ),
+                    HEADERS,
                 )
             )
         if "stray" in only:
