@@ -34,7 +34,7 @@ from typing import Any
 
 import pandas as pd
 
-from dask_llm import _cluster
+from dask_llm import _cluster, _sdk
 from dask_llm import _job as jobs
 from dask_llm._batch import ROW, Batcher
 from dask_llm._calls import MISSING, ChainCaller, PartitionStats
@@ -122,6 +122,8 @@ class PartitionRun:
             self.batcher = Batcher(
                 self.job, self.stats, policy, on_progress=lambda: self._report(0, 0, Usage())
             )
+        # The SDK's per-request body walk and schema build, skipped for this loop's tasks.
+        _sdk.activate()
         clients = LoopClients(self.job, self.stats, self.batcher)
 
         def localize(runnable: Any) -> tuple[Any, bool]:
