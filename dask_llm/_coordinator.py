@@ -126,6 +126,8 @@ class Member:
     used_tok: float = 0.0
     hungry: bool = True
     backlog: int | None = None  # rows of its running partitions not done (None: not told)
+    recent_req: float = 0.0  # requests it started in the second before its last report
+    recent_tok: float = 0.0
     expires: float = 0.0
     allowance: float = 0.0  # dollars it holds, reserved or not
     # What it sent in the second before each report: (reported at, requests, tokens).
@@ -254,6 +256,8 @@ class Coordinator:
             me.used_tok = float(report.get("used_tok") or 0.0)
             _sent(me, report, now)
             me.hungry = bool(report.get("hungry", True))
+            recent = report.get("sent_1s") or (0.0, 0.0)
+            me.recent_req, me.recent_tok = float(recent[0]) / WINDOW_S, float(recent[1]) / WINDOW_S
             backlog = report.get("backlog")
             me.backlog = None if backlog is None else int(backlog)
             me.expires = now + LEASE_TTL_S
@@ -378,6 +382,9 @@ def _share(ledger: JobLedger, member: str, limit: float | None, kind: str) -> fl
     wants: dict[str, float] = {}
     for name, m in members.items():
         used = m.used_req if kind == "req" else m.used_tok
+        # What it sent in its last second, not only since its last renewal: demand comes
+        # in bursts (a dependent chain's requests when the answers are back).
+        used = max(used, (m.recent_req if kind == "req" else m.recent_tok) * (1 - MARGIN))
         wants[name] = math.inf if m.hungry else max(used * GROWTH, limit * 0.01)
     left = limit
     open_members = dict(wants)
@@ -399,11 +406,22 @@ def _share(ledger: JobLedger, member: str, limit: float | None, kind: str) -> fl
         if not small:
             for name in open_members:
                 share[name] = even
+            left = 0.0
             break
         for name, w in small.items():
             share[name] = w
             left -= w
             del open_members[name]
+    backlogs = {n: float(m.backlog) for n, m in members.items() if m.backlog}
+    if left > 0 and backlogs:
+        # What no member asks for now goes to those with rows still to run, by backlog.
+        # Their requests come in bursts (a dependent chain's, when answers are back):
+        # lent 1% of the limit while quiet, a burst was paced at that rate for the
+        # ~1 s it takes a lease to follow, and the job's last rows trickled out at
+        # one request a second. Unused, it moves to the others at their next renewal.
+        total = sum(backlogs.values())
+        for name, rows in backlogs.items():
+            share[name] = share.get(name, 0.0) + left * rows / total
     return share.get(member, 0.0)
 
 

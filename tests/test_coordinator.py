@@ -149,6 +149,38 @@ def test_a_critical_member_that_cannot_use_its_part_keeps_what_it_uses() -> None
     assert leases["small"]["rate_req"] == pytest.approx(RATE - 30.0 * 1.25)
 
 
+def test_capacity_no_one_asks_for_goes_to_the_members_with_rows_still_to_run() -> None:
+    """The job's last rows: a quiet member with rows left is lent the limit, not 1% of it.
+
+    Its requests come in bursts (a dependent chain's, when answers are back); lent
+    1% while quiet, each burst was paced at one request a second until its lease
+    followed, and the last rows of a job trickled out for seconds.
+    """
+    clock = Clock()
+    c = Coordinator(clock=clock)
+    config = {"rpm": LIMIT, "partitions": 8}
+    leases: dict[str, Any] = {}
+    for _ in range(12):
+        for name, backlog in (("last", 5), ("done", 0)):
+            quiet = report(backlog=backlog, hungry=False, used_req=0.0, sent_1s=(0, 0.0))
+            leases[name] = c.lease("job", name, {**quiet, "config": config})
+        clock.now += RENEW_S
+    assert leases["done"]["rate_req"] == pytest.approx(RATE * 0.01)
+    assert leases["last"]["rate_req"] == pytest.approx(RATE * 0.99)
+
+
+def test_a_quiet_member_keeps_what_it_sent_in_its_last_second() -> None:
+    """Quiet since its last renewal, it still sent 9 requests in the last second: it keeps them."""
+    clock = Clock()
+    c = Coordinator(clock=clock)
+    leases: dict[str, Any] = {}
+    for _ in range(12):
+        quiet = {"hungry": False, "used_req": 0.0, "sent_1s": (9, 0.0), "interval": RENEW_S}
+        leases = renew_all(c, clock, {"big": {}, "small": quiet})
+    assert leases["small"]["rate_req"] == pytest.approx(9 * (1 - MARGIN) * 1.25)
+    assert leases["big"]["rate_req"] == pytest.approx(RATE - 9 * (1 - MARGIN) * 1.25)
+
+
 def test_what_a_member_sent_in_the_last_second_stays_committed() -> None:
     """Its requests of the last second still count at the provider: not lent to others."""
     clock = Clock()
