@@ -24,8 +24,14 @@ the job must stop. No round trip per request: the member paces locally
 (``_limits``) within its rates and reserves from its allowance.
 
 Allocation follows demand: members that use less than their share get what
-they use (plus a quarter, to grow), the rest is split evenly among the
-hungry ones, except for the job's critical path. Each member reports its
+they use (plus a quarter, to grow; what they use is the higher of their rate
+since their last renewal and what they sent in their last second, since a
+dependent chain's requests come in bursts), the rest is split evenly among
+the hungry ones, except for the job's critical path. What no member asks
+for (no one hungry: the job's last rows) goes to the members with rows still
+to run, by backlog: lent 1% of the limit while quiet, such a member's next
+burst was paced at one request a second until its lease followed, and the
+last rows of a skewed job trickled out for ~10 s. Each member reports its
 *backlog* (the rows of its running partitions not done) and the rows of each
 partition it begins; the job's work left is the members' backlogs plus the
 partitions not begun, counted at the median size of those begun. A member
