@@ -126,6 +126,8 @@ _FORMAT = "dask-llm-cache-1"
 _REQUEST_FORMAT = "dask-llm-request-1"
 # Keys per SELECT: below SQLite's smallest default limit of bound variables (999).
 _CHUNK = 500
+#: Held while a database file is created (see ``SQLiteCache._connection``).
+_CREATE_LOCK = threading.Lock()
 _T = TypeVar("_T")
 # Connections inherited across fork: kept, unused, so that none is closed under the parent.
 _FROM_PARENT: list[sqlite3.Connection] = []
@@ -289,7 +291,13 @@ class SQLiteCache:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         # Create the file 0600 before SQLite does; SQLite then creates -wal and -shm
         # with the database file's mode. (umask would affect every thread's files.)
-        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+        # Only a file that does not exist yet, and under a lock of this process: closing
+        # any descriptor of a database drops every POSIX lock this process holds on it,
+        # those of its other threads' connections too (sqlite.org/howtocorrupt.html,
+        # 2.2), and another process may then write over their last commits (CI saw a
+        # thread's puts lost while three processes wrote to the same file).
+        with _CREATE_LOCK, contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(OSError):  # absent, or another user's file
                 os.chmod(self.path + suffix, 0o600)

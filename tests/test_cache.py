@@ -573,3 +573,45 @@ def test_the_cache_file_holds_no_secret(sim: Any, tmp_path: Path) -> None:
     frame(4).llm.enrich(chains(sim.base_url), cache=path)
     for f in tmp_path.iterdir():
         assert API_KEY.encode() not in f.read_bytes(), f.name
+
+
+def _exclusive_lock_taken(path: str, queue: Any) -> None:
+    """In a spawned process: can the database's SHARED-lock bytes be locked exclusively?
+
+    They can only if no connection of another process holds its SHARED lock, which
+    is what a closing connection checks before it checkpoints and removes the WAL.
+    """
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 510, 0x40000002)
+        queue.put(True)
+    except OSError:
+        queue.put(False)
+    finally:
+        os.close(fd)
+
+
+def test_a_thread_opening_its_connection_keeps_the_other_threads_locks(tmp_path: Path) -> None:
+    """Closing any descriptor of a database drops this process's POSIX locks on it.
+
+    A new connection once opened and closed the file to create it 0600: the other
+    threads' SHARED locks went with it, another process closing its last connection
+    then took the database for its own and removed the WAL, and a thread's later
+    puts were lost (seen once in CI, in the test above).
+    """
+    cache = SQLiteCache(tmp_path / "c.sqlite")
+    cache.put("a", 1)  # this thread's connection: WAL mode, a SHARED lock on the file
+    other = threading.Thread(target=lambda: cache.get_many(["a"]))  # opens its own
+    other.start()
+    other.join()
+    queue = multiprocessing.get_context("spawn").Queue()
+    child = multiprocessing.get_context("spawn").Process(
+        target=_exclusive_lock_taken, args=(cache.path, queue)
+    )
+    child.start()
+    taken = queue.get(timeout=60)
+    child.join(60)
+    cache.close()
+    assert taken is False
