@@ -76,13 +76,13 @@ def test_the_ledger_hears_of_every_partition_an_empty_one_too(sim: Any) -> None:
     df = dd.from_pandas(frame(30), npartitions=3)
     kept = df[~df["description"].str.startswith("Review 1")]  # partition 1 (rows 10-19): empty
     out = kept.llm.enrich({"word": text_chain(sim.base_url)}, rpm=RPM * 10, cache=False)
+    # Earlier tests' jobs (and an in-process cluster's scheduler's) live here too, and
+    # their members' last renewals may touch them while this job runs: take the new one.
+    before = set(local_coordinator()._jobs)
     result = out.compute(scheduler="threads", num_workers=3)
     assert result["llm_error"].isna().all() and len(result) == 19
-    # The scheduler of an earlier test's in-process cluster keeps its jobs here too, and
-    # its members' last renewals may touch them after this job began: take this job's.
-    ledgers = [x for x in local_coordinator()._jobs.values() if x.partitions == 3]
-    latest = max(ledgers, key=lambda x: x.touched)
-    assert (latest.partitions, latest.begun, sorted(latest.sizes)) == (3, 3, [0, 9, 10])
+    (ledger,) = [x for job, x in local_coordinator()._jobs.items() if job not in before]
+    assert (ledger.partitions, ledger.begun, sorted(ledger.sizes)) == (3, 3, [0, 9, 10])
 
 
 def test_the_providers_limit_is_learned_without_any_option(make_simulator: Any) -> None:
