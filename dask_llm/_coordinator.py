@@ -51,17 +51,21 @@ window (``_limits``) admits its rate over ``1 - MARGIN`` in any second, so
 what members may send sums to at most the limit. No member is granted more
 than the paced limit minus what the others have *committed*, and a member's
 commitment is the higher of its rate in force (what it may send until its
-next renewal) and the most it reported sending in the second before any of
-its reports of the last window (1 s) and a renewal (what its requests of the
-last second still count at the provider), times ``1 - MARGIN``. So the sum
+next renewal) and what it reported sending in the second before its last
+report (what its requests of the last second still count at the provider),
+times ``1 - MARGIN``. Its strict window sends only while it holds fewer than
+its rate over ``1 - MARGIN``, and while a report is on its way only while
+it holds fewer than it reported; its older requests only leave the window.
+So the sum
 over members of what they may send in any sliding second never exceeds the
 limit: the job holds the limit over any sliding second. (Counted unscaled, a
 member that used its window's full share committed more than its rate and
 shaved the others' grants at every renewal: skewed partitions on 4 workers
-took 1.11x the bound, 1.07x with the scaling, in one run.) A rate granted
-and not used (a partition still building its rows, the tail of one) commits
-nothing once it is taken back: it moves to the others at the next renewal,
-not a window later.
+took 1.11x the bound, 1.07x with the scaling, in one run.) A rate taken back
+moves to the others as fast as its requests leave the provider's window:
+counted at the most a member had sent at any report of the last 1.25 s, it
+came back 2 s late, and a skewed job's big partition, begun when the first
+small ones ended, waited that long for the rate they gave up.
 
 Failure modes. A member that stops calling (a killed worker) loses its lease
 after ``LEASE_TTL_S``; its rate stays committed one window more, then
@@ -136,25 +140,28 @@ class Member:
     recent_tok: float = 0.0
     expires: float = 0.0
     allowance: float = 0.0  # dollars it holds, reserved or not
-    # What it sent in the second before each report: (reported at, requests, tokens).
-    sent: deque[tuple[float, float, float]] = field(default_factory=deque)
+    # What it sent in the second before its last report (requests, tokens).
+    sent_req: float = 0.0
+    sent_tok: float = 0.0
 
-    def committed(self, now: float) -> tuple[float, float]:
-        """The most it may have sent, or may send, in a window that holds ``now``.
+    def committed(self) -> tuple[float, float]:
+        """The most it may send in any window that ends after its last report.
 
-        From now on, its rate in force (until its next renewal). Before, what it
-        reported sending in the second before each of its reports of the last
-        window and a renewal: a rate it was granted and did not use (a partition still
-        building its rows, the tail of one) is not held back from the others.
-        Both in paced units (rates less the margin): what it sent counts times
-        ``1 - MARGIN``, as its strict window admits its rate over ``1 - MARGIN``.
+        Its strict window (``Pacer.admit``) sends a request only while fewer
+        than its rate over ``1 - MARGIN`` started in the last second and a bit,
+        and while its report is on its way it sends only while fewer than it
+        reported (``Ledger.holding``). Its older requests only leave the window.
+        So in any window ending after its report, it sends at most the higher of
+        what it reported sending in the second before and the rate granted at
+        that report. Both in paced units: what it sent counts times
+        ``1 - MARGIN``. Its earlier reports do not matter: a rate taken back
+        moves to the others as fast as its requests leave the provider's
+        window. (Counting the most it sent at any report of the last 1.25 s held
+        a rate taken back for 2 s: a skewed job's big partition, begun late,
+        waited that long for the rate the others gave up.)
         """
-        edge = now - WINDOW_S - RENEW_S
-        sent = self.sent
-        while sent and sent[0][0] < edge:
-            sent.popleft()
-        req = max((x[1] for x in sent), default=0.0) * (1.0 - MARGIN)
-        tok = max((x[2] for x in sent), default=0.0) * (1.0 - MARGIN)
+        req = self.sent_req * (1.0 - MARGIN)
+        tok = self.sent_tok * (1.0 - MARGIN)
         return max(req, self.rate_req), max(tok, self.rate_tok)
 
 
@@ -253,21 +260,21 @@ class Coordinator:
                 ledger.begun += 1
                 ledger.sizes.append(int(rows))
             if report.get("release"):
-                _sent(me, report, now)
-                req, tok = me.committed(now)
+                _sent(me, report)
+                req, tok = me.committed()
                 ledger.ghosts.append((now + WINDOW_S + RENEW_S, req, tok))
                 del ledger.members[member]
                 return {"rate_req": 0.0, "rate_tok": 0.0, "grant_usd": 0.0, "stop": ledger.stop}
             me.used_req = float(report.get("used_req") or 0.0)
             me.used_tok = float(report.get("used_tok") or 0.0)
-            _sent(me, report, now)
+            _sent(me, report)
             me.hungry = bool(report.get("hungry", True))
             recent = report.get("sent_1s") or (0.0, 0.0)
             me.recent_req, me.recent_tok = float(recent[0]) / WINDOW_S, float(recent[1]) / WINDOW_S
             backlog = report.get("backlog")
             me.backlog = None if backlog is None else int(backlog)
             me.expires = now + LEASE_TTL_S
-            rate_req, rate_tok = self._rates(ledger, member, now)
+            rate_req, rate_tok = self._rates(ledger, member)
             me.rate_req, me.rate_tok = rate_req, rate_tok
             grant = self._dollars(
                 ledger,
@@ -292,10 +299,9 @@ class Coordinator:
             ledger = self._jobs.get(job)
             if ledger is None:
                 return None
-            now = self.clock()
             return {
                 "members": {m: (x.rate_req, x.rate_tok) for m, x in ledger.members.items()},
-                "committed_req": sum(x.committed(now)[0] for x in ledger.members.values()),
+                "committed_req": sum(x.committed()[0] for x in ledger.members.values()),
                 "limits": ledger.limits(),
                 "spent_usd": ledger.spent_usd,
                 "outstanding_usd": sum(x.allowance for x in ledger.members.values()),
@@ -306,14 +312,14 @@ class Coordinator:
     def _expire(self, ledger: JobLedger, now: float) -> None:
         for name in [m for m, x in ledger.members.items() if x.expires and x.expires < now]:
             gone = ledger.members.pop(name)
-            req, tok = gone.committed(now)
+            req, tok = gone.committed()
             ledger.ghosts.append((now + WINDOW_S, req, tok))
             # Its allowance was reserved for requests it can no longer settle: the
             # worst case is that they were all paid for.
             ledger.spent_usd += gone.allowance
         ledger.ghosts = [g for g in ledger.ghosts if g[0] > now]
 
-    def _rates(self, ledger: JobLedger, member: str, now: float) -> tuple[float, float]:
+    def _rates(self, ledger: JobLedger, member: str) -> tuple[float, float]:
         limit_req, limit_tok = ledger.limits()
         target_req = _share(ledger, member, limit_req, "req")
         target_tok = _share(ledger, member, limit_tok, "tok")
@@ -321,7 +327,7 @@ class Coordinator:
         others_req = others_tok = 0.0
         for name, other in ledger.members.items():
             if name != member:
-                req, tok = other.committed(now)
+                req, tok = other.committed()
                 others_req += req
                 others_tok += tok
         for _, req, tok in ledger.ghosts:
@@ -329,7 +335,7 @@ class Coordinator:
             others_tok += tok
         free_req = max(0.0, (limit_req or 0.0) - others_req)
         free_tok = max(0.0, (limit_tok or 0.0) - others_tok)
-        return min(target_req, free_req), min(target_tok, free_tok)
+        return _whole_window(target_req, free_req), min(target_tok, free_tok)
 
     def _dollars(self, ledger: JobLedger, me: Member, *, need: float, want: float) -> float:
         """Top ``me``'s allowance up toward ``want``; stop the job if not even ``need`` fits.
@@ -359,7 +365,7 @@ class Coordinator:
             del self._jobs[job]
 
 
-def _sent(me: Member, report: dict[str, Any], now: float) -> None:
+def _sent(me: Member, report: dict[str, Any]) -> None:
     """Record what ``me`` sent in the second before its report.
 
     ``sent_1s``: requests and tokens it started in that second, counted as
@@ -377,7 +383,27 @@ def _sent(me: Member, report: dict[str, Any], now: float) -> None:
     if float(report.get("interval") or math.inf) > 2 * RENEW_S:
         used_req = max(used_req, me.rate_req / (1.0 - MARGIN))
         used_tok = max(used_tok, me.rate_tok / (1.0 - MARGIN))
-    me.sent.append((now, used_req, used_tok))
+    me.sent_req, me.sent_tok = used_req, used_tok
+
+
+def _whole_window(target: float, free: float) -> float:
+    """A request rate whose strict window holds a whole number of requests.
+
+    A member's window (``Pacer.admit``) holds at most its rate over
+    ``1 - MARGIN`` requests, rounded down: a rate of 8.4/s let 8 through in
+    1.02 s, 7.8/s, and three small members of a skewed job lost 1.7 requests a
+    second between them. So the rate granted is a whole window's worth times
+    ``1 - MARGIN``: the nearest one, while what the others have committed
+    leaves room for it, else the one below (rounded up always, the first
+    members to renew took what the last ones were due).
+    """
+    unit = 1.0 - MARGIN
+    near = math.floor(target / unit + 0.5)
+    if target > 0:
+        near = max(near, 1)
+    if near * unit <= free + 1e-9:
+        return near * unit
+    return math.floor(min(target, free) / unit + 1e-9) * unit
 
 
 def _share(ledger: JobLedger, member: str, limit: float | None, kind: str) -> float:

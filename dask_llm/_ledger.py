@@ -162,6 +162,8 @@ class Ledger:
         self._idle_since = clock()
         self._queued = 0
         self._backlog = 0  # rows of the partitions running here that are not done yet
+        # What each report on its way said was sent in its last second (see ``holding``).
+        self._reported: list[tuple[int, float]] = []
 
     # -- what the pacer reads --------------------------------------------------------------------
     def rates(self) -> tuple[float | None, float | None]:
@@ -202,6 +204,23 @@ class Ledger:
         while recent and recent[0][0] <= now - WINDOW_S:
             recent.popleft()
         return len(recent), sum(t for _, t in recent)
+
+    def holding(self, tokens: float, *, req: bool, tok: bool) -> bool:
+        """Whether a request must wait for the reply to the report on its way.
+
+        The coordinator counts this member, until its next report, at the higher
+        of what it reported sending in its last second and the rate it grants
+        now; the rest it lends to others at once. Until the reply is here, the
+        old rate still applies: so no more than was reported may be in this
+        process's last second (``req``/``tok``: which limits are in force).
+        """
+        with self._lock:
+            if not self._reported:
+                return False
+            count, used = self._sent_last_second(self.clock())
+            held_req = min(x[0] for x in self._reported)
+            held_tok = min(x[1] for x in self._reported)
+        return (req and count + 1 > held_req) or (tok and used + tokens > held_tok)
 
     def waiting(self) -> None:
         """A request had to wait for pacing: this member could use more."""
@@ -313,12 +332,14 @@ class Ledger:
             if self.budgeted and self.allowance > want and not need:
                 self.allowance = want  # hand back what it will not need soon
             begun = self._begun
+            sent_1s = self._sent_last_second(now)
+            self._reported.append(sent_1s)
             report = {
                 "config": self.config,
                 "used_req": self._started_req / elapsed,
                 "used_tok": self._started_tok / elapsed,
                 "interval": elapsed,
-                "sent_1s": self._sent_last_second(now),
+                "sent_1s": sent_1s,
                 "hungry": self._hungry or self._queued > 0,
                 "spent_usd": self.spent_since,
                 "allowance": self.allowance + self.reserved,
@@ -341,11 +362,13 @@ class Ledger:
             reply = self.link.lease(self.job, self.member, report)
         except (OSError, ConnectionError, TimeoutError, RuntimeError, KeyError, ValueError) as exc:
             with self._lock:
+                self._reported.remove(sent_1s)
                 self.spent_since += spent  # not delivered: report it next time
                 self._begun = begun + self._begun
             self._unreachable(exc, now)
             return None
         with self._lock:
+            self._reported.remove(sent_1s)
             self.reached = True
             self.fallback = False
             self.expires = now + LEASE_TTL_S  # the coordinator's, counted from before the call

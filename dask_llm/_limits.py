@@ -70,6 +70,8 @@ _RATE_RECOVERY_S = 15.0
 ADMIT_WINDOW_S = 1.02
 #: Seconds of starts a process that fell behind its schedule may make up at once.
 CATCH_UP_S = 0.1
+#: How long a request waits for the reply to a report on its way before it looks again.
+HOLD_S = 0.005
 
 
 class Pacer:
@@ -213,6 +215,12 @@ class Pacer:
                 if used + tokens > max(tokens, tok_rate / (1.0 - MARGIN)):
                     self._waiting()
                     return max(1e-3, sent[0][0] + ADMIT_WINDOW_S - now)
+            if (
+                self.ledger is not None
+                and (req_rate is not None or tok_rate is not None)
+                and self.ledger.holding(tokens, req=req_rate is not None, tok=tok_rate is not None)
+            ):
+                return HOLD_S  # its report is on its way: see ``Ledger.holding``
             if req_rate is not None or tok_rate is not None:
                 sent.append((now, tokens))
             if self.ledger is not None:

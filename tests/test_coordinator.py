@@ -5,16 +5,20 @@ All on a clock the tests move by hand: no sleeping, no processes.
 
 from __future__ import annotations
 
+import math
 import random
+from collections import deque
 from typing import Any
 
 import pytest
 
 from dask_llm._coordinator import LEASE_TTL_S, MARGIN, RENEW_S, WINDOW_S, Coordinator
 from dask_llm._ledger import Ledger
+from dask_llm._limits import HOLD_S, Pacer
 
 LIMIT = 100 / 60 * 60 * 60  # rpm for 100 requests/s
 RATE = 100 * (1 - MARGIN)  # what the whole job may use, per second
+UNIT = 1 - MARGIN  # rates are granted in whole requests of a member's window (``_whole_window``)
 
 
 class Clock:
@@ -60,8 +64,8 @@ def test_a_member_with_little_work_keeps_what_it_uses_and_the_rest_goes_to_the_h
     leases: dict[str, Any] = {}
     for _ in range(12):
         leases = renew_all(c, clock, {"big": {}, "small": {"hungry": False, "used_req": 8.0}})
-    assert leases["small"]["rate_req"] == pytest.approx(8.0 * 1.25)
-    assert leases["big"]["rate_req"] == pytest.approx(RATE - 10.0)
+    assert leases["small"]["rate_req"] == pytest.approx(8.0 * 1.25, abs=UNIT)
+    assert leases["big"]["rate_req"] == pytest.approx(RATE - 10.0, abs=UNIT)
 
 
 def test_a_new_member_gets_a_share_within_two_seconds() -> None:
@@ -100,9 +104,9 @@ def test_a_member_holding_most_of_the_remaining_work_gets_its_part_of_the_limit(
     backlogs = {"big": 2400, "a": 229, "b": 229, "c": 229}
     leases = skewed(c, clock, backlogs, {n: [b] for n, b in backlogs.items()})
     work = 2400 + 3 * 229 + 4 * 229  # 4 partitions not begun, at the median size
-    assert leases["big"]["rate_req"] == pytest.approx(RATE * 2400 / work)
+    assert leases["big"]["rate_req"] == pytest.approx(RATE * 2400 / work, abs=UNIT)
     for name in "abc":
-        assert leases[name]["rate_req"] == pytest.approx(RATE * (1 - 2400 / work) / 3)
+        assert leases[name]["rate_req"] == pytest.approx(RATE * (1 - 2400 / work) / 3, abs=UNIT)
 
 
 def test_a_process_running_small_partitions_one_after_another_is_not_starved() -> None:
@@ -111,7 +115,7 @@ def test_a_process_running_small_partitions_one_after_another_is_not_starved() -
     c = Coordinator(clock=clock)
     leases = skewed(c, clock, {"big": 2400, "small": 229}, {"big": [2400], "small": [229]})
     work = 2400 + 229 + 6 * 229
-    assert leases["small"]["rate_req"] == pytest.approx(RATE * (1 - 2400 / work))
+    assert leases["small"]["rate_req"] == pytest.approx(RATE * (1 - 2400 / work), abs=UNIT)
     assert leases["small"]["rate_req"] > RATE / 3  # by its own rows alone: 9%
 
 
@@ -145,8 +149,8 @@ def test_a_critical_member_that_cannot_use_its_part_keeps_what_it_uses() -> None
         small = report(backlog=200, begun=[200] if round_ == 0 else [])
         leases["small"] = c.lease("job", "small", {**small, "config": config})
         clock.now += RENEW_S
-    assert leases["big"]["rate_req"] == pytest.approx(30.0 * 1.25)
-    assert leases["small"]["rate_req"] == pytest.approx(RATE - 30.0 * 1.25)
+    assert leases["big"]["rate_req"] == pytest.approx(30.0 * 1.25, abs=UNIT)
+    assert leases["small"]["rate_req"] == pytest.approx(RATE - 30.0 * 1.25, abs=UNIT)
 
 
 def test_capacity_no_one_asks_for_goes_to_the_members_with_rows_still_to_run() -> None:
@@ -177,27 +181,38 @@ def test_a_quiet_member_keeps_what_it_sent_in_its_last_second() -> None:
     for _ in range(12):
         quiet = {"hungry": False, "used_req": 0.0, "sent_1s": (9, 0.0), "interval": RENEW_S}
         leases = renew_all(c, clock, {"big": {}, "small": quiet})
-    assert leases["small"]["rate_req"] == pytest.approx(9 * (1 - MARGIN) * 1.25)
-    assert leases["big"]["rate_req"] == pytest.approx(RATE - 9 * (1 - MARGIN) * 1.25)
+    assert leases["small"]["rate_req"] == pytest.approx(9 * (1 - MARGIN) * 1.25, abs=UNIT)
+    assert leases["big"]["rate_req"] == pytest.approx(RATE - 9 * (1 - MARGIN) * 1.25, abs=UNIT)
 
 
-def test_what_a_member_sent_in_the_last_second_stays_committed() -> None:
-    """Its requests of the last second still count at the provider: not lent to others."""
+def test_what_a_member_sent_in_the_last_second_stays_committed_until_it_leaves_the_window() -> None:
+    """Its requests of the last second still count at the provider: lent only as they leave.
+
+    A sent its whole window's worth (its rate before the margin, as its strict
+    window allows, ``Pacer.admit``), evenly, then stopped at once, and reports
+    what of it is still in its last second. What b is lent and what of a's
+    requests the provider still counts never pass the limit, and b has the
+    whole rate once a's last second has passed, not a window later.
+    """
     clock = Clock()
     c = Coordinator(clock=clock)
-    # It sent its whole window's worth in the second before the report: its rate
-    # before the margin, as its strict window allows (``Pacer.admit``).
-    full = (RATE / (1 - MARGIN), 0.0)
-    c.lease("job", "a", report(sent_1s=full, interval=RENEW_S))
-    clock.now += RENEW_S
-    c.lease("job", "a", report(hungry=False, sent_1s=full, interval=RENEW_S))  # done, at once
+    full = RATE / (1 - MARGIN)
+    stopped = clock.now + RENEW_S
+
+    def in_window() -> float:
+        return full * max(0.0, WINDOW_S - (clock.now - stopped)) / WINDOW_S
+
+    c.lease("job", "a", report(sent_1s=(full, 0.0), interval=RENEW_S))
+    clock.now = stopped
+    c.lease("job", "a", report(hungry=False, sent_1s=(in_window(), 0.0), interval=RENEW_S))
     b = c.lease("job", "b", report())
     assert b["rate_req"] == pytest.approx(0.0)
-    while b["rate_req"] < RATE * 0.98:
+    while clock.now < stopped + WINDOW_S + RENEW_S:
         clock.now += RENEW_S
-        c.lease("job", "a", report(hungry=False, sent_1s=(0.0, 0.0), interval=RENEW_S))
+        c.lease("job", "a", report(hungry=False, sent_1s=(in_window(), 0.0), interval=RENEW_S))
         b = c.lease("job", "b", report())
-    assert clock.now - 1000.0 >= WINDOW_S  # not before its last second has passed
+        assert b["rate_req"] / (1 - MARGIN) + in_window() <= full * (1 + 1e-9)
+    assert b["rate_req"] >= RATE * 0.98
 
 
 def test_a_late_renewal_keeps_what_its_window_may_have_sent_committed() -> None:
@@ -230,6 +245,34 @@ def test_a_member_that_stops_renewing_gives_its_share_back_within_three_seconds(
     while c.lease("job", "a", report())["rate_req"] < RATE * 0.99:
         clock.now += RENEW_S
         assert clock.now - died < LEASE_TTL_S + WINDOW_S + 0.5
+
+
+def test_while_its_report_is_on_its_way_a_member_sends_no_more_than_it_reported() -> None:
+    """The coordinator lends at once what a report says was not sent: the old rate must not use it.
+
+    Until the reply is back, the member's old rate still applies; its strict
+    window then holds it to what it reported in its last second.
+    """
+    clock = Clock()
+    coordinator = Coordinator(clock=clock)
+    pacers: list[Pacer] = []
+    on_the_way: list[list[float]] = []
+
+    class Link:
+        def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+            if pacers:
+                on_the_way.append([pacers[0].admit(1.0) for _ in range(3)])
+                clock.now += WINDOW_S  # what it reported leaves the window
+                on_the_way.append([pacers[0].admit(1.0) for _ in range(3)])
+            return coordinator.lease(job, member, report)
+
+    ledger = Ledger("job", {"rpm": LIMIT}, Link(), clock=clock)
+    ledger._renew()
+    pacers.append(Pacer(ledger=ledger, clock=clock))
+    assert [pacers[0].admit(1.0) for _ in range(2)] == [0.0, 0.0]
+    ledger._renew()  # it reports 2 requests in its last second
+    assert on_the_way == [[HOLD_S] * 3, [0.0, 0.0, HOLD_S]]
+    assert pacers[0].admit(1.0) == 0.0  # the reply is here: its new rate applies
 
 
 def test_a_member_whose_lease_has_lapsed_sends_nothing_until_it_renews() -> None:
@@ -354,3 +397,83 @@ def test_a_dead_members_allowance_counts_as_spent() -> None:
     c.lease("job", "a", budget_report())
     state = c.snapshot("job")
     assert state is not None and state["spent_usd"] == pytest.approx(0.4)
+
+
+def test_the_real_pacers_of_members_that_come_and_go_never_pass_the_limit_together() -> None:
+    """Members with their real ``Ledger`` and ``Pacer``, on one clock: every send counted.
+
+    Demand changes at random (all it can send, a trickle, bursts, nothing),
+    members join, finish and die. Every request each pacer lets out is stamped;
+    no sliding second of the whole job holds more than the limit, and the job
+    does reach it. (The pacers' even spacing does most of the work here: the
+    test above, whose members send at a constant rate per lease, is the one
+    that checks the commitments.)
+    """
+    clock = Clock()
+    coordinator = Coordinator(clock=clock)
+    rng = random.Random(11)
+
+    class Link:
+        def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+            return coordinator.lease(job, member, report)
+
+    class Member:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.ledger = Ledger("job", {"rpm": LIMIT, "partitions": 40}, Link(), clock=clock)
+            self.ledger.member = name
+            self.pacer = Pacer(ledger=self.ledger, clock=clock)
+            self.next_renewal = clock.now + rng.uniform(0.0, RENEW_S)
+            self.demand = 0.0  # requests/s (inf: all it may send)
+            self.queued = 0
+            self.ready = clock.now  # when its next request may be tried
+            self.booked = False
+            self.ledger.partition_began(int(rng.paretovariate(1.0) * 100))
+            self.ledger._renew()
+
+    sends: deque[float] = deque()
+    peak = 0
+    members: dict[str, Member] = {"m0": Member("m0")}
+    tick = 0.002
+    for step in range(20_000):  # 40 s
+        clock.now += tick
+        if rng.random() < tick / 3:  # a member joins every 3 s or so
+            members[f"m{step}"] = Member(f"m{step}")
+        if len(members) > 1 and rng.random() < tick / 6:  # or leaves: its work is done, or it died
+            gone = members.pop(rng.choice(sorted(members)))
+            if rng.random() < 0.5:
+                gone.ledger._renew(release=True)
+        for m in members.values():
+            if rng.random() < tick / 2:  # its demand changes every 2 s or so
+                m.demand = rng.choice([math.inf, math.inf, rng.uniform(0.0, 60.0), 0.0])
+            if clock.now >= m.next_renewal:
+                m.next_renewal += RENEW_S
+                m.ledger._renew()
+            if m.demand == math.inf:
+                m.queued = max(m.queued, 1)
+            elif rng.random() < m.demand * tick:
+                m.queued += 1
+            if rng.random() < tick:  # a burst: a dependent chain's requests, answers back
+                m.queued += rng.randint(10, 60)
+            while m.queued and clock.now >= m.ready:
+                if not m.booked:
+                    wait = m.pacer.reserve(1.0)
+                    if wait is None:
+                        m.ready = clock.now + RENEW_S
+                        break
+                    m.booked = True
+                    m.ready = clock.now + wait
+                    continue
+                late = m.pacer.admit(1.0)
+                if late > 0:
+                    m.ready = clock.now + late
+                    break
+                m.booked = False
+                m.queued -= 1
+                m.ledger.rows_done(1)
+                sends.append(clock.now)
+                while sends[0] <= clock.now - WINDOW_S:
+                    sends.popleft()
+                peak = max(peak, len(sends))
+        assert len(sends) <= 100, (step, len(sends))
+    assert peak >= 90  # and the test did drive the job near its limit

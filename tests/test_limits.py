@@ -165,6 +165,9 @@ class FixedLease:
     def learned(self, rpm: float | None, tpm: float | None) -> None:
         pass
 
+    def holding(self, tokens: float, *, req: bool, tok: bool) -> bool:
+        return False
+
 
 def test_the_pacer_spends_the_leased_rate_and_says_when_it_waits() -> None:
     clock = Clock()
