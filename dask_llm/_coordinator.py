@@ -321,8 +321,8 @@ class Coordinator:
 
     def _rates(self, ledger: JobLedger, member: str) -> tuple[float, float]:
         limit_req, limit_tok = ledger.limits()
-        target_req = _share(ledger, member, limit_req, "req")
-        target_tok = _share(ledger, member, limit_tok, "tok")
+        target_req = _whole_windows(_shares(ledger, limit_req, "req")).get(member, 0.0)
+        target_tok = _shares(ledger, limit_tok, "tok").get(member, 0.0)
         # No more than what the others may still be using leaves free.
         others_req = others_tok = 0.0
         for name, other in ledger.members.items():
@@ -335,7 +335,10 @@ class Coordinator:
             others_tok += tok
         free_req = max(0.0, (limit_req or 0.0) - others_req)
         free_tok = max(0.0, (limit_tok or 0.0) - others_tok)
-        return _whole_window(target_req, free_req), min(target_tok, free_tok)
+        # Whole windows (see ``_whole_windows``), no more than the others leave free.
+        unit = 1.0 - MARGIN
+        rate_req = min(target_req, math.floor(free_req / unit + 1e-9) * unit)
+        return rate_req, min(target_tok, free_tok)
 
     def _dollars(self, ledger: JobLedger, me: Member, *, need: float, want: float) -> float:
         """Top ``me``'s allowance up toward ``want``; stop the job if not even ``need`` fits.
@@ -386,30 +389,31 @@ def _sent(me: Member, report: dict[str, Any]) -> None:
     me.sent_req, me.sent_tok = used_req, used_tok
 
 
-def _whole_window(target: float, free: float) -> float:
-    """A request rate whose strict window holds a whole number of requests.
+def _whole_windows(shares: dict[str, float]) -> dict[str, float]:
+    """Request rates whose strict windows hold whole numbers of requests.
 
     A member's window (``Pacer.admit``) holds at most its rate over
     ``1 - MARGIN`` requests, rounded down: a rate of 8.4/s let 8 through in
     1.02 s, 7.8/s, and three small members of a skewed job lost 1.7 requests a
-    second between them. So the rate granted is a whole window's worth times
-    ``1 - MARGIN``: the nearest one, while what the others have committed
-    leaves room for it, else the one below (rounded up always, the first
-    members to renew took what the last ones were due).
+    second between them. So rates are granted in whole windows (times
+    ``1 - MARGIN``): each share rounded down, and the requests that the
+    rounding leaves go to the largest remainders (three members due a third
+    of 100 each get 34, 33 and 33). A member due anything gets one at least.
     """
     unit = 1.0 - MARGIN
-    near = math.floor(target / unit + 0.5)
-    if target > 0:
-        near = max(near, 1)
-    if near * unit <= free + 1e-9:
-        return near * unit
-    return math.floor(min(target, free) / unit + 1e-9) * unit
+    windows = {name: share / unit for name, share in shares.items()}
+    whole = {name: math.floor(w + 1e-9) for name, w in windows.items()}
+    spare = math.floor(sum(windows.values()) + 1e-9) - sum(whole.values())
+    by_remainder = sorted(windows, key=lambda n: (whole[n] - windows[n], n))
+    for name in by_remainder[: max(0, spare)]:
+        whole[name] += 1
+    return {name: max(n, 1 if windows[name] > 0 else 0) * unit for name, n in whole.items()}
 
 
-def _share(ledger: JobLedger, member: str, limit: float | None, kind: str) -> float:
-    """``member``'s share of ``limit``: water-filling by demand (see the module docstring)."""
+def _shares(ledger: JobLedger, limit: float | None, kind: str) -> dict[str, float]:
+    """The members' shares of ``limit``: water-filling by demand (see the module docstring)."""
     if limit is None:
-        return 0.0
+        return {}
     members = ledger.members
     wants: dict[str, float] = {}
     for name, m in members.items():
@@ -454,7 +458,7 @@ def _share(ledger: JobLedger, member: str, limit: float | None, kind: str) -> fl
         total = sum(backlogs.values())
         for name, rows in backlogs.items():
             share[name] = share.get(name, 0.0) + left * rows / total
-    return share.get(member, 0.0)
+    return share
 
 
 _COORDINATOR: Coordinator | None = None

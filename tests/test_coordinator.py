@@ -58,6 +58,22 @@ def test_hungry_members_share_evenly_once_the_surplus_has_aged() -> None:
     assert leases["b"]["rate_req"] == pytest.approx(RATE / 2)
 
 
+def test_rates_are_whole_windows_and_use_the_limit_to_the_last_request() -> None:
+    """A member's strict window holds whole requests (``Pacer.admit``): rates are granted in them.
+
+    Three members due a third of the limit each: 34, 33 and 33 requests a
+    window, not 33.3 each (which its window rounds down to 33: a request a
+    second lost).
+    """
+    clock = Clock()
+    c = Coordinator(clock=clock)
+    leases: dict[str, Any] = {}
+    for _ in range(12):
+        leases = renew_all(c, clock, {"a": {}, "b": {}, "c": {}})
+    windows = sorted(leases[n]["rate_req"] / UNIT for n in "abc")
+    assert windows == pytest.approx([33, 33, 34])
+
+
 def test_a_member_with_little_work_keeps_what_it_uses_and_the_rest_goes_to_the_hungry() -> None:
     clock = Clock()
     c = Coordinator(clock=clock)
