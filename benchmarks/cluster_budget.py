@@ -176,7 +176,7 @@ def baseline_tree(rev: str = BASELINE) -> Iterator[str]:
 def describe(result: dict[str, Any], bound: float) -> tuple[str, str, str]:
     share = result["rate_limited"] / max(1, result["requests"])
     return (
-        f"{result['wall'] / bound:.2f}x",
+        f"{result['wall'] / bound:.3f}x",
         f"{result['rate_limited']} ({share:.1%})",
         str(result["peak_requests_1s"]),
     )
