@@ -367,6 +367,10 @@ class Ledger:
                 self._begun = begun + self._begun
             self._unreachable(exc, now)
             return None
+        except BaseException:
+            with self._lock:
+                self._reported.remove(sent_1s)  # else this process would hold its sends for good
+            raise
         with self._lock:
             self._reported.remove(sent_1s)
             self.reached = True

@@ -291,6 +291,19 @@ def test_while_its_report_is_on_its_way_a_member_sends_no_more_than_it_reported(
     assert pacers[0].admit(1.0) == 0.0  # the reply is here: its new rate applies
 
 
+def test_a_report_that_fails_in_an_unforeseen_way_leaves_no_hold_behind() -> None:
+    clock = Clock()
+
+    class Link:
+        def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+            raise TypeError("a bug in the link")
+
+    ledger = Ledger("job", {"rpm": LIMIT}, Link(), clock=clock)
+    with pytest.raises(TypeError):
+        ledger._renew()
+    assert not ledger.holding(1.0, req=True, tok=False)
+
+
 def test_a_member_whose_lease_has_lapsed_sends_nothing_until_it_renews() -> None:
     """The coordinator lends a lapsed lease to the others: the member must not keep using it."""
     clock = Clock()
