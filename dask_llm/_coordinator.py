@@ -321,8 +321,9 @@ class Coordinator:
 
     def _rates(self, ledger: JobLedger, member: str) -> tuple[float, float]:
         limit_req, limit_tok = ledger.limits()
-        target_req = _whole_windows(_shares(ledger, limit_req, "req")).get(member, 0.0)
-        target_tok = _shares(ledger, limit_tok, "tok").get(member, 0.0)
+        work = ledger.work_left()  # once per lease: both kinds split the same work
+        target_req = _whole_windows(_shares(ledger, limit_req, "req", work)).get(member, 0.0)
+        target_tok = _shares(ledger, limit_tok, "tok", work).get(member, 0.0)
         # No more than what the others may still be using leaves free.
         others_req = others_tok = 0.0
         for name, other in ledger.members.items():
@@ -410,8 +411,13 @@ def _whole_windows(shares: dict[str, float]) -> dict[str, float]:
     return {name: max(n, 1 if windows[name] > 0 else 0) * unit for name, n in whole.items()}
 
 
-def _shares(ledger: JobLedger, limit: float | None, kind: str) -> dict[str, float]:
-    """The members' shares of ``limit``: water-filling by demand (see the module docstring)."""
+def _shares(
+    ledger: JobLedger, limit: float | None, kind: str, work: float | None
+) -> dict[str, float]:
+    """The members' shares of ``limit``: water-filling by demand (see the module docstring).
+
+    ``work``: the job's rows not done (``JobLedger.work_left``).
+    """
     if limit is None:
         return {}
     members = ledger.members
@@ -425,7 +431,6 @@ def _shares(ledger: JobLedger, limit: float | None, kind: str) -> dict[str, floa
     left = limit
     open_members = dict(wants)
     share: dict[str, float] = {}
-    work = ledger.work_left()
     if work:
         # The critical path: a member whose partitions hold more of the job's remaining
         # work than an even share would finish by the job's end gets its part of the

@@ -214,6 +214,8 @@ class Ledger:
         old rate still applies: so no more than was reported may be in this
         process's last second (``req``/``tok``: which limits are in force).
         """
+        if not self._reported:  # every admit asks; a report is on its way a few ms a renewal
+            return False
         with self._lock:
             if not self._reported:
                 return False

@@ -215,13 +215,14 @@ class Pacer:
                 if used + tokens > max(tokens, tok_rate / (1.0 - MARGIN)):
                     self._waiting()
                     return max(1e-3, sent[0][0] + ADMIT_WINDOW_S - now)
+            paced = req_rate is not None or tok_rate is not None
             if (
-                self.ledger is not None
-                and (req_rate is not None or tok_rate is not None)
+                paced
+                and self.ledger is not None
                 and self.ledger.holding(tokens, req=req_rate is not None, tok=tok_rate is not None)
             ):
                 return HOLD_S  # its report is on its way: see ``Ledger.holding``
-            if req_rate is not None or tok_rate is not None:
+            if paced:
                 sent.append((now, tokens))
             if self.ledger is not None:
                 self.ledger.started(tokens)
