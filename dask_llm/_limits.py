@@ -15,10 +15,10 @@ its tokens) and every response's status and headers.
   booked start at the rate in force; a process behind its schedule makes up
   at most ``CATCH_UP_S`` of starts), and at the moment a request is really
   sent, no more than the process's share of the limit (its rate
-  before the margin, rounded down) may have started in the last 1.02 s: a
+  before the margin, rounded down) may have started in the last 1.01 s: a
   loop that was busy sends booked requests late and together, and a provider
   that counts any sliding second (or fixed slices, or a token bucket: each
-  is looser than a sliding window) would see the bunch. The extra 20 ms
+  is looser than a sliding window) would see the bunch. The extra 10 ms
   cover the spread of delays between our write and the provider's clock.
   The shares sum to at most the limit, so the job holds it over any sliding
   second as the provider stamps it.
@@ -67,7 +67,7 @@ _RATE_BACKOFF = 0.95
 _RATE_RECOVERY_S = 15.0
 #: Arrivals are counted over this window: the provider's second plus the spread of
 #: the delays between our write and its clock (see ``Pacer.admit``).
-ADMIT_WINDOW_S = 1.02
+ADMIT_WINDOW_S = 1.01
 #: Seconds of starts a process that fell behind its schedule may make up at once.
 CATCH_UP_S = 0.1
 #: How long a request waits for the reply to a report on its way before it looks again.
@@ -197,7 +197,10 @@ class Pacer:
         milliseconds later (measured: 0.3-6 ms between write and the simulator's
         stamp, server peaks 4-15 above a client window that held). Counting to
         the share of the limit, not of the paced rate, keeps the window from
-        binding while pacing holds, so requests are not pinned to its edge.
+        binding while pacing holds, so requests are not pinned to its edge: the
+        window's rate (the share over 1.01 s) stays 1% above the paced rate (the
+        share less the 2% margin). At 1.02 s with the 2% margin the two met; at
+        1.01 s the measured spread (6 ms at most) is still covered.
         """
         with self._lock:
             req_rate, tok_rate = self.rates()

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import dask_llm
+from dask_llm._coordinator import MARGIN
 from tests.chains import summary_chain
 from tests.chains import wine_chains as chains
 
@@ -108,7 +109,7 @@ def test_a_killed_workers_lease_returns_within_seconds(make_simulator: Any) -> N
     import time
 
     sim = make_simulator(latency=0.3)
-    rate = 1200 / 60 * (1 - 0.03)
+    rate = 1200 / 60 * (1 - MARGIN)
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
