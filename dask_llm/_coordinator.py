@@ -116,9 +116,9 @@ RENEW_S = 0.25
 LEASE_TTL_S = 1.5
 #: The provider's window: a rate given back is committed this much longer.
 WINDOW_S = 1.0
-#: Below the limit by this fraction: arrivals on the wire are never exactly paced.
-#: (3% until 2026-12-07: 2% gained 1% of the limit on every run of cluster_budget,
-#: with 0-5 quota 429s in 8,000 requests, 0-1 before; the target allows 40.)
+#: Below the limit by this fraction: headroom for arrivals that bunch on their way
+#: (the members' strict windows sum to the limit at any margin; docs/rate-limits.md,
+#: "The margin", has what 3% and 2% measured).
 MARGIN = 0.02
 #: A member keeps what it used plus this fraction, so that it can grow.
 GROWTH = 1.25

@@ -198,9 +198,9 @@ class Pacer:
         stamp, server peaks 4-15 above a client window that held). Counting to
         the share of the limit, not of the paced rate, keeps the window from
         binding while pacing holds, so requests are not pinned to its edge: the
-        window's rate (the share over 1.01 s) stays 1% above the paced rate (the
-        share less the 2% margin). At 1.02 s with the 2% margin the two met; at
-        1.01 s the measured spread (6 ms at most) is still covered.
+        window's rate (the share over ``ADMIT_WINDOW_S``) must stay above the
+        paced rate (the share less ``MARGIN``), by 1% today. Lowering one of the
+        two means checking the other (a test holds them apart).
         """
         with self._lock:
             req_rate, tok_rate = self.rates()

@@ -116,6 +116,11 @@ def test_a_burst_does_not_echo_at_the_edge_of_the_providers_second() -> None:
     assert len(starts) == pytest.approx(1000 * (1 - MARGIN), abs=2)  # the pace: the paced rate
 
 
+def test_the_strict_window_stays_looser_than_the_pace() -> None:
+    """Over its window, a share lets through more than pacing sends (else it binds)."""
+    assert 1.0 / ADMIT_WINDOW_S >= (1.0 - MARGIN) * 1.005
+
+
 def test_tokens_too_are_held_over_any_second() -> None:
     clock = Clock()
     pacer = Pacer(tpm=60_000, clock=clock)  # 1,000 tokens/s before the margin
