@@ -9,7 +9,7 @@ import logging
 
 from dask_llm import _job  # noqa: F401  (registers the Dask callback that stops jobs on Ctrl-C)
 from dask_llm._accessor import DaskLLMAccessor, PandasLLMAccessor, enrich, estimate, pilot
-from dask_llm._batch import BatchPolicy, cancel_batches
+from dask_llm._batch import cancel_batches
 from dask_llm._chain import Chain
 from dask_llm._errors import (
     BudgetExceeded,
@@ -19,10 +19,10 @@ from dask_llm._errors import (
     WorkerSetupError,
 )
 from dask_llm._estimate import Estimate
-from dask_llm._pilot import Pilot, QualityGate
+from dask_llm._options import BatchPolicy, QualityGate, RetryPolicy
+from dask_llm._pilot import Pilot
 from dask_llm._progress import RunSummary, last_run
 from dask_llm._record import RunRecord
-from dask_llm._retry import RetryPolicy
 from dask_llm._usage import BATCH_DISCOUNT, PRICES, PRICES_AS_OF
 
 __all__ = [

@@ -7,34 +7,47 @@ The accessors only store the frame (Dask's ``__getattr__`` would swallow an
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, TypedDict, Unpack, overload
+from typing import Any, NamedTuple, TypedDict, Unpack, overload
 
+import dask
 import dask.dataframe as dd
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor as register_dask_accessor
+from langchain_openai.chat_models.base import BaseChatOpenAI
 
-from dask_llm import _cluster, _coordinator, _progress
-from dask_llm._batch import DEFAULT_BATCH, BatchPolicy
+from dask_llm import _cluster, _progress
 from dask_llm._cache import ResultCache, check_cache, open_cache
 from dask_llm._chain import Chain
-from dask_llm._estimate import Estimate
+from dask_llm._estimate import Estimate, run_estimate
+from dask_llm._graph import find
+from dask_llm._handle import JobHandle
 from dask_llm._options import (
+    DEFAULT_BATCH,
     DEFAULT_ERROR_COLUMN,
     DEFAULT_ERRORS,
     DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_RETRY,
     DEFAULT_SYNC_THREADS,
+    BatchPolicy,
     EnrichOptions,
     Errors,
+    QualityGate,
+    RetryPolicy,
 )
-from dask_llm._outputs import string_dtype
-from dask_llm._pilot import Pilot, QualityGate
+from dask_llm._outputs import is_configurable_model, string_dtype
+from dask_llm._pilot import Pilot, run_pilot
 from dask_llm._plan import Plan, make_plan
-from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
-from dask_llm._usage import USAGE_COLUMNS
+from dask_llm._progress import RunSummary
+from dask_llm._runner import enrich_partition
+from dask_llm._scheduler_plugin import register
+from dask_llm._shipping import explicit_keys
+from dask_llm._usage import USAGE_COLUMNS, price_of
 
 ChainsArg = Chain | Sequence[Any] | Mapping[str, Any] | Any
 CacheArg = bool | str | os.PathLike[str] | ResultCache | None
@@ -179,9 +192,74 @@ def enrich(
     """
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
         raise TypeError(f"enrich() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
-    is_dask = isinstance(frame, dd.DataFrame)
     request_timeout, retry = _deprecated(request_timeout, retry, timeout, attempts, retry_timeout)
-    # Everything that can be checked is checked before anything is opened or sent.
+    job = _configure(
+        frame,
+        chains,
+        max_concurrency=max_concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        budget_usd=budget_usd,
+        errors=errors,
+        request_timeout=request_timeout,
+        retry=retry,
+        sync_threads=sync_threads,
+        error_column=error_column,
+        usage=usage,
+        prices=prices,
+        cache=cache,
+        progress=progress,
+        ship_api_keys=ship_api_keys,
+        batch=batch,
+        quality_gate=quality_gate,
+    )
+    if isinstance(frame, dd.DataFrame):
+        client = _cluster.distributed_client()
+        if client is not None:
+            _progress.listen_on_client(client)
+            register(client)
+        return frame.map_partitions(
+            enrich_partition,
+            job.plan,
+            job.options,
+            job.handle,
+            meta=job.plan.meta(frame._meta),
+            enforce_metadata=False,
+            align_dataframes=False,
+        )
+    return _enrich_now(frame, job)[0]
+
+
+class _Configured(NamedTuple):
+    plan: Plan
+    options: EnrichOptions
+    handle: JobHandle
+
+
+def _configure(
+    frame: dd.DataFrame | pd.DataFrame,
+    chains: ChainsArg,
+    *,
+    max_concurrency: int,
+    rpm: float | None,
+    tpm: float | None,
+    budget_usd: float | None,
+    errors: Errors,
+    request_timeout: float | None,
+    retry: RetryPolicy,
+    sync_threads: int,
+    error_column: str,
+    usage: bool | Sequence[str],
+    prices: Mapping[str, tuple[float, ...]] | None,
+    cache: CacheArg,
+    progress: bool | None,
+    ship_api_keys: bool,
+    batch: bool | BatchPolicy,
+    quality_gate: QualityGate | None,
+) -> _Configured:
+    """The plan, options and handle of one job: everything checked before anything is
+    opened or sent."""
+    is_dask = isinstance(frame, dd.DataFrame)
     plan = make_plan(
         chains,
         list(frame.columns),
@@ -206,38 +284,48 @@ def enrich(
         partitions=frame.npartitions if is_dask else 1,
         total_rows=None if is_dask else len(frame),
         progress=_progress.interactive() if progress is None else bool(progress),
-        keys=_keys_to_ship(plan, ship_api_keys),
         batch=_batch_policy(batch),
         quality_gate=quality_gate,
     )
+    handle = JobHandle(job=options.job, keys=_keys_to_ship(plan, ship_api_keys))
     if budget_usd is not None:
         _check_prices(plan, options)
     if store is not None:
         check_cache(store, cache)
-    if is_dask:
-        client = _cluster.distributed_client()
-        if client is not None:
-            _progress.listen_on_client(client)
-            _coordinator.register(client)
-        return frame.map_partitions(
-            _enrich_partition,
-            plan,
-            options,
-            meta=plan.meta(frame._meta),
-            enforce_metadata=False,
-            align_dataframes=False,
-        )
-    return _enrich_pandas(frame, plan, options)
+    return _Configured(plan, options, handle)
+
+
+def _configure_like_enrich(
+    frame: pd.DataFrame, chains: ChainsArg, options: Mapping[str, Any]
+) -> _Configured:
+    """``_configure`` for ``options`` as ``enrich`` would take them (its defaults, its
+    checks and deprecations: read from its one signature)."""
+    bound = inspect.signature(enrich).bind(frame, chains, **options)
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    request_timeout, retry = _deprecated(
+        args.pop("request_timeout"),
+        args.pop("retry"),
+        args.pop("timeout"),
+        args.pop("attempts"),
+        args.pop("retry_timeout"),
+    )
+    return _configure(
+        args.pop("frame"), args.pop("chains"), request_timeout=request_timeout, retry=retry, **args
+    )
+
+
+def _enrich_now(df: pd.DataFrame, job: _Configured) -> tuple[pd.DataFrame, RunSummary]:
+    """Enrich a pandas frame in this thread; the frame and the run's summary."""
+    out = enrich_partition(df, job.plan, job.options, job.handle)
+    summary = _progress.summary_of(job.options.job)
+    if summary is None:  # every run here ends with a summary
+        raise RuntimeError(f"job {job.options.job}: its run left no summary")
+    return out, summary
 
 
 def _check_prices(plan: Plan, options: EnrichOptions) -> None:
     """Under a budget every model needs a price: found now, not after the first request."""
-    from langchain_openai.chat_models.base import BaseChatOpenAI
-
-    from dask_llm._graph import find
-    from dask_llm._outputs import is_configurable_model
-    from dask_llm._usage import price_of
-
     for pc in plan.chains:
         models = find(pc.chain.runnable, lambda x: isinstance(x, BaseChatOpenAI))
         names = [m.model_name for m in models]
@@ -254,8 +342,6 @@ def _check_prices(plan: Plan, options: EnrichOptions) -> None:
 
 def _keys_to_ship(plan: Plan, ship: bool) -> tuple[tuple[str, str], ...]:
     """Explicit keys to send with the job, after checking where the workers are."""
-    from dask_llm._shipping import explicit_keys
-
     keys: dict[str, str] = {}
     named: list[str] = []
     for pc in plan.chains:
@@ -287,23 +373,6 @@ def _keys_to_ship(plan: Plan, ship: bool) -> tuple[tuple[str, str], ...]:
     return ()
 
 
-def _enrich_partition(
-    df: pd.DataFrame,
-    plan: Plan,
-    options: EnrichOptions,
-    partition_info: dict[str, Any] | None = None,
-) -> pd.DataFrame:
-    from dask_llm._runner import enrich_partition
-
-    return enrich_partition(df, plan, options, partition_info)
-
-
-def _enrich_pandas(df: pd.DataFrame, plan: Plan, options: EnrichOptions) -> pd.DataFrame:
-    from dask_llm._runner import enrich_partition
-
-    return enrich_partition(df, plan, options)
-
-
 def _deprecated(
     request_timeout: float | None,
     retry: RetryPolicy | int,
@@ -326,8 +395,6 @@ def _deprecated(
         _warn("retry_timeout=", "retry=RetryPolicy(timeout=...)")
         changes["timeout"] = retry_timeout
     if changes:
-        import dataclasses
-
         policy = dataclasses.replace(policy, **changes)
     return request_timeout, policy
 
@@ -370,8 +437,6 @@ def _batch_policy(batch: Any) -> BatchPolicy | None:
 
 def _dask_text_dtype() -> Any:
     """The dtype dask gives text columns: pyarrow strings unless the user turned that off."""
-    import dask
-
     if dask.config.get("dataframe.convert-string", True) is not False:
         return pd.StringDtype("pyarrow")
     return string_dtype()
@@ -401,8 +466,6 @@ def estimate(
         batch: estimate for ``enrich(..., batch=True)``: cost at Batch API prices (the
             online cost is shown beside it) and no rate-limited wall time.
     """
-    from dask_llm._estimate import run_estimate
-
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
         raise TypeError(f"estimate() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
     plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
@@ -437,11 +500,19 @@ def pilot(
     Raises:
         ValueError: ``n`` < 1, or anything ``enrich`` refuses.
     """
-    from dask_llm._pilot import run_pilot
-
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
         raise TypeError(f"pilot() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
-    return run_pilot(frame, chains, n=n, options=dict(options))
+    if options.get("quality_gate") is not None:
+        raise ValueError("pilot() reports the rates itself: pass quality_gate= to enrich()")
+    if n < 1:
+        raise ValueError(f"pilot(n=) must be >= 1, not {n!r}")
+    settings: dict[str, Any] = {"progress": False, **options}
+
+    def run(sample: pd.DataFrame) -> RunSummary:
+        # enrich()'s own checks and deprecations, then the pandas path, keeping the summary.
+        return _enrich_now(sample, _configure_like_enrich(sample, chains, settings))[1]
+
+    return run_pilot(frame, run, n=n, tpm=options.get("tpm"))
 
 
 class _LLMAccessor:

@@ -56,10 +56,12 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import openai
+
+from dask_llm._options import BatchPolicy
+from dask_llm._wire import Answer, fatal_reason
 
 log = logging.getLogger("dask_llm")
 
@@ -74,53 +76,6 @@ _GAUGES: Final = {
     "cancelling": "batches_in_progress",
 }
 _TERMINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
-#: OpenAI's limits on one batch input file, with a margin for the JSONL framing.
-MAX_LINES: Final = 50_000
-MAX_BYTES: Final = 200 * 1024 * 1024 - 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BatchPolicy:
-    """How ``enrich(..., batch=...)`` uses the Batch API (``batch=True`` is the default policy).
-
-    Args:
-        poll_initial: seconds before a batch is first polled; the interval grows 1.5x per poll.
-        poll_max: longest interval between polls, in seconds.
-        fallback: what happens to lines that failed or that an expired batch never ran:
-            ``"retry"`` resubmits them in the next round (within the retry policy's
-            ``attempts``); ``"online"`` sends them online at once.
-        deadline: seconds from the partition's first submission after which whatever is
-            not back is cancelled and sent online (None: wait for the batches' own window).
-        completion_window: the batches' window (the API accepts ``"24h"``).
-        max_lines: most lines per batch (the API's limit is 50,000).
-        max_bytes: most bytes per input file (the API's limit is 200 MB).
-    """
-
-    poll_initial: float = 5.0
-    poll_max: float = 60.0
-    fallback: Literal["retry", "online"] = "retry"
-    deadline: float | None = None
-    completion_window: str = "24h"
-    max_lines: int = MAX_LINES
-    max_bytes: int = MAX_BYTES
-
-    def __post_init__(self) -> None:
-        if self.poll_initial <= 0 or self.poll_max <= 0:
-            raise ValueError("batch poll intervals must be > 0 seconds")
-        if self.fallback not in ("retry", "online"):
-            raise ValueError(f"batch fallback must be 'retry' or 'online', not {self.fallback!r}")
-        if self.deadline is not None and self.deadline <= 0:
-            raise ValueError("batch deadline must be > 0 seconds")
-        if not 1 <= self.max_lines <= MAX_LINES:
-            raise ValueError(f"batch max_lines must be in 1..{MAX_LINES}")
-        if self.max_bytes < 1024:
-            raise ValueError("batch max_bytes must be >= 1024")
-
-
-#: The default policy, written once.
-DEFAULT_BATCH: Final = BatchPolicy()
-
-
 class GoOnline:
     """The answer to a line that is to be sent online instead (fallback or deadline)."""
 
@@ -405,7 +360,7 @@ class Batcher:
                 {"error": {"code": "batch_failed", "message": f"batch {batch.id}: {text}"}}
             ).encode()
             for members in lines.values():
-                _resolve(members, _answer(400, body))
+                _resolve(members, Answer.json(400, body))
             return
         answered: set[str] = set()
         for file_id in (batch.output_file_id, batch.error_file_id):
@@ -420,7 +375,7 @@ class Batcher:
                 response = record.get("response")
                 if not isinstance(key, str) or not isinstance(response, dict):
                     continue  # expired or cancelled: never ran
-                answer = _answer(
+                answer = Answer.json(
                     int(response.get("status_code", 500)),
                     json.dumps(response.get("body") or {}).encode(),
                 )
@@ -444,7 +399,7 @@ class Batcher:
             elif self._go_online():
                 _resolve(members, GO_ONLINE)
             else:
-                _resolve(members, _answer(408, _expired_body(batch)))
+                _resolve(members, Answer.json(408, _expired_body(batch)))
         self._read_batches.add(batch.id)
         self.stats.batches_done += 1
         self._on_progress()
@@ -461,10 +416,10 @@ class Batcher:
     def _fail_lines(self, lines: list[_Line], exc: Exception) -> None:
         answer = None
         if isinstance(exc, openai.APIStatusError):
-            answer = _answer(exc.status_code, exc.response.content)
-            from dask_llm._transport import check_fatal
-
-            check_fatal(exc.status_code, exc.response.content, exc.request, self.job)
+            answer = Answer.json(exc.status_code, exc.response.content)
+            reason = fatal_reason(exc.status_code, exc.response.content, exc.request)
+            if reason is not None:
+                self.job.fatal_answer(reason)
         for line in lines:
             if line.future.done():
                 continue
@@ -529,12 +484,6 @@ def _chunks(lines: list[_Line], max_lines: int, max_bytes: int) -> Iterator[list
             size += cost
     if chunk:
         yield chunk
-
-
-def _answer(status: int, body: bytes) -> Any:
-    from dask_llm._transport import Answer
-
-    return Answer(status, [("content-type", "application/json")], body)
 
 
 def _resolve(members: list[_Line], value: Any) -> None:

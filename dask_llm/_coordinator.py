@@ -102,7 +102,6 @@ import math
 import statistics
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -484,44 +483,3 @@ def local_coordinator() -> Coordinator:
 # -- distributed: the coordinator on the scheduler ------------------------------------------------
 PLUGIN_NAME = "dask-llm-ledger"
 HANDLER = "dask_llm_lease"
-
-
-def register(client: Any) -> None:
-    """Install the ledger plugin on ``client``'s scheduler (once per client; best effort).
-
-    A scheduler that cannot load dask-llm refuses it: the workers then fall back
-    to an even share of the limit (and say so in the log).
-    """
-    with _COORDINATOR_LOCK:
-        if client in _REGISTERED:
-            return
-        _REGISTERED.add(client)
-    from dask_llm._scheduler_plugin import LedgerPlugin
-
-    try:
-        if threading.current_thread() is getattr(client.loop, "_thread", None) or _in_loop(client):
-            # Called while the client submits a graph from its own event loop: the
-            # registration goes ahead of the graph on the same connection.
-            client.loop.add_callback(
-                client._register_scheduler_plugin,
-                plugin=LedgerPlugin(),
-                name=PLUGIN_NAME,
-                idempotent=True,
-            )
-        else:
-            client.register_plugin(LedgerPlugin(), name=PLUGIN_NAME)
-    except (OSError, RuntimeError, ValueError, TypeError, ImportError) as exc:
-        log.warning("dask-llm: no job ledger on the scheduler (%s: %s)", type(exc).__name__, exc)
-
-
-def _in_loop(client: Any) -> bool:
-    import asyncio
-
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return running is getattr(client.loop, "asyncio_loop", None)
-
-
-_REGISTERED: weakref.WeakSet[Any] = weakref.WeakSet()

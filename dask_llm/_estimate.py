@@ -37,9 +37,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
+from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm._cache import ResultCache, make_key, read_only
 from dask_llm._columns import is_missing
+from dask_llm._graph import find
 from dask_llm._plan import Plan, PlannedChain
 from dask_llm._usage import price_of
 
@@ -119,18 +121,12 @@ def token_counter() -> tuple[Any, str]:
 
 
 def _model_of(pc: PlannedChain) -> Any:
-    from langchain_openai.chat_models.base import BaseChatOpenAI
-
-    from dask_llm._graph import find
-
     models = find(pc.chain.runnable, lambda x: isinstance(x, BaseChatOpenAI))
     return models[0] if models else None
 
 
 def _schema_text(pc: PlannedChain) -> str:
     """The structured-output schema sent with each request (counted as prompt tokens)."""
-    from dask_llm._graph import find
-
     texts = []
     for binding in find(pc.chain.runnable, lambda x: hasattr(x, "kwargs") and hasattr(x, "bound")):
         for key in ("tools", "response_format"):

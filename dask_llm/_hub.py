@@ -53,6 +53,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
 from dask_llm import _progress
+from dask_llm._coordinator import local_coordinator
 
 log = logging.getLogger("dask_llm")
 
@@ -202,8 +203,6 @@ def _handle(message: tuple[Any, ...]) -> Any:
     if op == "poll":
         return stop_signal(message[1], message[2])
     if op == "lease":
-        from dask_llm._coordinator import local_coordinator
-
         _, job, member, report = message
         return local_coordinator().lease(job, member, report)
     raise ValueError(f"unknown operation {op!r}")

@@ -82,6 +82,7 @@ from dask_llm._record import Recorder
 from dask_llm._usage import price_of
 
 if TYPE_CHECKING:
+    from dask_llm._handle import JobHandle
     from dask_llm._options import EnrichOptions
 
 log = logging.getLogger("dask_llm")
@@ -113,7 +114,9 @@ class Stop(NamedTuple):
 class Job:
     """The state one job keeps in one process (see the module docstring)."""
 
-    def __init__(self, options: EnrichOptions, run: int | None = None) -> None:
+    def __init__(
+        self, options: EnrichOptions, handle: JobHandle | None = None, run: int | None = None
+    ) -> None:
         self.id = options.job
         #: The client's run (one computation) this object serves; see ``_hub``.
         self.run = run
@@ -128,8 +131,13 @@ class Job:
         self._cache_warned = False
         self.worker = _cluster.distributed_worker()
         self.hub: _hub.HubClient | None = None
-        if self.worker is None and options.hub is not None and _cluster.in_pool_child():
-            address, key = options.hub
+        if (
+            self.worker is None
+            and handle is not None
+            and handle.hub is not None
+            and _cluster.in_pool_child()
+        ):
+            address, key = handle.hub
             self.hub = _hub.hub_client(address, key)
         self.ledger = Ledger(
             options.job,
@@ -350,19 +358,21 @@ def _gc_leave() -> None:
         _gc_saved = None
 
 
-def run_of(options: EnrichOptions) -> int | None:
-    """The run a partition starting here with ``options`` belongs to (see ``_hub``)."""
-    if options.run is not None:
-        return options.run  # pickled for a pool child, in the client thread that submitted it
+def run_of(handle: JobHandle | None) -> int | None:
+    """The run a partition starting here with ``handle`` belongs to (see ``_hub``)."""
+    if handle is not None and handle.run is not None:
+        return handle.run  # pickled for a pool child, in the client thread that submitted it
     if _cluster.in_pool_child() or _cluster.distributed_worker() is not None:
         return None
     return _hub.newest_run()  # threads or synchronous: the client's newest computation
 
 
-def attach(options: EnrichOptions) -> Job:
-    """The process's ``Job`` for ``options.job`` in this run, with one more partition attached."""
+def attach(options: EnrichOptions, handle: JobHandle | None = None) -> Job:
+    """The process's ``Job`` for ``options.job`` in this run, with one more partition attached.
+
+    ``handle`` is the way back to the client (None: a job of this process's own)."""
     now = time.monotonic()
-    run = run_of(options)
+    run = run_of(handle)
     _hub.run_holds(run, options.job)
     with _JOBS_LOCK:
         _gc_enter()
@@ -372,7 +382,7 @@ def attach(options: EnrichOptions) -> Job:
             del _JOBS[key]
         job = _JOBS.get((options.job, run))
         if job is None:
-            job = _JOBS[(options.job, run)] = Job(options, run)
+            job = _JOBS[(options.job, run)] = Job(options, handle, run)
         job._attached += 1
         job.ledger.attached(job._attached)
     job.ledger.start()

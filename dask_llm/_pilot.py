@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import dask
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
@@ -48,79 +50,8 @@ from dask_llm._estimate import significant
 
 if TYPE_CHECKING:
     from dask_llm._progress import RunSummary
-    from dask_llm._record import ChainCounts, RowCounts
 
 _Z95 = 1.959964
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class QualityGate:
-    """Thresholds that stop a job early (``enrich(..., quality_gate=QualityGate())``).
-
-    Args:
-        max_error_rate: most rows with ``llm_error``, as a fraction of rows finished.
-        max_truncation_rate: most answers cut at ``max_tokens`` (``finish_reason="length"``),
-            as a fraction of answers.
-        max_refusal_rate: most answers that are refusals, as a fraction of answers.
-        max_parse_failure_rate: most answers that did not fit the output schema (each
-            failed attempt counts), as a fraction of answers.
-        min_rows: rows finished in a process before it judges them.
-
-    ``None`` switches a check off. Raises ``ValueError`` for a rate outside [0, 1]
-    or ``min_rows`` < 1.
-    """
-
-    max_error_rate: float | None = 0.05
-    max_truncation_rate: float | None = 0.05
-    max_refusal_rate: float | None = 0.05
-    max_parse_failure_rate: float | None = 0.10
-    min_rows: int = 100
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_error_rate",
-            "max_truncation_rate",
-            "max_refusal_rate",
-            "max_parse_failure_rate",
-        ):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"QualityGate({name}=) is a fraction in [0, 1], not {value!r}")
-        if self.min_rows < 1:
-            raise ValueError(f"QualityGate(min_rows=) must be >= 1, not {self.min_rows!r}")
-
-    def breach(self, rows: RowCounts, chains: Iterable[ChainCounts]) -> str | None:
-        """Why the rows so far fail this gate (a sentence naming the rate), or None."""
-        if rows.n < self.min_rows:
-            return None
-        answers = truncated = refused = parse = 0
-        for c in chains:
-            answers += c.ok
-            truncated += c.truncated
-            refused += c.refused
-            parse += c.parse_failures
-        checks = (
-            ("max_error_rate", rows.failed, rows.n, "rows failed"),
-            (
-                "max_truncation_rate",
-                truncated,
-                answers,
-                "answers were truncated (finish_reason=length)",
-            ),
-            ("max_refusal_rate", refused, answers, "answers were refusals"),
-            ("max_parse_failure_rate", parse, answers, "answers did not parse"),
-        )
-        for name, count, total, what in checks:
-            limit = getattr(self, name)
-            if limit is None or total == 0:
-                continue
-            rate = count / total
-            if rate > limit:
-                return (
-                    f"quality gate: {rate:.1%} of {what} ({count:,} of {total:,}) after "
-                    f"{rows.n:,} rows, above {name}={limit:.1%}"
-                )
-        return None
 
 
 @dataclass
@@ -178,9 +109,6 @@ class Pilot:
 
 def stratified_sample(frame: Any, n: int) -> pd.DataFrame:
     """``n`` rows of ``frame`` spread over its partitions and evenly within each (in order)."""
-    import dask
-    import dask.dataframe as dd
-
     if isinstance(frame, pd.DataFrame):
         return _evenly(frame, n)
     assert isinstance(frame, dd.DataFrame)
@@ -216,25 +144,28 @@ def _evenly(df: pd.DataFrame, k: int) -> pd.DataFrame:
     return df.iloc[positions]
 
 
-def run_pilot(frame: Any, chains: Any, *, n: int, options: dict[str, Any]) -> Pilot:
-    """Enrich a stratified sample of ``frame`` now and project the full job (see ``Pilot``)."""
-    import dask.dataframe as dd
+def run_pilot(
+    frame: Any,
+    run: Callable[[pd.DataFrame], RunSummary],
+    *,
+    n: int,
+    tpm: float | None = None,
+) -> Pilot:
+    """Enrich a stratified sample of ``frame`` now and project the full job (see ``Pilot``).
 
-    from dask_llm._accessor import enrich
-    from dask_llm._progress import last_run
-
+    ``run`` enriches a pandas frame as the full job would and returns that run's
+    summary (``api.pilot`` gives one that calls ``enrich``).
+    """
     if n < 1:
         raise ValueError(f"pilot(n=) must be >= 1, not {n!r}")
-    if options.get("quality_gate") is not None:
-        raise ValueError("pilot() reports the rates itself: pass quality_gate= to enrich()")
     total = len(frame) if isinstance(frame, pd.DataFrame | dd.DataFrame) else 0
     sample = stratified_sample(frame, n)
     started = time.monotonic()
-    enrich(sample, chains, **{"progress": False, **options})
+    summary = run(sample)
     wall = time.monotonic() - started
-    run = last_run()
-    assert run is not None and run.record is not None
-    return project(run, rows=total, wall_s=wall, tpm=options.get("tpm"))
+    if summary.record is None:
+        raise RuntimeError("the pilot's run kept no record")  # a run here always does
+    return project(summary, rows=total, wall_s=wall, tpm=tpm)
 
 
 def project(run: RunSummary, *, rows: int, wall_s: float, tpm: float | None) -> Pilot:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dask_llm._record import RunRecord
+from dask_llm._report import render_html, write_report
 
 TOPIC = "dask-llm-progress"
 
@@ -135,13 +136,9 @@ class RunSummary:
         (an ``Estimate``, a ``Pilot`` or US dollars) and the budget; a table of errors
         with sample rows. Returns the path written. See ``docs/report.md``.
         """
-        from dask_llm._report import write_report
-
         return write_report(self, path, estimate=estimate)
 
     def _repr_html_(self) -> str:
-        from dask_llm._report import render_html
-
         return render_html(self, standalone=False)
 
 
@@ -150,12 +147,24 @@ def _dollars(value: float) -> str:
     return f"{value:,.2f}" if value >= 1 else f"{value:.4g}"
 
 
-_LAST: list[RunSummary] = []
+_RUNS_LOCK = threading.Lock()
+#: Summaries of the last runs that ended here, by job, newest last (a few: a job's
+#: caller reads its own at once, ``last_run()`` the newest).
+_DONE: dict[str, RunSummary] = {}
+_KEEP_DONE = 8
 
 
 def last_run() -> RunSummary | None:
     """The summary of the last run that ended in this process (the client on distributed)."""
-    return _LAST[-1] if _LAST else None
+    with _RUNS_LOCK:
+        return next(reversed(_DONE.values()), None)
+
+
+def summary_of(job: str) -> RunSummary | None:
+    """The summary of ``job``'s last run that ended in this process, if it is among the
+    last few."""
+    with _RUNS_LOCK:
+        return _DONE.get(job)
 
 
 class RunProgress:
@@ -264,8 +273,11 @@ class RunProgress:
         stop = s.record.stop if s.record is not None else None
         s.status = f"stopped: {stop[1]}" if stop is not None and status == "completed" else status
         s.wall_s = time.monotonic() - self.started
-        _LAST.append(s)
-        del _LAST[:-1]
+        with _RUNS_LOCK:
+            _DONE.pop(self.job, None)
+            _DONE[self.job] = s
+            while len(_DONE) > _KEEP_DONE:
+                del _DONE[next(iter(_DONE))]
         bar, self.bar = self.bar, None
         if bar is not None:
             bar.set_postfix_str(self._postfix(), refresh=False)
@@ -311,7 +323,6 @@ def _bar() -> Any:
 
 # -- the client's registry of runs in progress ----------------------------------------------
 _RUNS: dict[str, RunProgress] = {}
-_RUNS_LOCK = threading.Lock()
 
 
 def receive(event: dict[str, Any]) -> None:

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Final
 from dask_llm._usage import price_of, read_usage
 
 if TYPE_CHECKING:
-    from dask_llm._pilot import QualityGate
+    from dask_llm._options import QualityGate
     from dask_llm._usage import Usage
 
 #: Time buckets a client keeps per run before merging them two by two.

@@ -29,11 +29,9 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import openai
 import pydantic
@@ -41,47 +39,12 @@ import tenacity
 from langchain_core.exceptions import OutputParserException
 
 from dask_llm._errors import JobStopped
+from dask_llm._options import RetryPolicy
 from dask_llm._record import ACTIVE
 from dask_llm._usage import Attempt, Usage, UsageCallback, current_attempt, settle
 
 _RETRY_STATUS = frozenset({408, 409, 429})
 log = logging.getLogger("dask_llm")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryPolicy:
-    """How failed calls are retried (``enrich(..., retry=RetryPolicy(...))``).
-
-    Args:
-        attempts: most attempts per call, the first included.
-        timeout: most seconds from a call's first attempt to the start of its last.
-        wait_initial: backoff cap before the first retry, in seconds; doubles per retry.
-        wait_max: largest backoff cap, in seconds.
-        parse_attempts: most attempts for answers that do not fit the output schema.
-    """
-
-    attempts: int = 8
-    timeout: float = 600.0
-    wait_initial: float = 0.5
-    wait_max: float = 30.0
-    parse_attempts: int = 3
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("retry attempts must be >= 1")
-        if self.timeout < 0 or self.wait_initial < 0 or self.wait_max < 0:
-            raise ValueError("retry times must be >= 0 seconds")
-        if self.parse_attempts < 1:
-            raise ValueError("parse_attempts must be >= 1")
-
-    def backoff(self, retry_number: int, rng: Callable[[], float] = random.random) -> float:
-        """Full-jitter wait before retry ``retry_number`` (1 for the first retry)."""
-        cap = min(self.wait_max, self.wait_initial * 2 ** (retry_number - 1))
-        return cap * rng()
-
-
-#: The default policy, written once.
-DEFAULT_RETRY: Final = RetryPolicy()
 
 
 def root_cause(exc: BaseException) -> BaseException:

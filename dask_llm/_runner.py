@@ -40,9 +40,11 @@ from dask_llm._batch import ROW, Batcher
 from dask_llm._calls import MISSING, ChainCaller, PartitionStats
 from dask_llm._columns import RowFailed, column, is_missing
 from dask_llm._errors import BudgetExceeded, ChainError, JobStopped
+from dask_llm._handle import JobHandle
 from dask_llm._loop import run_sync
 from dask_llm._options import EnrichOptions
 from dask_llm._plan import Plan, PlannedChain
+from dask_llm._shipping import provide_keys
 from dask_llm._transport import LoopClients
 from dask_llm._usage import Usage
 
@@ -460,15 +462,14 @@ def enrich_partition(
     df: pd.DataFrame,
     plan: Plan,
     options: EnrichOptions,
+    handle: JobHandle,
     partition_info: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Dask's partition function: enrich ``df`` on a fresh event loop."""
     partition = int((partition_info or {}).get("number", 0))
-    if options.keys:
-        from dask_llm._shipping import provide_keys
-
-        provide_keys(options.keys)
-    job = jobs.attach(options)
+    if handle.keys:
+        provide_keys(handle.keys)
+    job = jobs.attach(options, handle)
     try:
         run = PartitionRun(df, plan, options, job, partition=partition)
         return run_sync(

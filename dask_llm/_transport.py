@@ -51,8 +51,6 @@ import asyncio
 import contextlib
 import contextvars
 import importlib
-import json
-import re
 from typing import Any, cast
 
 import aiohttp
@@ -71,34 +69,9 @@ from dask_llm._limits import is_quota_429
 from dask_llm._options import DEFAULT_REQUEST_TIMEOUT
 from dask_llm._outputs import is_configurable_model
 from dask_llm._usage import current_attempt, price_of, read_usage
+from dask_llm._wire import MAX_TOKENS, Answer, error_code, fatal_reason, host_of
 
-_MAX_TOKENS = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
 _DROP_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
-_FATAL_STATUS = frozenset({401, 403, 404})
-
-
-class Answer:
-    """A response read to its end: what the cache keeps and identical requests share."""
-
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def to_cache(self) -> dict[str, Any]:
-        ctype = next((v for k, v in self.headers if k.lower() == "content-type"), "")
-        return {"s": self.status, "t": ctype, "b": self.body.decode("utf-8", "replace")}
-
-    @classmethod
-    def from_cache(cls, value: Any) -> Answer | None:
-        """The answer a cache entry holds; None for a miss (or an entry of another shape)."""
-        if not isinstance(value, dict) or not isinstance(value.get("b"), str):
-            return None
-        return cls(
-            int(value.get("s", 200)), [("content-type", str(value.get("t")))], value["b"].encode()
-        )
 
 
 class JobTransport:
@@ -210,7 +183,7 @@ class JobTransport:
     async def _send_online(self, request: Any, body: bytes, key: str | None) -> Answer:
         job = self.job
         throttle = job.throttle
-        match = _MAX_TOKENS.search(body) if body else None
+        match = MAX_TOKENS.search(body) if body else None
         estimate = throttle.estimate_tokens(len(body), int(match.group(1)) if match else None)
         worst = job.worst_cost(body) if job.ledger.budgeted and body else 0.0
         await self._reserve(worst)
@@ -235,7 +208,7 @@ class JobTransport:
             status = response.status_code
             headers = response.headers
         finally:
-            quota = status == 429 and is_quota_429(headers, _error_code(data))
+            quota = status == 429 and is_quota_429(headers, error_code(data))
             if status is not None and status >= 400:
                 # Before the slot is released: a request of another thread waiting for
                 # it must find the job stopped.
@@ -362,15 +335,6 @@ def _response(request: Any, answer: Answer) -> Any:
     )
 
 
-def _error_code(data: bytes) -> str | None:
-    try:
-        error = json.loads(data).get("error") or {}
-    except (ValueError, AttributeError):
-        return None
-    code = error.get("code") if isinstance(error, dict) else None
-    return str(code) if code else None
-
-
 def _cost(
     job: Any,
     model: str | None,
@@ -389,34 +353,15 @@ def _cost(
     return (prompt * price[0] + (completion or 0) * price[1]) / 1e6
 
 
-def _host(request: Any) -> str:
-    url = request.url
-    return f"{url.host}:{url.port}" if url.port else str(url.host)
-
-
 def _is_chat(request: Any) -> bool:
     return request.method == "POST" and request.url.path.endswith("/chat/completions")
 
 
-def check_fatal(status: int, data: bytes, request: Any, job: Any) -> None:
-    """Stop the job on an answer no retry can fix (401, 403, 404, ``insufficient_quota``)."""
-    _check_fatal(status, data, request, job)
-
-
 def _check_fatal(status: int, data: bytes, request: Any, job: Any) -> None:
-    code = None
-    message = ""
-    try:
-        error = json.loads(data).get("error") or {}
-        code = error.get("code") or error.get("type")
-        message = str(error.get("message") or "")
-    except (ValueError, AttributeError):
-        pass
-    if status in _FATAL_STATUS or (status == 429 and code == "insufficient_quota"):
-        text = f"HTTP {status}{f' {code}' if code else ''} from {_host(request)}"
-        if message:
-            text += f": {message[:300]}"
-        job.fatal_answer(f"the provider refused the job ({text}); no request was sent after it")
+    """Stop the job on an answer no retry can fix (see ``_wire.fatal_reason``)."""
+    reason = fatal_reason(status, data, request)
+    if reason is not None:
+        job.fatal_answer(reason)
 
 
 class ConnectionFailed(ConnectionError):
@@ -443,7 +388,7 @@ def _connection_error(exc: BaseException, request: Any, job: Any) -> BaseExcepti
             detail = f"{type(cause).__name__}: {cause}"
         cause = cause.__cause__ or cause.__context__
         seen += 1
-    host = _host(request)
+    host = host_of(request)
     if refused:
         text = f"connection refused by {host} ({detail})"
         job.connection_refused(f"{text}; is base_url right and the server up?")

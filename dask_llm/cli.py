@@ -28,10 +28,17 @@ from typing import Any
 
 import click
 
-from dask_llm._batch import DEFAULT_BATCH, BatchPolicy
+import dask_llm
 from dask_llm._chain import _takes_no_arguments
-from dask_llm._options import DEFAULT_ERRORS, DEFAULT_MAX_CONCURRENCY
-from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
+from dask_llm._options import (
+    DEFAULT_BATCH,
+    DEFAULT_ERRORS,
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_RETRY,
+    BatchPolicy,
+    RetryPolicy,
+)
+from dask_llm.demo import main as run_demo
 from dask_llm.simulator import SimulatorConfig, serve
 
 
@@ -437,8 +444,6 @@ def enrich(
     report_path: str | None,
 ) -> None:
     """Enrich CSV/Parquet INPUT files with the chains; write Parquet to OUTPUT."""
-    import dask_llm
-
     target = _output_dir(output, overwrite)
     frame = read_inputs(inputs, blocksize)
     chains = load_chains(chains_ref)
@@ -575,8 +580,6 @@ def estimate(
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def demo(args: tuple[str, ...]) -> None:
     """The wine example: two dependent chains on the built-in simulator (see --help)."""
-    from dask_llm.demo import main as run_demo
-
     run_demo(list(args), prog="dask-llm demo")
 
 

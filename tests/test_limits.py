@@ -20,7 +20,8 @@ from dask_llm._limits import (
     Throttle,
     is_quota_429,
 )
-from dask_llm._retry import RetryPolicy, classify, retry_after
+from dask_llm._options import RetryPolicy
+from dask_llm._retry import classify, retry_after
 
 
 class Clock:
