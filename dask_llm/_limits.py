@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dask_llm._coordinator import MARGIN, RENEW_S
-from dask_llm._retry import retry_after
+from dask_llm._headers import positive_number, retry_after
 
 log = logging.getLogger("dask_llm")
 
@@ -257,8 +257,8 @@ class Pacer:
 
     def learn(self, headers: Mapping[str, str]) -> None:
         """Take the provider's limits from ``x-ratelimit-limit-*`` response headers."""
-        rpm = _number(headers.get("x-ratelimit-limit-requests"))
-        tpm = _number(headers.get("x-ratelimit-limit-tokens"))
+        rpm = positive_number(headers.get("x-ratelimit-limit-requests"))
+        tpm = positive_number(headers.get("x-ratelimit-limit-tokens"))
         if not (rpm or tpm):
             return
         if (rpm and rpm != self.learned_rpm) or (tpm and tpm != self.learned_tpm):
@@ -400,32 +400,6 @@ def _resolve(fut: asyncio.Future[None], owner: Concurrency) -> None:
         owner.release()
     else:
         fut.set_result(None)
-
-
-def is_quota_429(headers: Mapping[str, str] | None, code: str | None) -> bool:
-    """Whether a 429 says the quota is spent (pace slower), not that the server is busy.
-
-    Rate-limit headers decide when they are there: a quota is spent when one of
-    ``x-ratelimit-remaining-requests`` / ``-tokens`` is 0. Without them, only
-    ``code="rate_limit_exceeded"`` is the quota's.
-    """
-    remaining = [
-        (headers or {}).get(f"x-ratelimit-remaining-{kind}") for kind in ("requests", "tokens")
-    ]
-    known = [r for r in remaining if r is not None]
-    if known:
-        return any(_number(r) is None for r in known)  # "0" (or unparseable): spent
-    return code == "rate_limit_exceeded"
-
-
-def _number(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if number > 0 else None
 
 
 class Throttle:

@@ -26,10 +26,8 @@ being served the same bad answer.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -39,6 +37,7 @@ import tenacity
 from langchain_core.exceptions import OutputParserException
 
 from dask_llm._errors import JobStopped
+from dask_llm._headers import retry_after
 from dask_llm._options import RetryPolicy
 from dask_llm._record import ACTIVE
 from dask_llm._usage import Attempt, Usage, UsageCallback, current_attempt, settle
@@ -71,34 +70,6 @@ def classify(exc: BaseException) -> str | None:
     if isinstance(exc, OutputParserException | pydantic.ValidationError):
         return "parse"
     return None
-
-
-def retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds the server asked to wait: ``retry-after-ms``, else ``retry-after``.
-
-    ``retry-after`` may be seconds or an HTTP date. ``0`` means "now" (0.0); None
-    when neither header is there or parses.
-    """
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _exception_headers(exc: BaseException) -> Mapping[str, str] | None:

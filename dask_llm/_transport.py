@@ -65,7 +65,7 @@ from dask_llm._cache import request_key
 from dask_llm._coordinator import RENEW_S
 from dask_llm._errors import JobStopped
 from dask_llm._graph import find, rewrite
-from dask_llm._limits import is_quota_429
+from dask_llm._headers import is_quota_429
 from dask_llm._options import DEFAULT_REQUEST_TIMEOUT
 from dask_llm._outputs import is_configurable_model
 from dask_llm._usage import current_attempt, price_of, read_usage

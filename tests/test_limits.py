@@ -10,6 +10,7 @@ import time
 import pytest
 
 from dask_llm._coordinator import MARGIN
+from dask_llm._headers import is_quota_429, retry_after
 from dask_llm._limits import (
     _RATE_BACKOFF,
     _RATE_RECOVERY_S,
@@ -18,10 +19,9 @@ from dask_llm._limits import (
     Concurrency,
     Pacer,
     Throttle,
-    is_quota_429,
 )
 from dask_llm._options import RetryPolicy
-from dask_llm._retry import classify, retry_after
+from dask_llm._retry import classify
 
 
 class Clock:

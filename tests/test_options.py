@@ -13,8 +13,7 @@ import pytest
 import dask_llm
 from dask_llm import _job
 from dask_llm._calls import PartitionStats
-from dask_llm._options import DEFAULT_REQUEST_TIMEOUT, EnrichOptions
-from dask_llm._options import DEFAULT_RETRY
+from dask_llm._options import DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY, EnrichOptions
 from dask_llm._transport import LoopClients
 from tests.chains import llm, summary_chain
 from tests.helpers import requests
