@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from benchmarks._common import median, table
-from dask_llm._cache import SQLiteCache
+from dask_llm.cache import SQLiteCache
 
 VALUE = {"summary": "Ripe plum and cedar, firm tannins, a long finish.", "score": 91, "ok": True}
 WRITERS = 4

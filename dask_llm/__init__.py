@@ -7,23 +7,23 @@
 
 import logging
 
-from dask_llm import _job  # noqa: F401  (registers the Dask callback that stops jobs on Ctrl-C)
-from dask_llm._accessor import DaskLLMAccessor, PandasLLMAccessor, enrich, estimate, pilot
-from dask_llm._batch import cancel_batches
-from dask_llm._chain import Chain
-from dask_llm._errors import (
+from dask_llm.api import DaskLLMAccessor, PandasLLMAccessor, enrich, estimate, pilot
+from dask_llm.chains.chain import Chain
+from dask_llm.core.config import BatchPolicy, QualityGate, RetryPolicy
+from dask_llm.core.errors import (
     BudgetExceeded,
     ChainError,
     DaskLLMError,
     JobStopped,
     WorkerSetupError,
 )
-from dask_llm._estimate import Estimate
-from dask_llm._options import BatchPolicy, QualityGate, RetryPolicy
-from dask_llm._pilot import Pilot
-from dask_llm._progress import RunSummary, last_run
-from dask_llm._record import RunRecord
-from dask_llm._usage import BATCH_DISCOUNT, PRICES, PRICES_AS_OF
+from dask_llm.core.usage import BATCH_DISCOUNT, PRICES, PRICES_AS_OF
+from dask_llm.engine import job as _job  # noqa: F401  (registers the Ctrl-C callback)
+from dask_llm.observe.progress import RunSummary, last_run
+from dask_llm.observe.record import RunRecord
+from dask_llm.preview.estimate import Estimate
+from dask_llm.preview.pilot import Pilot
+from dask_llm.transport.batch import cancel_batches
 
 __all__ = [
     "BATCH_DISCOUNT",

@@ -29,8 +29,8 @@ from typing import Any
 import click
 
 import dask_llm
-from dask_llm._chain import _takes_no_arguments
-from dask_llm._options import (
+from dask_llm.chains.chain import _takes_no_arguments
+from dask_llm.core.config import (
     DEFAULT_BATCH,
     DEFAULT_ERRORS,
     DEFAULT_MAX_CONCURRENCY,

@@ -237,7 +237,7 @@ def test_ctrl_c_names_the_batches_in_flight_and_they_can_be_cancelled(
 def test_progress_shows_batches_by_status_while_they_run(make_simulator: Any) -> None:
     import threading
 
-    from dask_llm import _progress
+    from dask_llm.observe import progress as _progress
 
     sim = make_simulator(batch_validation_delay=0.3, batch_delay=1.0, batch_finalize_delay=0.3)
     ddf = dd.from_pandas(frame(20), npartitions=2)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from dask_llm._usage import price_of
+from dask_llm.core.usage import price_of
 from tests.chains import summary_chain
 from tests.helpers import requests, reviews
 

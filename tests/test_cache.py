@@ -25,7 +25,7 @@ import pyarrow as pa
 import pytest
 
 import dask_llm
-from dask_llm._cache import MemoryCache, ResultCache, SQLiteCache, make_key, open_cache
+from dask_llm.cache import MemoryCache, ResultCache, SQLiteCache, make_key, open_cache
 from tests.chains import summary_chain
 from tests.chains import wine_chains as chains
 from tests.conftest import API_KEY
@@ -256,7 +256,7 @@ def test_tampered_entries_are_ignored_and_replaced(tmp_path: Path, tamper: str) 
 
 def test_invalid_json_under_a_valid_checksum_is_ignored(tmp_path: Path) -> None:
     """A writer with the format's checksum but a broken value (say, a bug) is still a miss."""
-    from dask_llm._cache import _checksum
+    from dask_llm.cache import _checksum
 
     path = tmp_path / "c.sqlite"
     cache = SQLiteCache(path)
@@ -373,7 +373,7 @@ def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
 
 WRITER = """
 import sys
-from dask_llm._cache import SQLiteCache
+from dask_llm.cache import SQLiteCache
 cache = SQLiteCache(sys.argv[1])
 for i in range(1_000_000):
     cache.put(f"k{i}", {"i": i, "answer": "Plum and cedar. " * 4})

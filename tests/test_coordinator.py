@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from dask_llm._coordinator import LEASE_TTL_S, MARGIN, RENEW_S, WINDOW_S, Coordinator
-from dask_llm._ledger import Ledger
-from dask_llm._limits import HOLD_S, Pacer
+from dask_llm.limits.coordinator import LEASE_TTL_S, MARGIN, RENEW_S, WINDOW_S, Coordinator
+from dask_llm.limits.ledger import Ledger
+from dask_llm.limits.pacer import HOLD_S, Pacer
 
 LIMIT = 100 / 60 * 60 * 60  # rpm for 100 requests/s
 RATE = 100 * (1 - MARGIN)  # what the whole job may use, per second

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from dask_llm._coordinator import MARGIN
+from dask_llm.limits.coordinator import MARGIN
 from tests.chains import summary_chain
 from tests.chains import wine_chains as chains
 

@@ -19,8 +19,8 @@ from langchain_core.runnables import RunnableLambda
 from pydantic import BaseModel, field_validator
 
 import dask_llm
-from dask_llm._cache import SQLiteCache, make_key
-from dask_llm._fingerprint import analyse
+from dask_llm.cache import SQLiteCache, make_key
+from dask_llm.chains.fingerprint import analyse
 from tests.chains import llm, summary_chain
 from tests.helpers import requests
 

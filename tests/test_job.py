@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from dask_llm._cache import MemoryCache
+from dask_llm.cache import MemoryCache
 from tests.chains import llm, summary_chain
 from tests.chains import wine_chains as two_chains
 from tests.helpers import ROOT, requests
@@ -199,7 +199,7 @@ def test_ctrl_c_on_a_distributed_client_stops_the_workers(
 
 
 def jobs_grace() -> float:
-    from dask_llm._job import STOP_GRACE_S
+    from dask_llm.engine.job import STOP_GRACE_S
 
     return STOP_GRACE_S
 

@@ -9,9 +9,11 @@ import time
 
 import pytest
 
-from dask_llm._coordinator import MARGIN
-from dask_llm._headers import is_quota_429, retry_after
-from dask_llm._limits import (
+from dask_llm.core.config import RetryPolicy
+from dask_llm.engine.retry import classify
+from dask_llm.limits.coordinator import MARGIN
+from dask_llm.limits.headers import is_quota_429, retry_after
+from dask_llm.limits.pacer import (
     _RATE_BACKOFF,
     _RATE_RECOVERY_S,
     ADMIT_WINDOW_S,
@@ -20,8 +22,6 @@ from dask_llm._limits import (
     Pacer,
     Throttle,
 )
-from dask_llm._options import RetryPolicy
-from dask_llm._retry import classify
 
 
 class Clock:

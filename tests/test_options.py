@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from dask_llm import _job
-from dask_llm._calls import PartitionStats
-from dask_llm._options import DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY, EnrichOptions
-from dask_llm._transport import LoopClients
+from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY, EnrichOptions
+from dask_llm.engine import job as _job
+from dask_llm.engine.calls import PartitionStats
+from dask_llm.transport.pipeline import LoopClients
 from tests.chains import llm, summary_chain
 from tests.helpers import requests
 
@@ -89,7 +89,7 @@ def test_defaults_are_written_once() -> None:
     """The signature's defaults are the constants of _options and _retry (one place)."""
     import inspect
 
-    from dask_llm import _options
+    from dask_llm.core import config as _options
 
     params = inspect.signature(dask_llm.enrich).parameters
     assert params["max_concurrency"].default == _options.DEFAULT_MAX_CONCURRENCY

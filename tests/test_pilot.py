@@ -11,7 +11,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
 import dask_llm
-from dask_llm._pilot import stratified_sample
+from dask_llm.preview.pilot import stratified_sample
 from tests.chains import llm, wine_chains
 from tests.helpers import ROOT
 

@@ -72,7 +72,7 @@ def _partitions_begun(dask_scheduler: Any) -> list[tuple[Any, int, list[int]]]:
 
 def test_the_ledger_hears_of_every_partition_an_empty_one_too(sim: Any) -> None:
     """Each partition's rows to run reach the ledger (its estimate of the job's work left)."""
-    from dask_llm._coordinator import local_coordinator
+    from dask_llm.limits.coordinator import local_coordinator
 
     df = dd.from_pandas(frame(30), npartitions=3)
     kept = df[~df["description"].str.startswith("Review 1")]  # partition 1 (rows 10-19): empty

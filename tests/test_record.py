@@ -11,7 +11,7 @@ import dask.dataframe as dd
 import pytest
 
 import dask_llm
-from dask_llm._record import MAX_BUCKETS, RunRecord
+from dask_llm.observe.record import MAX_BUCKETS, RunRecord
 from tests.chains import summary_chain
 from tests.helpers import reviews
 

@@ -16,7 +16,7 @@ from openai._utils._transform import PropertyInfo
 from openai.types.chat import completion_create_params
 
 import dask_llm
-from dask_llm import _sdk
+from dask_llm.transport import sdk as _sdk
 from tests.chains import Features, Summary, llm, text_chain, wine_chains
 from tests.helpers import requests, reviews
 

@@ -10,10 +10,10 @@ import cloudpickle
 import pytest
 
 import dask_llm
-from dask_llm import _job
-from dask_llm._calls import PartitionStats
-from dask_llm._options import EnrichOptions
-from dask_llm._transport import JobTransport, LoopClients
+from dask_llm.core.config import EnrichOptions
+from dask_llm.engine import job as _job
+from dask_llm.engine.calls import PartitionStats
+from dask_llm.transport.pipeline import JobTransport, LoopClients
 from tests.chains import llm, summary_chain
 from tests.conftest import API_KEY
 

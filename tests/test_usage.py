@@ -12,7 +12,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
 import dask_llm
-from dask_llm._usage import price_of
+from dask_llm.core.usage import price_of
 from tests.chains import llm, summary_chain
 
 PROMPT = ChatPromptTemplate.from_template("Describe {description}")

@@ -1,0 +1,256 @@
+"""The options of one ``enrich`` job: validated once, frozen, each default written once.
+
+The configuration leaf of the package: every option and policy of a job
+(``EnrichOptions``, ``RetryPolicy``, ``BatchPolicy``, ``QualityGate``) and
+every default lives here, as plain frozen data. Nothing here does I/O or
+imports the rest of dask-llm: pickling options for a worker sends values,
+and the way back to the client travels separately (``JobHandle``).
+
+``enrich`` builds an ``EnrichOptions`` and ships it with every partition.
+The defaults below are the only place a default is written; ``enrich``'s
+signature, the accessor, the CLI and the docs all read them from here.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+if TYPE_CHECKING:
+    from dask_llm.cache import ResultCache
+    from dask_llm.observe.record import ChainCounts, RowCounts
+
+#: Requests in flight per process, at most.
+DEFAULT_MAX_CONCURRENCY: Final = 256
+#: Requests in flight per process at the start, before the limit is known.
+DEFAULT_INITIAL_CONCURRENCY: Final = 16
+#: Seconds one HTTP request may take, unless the model sets its own ``timeout``.
+DEFAULT_REQUEST_TIMEOUT: Final = 60.0
+#: Threads per process for chains that have only a synchronous implementation.
+DEFAULT_SYNC_THREADS: Final = 16
+#: What a failed row does: recorded in the error column, or raised.
+DEFAULT_ERRORS: Final = "column"
+#: Name of the column that explains failed rows.
+DEFAULT_ERROR_COLUMN: Final = "llm_error"
+
+Errors = Literal["column", "raise"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How failed calls are retried (``enrich(..., retry=RetryPolicy(...))``).
+
+    Args:
+        attempts: most attempts per call, the first included.
+        timeout: most seconds from a call's first attempt to the start of its last.
+        wait_initial: backoff cap before the first retry, in seconds; doubles per retry.
+        wait_max: largest backoff cap, in seconds.
+        parse_attempts: most attempts for answers that do not fit the output schema.
+    """
+
+    attempts: int = 8
+    timeout: float = 600.0
+    wait_initial: float = 0.5
+    wait_max: float = 30.0
+    parse_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("retry attempts must be >= 1")
+        if self.timeout < 0 or self.wait_initial < 0 or self.wait_max < 0:
+            raise ValueError("retry times must be >= 0 seconds")
+        if self.parse_attempts < 1:
+            raise ValueError("parse_attempts must be >= 1")
+
+    def backoff(self, retry_number: int, rng: Callable[[], float] = random.random) -> float:
+        """Full-jitter wait before retry ``retry_number`` (1 for the first retry)."""
+        cap = min(self.wait_max, self.wait_initial * 2 ** (retry_number - 1))
+        return cap * rng()
+
+
+#: The default policy, written once.
+DEFAULT_RETRY: Final = RetryPolicy()
+
+
+#: OpenAI's limits on one batch input file, with a margin for the JSONL framing.
+MAX_LINES: Final = 50_000
+MAX_BYTES: Final = 200 * 1024 * 1024 - 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchPolicy:
+    """How ``enrich(..., batch=...)`` uses the Batch API (``batch=True`` is the default policy).
+
+    Args:
+        poll_initial: seconds before a batch is first polled; the interval grows 1.5x per poll.
+        poll_max: longest interval between polls, in seconds.
+        fallback: what happens to lines that failed or that an expired batch never ran:
+            ``"retry"`` resubmits them in the next round (within the retry policy's
+            ``attempts``); ``"online"`` sends them online at once.
+        deadline: seconds from the partition's first submission after which whatever is
+            not back is cancelled and sent online (None: wait for the batches' own window).
+        completion_window: the batches' window (the API accepts ``"24h"``).
+        max_lines: most lines per batch (the API's limit is 50,000).
+        max_bytes: most bytes per input file (the API's limit is 200 MB).
+    """
+
+    poll_initial: float = 5.0
+    poll_max: float = 60.0
+    fallback: Literal["retry", "online"] = "retry"
+    deadline: float | None = None
+    completion_window: str = "24h"
+    max_lines: int = MAX_LINES
+    max_bytes: int = MAX_BYTES
+
+    def __post_init__(self) -> None:
+        if self.poll_initial <= 0 or self.poll_max <= 0:
+            raise ValueError("batch poll intervals must be > 0 seconds")
+        if self.fallback not in ("retry", "online"):
+            raise ValueError(f"batch fallback must be 'retry' or 'online', not {self.fallback!r}")
+        if self.deadline is not None and self.deadline <= 0:
+            raise ValueError("batch deadline must be > 0 seconds")
+        if not 1 <= self.max_lines <= MAX_LINES:
+            raise ValueError(f"batch max_lines must be in 1..{MAX_LINES}")
+        if self.max_bytes < 1024:
+            raise ValueError("batch max_bytes must be >= 1024")
+
+
+#: The default policy, written once.
+DEFAULT_BATCH: Final = BatchPolicy()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QualityGate:
+    """Thresholds that stop a job early (``enrich(..., quality_gate=QualityGate())``).
+
+    Args:
+        max_error_rate: most rows with ``llm_error``, as a fraction of rows finished.
+        max_truncation_rate: most answers cut at ``max_tokens`` (``finish_reason="length"``),
+            as a fraction of answers.
+        max_refusal_rate: most answers that are refusals, as a fraction of answers.
+        max_parse_failure_rate: most answers that did not fit the output schema (each
+            failed attempt counts), as a fraction of answers.
+        min_rows: rows finished in a process before it judges them.
+
+    ``None`` switches a check off. Raises ``ValueError`` for a rate outside [0, 1]
+    or ``min_rows`` < 1.
+    """
+
+    max_error_rate: float | None = 0.05
+    max_truncation_rate: float | None = 0.05
+    max_refusal_rate: float | None = 0.05
+    max_parse_failure_rate: float | None = 0.10
+    min_rows: int = 100
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_error_rate",
+            "max_truncation_rate",
+            "max_refusal_rate",
+            "max_parse_failure_rate",
+        ):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"QualityGate({name}=) is a fraction in [0, 1], not {value!r}")
+        if self.min_rows < 1:
+            raise ValueError(f"QualityGate(min_rows=) must be >= 1, not {self.min_rows!r}")
+
+    def breach(self, rows: RowCounts, chains: Iterable[ChainCounts]) -> str | None:
+        """Why the rows so far fail this gate (a sentence naming the rate), or None."""
+        if rows.n < self.min_rows:
+            return None
+        answers = truncated = refused = parse = 0
+        for c in chains:
+            answers += c.ok
+            truncated += c.truncated
+            refused += c.refused
+            parse += c.parse_failures
+        checks = (
+            ("max_error_rate", rows.failed, rows.n, "rows failed"),
+            (
+                "max_truncation_rate",
+                truncated,
+                answers,
+                "answers were truncated (finish_reason=length)",
+            ),
+            ("max_refusal_rate", refused, answers, "answers were refusals"),
+            ("max_parse_failure_rate", parse, answers, "answers did not parse"),
+        )
+        for name, count, total, what in checks:
+            limit = getattr(self, name)
+            if limit is None or total == 0:
+                continue
+            rate = count / total
+            if rate > limit:
+                return (
+                    f"quality gate: {rate:.1%} of {what} ({count:,} of {total:,}) after "
+                    f"{rows.n:,} rows, above {name}={limit:.1%}"
+                )
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnrichOptions:
+    """Options of one ``enrich`` job (see ``enrich`` for their meaning)."""
+
+    job: str
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    initial_concurrency: int = DEFAULT_INITIAL_CONCURRENCY
+    rpm: float | None = None
+    tpm: float | None = None
+    budget_usd: float | None = None
+    processes: int = 1
+    errors: Errors = DEFAULT_ERRORS
+    request_timeout: float | None = None
+    retry: RetryPolicy = DEFAULT_RETRY
+    sync_threads: int = DEFAULT_SYNC_THREADS
+    prices: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    cache: ResultCache | None = None
+    partitions: int = 1
+    total_rows: int | None = None
+    progress: bool = False
+    #: The Batch API (``batch=True``: ``BatchPolicy()``); None for online calls.
+    batch: BatchPolicy | None = None
+    quality_gate: QualityGate | None = None
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency= must be >= 1, not {self.max_concurrency}")
+        if self.errors not in ("column", "raise"):
+            raise ValueError(f"errors= must be 'column' or 'raise', not {self.errors!r}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError("request_timeout= must be > 0 seconds, or None")
+        if self.sync_threads < 1:
+            raise ValueError(f"sync_threads= must be >= 1, not {self.sync_threads}")
+        if self.batch is not None and not isinstance(self.batch, BatchPolicy):
+            raise TypeError("batch= takes True, False or a BatchPolicy")
+        if not isinstance(self.retry, RetryPolicy):
+            raise TypeError("retry= takes a RetryPolicy or a number of attempts")
+        if self.quality_gate is not None and not isinstance(self.quality_gate, QualityGate):
+            raise TypeError(
+                f"quality_gate= takes a dask_llm.QualityGate or None, not {self.quality_gate!r}"
+            )
+        for name in ("rpm", "tpm", "budget_usd"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}= must be > 0, or None for no limit")
+
+    @property
+    def price_table(self) -> Mapping[str, tuple[float, ...]]:
+        return dict(self.prices)
+
+    @property
+    def cache_label(self) -> str | None:
+        """Where answers are kept, for messages (a path, or the cache's repr)."""
+        if self.cache is None:
+            return None
+        return str(getattr(self.cache, "path", None) or repr(self.cache))
+
+    def __repr__(self) -> str:  # never the keys
+        return f"EnrichOptions(job={self.job!r}, cache={self.cache!r})"
+
+    def __dask_tokenize__(self) -> Any:
+        # Each enrich() call is its own job (its own throttle); the cache object is
+        # named by its type and location, not by content.
+        return ("dask_llm.EnrichOptions", self.job, repr(self.cache))

@@ -1,0 +1,485 @@
+"""One ``enrich`` job in one process: what every partition of it running here shares.
+
+A ``Job`` owns, for its process, the job's throttle (pacing and
+concurrency), its cache handle, its fatal-answer breaker and its stop state;
+partitions attach to it when they start and detach when they end. A job
+that has had no partition for a minute is dropped (a process of a long-lived
+cluster does not accumulate the state of every job it ever ran).
+
+Stopping. A long paid job must stop when its user says so, and pay for
+nothing more. A job stops for one of five reasons, and the first one wins:
+
+=============  ===============================================  =========================
+kind           cause                                            the partition then
+=============  ===============================================  =========================
+interrupted    Ctrl-C, or the computation failed elsewhere      raises ``JobStopped``
+raised         ``errors="raise"``: a row failed somewhere       raises ``JobStopped``
+fatal          401/403/404, ``insufficient_quota``, refused     gives every row not done
+               connections: no request could succeed            the reason in ``llm_error``
+budget         ``budget_usd`` reached                           likewise
+quality        a rate crossed ``quality_gate`` (``core.config``)  likewise
+=============  ===============================================  =========================
+
+Once stopped, no new request starts (the transport checks before sending and
+after waiting for its turn), rows not started are not started, and requests
+already on the wire get a short grace (``STOP_GRACE_S``) to come back and be
+written to the cache before they are cancelled: a rerun then pays only for
+what was not back.
+
+How a stop reaches every process of the job:
+
+* in the process that raised or was interrupted, at once (this object);
+* synchronous and threaded schedulers: a Dask callback (``_ComputeWatch``,
+  registered when dask-llm is imported) numbers each local computation (a
+  *run*, ``cluster.hub``) and sees it end with an error in the client: it stops the
+  run's jobs (Ctrl-C: every job running there) and marks the run abandoned,
+  so a partition of it that begins later stops at once too;
+* dask's process pool: the same mark is kept in the client's job hub
+  (``cluster.hub``); children poll it every 0.1 s, and stop when it is gone.
+  Computing the same frame again is a new run, which the old stop does not
+  touch;
+* ``distributed``: an interrupted client releases its futures, and the
+  scheduler marks the tasks cancelled on the workers; each partition polls
+  its own task's state every 0.1 s.
+
+Garbage collection. While partitions run in a process, its long-lived
+objects (imported modules, models, the chains) are frozen out of the
+collector (``gc.freeze``) and collections are made rarer; both are restored
+when the last partition leaves. A full collection over a heap of LangChain
+objects stalls every thread of the process for hundreds of milliseconds:
+measured here (2,000 wine rows x 2 chains at 100 requests/s, threaded
+scheduler), the stalls bunched requests that pacing had spread, giving 27
+quota 429s and 1.23x the bound; frozen, with thresholds (50,000, 20, 100),
+13 and 1.08x.
+
+The fatal breaker exists because a bad key, a missing model or a wrong
+``base_url`` would otherwise cost one failed request (and its retries) per
+row: after the first such answer the job stops sending, and every affected
+row is told the real reason (status, code, host).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import logging
+import math
+import re
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from dask.callbacks import Callback
+
+from dask_llm.cluster import hub as _hub
+from dask_llm.core import where as _cluster
+from dask_llm.core.errors import ChainError, JobStopped
+from dask_llm.core.usage import price_of
+from dask_llm.limits.ledger import Ledger, even_share_hint, link_for
+from dask_llm.limits.pacer import Throttle
+from dask_llm.observe import metrics as _metrics
+from dask_llm.observe import progress as _progress
+from dask_llm.observe.record import Recorder
+
+if TYPE_CHECKING:
+    from dask_llm.cluster.handle import JobHandle
+    from dask_llm.core.config import EnrichOptions
+
+log = logging.getLogger("dask_llm")
+
+#: Seconds requests already on the wire get to land in the cache after a stop.
+STOP_GRACE_S = 2.0
+#: How often a running partition looks for a stop from elsewhere.
+POLL_S = 0.1
+_IDLE_S = 60.0
+_REFUSED_BEFORE_FATAL = 3
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"]+)"')
+_MAX_TOKENS = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
+
+
+class Stop(NamedTuple):
+    kind: str  # "interrupted" | "raised" | "fatal" | "budget" | "quality"
+    text: str
+    #: For "raised": (message, index, chain) of the ``ChainError``, which every
+    #: partition then raises, so the caller sees it whichever partition ends first.
+    error: tuple[str, Any, str] | None = None
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            message, index, chain = self.error
+            raise ChainError(message, index=index, chain=chain)
+        raise JobStopped(self.text, kind=self.kind)
+
+
+class Job:
+    """The state one job keeps in one process (see the module docstring)."""
+
+    def __init__(
+        self, options: EnrichOptions, handle: JobHandle | None = None, run: int | None = None
+    ) -> None:
+        self.id = options.job
+        #: The client's run (one computation) this object serves; see ``cluster.hub``.
+        self.run = run
+        self.options = options
+        self.cache = options.cache
+        self._lock = threading.Lock()
+        self._stop: Stop | None = None
+        self._refused = 0
+        self._attached = 0
+        self._idle_since = time.monotonic()
+        self._last_poll = 0.0
+        self._cache_warned = False
+        self.worker = _cluster.distributed_worker()
+        self.hub: _hub.HubClient | None = None
+        if (
+            self.worker is None
+            and handle is not None
+            and handle.hub is not None
+            and _cluster.in_pool_child()
+        ):
+            address, key = handle.hub
+            self.hub = _hub.hub_client(address, key)
+        self.ledger = Ledger(
+            options.job,
+            {
+                "rpm": options.rpm,
+                "tpm": options.tpm,
+                "budget_usd": options.budget_usd,
+                "partitions": options.partitions,
+            },
+            link_for(self.hub),
+            fallback_share=even_share_hint(options.processes),
+            on_stop=self._ledger_says_stop,
+        )
+        self.throttle = Throttle(
+            max_concurrency=options.max_concurrency,
+            initial_concurrency=options.initial_concurrency,
+            ledger=self.ledger,
+        )
+        self._largest_completion = 0
+        # The run record (``observe.record``): requests, rows, the quality gate; metrics read it.
+        self.recorder = Recorder(
+            prices=options.price_table,
+            rpm=options.rpm,
+            gate=options.quality_gate,
+            on_gate=lambda text: self.stop("quality", text),
+        )
+        _metrics.install()
+
+    # -- stopping ---------------------------------------------------------------------------
+    @property
+    def stopped(self) -> Stop | None:
+        """Why the job stopped, or None: what this process knows now (no I/O)."""
+        return self._stop
+
+    def stop(
+        self,
+        kind: str,
+        text: str,
+        *,
+        error: tuple[str, Any, str] | None = None,
+        broadcast: bool = True,
+    ) -> None:
+        """Stop the job here and, with ``broadcast``, in every process of it."""
+        with self._lock:
+            if self._stop is not None:
+                return
+            self._stop = Stop(kind, text, error)
+        if kind in ("fatal", "budget", "quality"):
+            self.recorder.stopped(kind, text)
+        log.warning("dask-llm job %s: stopping (%s): %s", self.id[:8], kind, text)
+        if not broadcast:
+            return
+        if self.hub is not None:
+            with contextlib.suppress(ConnectionError):
+                self.hub.call("stop", self.id, self.run, kind, text, error)
+        elif self.worker is None:
+            _hub.signal_stop(self.id, self.run, kind, text, error)
+
+    def poll(self, task_key: Any = None) -> Stop | None:
+        """Look for a stop from elsewhere (at most every ``POLL_S``); return the stop, if any."""
+        if self._stop is not None:
+            return self._stop
+        now = time.monotonic()
+        if now - self._last_poll < POLL_S:
+            return None
+        self._last_poll = now
+        found: tuple[str, str, Any] | None = None
+        if self.worker is not None:
+            if _cluster.task_abandoned(self.worker, task_key):
+                found = (
+                    "interrupted",
+                    "the client released this task (interrupted or failed)",
+                    None,
+                )
+        elif self.hub is not None:
+            try:
+                found = self.hub.call("poll", self.id, self.run)
+            except ConnectionError:
+                found = ("interrupted", "the client that computes this job is gone", None)
+        else:
+            found = _hub.stop_signal(self.id, self.run)
+        if found is not None:
+            self.stop(found[0], found[1], error=found[2], broadcast=False)
+        return self._stop
+
+    def check(self) -> None:
+        """Raise ``JobStopped`` if the job has stopped (before a request is sent)."""
+        stop = self._stop
+        if stop is not None:
+            raise JobStopped(stop.text, kind=stop.kind)
+
+    def _ledger_says_stop(self, text: str) -> None:
+        self.stop("budget" if text.startswith("budget") else "interrupted", text, broadcast=False)
+
+    # -- the budget -----------------------------------------------------------------------------
+    def worst_cost(self, body: bytes, *, batch: bool = False) -> float:
+        """What a request may cost at most (``budget_usd``): see ``limits.coordinator``.
+
+        Prompt tokens are at most the body's bytes (a token is at least a byte, and the
+        body holds every message); completion tokens at most ``max_tokens``, else 1.5x
+        the largest completion seen (1,024 before any).
+        """
+        match = _MODEL.search(body)
+        model = match.group(1).decode() if match else None
+        price = price_of(model, self.options.price_table, batch=batch)
+        if price is None:
+            self.stop(
+                "budget",
+                f"budget_usd needs a price for every model, and {model!r} has none "
+                "(give prices={model: (input, output)})",
+            )
+            return math.inf
+        limit = _MAX_TOKENS.search(body)
+        completion = (
+            int(limit.group(1))
+            if limit
+            else (1.5 * self._largest_completion if self._largest_completion else 1024)
+        )
+        return (len(body) * price[0] + completion * price[1]) / 1e6
+
+    def completion_seen(self, tokens: int) -> None:
+        if tokens > self._largest_completion:
+            self._largest_completion = tokens
+
+    # -- the fatal breaker --------------------------------------------------------------------
+    def fatal_answer(self, description: str) -> None:
+        """A 401/403/404 or ``insufficient_quota``: no request of this job can succeed."""
+        self.stop("fatal", description)
+
+    def connection_refused(self, description: str) -> None:
+        with self._lock:
+            self._refused += 1
+            refused = self._refused
+        if refused >= _REFUSED_BEFORE_FATAL:
+            self.stop("fatal", description)
+
+    def connection_ok(self) -> None:
+        self._refused = 0
+
+    # -- the cache, which may fail without failing the job -------------------------------------
+    def cache_get(self, keys: Sequence[str], stats: Any) -> dict[str, Any]:
+        """Cached values of ``keys``; a failing cache is a miss (logged and counted)."""
+        if self.cache is None or not keys:
+            return {}
+        try:
+            return self.cache.get_many(keys)
+        # A ResultCache may be anyone's code over any store: whatever it raises, the
+        # job goes on without it for this lookup.
+        except Exception as exc:
+            self._cache_failed("read", exc, stats)
+            return {}
+
+    def cache_put(self, key: str, value: Any, stats: Any) -> None:
+        """Store ``value``; a failing write is logged and counted, and the answer kept."""
+        if self.cache is None:
+            return
+        try:
+            self.cache.put(key, value)
+        except (TypeError, ValueError) as exc:  # not JSON: keep the answer, do not cache it
+            log.debug("dask-llm: an answer that is not JSON was not cached: %s", exc)
+        except Exception as exc:  # see cache_get
+            self._cache_failed("write", exc, stats)
+
+    def _cache_failed(self, what: str, exc: Exception, stats: Any) -> None:
+        stats.cache_errors += 1
+        level = logging.DEBUG if self._cache_warned else logging.WARNING
+        self._cache_warned = True
+        log.log(
+            level,
+            "dask-llm: cache %s failed (%s: %s); the answer is kept, only not cached",
+            what,
+            type(exc).__name__,
+            exc,
+        )
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def reporter(self, partition: int, attempt: str) -> _progress.Reporter:
+        """Where a partition of this job sends its progress events."""
+        base = {"job": self.id, "partition": partition, "attempt": attempt}
+        drain = self.recorder.drain
+        if self.worker is not None:
+            worker = self.worker
+            return _progress.Reporter(
+                lambda msg: worker.log_event(_progress.TOPIC, msg), base, interval=0.5, drain=drain
+            )
+        if self.hub is not None:
+            hub = self.hub
+            return _progress.Reporter(
+                lambda msg: hub.call("event", msg), base, interval=0.5, drain=drain
+            )
+        return _progress.Reporter(_progress.receive, base, interval=0.0, drain=drain)
+
+
+_JOBS: dict[tuple[str, int | None], Job] = {}
+_JOBS_LOCK = threading.Lock()
+
+
+_GC_THRESHOLDS = (50_000, 20, 100)
+_gc_saved: tuple[int, int, int] | None = None
+_partitions_here = 0
+
+
+def _gc_enter() -> None:
+    global _gc_saved, _partitions_here
+    _partitions_here += 1
+    if _partitions_here == 1:
+        _gc_saved = gc.get_threshold()
+        gc.freeze()
+        gc.set_threshold(*_GC_THRESHOLDS)
+
+
+def _gc_leave() -> None:
+    global _gc_saved, _partitions_here
+    _partitions_here -= 1
+    if _partitions_here == 0 and _gc_saved is not None:
+        gc.set_threshold(*_gc_saved)
+        gc.unfreeze()
+        _gc_saved = None
+
+
+def run_of(handle: JobHandle | None) -> int | None:
+    """The run a partition starting here with ``handle`` belongs to (see ``cluster.hub``)."""
+    if handle is not None and handle.run is not None:
+        return handle.run  # pickled for a pool child, in the client thread that submitted it
+    if _cluster.in_pool_child() or _cluster.distributed_worker() is not None:
+        return None
+    return _hub.newest_run()  # threads or synchronous: the client's newest computation
+
+
+def attach(options: EnrichOptions, handle: JobHandle | None = None) -> Job:
+    """The process's ``Job`` for ``options.job`` in this run, with one more partition attached.
+
+    ``handle`` is the way back to the client (None: a job of this process's own)."""
+    now = time.monotonic()
+    run = run_of(handle)
+    _hub.run_holds(run, options.job)
+    with _JOBS_LOCK:
+        _gc_enter()
+        for key in [
+            k for k, job in _JOBS.items() if job._attached == 0 and now - job._idle_since > _IDLE_S
+        ]:
+            del _JOBS[key]
+        job = _JOBS.get((options.job, run))
+        if job is None:
+            job = _JOBS[(options.job, run)] = Job(options, handle, run)
+        job._attached += 1
+        job.ledger.attached(job._attached)
+    job.ledger.start()
+    return job
+
+
+def detach(job: Job) -> None:
+    with _JOBS_LOCK:
+        _gc_leave()
+        job._attached -= 1
+        if job._attached == 0:
+            job._idle_since = time.monotonic()
+        job.ledger.attached(job._attached)
+
+
+def running_jobs() -> list[Job]:
+    with _JOBS_LOCK:
+        return [job for job in _JOBS.values() if job._attached > 0]
+
+
+def stop_run(run: int | None, kind: str, text: str, *, everything: bool) -> list[str]:
+    """Stop the computation ``run`` (``everything``: every job running here); the job ids.
+
+    The run is marked abandoned in the hub, so its partitions stop also where
+    they have not begun yet (a pool child still starting up, a task queued).
+    """
+    stopped = set(_hub.run_ended(run, (kind, text))) if run is not None else set()
+    runs = {run}
+    if everything:  # Ctrl-C: every computation of this process
+        for other in _hub.live_runs():
+            stopped |= _hub.run_ended(other, (kind, text))
+            runs.add(other)
+        stopped.update(_progress.active_jobs())
+    for job in running_jobs():
+        if everything or job.run in runs:
+            stopped.add(job.id)
+            job.stop(kind, text)
+    return sorted(stopped)
+
+
+def resume_hint(summary: _progress.RunSummary | None) -> str:
+    where = f" in the cache at {summary.cache}" if summary is not None and summary.cache else ""
+    done = f"{summary.rows:,} rows were done; " if summary is not None else ""
+    return (
+        f"{done}every answer paid for is kept{where}. Run the same job again to resume: "
+        "only what is missing is paid for."
+    )
+
+
+class _ComputeWatch(Callback):
+    """Stops dask-llm jobs when a local Dask computation ends with an error or an interrupt.
+
+    Dask's local schedulers (synchronous, threads, processes) call ``_finish``
+    in a ``finally`` block, in the client, with ``errored=True`` when the
+    computation is being abandoned; the exception in flight tells which.
+    Partitions still running in pool threads or child processes would otherwise
+    go on calling the API for rows whose results nobody will read.
+    """
+
+    def _start(self, dsk: Any) -> None:
+        _hub.run_began()
+
+    def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
+        run = _hub.current_run()
+        if not errored:
+            if run is not None:
+                _hub.run_ended(run)
+            return
+        exc = sys.exc_info()[1]
+        if isinstance(exc, KeyboardInterrupt):
+            kind, text = "interrupted", "interrupted (KeyboardInterrupt)"
+        elif isinstance(exc, JobStopped):  # the job stopped itself; its run ends with it
+            if run is not None:
+                _hub.run_ended(run, (exc.kind, str(exc)))
+            return
+        else:
+            kind = "interrupted"
+            text = f"the computation failed ({type(exc).__name__ if exc else 'error'})"
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        for job_id in stop_run(run, kind, text, everything=interrupted):
+            summary = _progress.stop_run(job_id, "interrupted")
+            if interrupted:
+                print(
+                    f"dask-llm: stopped job {job_id[:8]}: {resume_hint(summary)}", file=sys.stderr
+                )
+
+
+_WATCH = _ComputeWatch()
+_WATCH.register()
+
+
+@atexit.register
+def _unfinished_runs() -> None:
+    """At exit, say how to resume runs that never finished (e.g. ``distributed`` + Ctrl-C)."""
+    for job_id in _progress.active_jobs():
+        summary = _progress.stop_run(job_id, "interrupted")
+        print(f"dask-llm: job {job_id[:8]} did not finish: {resume_hint(summary)}", file=sys.stderr)

@@ -1,0 +1,163 @@
+"""Retries: which failures, how long to wait, and the loop that runs a chain call's attempts.
+
+One retry layer only: the SDK's own retries are switched off on the clients
+dask-llm opens (``max_retries=0``, see ``transport.pipeline``), so attempts never
+multiply. Retried: 429, 408, 409, 5xx, connection errors, timeouts, bodies
+that do not parse, and answers that do not fit their schema (the latter
+within a smaller budget of their own, ``parse_attempts``, since a model that
+misreads a schema tends to do it again). Not retried: every other 4xx (400
+including ``context_length_exceeded``, 401, 403, 404, 422), a stopped job,
+and exceptions raised by the user's own Python code.
+
+The schedule is stamina's and tenacity's: exponential backoff with full
+jitter (``uniform(0, min(wait_max, wait_initial * 2**n))``), within an
+attempt budget and a total time budget (``timeout``, stamina's meaning: the
+whole retrying, not one request; a request's own limit is
+``request_timeout`` on ``enrich``). A server's ``retry-after-ms`` /
+``retry-after`` is a floor under the wait; ``retry_after`` here is the one
+parser of those headers, used by the throttle too. tenacity drives the loop;
+this module supplies the policy it needs.
+
+An answer that failed to parse is retried *around* the request cache: the
+request keys of the failed attempt go to the next attempt's ``refresh`` set,
+so it is asked again (and the new answer replaces the cached one) instead of
+being served the same bad answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import openai
+import pydantic
+import tenacity
+from langchain_core.exceptions import OutputParserException
+
+from dask_llm.core.config import RetryPolicy
+from dask_llm.core.errors import JobStopped
+from dask_llm.core.usage import Attempt, Usage, UsageCallback, current_attempt, settle
+from dask_llm.limits.headers import retry_after
+from dask_llm.observe.record import ACTIVE
+
+_RETRY_STATUS = frozenset({408, 409, 429})
+log = logging.getLogger("dask_llm")
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause of ``exc`` (the SDK wraps what its transport raised)."""
+    seen = 0
+    while exc.__cause__ is not None and seen < 10:
+        exc = exc.__cause__
+        seen += 1
+    return exc
+
+
+def classify(exc: BaseException) -> str | None:
+    """``"transient"``, ``"parse"`` (answer did not fit its schema) or ``None`` (do not retry)."""
+    if isinstance(root_cause(exc), JobStopped):
+        return None
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code in _RETRY_STATUS or exc.status_code >= 500:
+            return "transient"
+        return None
+    if isinstance(exc, openai.APIConnectionError | openai.APIResponseValidationError):
+        return "transient"  # includes APITimeoutError
+    if isinstance(exc, TimeoutError | ConnectionError | json.JSONDecodeError):
+        return "transient"
+    if isinstance(exc, OutputParserException | pydantic.ValidationError):
+        return "parse"
+    return None
+
+
+def _exception_headers(exc: BaseException) -> Mapping[str, str] | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "headers", None)
+
+
+async def call_with_retries(
+    invoke: Callable[[dict[str, Any] | None], Awaitable[Any]],
+    *,
+    policy: RetryPolicy,
+    prices: Mapping[str, tuple[float, ...]] | None,
+    stats: Any,
+    stopped: Callable[[], bool],
+    with_callbacks: bool,
+) -> tuple[Any, Usage]:
+    """Run ``invoke(config)`` with retries; return its result and the usage of every attempt.
+
+    ``config`` carries a usage callback when ``with_callbacks`` (models the
+    transport cannot see). On failure the last exception propagates, with the
+    usage so far in its ``usage`` attribute.
+    """
+    total = Usage()
+    refresh: frozenset[str] = frozenset()
+    attempt_number = 0
+
+    def should_retry(state: tenacity.RetryCallState) -> bool:
+        if state.outcome is None or not state.outcome.failed or stopped():
+            return False
+        kind = classify(state.outcome.exception())  # type: ignore[arg-type]
+        if kind == "parse" and (active := ACTIVE.get()) is not None:
+            active[0].parse_failed(active[1])
+        if kind == "transient":
+            return True
+        return kind == "parse" and state.attempt_number < policy.parse_attempts
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        backoff = policy.backoff(state.attempt_number)
+        exc = state.outcome.exception() if state.outcome else None
+        floor = retry_after(_exception_headers(exc)) if exc is not None else None
+        return max(backoff, floor) if floor is not None else backoff
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.debug(
+            "dask-llm: retry %d in %.2f s after %s: %s",
+            state.attempt_number,
+            state.upcoming_sleep,
+            type(exc).__name__,
+            exc,
+        )
+
+    retrying = tenacity.AsyncRetrying(
+        stop=tenacity.stop_after_attempt(policy.attempts)
+        | tenacity.stop_before_delay(policy.timeout),
+        wait=wait,
+        retry=should_retry,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    try:
+        async for attempt_state in retrying:
+            attempt_number += 1
+            if attempt_number > 1:
+                stats.retries += 1
+                if (active := ACTIVE.get()) is not None:
+                    active[0].retried()
+            with attempt_state:
+                attempt = Attempt(prices, refresh)
+                callback = UsageCallback() if with_callbacks else None
+                token = current_attempt.set(attempt)
+                try:
+                    return await invoke({"callbacks": [callback]} if callback else None), _plus(
+                        total, settle(attempt, callback)
+                    )
+                except BaseException as exc:
+                    total.add(settle(attempt, callback))
+                    if classify(exc) == "parse":
+                        refresh = refresh | frozenset(attempt.keys)
+                    raise
+                finally:
+                    current_attempt.reset(token)
+    except BaseException as exc:
+        exc.usage = total  # type: ignore[attr-defined]
+        raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _plus(total: Usage, last: Usage) -> Usage:
+    total.add(last)
+    return total

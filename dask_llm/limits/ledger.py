@@ -1,0 +1,428 @@
+"""A process's side of the job's ledger: its lease, renewed four times a second.
+
+The job's budgets are held in one place (``limits.coordinator``); each process
+running partitions of the job is a *member* that leases from it. ``Ledger``
+is the member: a small thread renews the lease every ``RENEW_S`` while
+partitions of the job run here, reporting what was used and whether requests
+are waiting for pacing (so that capacity follows demand), what the provider's
+headers said, and what was spent. Between renewals the pacer (``limits.pacer``)
+works from the leased rates alone, and requests reserve their worst-case cost
+from the dollar allowance, with no round trip.
+
+How a member reaches the coordinator:
+
+* ``LocalLink``: the coordinator of this process (threads, the synchronous
+  scheduler, the pandas accessor);
+* ``HubLink``: the client's coordinator through the job hub (a child of dask's
+  process pool);
+* ``SchedulerLink``: the scheduler plugin's ``dask_llm_lease`` handler, through
+  the worker's own connection (``distributed``).
+
+If the coordinator cannot be reached (a scheduler without dask-llm, a hub that
+is gone), the member falls back to its even share of the limit, as 0.1 did,
+and says so in the log; if it could be reached once and no longer can for a
+whole lease, it stops sending (see ``limits.coordinator``, failure modes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from dask_llm.core import where as _cluster
+from dask_llm.limits.coordinator import (
+    ALLOWANCE_S,
+    HANDLER,
+    LEASE_TTL_S,
+    MARGIN,
+    RENEW_S,
+    WINDOW_S,
+    local_coordinator,
+)
+
+log = logging.getLogger("dask_llm")
+
+#: Seconds a member keeps its lease after its last partition ended.
+LINGER_S = 2.0
+
+
+class Link(Protocol):
+    def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class LocalLink:
+    def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+        return local_coordinator().lease(job, member, report)
+
+
+class HubLink:
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+
+    def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+        reply: dict[str, Any] = self.hub.call("lease", job, member, report)
+        return reply
+
+
+class SchedulerLink:
+    """The scheduler plugin's handler, called on the worker's own event loop."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+
+    def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+        worker = self.worker
+        answer: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def settle(task: asyncio.Future[Any]) -> None:
+            if task.cancelled():
+                answer.set_exception(LeaseUnavailable("the worker is closing"))
+            elif task.exception() is not None:
+                answer.set_exception(task.exception())
+            else:
+                answer.set_result(task.result())
+
+        def call() -> None:
+            # Made here, on the worker's loop: a worker that closed before this ran
+            # leaves no call behind (a coroutine made and never awaited).
+            rpc = getattr(worker.scheduler, HANDLER)
+            asyncio.ensure_future(rpc(job=job, member=member, report=report)).add_done_callback(
+                settle
+            )
+
+        try:
+            worker.loop.asyncio_loop.call_soon_threadsafe(call)
+        except RuntimeError as exc:  # its loop is closed
+            raise LeaseUnavailable("the worker has closed") from exc
+        reply = answer.result(timeout=LEASE_TTL_S)
+        if not isinstance(reply, dict):
+            raise LeaseUnavailable(f"the scheduler answered {reply!r}")
+        return reply
+
+
+class LeaseUnavailable(ConnectionError):
+    """The coordinator cannot be reached."""
+
+
+class Ledger:
+    """One member's lease of one job (thread-safe; the pacer reads it on every request)."""
+
+    def __init__(
+        self,
+        job: str,
+        config: dict[str, Any],
+        link: Link,
+        *,
+        fallback_share: int = 1,
+        on_stop: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job = job
+        self.config = config
+        self.link = link
+        self.member = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.fallback_share = max(1, fallback_share)
+        self.on_stop = on_stop
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.rate_req: float | None = None
+        self.rate_tok: float | None = None
+        self.leased = False  # a lease with the job's limits has arrived
+        self.reached = False  # the coordinator answered at least once
+        self.fallback = False
+        self.expires = 0.0
+        self.learned_rpm: float | None = None
+        self.learned_tpm: float | None = None
+        # dollars
+        self.budgeted = config.get("budget_usd") is not None
+        self.allowance = 0.0  # held, not reserved
+        self.reserved = 0.0
+        self.spent_since = 0.0
+        self.spent_rate = 0.0
+        self.spent_usd = 0.0
+        self.budget_usd: float | None = config.get("budget_usd")
+        # demand
+        self._begun: list[int] = []  # rows to run of each partition begun since the last report
+        self._started_req = 0
+        self._started_tok = 0.0
+        self._last_second: deque[tuple[float, float]] = deque()  # (start, tokens)
+        self._hungry = True  # until it has reported once: a new member has work
+        self._last = clock()
+        self._thread: threading.Thread | None = None
+        self._partitions = 0
+        self._idle_since = clock()
+        self._queued = 0
+        self._backlog = 0  # rows of the partitions running here that are not done yet
+        # What each report on its way said was sent in its last second (see ``holding``).
+        self._reported: list[tuple[int, float]] = []
+
+    # -- what the pacer reads --------------------------------------------------------------------
+    def rates(self) -> tuple[float | None, float | None]:
+        """Leased requests/s and tokens/s (None: no limit known anywhere)."""
+        if self.fallback or not self.reached:
+            return self._even_share()  # before the first lease: an even share, not unpaced
+        if not self.leased and (self.learned_rpm or self.learned_tpm):
+            return self._even_share()  # a limit learned here, not yet known to the ledger
+        if self.clock() > self.expires:
+            # Renewals are late (a busy process, a slow link): the coordinator has
+            # given this share to others by now. Wait for the next lease.
+            return (
+                None if self.rate_req is None else 0.0,
+                None if self.rate_tok is None else 0.0,
+            )
+        return self.rate_req, self.rate_tok
+
+    def _even_share(self) -> tuple[float | None, float | None]:
+        def share(told: Any, learned: float | None) -> float | None:
+            known = [x for x in (told, learned) if x]
+            if not known:
+                return None
+            return min(known) / 60.0 * (1.0 - MARGIN) / self.fallback_share
+
+        return share(self.config.get("rpm"), self.learned_rpm), share(
+            self.config.get("tpm"), self.learned_tpm
+        )
+
+    def started(self, tokens: float) -> None:
+        with self._lock:
+            self._started_req += 1
+            self._started_tok += tokens
+            self._last_second.append((self.clock(), tokens))
+
+    def _sent_last_second(self, now: float) -> tuple[int, float]:
+        """Requests and tokens started in the last second (what the provider still counts)."""
+        recent = self._last_second
+        while recent and recent[0][0] <= now - WINDOW_S:
+            recent.popleft()
+        return len(recent), sum(t for _, t in recent)
+
+    def holding(self, tokens: float, *, req: bool, tok: bool) -> bool:
+        """Whether a request must wait for the reply to the report on its way.
+
+        The coordinator counts this member, until its next report, at the higher
+        of what it reported sending in its last second and the rate it grants
+        now; the rest it lends to others at once. Until the reply is here, the
+        old rate still applies: so no more than was reported may be in this
+        process's last second (``req``/``tok``: which limits are in force).
+        """
+        if not self._reported:  # every admit asks; a report is on its way a few ms a renewal
+            return False
+        with self._lock:
+            if not self._reported:
+                return False
+            count, used = self._sent_last_second(self.clock())
+            held_req = min(x[0] for x in self._reported)
+            held_tok = min(x[1] for x in self._reported)
+        return (req and count + 1 > held_req) or (tok and used + tokens > held_tok)
+
+    def waiting(self) -> None:
+        """A request had to wait for pacing: this member could use more."""
+        self._hungry = True
+
+    def queue(self, delta: int) -> None:
+        """Requests waiting for their start (+1 when one begins to wait, -1 when it goes)."""
+        with self._lock:
+            self._queued += delta
+
+    def partition_began(self, rows: int) -> None:
+        """A partition of the job began here with ``rows`` rows to run (the cache's not counted)."""
+        with self._lock:
+            self._backlog += rows
+            self._begun.append(rows)
+
+    def rows_done(self, rows: int) -> None:
+        """``rows`` of the partitions running here are done (or will not run: a stop)."""
+        with self._lock:
+            self._backlog = max(0, self._backlog - rows)
+
+    def learned(self, rpm: float | None, tpm: float | None) -> None:
+        with self._lock:
+            if rpm and (self.learned_rpm is None or rpm < self.learned_rpm):
+                self.learned_rpm = rpm
+            if tpm and (self.learned_tpm is None or tpm < self.learned_tpm):
+                self.learned_tpm = tpm
+
+    # -- dollars ----------------------------------------------------------------------------------
+    def reserve(self, worst_usd: float) -> bool | None:
+        """Reserve ``worst_usd`` for a request.
+
+        True: reserved. None: not now (what is left of the budget is reserved by
+        requests in flight; try again when they have settled). False: the budget is
+        spent (the job stops).
+        """
+        if not self.budgeted:
+            return True
+        if self._take(worst_usd):
+            return True
+        with self._lock:
+            need = worst_usd - self.allowance
+        reply = self._renew(need=need)
+        if reply is None:
+            return None
+        if reply.get("stop"):
+            return False
+        return True if self._take(worst_usd) else None
+
+    def _take(self, worst_usd: float) -> bool:
+        """Reserve ``worst_usd`` out of the allowance in hand, if it is there."""
+        with self._lock:
+            if self.allowance < worst_usd:
+                return False
+            self.allowance -= worst_usd
+            self.reserved += worst_usd
+            return True
+
+    def settle(self, reserved_usd: float, actual_usd: float) -> None:
+        """A request that reserved ``reserved_usd`` cost ``actual_usd``."""
+        if not self.budgeted:
+            return
+        with self._lock:
+            self.reserved -= reserved_usd
+            self.allowance += reserved_usd - actual_usd
+            self.spent_since += actual_usd
+            self.spent_usd += actual_usd
+
+    # -- the lease ---------------------------------------------------------------------------------
+    def attached(self, partitions: int) -> None:
+        """How many partitions of the job run here now."""
+        with self._lock:
+            self._partitions = partitions
+            if partitions == 0:
+                self._idle_since = self.clock()
+
+    def start(self) -> None:
+        """Lease now, and renew in the background while partitions run (idempotent).
+
+        The lease is kept ``LINGER_S`` after the last partition ends: a worker that
+        runs partitions one after another keeps its share between them.
+        """
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._loop, name="dask-llm-lease", daemon=True)
+            thread = self._thread
+        self._renew()
+        thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(RENEW_S)
+            with self._lock:
+                idle = self._partitions == 0 and self.clock() - self._idle_since > LINGER_S
+                if idle:
+                    self._thread = None
+            if idle:
+                self._renew(release=True)
+                return
+            self._renew()
+
+    def _renew(self, *, need: float = 0.0, release: bool = False) -> dict[str, Any] | None:
+        now = self.clock()
+        with self._lock:
+            elapsed = max(1e-3, now - self._last)
+            self._last = now
+            want = max(need, self.spent_rate * ALLOWANCE_S) if self.budgeted else 0.0
+            if self.budgeted and self.allowance > want and not need:
+                self.allowance = want  # hand back what it will not need soon
+            begun = self._begun
+            sent_1s = self._sent_last_second(now)
+            self._reported.append(sent_1s)
+            report = {
+                "config": self.config,
+                "used_req": self._started_req / elapsed,
+                "used_tok": self._started_tok / elapsed,
+                "interval": elapsed,
+                "sent_1s": sent_1s,
+                "hungry": self._hungry or self._queued > 0,
+                "spent_usd": self.spent_since,
+                "allowance": self.allowance + self.reserved,
+                "need_usd": need,
+                "want_usd": want,
+                "learned_rpm": self.learned_rpm,
+                "learned_tpm": self.learned_tpm,
+                "release": release,
+                "backlog": self._backlog,
+                "begun": begun,
+            }
+            self._begun = []
+            spent = self.spent_since
+            self.spent_rate = 0.8 * self.spent_rate + 0.2 * (spent / elapsed)
+            self.spent_since = 0.0
+            self._started_req = 0
+            self._started_tok = 0.0
+            self._hungry = False
+        try:
+            reply = self.link.lease(self.job, self.member, report)
+        except (OSError, ConnectionError, TimeoutError, RuntimeError, KeyError, ValueError) as exc:
+            with self._lock:
+                self._reported.remove(sent_1s)
+                self.spent_since += spent  # not delivered: report it next time
+                self._begun = begun + self._begun
+            self._unreachable(exc, now)
+            return None
+        except BaseException:
+            with self._lock:
+                self._reported.remove(sent_1s)  # else this process would hold its sends for good
+            raise
+        with self._lock:
+            self._reported.remove(sent_1s)
+            self.reached = True
+            self.fallback = False
+            self.expires = now + LEASE_TTL_S  # the coordinator's, counted from before the call
+            rate_req, rate_tok = reply.get("rate_req"), reply.get("rate_tok")
+            self.rate_req = rate_req
+            self.rate_tok = rate_tok
+            self.leased = self.leased or rate_req is not None or rate_tok is not None
+            grant = reply.get("grant_usd") or 0.0
+            if self.budgeted and math.isfinite(grant):
+                self.allowance += grant
+            self.budget_usd = reply.get("budget_usd", self.budget_usd)
+        stop = reply.get("stop")
+        if stop and self.on_stop is not None:
+            self.on_stop(stop)
+        return reply
+
+    def _unreachable(self, exc: BaseException, now: float) -> None:
+        if not self.reached:
+            if not self.fallback:
+                log.warning(
+                    "dask-llm: the job's ledger cannot be reached (%s: %s); pacing to an even "
+                    "share of the limit in this process",
+                    type(exc).__name__,
+                    exc,
+                )
+            self.fallback = True
+        elif now > self.expires + LEASE_TTL_S and self.on_stop is not None:
+            self.on_stop(f"the job's ledger is gone ({type(exc).__name__}: {exc})")
+
+
+def link_for(hub: Any) -> Link:
+    """How this process reaches its job's coordinator."""
+    worker = _cluster.distributed_worker()
+    if worker is not None:
+        return SchedulerLink(worker)
+    if hub is not None:
+        return HubLink(hub)
+    return LocalLink()
+
+
+def even_share_hint(hint: int) -> int:
+    """How many processes would split the limit evenly, if the ledger cannot be reached.
+
+    ``hint``: the ``distributed`` cluster's worker processes when ``enrich`` was called.
+    """
+    if _cluster.distributed_worker() is not None:
+        return max(1, hint)
+    if _cluster.in_pool_child():
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(hint, cpus or 1)
+    return max(1, hint)

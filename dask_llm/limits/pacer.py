@@ -1,0 +1,538 @@
+"""How one HTTP request of a job may start: pacing within the job's lease, and concurrency.
+
+One ``Throttle`` per job per process (owned by the ``Job``), shared by every
+partition running in that process, on whatever thread and event loop. It
+governs HTTP requests, not chain calls: a chain that calls the model twice
+counts twice, and retries count as what they are, new requests. It sits in
+the transport (``transport.pipeline``), so it sees every request's body (to estimate
+its tokens) and every response's status and headers.
+
+* **Pacing.** The job's ``rpm``/``tpm`` (told, or learned from the
+  provider's ``x-ratelimit-limit-*`` headers) are held by the job's ledger
+  (``limits.coordinator``), which lends each process a rate according to its
+  demand; ``Pacer`` spends this process's rate. Two rules, both needed:
+  starts are booked no closer than ``1 / rate`` apart (GCRA from the last
+  booked start at the rate in force; a process behind its schedule makes up
+  at most ``CATCH_UP_S`` of starts), and at the moment a request is really
+  sent, no more than the process's share of the limit (its rate
+  before the margin, rounded down) may have started in the last 1.01 s: a
+  loop that was busy sends booked requests late and together, and a provider
+  that counts any sliding second (or fixed slices, or a token bucket: each
+  is looser than a sliding window) would see the bunch. The extra 10 ms
+  cover the spread of delays between our write and the provider's clock.
+  The shares sum to at most the limit, so the job holds it over any sliding
+  second as the provider stamps it.
+* **429s.** Only a *quota* 429 (rate-limit headers showing a spent quota,
+  or ``rate_limit_exceeded``) says the pace is too fast: starts are held
+  until its ``Retry-After``, and if more than 5% of the last 10 s of requests
+  met one, pacing slows by 5% (once per burst, recovering over 15 s). A 429
+  that is not the quota's (an overloaded server: no rate-limit headers, or
+  quota left) is only retried after its ``Retry-After``: it does not slow
+  the job, and its start is given back (``Pacer.refund``). (0.1 slowed on
+  every 429, so 5% of stray 429s halved a known limit.)
+* **Adaptive concurrency** (AIMD, as TCP), while no rate is known: the number
+  of requests in flight starts at ``initial_concurrency``, grows by one per
+  success until the first quota 429 (slow start), then by ``1/limit`` per
+  success, and halves on a quota 429 (once per round trip). Where the
+  provider sends no limit headers and none is told, this alone finds the
+  ceiling. ``max_concurrency`` is a hard cap. Once a rate is known, pacing
+  governs and concurrency opens to its cap.
+
+Token costs are estimated before sending (body characters / 4, plus
+``max_tokens`` or the mean completion seen so far) and scaled by the ratio
+of reported usage to estimates so far.
+
+aiolimiter was the first choice for pacing, but its limiter belongs to one
+event loop, and a job here spans many loops on many threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from dask_llm.limits.coordinator import MARGIN, RENEW_S
+from dask_llm.limits.headers import positive_number, retry_after
+
+log = logging.getLogger("dask_llm")
+
+_DECREASE = 0.5
+_RATE_BACKOFF = 0.95
+_RATE_RECOVERY_S = 15.0
+#: Arrivals are counted over this window: the provider's second plus the spread of
+#: the delays between our write and its clock (see ``Pacer.admit``).
+ADMIT_WINDOW_S = 1.01
+#: Seconds of starts a process that fell behind its schedule may make up at once.
+CATCH_UP_S = 0.1
+#: How long a request waits for the reply to a report on its way before it looks again.
+HOLD_S = 0.005
+
+
+class Pacer:
+    """Request and token pacing within a rate (GCRA + a strict sliding window); thread-safe.
+
+    The rate is the ledger's lease when there is one (``ledger``), else ``rpm``/``tpm``
+    (told or learned) minus the margin: a pacer on its own, for tests and tools.
+    """
+
+    __slots__ = (
+        "_hold",
+        "_last",
+        "_last_tok",
+        "_lock",
+        "_penalty",
+        "_penalty_at",
+        "_rejections",
+        "_sent",
+        "clock",
+        "learned_rpm",
+        "learned_tpm",
+        "ledger",
+        "rpm",
+        "tpm",
+    )
+
+    def __init__(
+        self,
+        *,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        ledger: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self.ledger = ledger
+        self.learned_rpm: float | None = None
+        self.learned_tpm: float | None = None
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last: float | None = None  # the last booked start
+        self._last_tok: tuple[float, float] | None = None  # (start, tokens) of the last booking
+        self._hold = 0.0  # no start before this (a quota 429's Retry-After)
+        self._penalty = 1.0  # multiplier < 1 after repeated quota 429s
+        self._penalty_at = -math.inf
+        self._sent: deque[tuple[float, float]] = deque()  # (start, tokens) of the last second
+        self._rejections: deque[float] = deque()  # quota 429s in the last 10 s
+
+    def rates(self) -> tuple[float | None, float | None]:
+        """This process's requests/s and tokens/s, or None where unlimited."""
+        if self.ledger is not None:
+            req, tok = self.ledger.rates()
+        else:
+
+            def lowest(told: float | None, learned: float | None) -> float | None:
+                known = [x for x in (told, learned) if x]
+                return min(known) / 60.0 * (1.0 - MARGIN) if known else None
+
+            req, tok = lowest(self.rpm, self.learned_rpm), lowest(self.tpm, self.learned_tpm)
+        penalty = self._current_penalty()
+        return (
+            None if req is None else req * penalty,
+            None if tok is None else tok * penalty,
+        )
+
+    def _current_penalty(self) -> float:
+        if self._penalty >= 1.0:
+            return 1.0
+        # Recover linearly to 1 over _RATE_RECOVERY_S after the last slow-down.
+        elapsed = self.clock() - self._penalty_at
+        return min(1.0, self._penalty + (1.0 - self._penalty) * elapsed / _RATE_RECOVERY_S)
+
+    def reserve(self, tokens: float) -> float | None:
+        """Book the next start for a request of ``tokens``; return the seconds to wait.
+
+        None: this process cannot start it within the next renewal of its lease (no
+        share, or a share too small for the queue); nothing was booked, ask again then,
+        with the lease as it will be.
+        """
+        with self._lock:
+            req_rate, tok_rate = self.rates()
+            now = self.clock()
+            if req_rate is None and tok_rate is None:
+                return 0.0
+            if (req_rate is not None and req_rate <= 0) or (tok_rate is not None and tok_rate <= 0):
+                self._waiting()
+                return None
+            # The next free start follows from the last booked one at the rate in force
+            # now: a lease that grows (or shrinks) applies at once.
+            # A process that fell behind its schedule (a busy loop, a row still being
+            # built when its turn came) may catch up by CATCH_UP_S worth of starts: its
+            # next booking follows the last one, not the late moment it was made. The
+            # strict window (``admit``) still holds any second to the share of the limit.
+            booked = self._hold
+            if req_rate and self._last is not None:
+                booked = max(booked, self._last + 1.0 / req_rate, now - CATCH_UP_S)
+            start = max(now, booked)
+            if tok_rate and self._last_tok is not None:
+                start = max(start, self._last_tok[0] + self._last_tok[1] / tok_rate)
+                booked = max(booked, start)
+            if start - now > RENEW_S:
+                self._waiting()
+                return None
+            self._last = booked if req_rate and self._last is not None else start
+            self._last_tok = (start, tokens)
+            wait = start - now
+            if wait > 0:
+                self._waiting()
+            return wait
+
+    def admit(self, tokens: float) -> float:
+        """Check a paced request at the moment it is sent; return 0 (sent) or seconds to wait.
+
+        GCRA books start times, but an event loop that was busy can send several
+        booked requests late and together. The provider counts arrivals in short
+        windows, so arrivals, too, are held: no more than this process's share of
+        the *limit* (its rate before the margin) in any ``ADMIT_WINDOW_S``. The
+        window is longer than the provider's second by the spread of the delays
+        between our write and the provider's clock: a window exactly 1 s long
+        admits a request the instant the oldest leaves it, so a burst echoes every
+        second and meets its own echo wherever the older one arrived a few
+        milliseconds later (measured: 0.3-6 ms between write and the simulator's
+        stamp, server peaks 4-15 above a client window that held). Counting to
+        the share of the limit, not of the paced rate, keeps the window from
+        binding while pacing holds, so requests are not pinned to its edge: the
+        window's rate (the share over ``ADMIT_WINDOW_S``) must stay above the
+        paced rate (the share less ``MARGIN``), by 1% today. Lowering one of the
+        two means checking the other (a test holds them apart).
+        """
+        with self._lock:
+            req_rate, tok_rate = self.rates()
+            now = self.clock()
+            sent = self._sent
+            while sent and sent[0][0] <= now - ADMIT_WINDOW_S:
+                sent.popleft()
+            if req_rate is not None and len(sent) + 1 > max(
+                1, math.floor(req_rate / (1.0 - MARGIN) + 1e-9)
+            ):
+                self._waiting()
+                return max(1e-3, sent[0][0] + ADMIT_WINDOW_S - now)
+            if tok_rate is not None and sent:
+                used = sum(t for _, t in sent)
+                if used + tokens > max(tokens, tok_rate / (1.0 - MARGIN)):
+                    self._waiting()
+                    return max(1e-3, sent[0][0] + ADMIT_WINDOW_S - now)
+            paced = req_rate is not None or tok_rate is not None
+            if (
+                paced
+                and self.ledger is not None
+                and self.ledger.holding(tokens, req=req_rate is not None, tok=tok_rate is not None)
+            ):
+                return HOLD_S  # its report is on its way: see ``Ledger.holding``
+            if paced:
+                sent.append((now, tokens))
+            if self.ledger is not None:
+                self.ledger.started(tokens)
+            return 0.0
+
+    def refund(self, started: float) -> None:
+        """A request that started at ``started`` was turned away uncounted: give its start back.
+
+        A 429 that is not the quota's (an overloaded server) spent none of the
+        provider's quota, so it spends none of ours: the strict window forgets
+        the request's start (if still within the last second) and the next
+        booking moves up by one interval. A provider that does count such
+        requests sees the job over its limit by their share; its quota 429s
+        then hold and slow the pace as any other.
+        """
+        with self._lock:
+            sent = self._sent
+            for i, (at, _) in enumerate(sent):
+                if at >= started - 1e-3:
+                    del sent[i]
+                    break
+            req_rate = self.rates()[0]
+            if req_rate and self._last is not None and self._last > self.clock():
+                self._last -= 1.0 / req_rate
+
+    def _waiting(self) -> None:
+        if self.ledger is not None:
+            self.ledger.waiting()
+
+    def learn(self, headers: Mapping[str, str]) -> None:
+        """Take the provider's limits from ``x-ratelimit-limit-*`` response headers."""
+        rpm = positive_number(headers.get("x-ratelimit-limit-requests"))
+        tpm = positive_number(headers.get("x-ratelimit-limit-tokens"))
+        if not (rpm or tpm):
+            return
+        if (rpm and rpm != self.learned_rpm) or (tpm and tpm != self.learned_tpm):
+            log.info("dask-llm: the provider announces rpm=%s tpm=%s", rpm, tpm)
+        with self._lock:
+            self.learned_rpm = rpm or self.learned_rpm
+            self.learned_tpm = tpm or self.learned_tpm
+        if self.ledger is not None:
+            self.ledger.learned(rpm, tpm)
+
+    def rejected(self, started: float, retry_after_s: float | None) -> None:
+        """A request started at ``started`` met a *quota* 429 asking to wait ``retry_after_s``.
+
+        A few quota 429s while pacing to a known limit are arrival jitter: hold every
+        start until the moment the provider named, and go on at the same rate. More
+        than 5% of the last 10 s of requests rejected mean the limit we pace to is not
+        the whole story (another client shares the quota): then pace 5% slower, once
+        per burst (429s of requests that started before the last slow-down are the same
+        event), recovering over the next 15 s. Without a known limit every 429 counts.
+        """
+        with self._lock:
+            now = self.clock()
+            if retry_after_s:
+                self._hold = max(self._hold, now + min(retry_after_s, 60.0))
+            rejections = self._rejections
+            rejections.append(now)
+            while rejections[0] <= now - 10.0:
+                rejections.popleft()
+            rate = self.rates()[0]
+            if rate is not None and len(rejections) < max(3.0, 0.05 * rate * 10.0):
+                return  # under 5% of the last 10 s of requests: jitter, not a wrong limit
+            if started < self._penalty_at:
+                return
+            self._penalty = max(0.3, self._current_penalty() * _RATE_BACKOFF)
+            self._penalty_at = now
+        log.info(
+            "dask-llm: more than 5%% of requests met a quota 429: pacing at %.0f%% of the "
+            "limit, recovering over %.0f s",
+            100 * self._penalty,
+            _RATE_RECOVERY_S,
+        )
+
+
+class Concurrency:
+    """AIMD limit on requests in flight, shared across threads and event loops."""
+
+    __slots__ = (
+        "_last_cut",
+        "_lock",
+        "_waiters",
+        "cap",
+        "clock",
+        "in_flight",
+        "limit",
+        "slow_start",
+    )
+
+    def __init__(
+        self, *, initial: int, cap: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.cap = max(1, cap)
+        self.limit = float(min(max(1, initial), self.cap))
+        self.in_flight = 0
+        self.slow_start = True
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+        self._last_cut = -math.inf
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self.in_flight < int(self.limit) and not self._waiters:
+                self.in_flight += 1
+                return True
+            return False
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self.in_flight < int(self.limit) and not self._waiters:
+                self.in_flight += 1
+                return
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, fut))
+        try:
+            await fut  # the releaser counted us in before waking us
+        except asyncio.CancelledError:
+            with self._lock:
+                try:
+                    self._waiters.remove((loop, fut))
+                    queued = True
+                except ValueError:
+                    queued = False  # woken at the same moment: give the slot back
+            if not queued:
+                self.release()
+            raise
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < int(self.limit):
+            loop, fut = self._waiters.popleft()
+            self.in_flight += 1
+            try:
+                loop.call_soon_threadsafe(_resolve, fut, self)
+            except RuntimeError:  # that loop is closed: its waiter is gone
+                self.in_flight -= 1
+
+    def on_success(self) -> None:
+        with self._lock:
+            if self.limit < self.cap:
+                self.limit = min(
+                    float(self.cap), self.limit + (1.0 if self.slow_start else 1.0 / self.limit)
+                )
+                self._wake()
+
+    def open_up(self) -> None:
+        """Pacing governs now: let concurrency go to its cap."""
+        with self._lock:
+            if self.limit < self.cap:
+                self.limit = float(self.cap)
+                self._wake()
+
+    def on_overload(self, started: float) -> None:
+        """A request that started at ``started`` got a 429: cut the limit, once per round trip."""
+        with self._lock:
+            self.slow_start = False
+            if started < self._last_cut:
+                return  # part of a burst we have already answered
+            self.limit = max(1.0, self.limit * _DECREASE)
+            self._last_cut = self.clock()
+
+
+def _resolve(fut: asyncio.Future[None], owner: Concurrency) -> None:
+    if fut.done():  # cancelled while the wake-up was on its way
+        owner.release()
+    else:
+        fut.set_result(None)
+
+
+class Throttle:
+    """Everything that decides when one HTTP request of a job may start."""
+
+    def __init__(
+        self,
+        *,
+        max_concurrency: int,
+        initial_concurrency: int = 16,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        ledger: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.concurrency = Concurrency(
+            initial=initial_concurrency, cap=max_concurrency, clock=clock
+        )
+        self.pacer = Pacer(rpm=rpm, tpm=tpm, ledger=ledger, clock=clock)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._estimated = 0.0
+        self._actual = 0.0
+        self._completions = 0.0
+        self._calls = 0
+        self.rate_limited = 0
+        self.latency = 1.0  # seconds on the wire, moving average of successes
+        self.rows = 0  # rows under way in this process, all partitions of the job
+
+    def rows_started(self, delta: int) -> None:
+        with self._lock:
+            self.rows += delta
+
+    def estimate_tokens(self, prompt_chars: int, max_tokens: int | None) -> float:
+        """Token cost of a request before it is sent, scaled by what usage has shown."""
+        with self._lock:
+            expected_out = max_tokens or (self._completions / self._calls if self._calls else 256.0)
+            raw = prompt_chars / 4.0 + expected_out
+            ratio = self._actual / self._estimated if self._estimated > 0 else 1.0
+        return raw * min(4.0, max(0.25, ratio))
+
+    def record_estimate(self, estimated: float) -> None:
+        """A request estimated at ``estimated`` tokens succeeded (its usage will follow)."""
+        with self._lock:
+            self._estimated += estimated
+
+    def record_usage(self, prompt_tokens: int, completion_tokens: int, requests: int = 1) -> None:
+        """Usage the provider reported for ``requests`` successful requests."""
+        with self._lock:
+            self._actual += prompt_tokens + completion_tokens
+            self._completions += completion_tokens
+            self._calls += requests
+
+    async def acquire(self, tokens: float, *, admit: bool = True) -> float:
+        """Wait for a slot and a paced start; return the start time (for ``observe``).
+
+        ``admit=False``: the caller calls ``admit`` itself, at the moment the request
+        is written (see ``transport.pipeline``: anything that suspends between admission and
+        the write bunches requests on the wire).
+        """
+        ledger = self.pacer.ledger
+        if ledger is not None:
+            # Waiting for a slot is demand too: the ledger must not read a process whose
+            # requests all wait for concurrency as one that needs no rate.
+            ledger.queue(+1)
+        try:
+            if self.concurrency.limit < self.concurrency.cap and self.pacer.rates() != (None, None):
+                # A known rate governs from the first request, not from the first answer
+                # (which is a round trip away: a second of 16 in flight at the start).
+                self.concurrency.open_up()
+            await self.concurrency.acquire()
+            try:
+                while (delay := self.pacer.reserve(tokens)) is None:  # noqa: ASYNC110 (a lease)
+                    await asyncio.sleep(RENEW_S)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if admit:
+                    await self.admit(tokens)
+            except BaseException:
+                self.concurrency.release()
+                raise
+        finally:
+            if ledger is not None:
+                ledger.queue(-1)
+        return self.clock()
+
+    async def admit(self, tokens: float) -> None:
+        """Wait until a request of ``tokens`` may go on the wire (the strict window)."""
+        while (late := self.pacer.admit(tokens)) > 0:  # noqa: ASYNC110 (a clock)
+            await asyncio.sleep(late)
+
+    def observe(
+        self,
+        started: float,
+        status: int | None,
+        headers: Mapping[str, str] | None,
+        *,
+        quota: bool = True,
+    ) -> None:
+        """A request that started at ``started`` ended with ``status`` (None: no response).
+
+        ``quota``: for a 429, whether it said the quota is spent (``is_quota_429``).
+        """
+        with self._lock:
+            if status == 429:
+                self.rate_limited += 1
+            elif status is not None and status < 400:
+                self.latency = 0.8 * self.latency + 0.2 * max(0.0, self.clock() - started)
+        if headers is not None:
+            self.pacer.learn(headers)
+        if self.pacer.rates() != (None, None):
+            self.concurrency.open_up()
+        if status == 429 and quota:
+            # With a known rate, pacing answers a 429; halving concurrency on top
+            # would starve the pipe for several round trips.
+            if self.pacer.rates()[0] is None:
+                self.concurrency.on_overload(started)
+            self.pacer.rejected(started, retry_after(headers))
+        elif status == 429:
+            self.pacer.refund(started)
+        elif status is not None and status < 400:
+            self.concurrency.on_success()
+
+    def release(self) -> None:
+        self.concurrency.release()
+
+    def row_target(self) -> int:
+        """How many rows this process should have under way to keep the pipe full.
+
+        Paced: what the rate can have on the wire (rate x latency), doubled for
+        rows between calls, plus a few. Unpaced: twice the concurrency limit.
+        """
+        rate = self.pacer.rates()[0]
+        if rate is None:
+            return max(4, int(2 * self.concurrency.limit))
+        return min(self.concurrency.cap, int(2 * max(rate, 1.0) * self.latency) + 8)

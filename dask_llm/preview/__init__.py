@@ -1,0 +1,1 @@
+"""Before paying for a job: ``estimate`` (no request) and ``pilot`` (a sample, projected)."""

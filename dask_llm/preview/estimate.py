@@ -1,0 +1,384 @@
+"""Dry runs: what a job would cost and how long it would take, without a single request.
+
+``ddf.llm.estimate(chains, rpm=..., tpm=...)`` plans the chains exactly as
+``enrich`` does, renders each row's prompt, and counts:
+
+* **calls**: one per distinct (chain, inputs) pair whose inputs are present,
+  as ``enrich`` makes them (it skips rows with missing inputs and calls
+  identical pairs once). A chain that reads another chain's output is keyed
+  by its own column inputs and its upstream chain's key (deterministic
+  upstream answers make equal inputs); a row whose upstream would be skipped
+  is skipped too. Answers already in the cache's row memo are not counted,
+  dependent chains included when their upstream answers are cached (for
+  chains holding Python code, which have no row memo, the count is an upper
+  bound: their requests are only known by running them).
+* **input tokens**: the rendered prompt (plus the structured-output schema
+  sent with it) through tiktoken's ``o200k_base`` encoding when it is
+  available offline (tiktoken downloads encodings at first use, which a
+  machine without network cannot; we check tiktoken's cache first and never
+  trigger the download), else the stated heuristic of 4 characters a token.
+  Outputs of upstream chains are stood in for by text of their expected length.
+* **expected output tokens**: the model's ``max_tokens`` if set, else 24 per
+  field of a structured output, else 150 for text.
+* **cost** from the price table (shown to 4 significant digits), and the
+  **projected wall time** at the
+  given ``rpm``/``tpm``: the larger of calls / rpm and tokens / tpm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pandas as pd
+from langchain_openai.chat_models.base import BaseChatOpenAI
+
+from dask_llm.cache import ResultCache, make_key, read_only
+from dask_llm.chains.columns import is_missing
+from dask_llm.chains.graph import find
+from dask_llm.chains.plan import Plan, PlannedChain
+from dask_llm.core.usage import price_of
+
+_TEXT_OUTPUT_TOKENS = 150
+_FIELD_OUTPUT_TOKENS = 24
+_O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+
+
+@dataclass
+class Estimate:
+    """What ``enrich`` would do. ``cost_usd``/``wall_s`` are None when unknown."""
+
+    rows: int
+    calls: int
+    calls_by_chain: dict[str, int]
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    wall_s: float | None
+    tokenizer: str
+    budget_usd: float | None = None
+    #: Estimated for the Batch API (``cost_usd`` at batch prices, no wall time).
+    batch: bool = False
+    #: The cost online and through the Batch API (None where a model has no price).
+    online_cost_usd: float | None = None
+    batch_cost_usd: float | None = None
+
+    def __str__(self) -> str:
+        cost = "unknown" if self.cost_usd is None else f"${significant(self.cost_usd)}"
+        if self.batch and self.online_cost_usd is not None:
+            cost += f" with the Batch API (online: ${significant(self.online_cost_usd)})"
+        if self.batch:
+            wall = "within the batch window (rounds: one per dependent chain level)"
+        elif self.wall_s is None:
+            wall = "unknown (give rpm= or tpm=)"
+        else:
+            wall = f"{self.wall_s / 60:,.1f} min"
+        if not self.batch and self.batch_cost_usd is not None and self.cost_usd:
+            wall += f"; Batch API: ~${significant(self.batch_cost_usd)}"
+        return (
+            f"{self.rows:,} rows -> {self.calls:,} calls "
+            f"({', '.join(f'{k}: {v:,}' for k, v in self.calls_by_chain.items())}); "
+            f"~{self.input_tokens:,} input + ~{self.output_tokens:,} output tokens "
+            f"({self.tokenizer}); cost ~{cost}; wall time ~{wall}"
+        ) + self._over_budget()
+
+    def _over_budget(self) -> str:
+        if self.budget_usd is None or self.cost_usd is None or self.cost_usd <= self.budget_usd:
+            return ""
+        return (
+            f"; this exceeds the budget of ${significant(self.budget_usd)}: the job would stop "
+            "there (rerun with a larger budget to go on)"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def token_counter() -> tuple[Any, str]:
+    """(count(text) -> int, name): tiktoken's o200k_base if cached locally, else chars / 4."""
+    heuristic = (lambda text: (len(text) + 3) // 4), "heuristic: 4 characters a token"
+    try:
+        import tiktoken
+    except ImportError:
+        return heuristic
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get(
+        "DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    )
+    cached = os.path.join(cache_dir, hashlib.sha1(_O200K_URL.encode()).hexdigest())
+    if not cache_dir or not os.path.exists(cached):
+        return heuristic  # tiktoken would try to download it: not here
+    try:
+        enc = tiktoken.get_encoding("o200k_base")
+    except Exception:  # a broken cache file: fall back rather than fetch
+        return heuristic
+    return (lambda text: len(enc.encode(text, disallowed_special=()))), "tiktoken o200k_base"
+
+
+def _model_of(pc: PlannedChain) -> Any:
+    models = find(pc.chain.runnable, lambda x: isinstance(x, BaseChatOpenAI))
+    return models[0] if models else None
+
+
+def _schema_text(pc: PlannedChain) -> str:
+    """The structured-output schema sent with each request (counted as prompt tokens)."""
+    texts = []
+    for binding in find(pc.chain.runnable, lambda x: hasattr(x, "kwargs") and hasattr(x, "bound")):
+        for key in ("tools", "response_format"):
+            if key in binding.kwargs:
+                with contextlib.suppress(TypeError):
+                    texts.append(json.dumps(binding.kwargs[key], default=str))
+    return "".join(texts)
+
+
+def _render(pc: PlannedChain, inputs: dict[str, Any]) -> str:
+    runnable = pc.chain.runnable
+    first = getattr(runnable, "first", runnable)
+    fmt = getattr(first, "format_prompt", None)
+    if fmt is not None:
+        try:
+            return str(fmt(**inputs).to_string())
+        except (KeyError, TypeError, ValueError):  # a template it cannot render alone
+            pass
+    return " ".join(str(v) for v in inputs.values())
+
+
+def expected_output_tokens(pc: PlannedChain, model: Any) -> int:
+    max_tokens = getattr(model, "max_tokens", None) if model is not None else None
+    if max_tokens:
+        return int(max_tokens)
+    if pc.outputs.scalar:
+        return _TEXT_OUTPUT_TOKENS
+    return _FIELD_OUTPUT_TOKENS * len(pc.outputs.fields)
+
+
+def partition_counts(
+    df: pd.DataFrame,
+    plan: Plan,
+    cache: ResultCache | None,
+    partition_info: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """One row per (row, chain) that would be called: its dedup key and token counts.
+
+    Chains are taken in dependency order, as the engine's memo pass does: a
+    chain whose answer is in the cache's row memo costs nothing, and its cached
+    answer is the real input of the chains that read it (so they are looked up
+    too); where an upstream answer is not known, a stand-in of its expected
+    length is rendered and the call is keyed by the upstream call's key.
+    """
+    count, _ = token_counter()
+    part = int((partition_info or {}).get("number", 0))
+    n = len(df)
+    columns = {c: df[c].tolist() for pc in plan.chains for c, p in pc.sources.values() if p is None}
+    records: list[tuple[str, str, int, int, Any]] = []
+    call_keys: dict[str, list[str | None]] = {}  # None: skipped for that row
+    known: dict[str, list[Any]] = {}  # cached outputs (dicts of fields, or the value)
+    for pc in plan.chains:
+        model = _model_of(pc)
+        out_tokens = expected_output_tokens(pc, model)
+        schema_tokens = count(_schema_text(pc))
+        memo, legacy = pc.chain.memo_fingerprint, pc.chain.legacy_fingerprint
+        keys: list[str | None] = [None] * n
+        values: list[Any] = [MISSING] * n
+        full: list[dict[str, Any] | None] = [None] * n
+        own_inputs: list[dict[str, Any] | None] = [None] * n
+        for i in range(n):
+            if any(call_keys[d][i] is None for d in pc.deps):
+                continue
+            own = {v: columns[c][i] for v, (c, p) in pc.sources.items() if p is None}
+            if any(is_missing(x) for x in own.values()):
+                continue
+            own_inputs[i] = own
+            inputs: dict[str, Any] | None = dict(own)
+            for v, (c, p) in pc.sources.items():
+                if p is not None and inputs is not None:
+                    upstream = known[p][i]
+                    if upstream is MISSING:
+                        inputs = None
+                    else:
+                        inputs[v] = _field(upstream, plan, p, c)
+            full[i] = inputs
+            try:
+                if inputs is not None:
+                    keys[i] = make_key(pc.chain.fingerprint, inputs)
+                else:
+                    upstream_keys = [call_keys[d][i] for d in pc.deps]
+                    keys[i] = make_key(pc.chain.fingerprint, {**own, "__upstream__": upstream_keys})
+            except TypeError:
+                keys[i] = f"row-{part}-{i}-{pc.name}"
+        if cache is not None and memo is not None:
+            rows = [i for i in range(n) if full[i] is not None]
+            values = _lookup(cache, memo, legacy, rows, full, values)
+        call_keys[pc.name] = keys
+        known[pc.name] = values
+        stand_in = "lorem " * out_tokens
+        for i in range(n):
+            given = own_inputs[i]
+            key = keys[i]
+            if key is None or values[i] is not MISSING or given is None:
+                continue
+            rendered = full[i] or {
+                **given,
+                **{v: stand_in for v, (_, p) in pc.sources.items() if p is not None},
+            }
+            records.append(
+                (
+                    pc.name,
+                    key,
+                    count(_render(pc, rendered)) + schema_tokens + 7,
+                    out_tokens,
+                    getattr(model, "model_name", None),
+                )
+            )
+    return pd.DataFrame(
+        records, columns=["chain", "key", "input_tokens", "output_tokens", "model"]
+    ).astype({"input_tokens": "int64", "output_tokens": "int64", "model": object})
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+def _field(value: Any, plan: Plan, producer: str, column: str) -> Any:
+    """The value of ``column`` in the cached output of chain ``producer``."""
+    pc = next(c for c in plan.chains if c.name == producer)
+    if pc.outputs.scalar:
+        return value
+    field = next(f for f, col in pc.outputs.fields.items() if col == column)
+    return value.get(field) if isinstance(value, dict) else None
+
+
+def _lookup(
+    cache: ResultCache,
+    memo: str,
+    legacy: str | None,
+    rows: list[int],
+    full: list[dict[str, Any] | None],
+    values: list[Any],
+) -> list[Any]:
+    keys: dict[int, str] = {}
+    for i in rows:
+        inputs = full[i]
+        assert inputs is not None
+        try:
+            keys[i] = make_key(memo, inputs)
+        except TypeError:
+            continue
+    found = cache.get_many(list(keys.values()))
+    if legacy is not None:
+        old = {}
+        for i, key in keys.items():
+            if key not in found:
+                inputs = full[i]
+                assert inputs is not None
+                old[make_key(legacy, inputs)] = key
+        for old_key, value in cache.get_many(list(old)).items():
+            found[old[old_key]] = value
+    values = list(values)
+    for i, key in keys.items():
+        if key in found:
+            values[i] = found[key]
+    return values
+
+
+def run_estimate(
+    frame: Any,
+    plan: Plan,
+    cache: ResultCache | None,
+    *,
+    rpm: float | None,
+    tpm: float | None,
+    prices: dict[str, tuple[float, ...]],
+    budget_usd: float | None = None,
+    batch: bool = False,
+) -> Estimate:
+    """``estimate()``'s work: counts per partition (read-only cache), then the summary."""
+    import dask
+    import dask.dataframe as dd
+
+    store = read_only(cache)
+    try:
+        if isinstance(frame, dd.DataFrame):
+            meta = partition_counts(frame._meta, plan, None)
+            counts_lazy = frame.map_partitions(partition_counts, plan, store, meta=meta)
+            counts, rows = dask.compute(counts_lazy, frame.map_partitions(len).sum())
+        else:
+            counts, rows = partition_counts(frame, plan, store), len(frame)
+    finally:
+        if store is not None:
+            store.close()
+    estimate = summarize(
+        counts, rows=int(rows), plan=plan, rpm=rpm, tpm=tpm, prices=prices, batch=batch
+    )
+    estimate.budget_usd = budget_usd
+    return estimate
+
+
+def significant(value: float, digits: int = 4) -> str:
+    """``value`` with ``digits`` significant digits, without an exponent: 0.004612, 12.35, 1,234."""
+    if value == 0:
+        return "0.00"
+    magnitude = math.floor(math.log10(abs(value)))
+    decimals = max(0, digits - 1 - magnitude)
+    return f"{value:,.{decimals}f}"
+
+
+def summarize(
+    counts: pd.DataFrame,
+    *,
+    rows: int,
+    plan: Plan,
+    rpm: float | None,
+    tpm: float | None,
+    prices: dict[str, tuple[float, ...]] | None,
+    batch: bool = False,
+) -> Estimate:
+    unique = counts.drop_duplicates(subset=["chain", "key"])
+    by_chain = unique.groupby("chain").size().to_dict()
+    input_tokens = int(unique["input_tokens"].sum())
+    output_tokens = int(unique["output_tokens"].sum())
+    cost = _cost(unique, prices, batch=False)
+    batch_cost = _cost(unique, prices, batch=True)
+    calls = len(unique)
+    waits = []
+    if rpm:
+        waits.append(calls / (rpm / 60.0))
+    if tpm:
+        waits.append((input_tokens + output_tokens) / (tpm / 60.0))
+    _, tokenizer = token_counter()
+    return Estimate(
+        rows=rows,
+        calls=calls,
+        calls_by_chain={pc.name: int(by_chain.get(pc.name, 0)) for pc in plan.chains},
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost_usd=batch_cost if batch else cost,
+        wall_s=None if batch else (max(waits) if waits else None),
+        tokenizer=tokenizer,
+        batch=batch,
+        online_cost_usd=cost,
+        batch_cost_usd=batch_cost,
+    )
+
+
+def _cost(
+    unique: pd.DataFrame, prices: dict[str, tuple[float, ...]] | None, *, batch: bool
+) -> float | None:
+    cost = 0.0
+    for model, group in unique.groupby("model", dropna=False):
+        price = price_of(model if isinstance(model, str) else None, prices, batch=batch)
+        if price is None:
+            return None
+        cost += (
+            group["input_tokens"].sum() * price[0] + group["output_tokens"].sum() * price[1]
+        ) / 1e6
+    return float(cost)

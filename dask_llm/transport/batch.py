@@ -1,0 +1,534 @@
+"""Batch API mode: the requests the chains would send online, sent as OpenAI batches.
+
+``enrich(chains, batch=True)`` runs the chains unchanged. Each chat-completion
+request they make reaches the job's transport (``transport.pipeline``) as online; in
+batch mode the transport hands it to this partition's ``Batcher`` and waits.
+When every row of the partition is waiting (on a batch line, or on an
+identical request another partition has in a batch), the waiting requests
+are written as JSONL lines (``custom_id`` = the request's cache key), uploaded
+(``/v1/files``) and submitted (``/v1/batches``), split to stay within the
+API's limits (50,000 lines, 200 MB per file). A watcher polls each batch
+with backoff; when it ends, its output and error files are read, each answer
+enters the result cache, and each waiting request is answered with its line
+as if it had come online, so the chain's own parsers, structured output,
+usage and cost run exactly as in online mode. A dependent chain's requests
+appear once its inputs are back: the next round.
+
+Why a quiescence rule rather than "one batch per chain": chains are opaque
+(a chain may send two requests, a parse failure is retried by a new request,
+a row may be answered from the cache), so the batcher does not guess how
+many requests a round has; it counts, per row, the chain calls under way
+and the requests waiting, and submits when nothing else can arrive.
+
+**Never pay twice.** Before any wait the cache records, for each line, the
+input file it was uploaded in (``batchline:<key>``), and for each file the
+batch made of it (``batchfile:<file id>``); a file whose batch id was never
+recorded (a crash between the two) is found by listing the batches. A rerun
+after a crash, Ctrl-C or a killed worker finds each missing request there
+and re-attaches to its batch (still running, or finished and not yet read)
+instead of submitting it again. Without a cache (``cache=False``) there is
+nothing to re-attach to.
+
+**Partial results.** Lines that failed (an error status) and lines a batch
+never ran (expired, cancelled) are answered with a retryable error
+(408 ``batch_expired``), so the job's retry policy resubmits them in the
+next round, without backoff and without its time budget (a round is the
+wait); ``BatchPolicy(fallback="online")`` sends them online instead, and
+``deadline=`` cancels what is not back by then and sends it online. A batch
+the provider rejects at validation stops the job with its errors named:
+every other line would be rejected alike.
+
+Why the openai SDK for the files and batches endpoints: it is already the
+transport of every chat model here and knows the multipart upload and the
+objects' shapes; its own retries (2) are on for these calls except
+``batches.create``, which is not idempotent (a lost answer to it is found
+by listing batches, not by creating another).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Final
+
+import openai
+
+from dask_llm.core.config import BatchPolicy
+from dask_llm.transport.wire import Answer, fatal_reason
+
+log = logging.getLogger("dask_llm")
+
+#: The row (of this partition) whose chains run in this context; set by the runner.
+ROW: contextvars.ContextVar[int | None] = contextvars.ContextVar("dask_llm_row", default=None)
+
+_ENDPOINT: Final = "/v1/chat/completions"
+_GAUGES: Final = {
+    "validating": "batches_validating",
+    "in_progress": "batches_in_progress",
+    "finalizing": "batches_finalizing",
+    "cancelling": "batches_in_progress",
+}
+_TERMINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
+class GoOnline:
+    """The answer to a line that is to be sent online instead (fallback or deadline)."""
+
+    __slots__ = ()
+
+
+GO_ONLINE: Final = GoOnline()
+
+
+class _Line:
+    __slots__ = ("body", "future", "group", "key", "reattached")
+
+    def __init__(self, key: str, body: bytes, group: tuple[str, str], future: Any) -> None:
+        self.key = key
+        self.body = body
+        self.group = group
+        self.future = future
+        self.reattached = False  # waits on a batch an earlier run submitted
+
+
+class Batcher:
+    """One partition's batches: collects its requests, submits them, answers them."""
+
+    def __init__(self, job: Any, stats: Any, policy: BatchPolicy, on_progress: Any) -> None:
+        self.job = job
+        self.stats = stats
+        self.policy = policy
+        self._on_progress = on_progress
+        self._unsent: list[_Line] = []
+        # row -> [chain calls under way, requests waiting]
+        self._rows: dict[int, list[int]] = {}
+        self._blocked_rows = 0
+        self._check_handle: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+        self._watching: dict[str, dict[str, list[_Line]]] = {}
+        self.in_flight: dict[str, str] = {}  # batch id -> last status seen
+        self._first_submit: float | None = None
+        self._online = False  # past the deadline: everything goes online
+        self._read_batches: set[str] = set()  # ended and read: never re-attached to
+
+    # -- rows: what may still send a request -------------------------------------------------
+    def row_admitted(self, row: int) -> None:
+        self._rows[row] = [0, 0]
+
+    def row_done(self, row: int) -> None:
+        state = self._rows.pop(row, None)
+        if state is not None and _blocked(state):
+            self._blocked_rows -= 1
+        self._maybe_submit()
+
+    def call_started(self) -> None:
+        self._change(ROW.get(), 1, 0)
+
+    def call_ended(self) -> None:
+        self._change(ROW.get(), -1, 0)
+
+    def _change(self, row: int | None, calls: int, waiting: int) -> None:
+        state = self._rows.get(row) if row is not None else None
+        if state is None:
+            return
+        before = _blocked(state)
+        state[0] += calls
+        state[1] += waiting
+        after = _blocked(state)
+        self._blocked_rows += int(after) - int(before)
+        if after:
+            self._maybe_submit()
+
+    def _maybe_submit(self) -> None:
+        if self._unsent and self._blocked_rows >= len(self._rows) and self._check_handle is None:
+            # A moment later, and only if it still holds: a dependent chain's task is
+            # woken by its dependency one loop step after the dependency returned.
+            loop = asyncio.get_running_loop()
+            self._check_handle = loop.call_later(0.02, self._check)
+
+    def _check(self) -> None:
+        self._check_handle = None
+        if self._unsent and self._blocked_rows >= len(self._rows):
+            lines, self._unsent = self._unsent, []
+            self._spawn(self._submit(lines))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- a request --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around a request's wait: this row waits on something outside it."""
+        row = ROW.get()
+        self._change(row, 0, 1)
+        try:
+            yield
+        finally:
+            self._change(row, 0, -1)
+
+    async def answer(self, request: Any, body: bytes, key: str, *, fresh: bool = False) -> Any:
+        """The answer to ``request`` from a batch (an ``Answer``), or ``GO_ONLINE``.
+
+        ``fresh``: asked again (its cached answer did not parse): a line of its own,
+        never re-attached.
+        """
+        if self._online:
+            return GO_ONLINE
+        loop = asyncio.get_running_loop()
+        custom_id = f"{key}.{uuid.uuid4().hex[:8]}" if fresh else key
+        line = _Line(custom_id, body, _group(request), loop.create_future())
+        batch_id = None if fresh else await self._registered(line)
+        if batch_id is not None:
+            self._watch_line(batch_id, line)
+        else:
+            self._unsent.append(line)
+            self._maybe_submit()
+        return await line.future
+
+    # -- re-attaching after a crash -------------------------------------------------------
+    async def _registered(self, line: _Line) -> str | None:
+        """The batch ``line`` was submitted in by an earlier run, if it may still answer."""
+        job = self.job
+        if job.cache is None:
+            return None
+        found = job.cache_get([f"batchline:{line.key}"], self.stats).get(f"batchline:{line.key}")
+        if not isinstance(found, dict) or not isinstance(found.get("file"), str):
+            return None
+        file_id = found["file"]
+        for batch_id, lines in self._watching.items():
+            if line.key in lines:
+                return batch_id
+        entry = job.cache_get([f"batchfile:{file_id}"], self.stats).get(f"batchfile:{file_id}")
+        if isinstance(entry, dict) and isinstance(entry.get("batch"), str):
+            batch_id = str(entry["batch"])
+            return None if batch_id in self._read_batches else batch_id
+        client = self._client(line.group)
+        try:
+            async for batch in client.batches.list(limit=100):
+                if batch.input_file_id == file_id:
+                    job.cache_put(f"batchfile:{file_id}", {"batch": batch.id}, self.stats)
+                    return str(batch.id)
+        except openai.APIError as exc:
+            log.warning("dask-llm: could not list batches to re-attach (%s)", exc)
+        return None  # uploaded, never submitted: submit again
+
+    def _watch_line(self, batch_id: str, line: _Line) -> None:
+        line.reattached = True
+        lines = self._watching.get(batch_id)
+        if lines is None:
+            self._watching[batch_id] = {line.key: [line]}
+            self.stats.batches += 1  # this run's batches: submitted or re-attached to
+            log.info("dask-llm: re-attaching to batch %s", batch_id)
+            self._spawn(self._watch(batch_id, line.group))
+        else:
+            lines.setdefault(line.key, []).append(line)
+
+    # -- submitting -----------------------------------------------------------------------------
+    async def _submit(self, lines: list[_Line]) -> None:
+        groups: dict[tuple[str, str], list[_Line]] = {}
+        for line in lines:
+            groups.setdefault(line.group, []).append(line)
+        for group, members in groups.items():
+            for chunk in _chunks(members, self.policy.max_lines, self.policy.max_bytes):
+                try:
+                    await self._submit_one(group, chunk)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._fail_lines(chunk, exc)
+
+    async def _submit_one(self, group: tuple[str, str], chunk: list[_Line]) -> None:
+        self.job.check()
+        by_key: dict[str, list[_Line]] = {}
+        for line in chunk:
+            by_key.setdefault(line.key, []).append(line)
+        data = b"\n".join(
+            json.dumps(
+                {
+                    "custom_id": key,
+                    "method": "POST",
+                    "url": _ENDPOINT,
+                    "body": json.loads(members[0].body),
+                },
+                separators=(",", ":"),
+            ).encode()
+            for key, members in by_key.items()
+        )
+        client = self._client(group)
+        uploaded = await client.files.create(file=("dask-llm-batch.jsonl", data), purpose="batch")
+        for key in by_key:
+            self.job.cache_put(f"batchline:{key}", {"file": uploaded.id}, self.stats)
+        batch = await self._create(client, uploaded.id)
+        self.job.cache_put(f"batchfile:{uploaded.id}", {"batch": batch.id}, self.stats)
+        if self._first_submit is None:
+            self._first_submit = time.monotonic()
+        self.stats.batches += 1
+        self._status(batch.id, batch.status)
+        log.info("dask-llm: submitted batch %s (%d lines)", batch.id, len(by_key))
+        self._watching[batch.id] = by_key
+        self._spawn(self._watch(batch.id, group))
+
+    async def _create(self, client: openai.AsyncOpenAI, file_id: str) -> Any:
+        """``batches.create`` once: a lost answer is looked for, not created again."""
+        try:
+            return await client.with_options(
+                max_retries=0
+            ).batches.create(
+                input_file_id=file_id,
+                endpoint=_ENDPOINT,
+                completion_window=self.policy.completion_window,  # type: ignore[arg-type]
+                metadata={"created_by": "dask-llm", "job": str(self.job.options.job)[:512]},
+            )
+        except (openai.APIConnectionError, openai.InternalServerError):
+            async for batch in client.batches.list(limit=100):
+                if batch.input_file_id == file_id:
+                    return batch
+            raise
+
+    # -- watching -------------------------------------------------------------------------------
+    async def _watch(self, batch_id: str, group: tuple[str, str]) -> None:
+        client = self._client(group)
+        delay = self.policy.poll_initial
+        cancelled = False
+        try:
+            while True:
+                batch = await client.batches.retrieve(batch_id)
+                if self.in_flight.get(batch_id) != batch.status:
+                    self._status(batch_id, batch.status)
+                if batch.status in _TERMINAL:
+                    break
+                if not cancelled and self._past_deadline():
+                    log.info("dask-llm: deadline reached, cancelling batch %s", batch_id)
+                    await client.batches.cancel(batch_id)
+                    cancelled = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, self.policy.poll_max)
+            await self._read(client, batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            watched = self._watching.get(batch_id, {})
+            lines = [line for members in watched.values() for line in members]
+            self._fail_lines(lines, exc)
+        finally:
+            self._watching.pop(batch_id, None)
+            self._status(batch_id, None)
+
+    def _status(self, batch_id: str, status: str | None) -> None:
+        """Batch ``batch_id`` is now in ``status`` (None: ended and read, or given up)."""
+        stats = self.stats
+        for old, sign in ((self.in_flight.get(batch_id), -1), (status, +1)):
+            field = _GAUGES.get(old or "")
+            if field is not None:
+                setattr(stats, field, getattr(stats, field) + sign)
+        if status is None:
+            self.in_flight.pop(batch_id, None)
+        else:
+            self.in_flight[batch_id] = status
+        self._on_progress()
+
+    def _past_deadline(self) -> bool:
+        deadline = self.policy.deadline
+        if deadline is None or self._first_submit is None:
+            return False
+        if time.monotonic() - self._first_submit >= deadline:
+            self._online = True
+            return True
+        return False
+
+    async def _read(self, client: openai.AsyncOpenAI, batch: Any) -> None:
+        lines = self._watching.get(batch.id, {})
+        earlier = all(line.reattached for members in lines.values() for line in members)
+        if batch.status == "failed" and earlier:
+            # An earlier run's batch that was rejected: this run submits its own.
+            for members in lines.values():
+                self._resubmit(members)
+            self._read_batches.add(batch.id)
+            return
+        if batch.status == "failed":
+            text = _validation_errors(batch)
+            self.job.fatal_answer(f"the provider rejected batch {batch.id} ({text})")
+            body = json.dumps(
+                {"error": {"code": "batch_failed", "message": f"batch {batch.id}: {text}"}}
+            ).encode()
+            for members in lines.values():
+                _resolve(members, Answer.json(400, body))
+            return
+        answered: set[str] = set()
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            content = await client.files.content(file_id)
+            for raw in content.content.splitlines():
+                if not raw.strip():
+                    continue
+                record = json.loads(raw)
+                key = record.get("custom_id")
+                response = record.get("response")
+                if not isinstance(key, str) or not isinstance(response, dict):
+                    continue  # expired or cancelled: never ran
+                answer = Answer.json(
+                    int(response.get("status_code", 500)),
+                    json.dumps(response.get("body") or {}).encode(),
+                )
+                if answer.status < 400:
+                    self.job.cache_put(key.split(".")[0], answer.to_cache(), self.stats)
+                    self.stats.batch_lines += 1
+                answered.add(key)
+                members = lines.get(key) or []
+                if members:
+                    if answer.status >= 400 and self._go_online():
+                        _resolve(members, GO_ONLINE)
+                    else:
+                        _resolve(members, answer)
+        for key, members in lines.items():
+            if key in answered:
+                continue
+            if all(line.reattached for line in members):
+                # An earlier run's batch that never ran it (expired, cancelled): not
+                # an attempt of this run, so it joins this run's next batch.
+                self._resubmit(members)
+            elif self._go_online():
+                _resolve(members, GO_ONLINE)
+            else:
+                _resolve(members, Answer.json(408, _expired_body(batch)))
+        self._read_batches.add(batch.id)
+        self.stats.batches_done += 1
+        self._on_progress()
+
+    def _resubmit(self, members: list[_Line]) -> None:
+        for line in members:
+            line.reattached = False
+            self._unsent.append(line)
+        self._maybe_submit()
+
+    def _go_online(self) -> bool:
+        return self.policy.fallback == "online" or self._online
+
+    def _fail_lines(self, lines: list[_Line], exc: Exception) -> None:
+        answer = None
+        if isinstance(exc, openai.APIStatusError):
+            answer = Answer.json(exc.status_code, exc.response.content)
+            reason = fatal_reason(exc.status_code, exc.response.content, exc.request)
+            if reason is not None:
+                self.job.fatal_answer(reason)
+        for line in lines:
+            if line.future.done():
+                continue
+            if answer is not None:
+                line.future.set_result(answer)
+            else:
+                line.future.set_exception(exc)
+
+    # -- clients ----------------------------------------------------------------------------------
+    def _client(self, group: tuple[str, str]) -> openai.AsyncOpenAI:
+        client = self._clients.get(group)
+        if client is None:
+            base_url, auth = group
+            key = auth[7:] if auth.lower().startswith("bearer ") else auth
+            client = openai.AsyncOpenAI(
+                api_key=key or "none",
+                base_url=base_url,
+                max_retries=2,
+                http_client=openai.DefaultAioHttpClient(),
+            )
+            self._clients[group] = client
+        return client
+
+    def batch_ids(self) -> list[str]:
+        return sorted(self.in_flight)
+
+    async def aclose(self) -> None:
+        if self._check_handle is not None:
+            self._check_handle.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.close()
+
+
+def _blocked(state: list[int]) -> bool:
+    return state[1] > 0 and state[1] >= state[0]
+
+
+def _group(request: Any) -> tuple[str, str]:
+    """(base URL, authorization) of a chat-completion request: the batch endpoint's client."""
+    url = str(request.url)
+    base = url.split("/chat/completions", 1)[0]
+    return base, request.headers.get("authorization", "")
+
+
+def _chunks(lines: list[_Line], max_lines: int, max_bytes: int) -> Iterator[list[_Line]]:
+    chunk: list[_Line] = []
+    keys: set[str] = set()
+    size = 0
+    for line in lines:
+        cost = len(line.body) + len(line.key) + 80
+        new_key = line.key not in keys
+        if chunk and new_key and (len(keys) >= max_lines or size + cost > max_bytes):
+            yield chunk
+            chunk, keys, size = [], set(), 0
+        chunk.append(line)
+        if new_key:
+            keys.add(line.key)
+            size += cost
+    if chunk:
+        yield chunk
+
+
+def _resolve(members: list[_Line], value: Any) -> None:
+    for line in members:
+        if not line.future.done():
+            line.future.set_result(value)
+
+
+def _expired_body(batch: Any) -> bytes:
+    message = f"batch {batch.id} ended {batch.status} before this line ran"
+    return json.dumps({"error": {"code": "batch_expired", "message": message}}).encode()
+
+
+def _validation_errors(batch: Any) -> str:
+    errors = getattr(getattr(batch, "errors", None), "data", None) or []
+    parts = []
+    for error in errors[:5]:
+        where = f" line {error.line}" if getattr(error, "line", None) else ""
+        parts.append(f"{error.code}{where}: {error.message}")
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more if parts else "failed validation"
+
+
+def policy_for_retries(policy: Any) -> Any:
+    """The retry policy in batch mode: no backoff and no time budget (a round is the wait)."""
+    return dataclasses.replace(policy, wait_initial=0.0, wait_max=0.0, timeout=float("inf"))
+
+
+def cancel_batches(*batch_ids: str, client: openai.OpenAI | None = None) -> dict[str, str]:
+    """Cancel batches a job submitted (their ids are in the interrupt message and the log).
+
+    ``client``: the ``openai.OpenAI`` to use (default: one from ``OPENAI_API_KEY`` and
+    ``OPENAI_BASE_URL``). Returns each batch's status after the cancel; a batch that
+    has already ended is left as it is. Lines a cancelled batch finished stay
+    answered: a rerun reads them and submits only the rest.
+    """
+    api = client or openai.OpenAI()
+    statuses: dict[str, str] = {}
+    try:
+        for batch_id in batch_ids:
+            batch = api.batches.retrieve(batch_id)
+            if batch.status not in _TERMINAL and batch.status != "cancelling":
+                batch = api.batches.cancel(batch_id)
+            statuses[batch_id] = batch.status
+    finally:
+        if client is None:
+            api.close()
+    return statuses

@@ -1,0 +1,496 @@
+"""Per-event-loop HTTP clients for the models inside a chain, and the stages every request passes.
+
+An async HTTP client belongs to the event loop it first ran on.
+langchain-openai caches one default async client per base URL for the whole
+process, so a chain used on one loop and then on another fails with
+``RuntimeError: Event loop is closed``, and the user's own
+``asyncio.run(chain.ainvoke(...))`` breaks once our loop has touched that
+shared client. So each partition's loop gets private copies of the chain's
+OpenAI models, with an ``AsyncOpenAI`` of its own built by ``with_options``
+(same key, base URL, headers, organization) on the aiohttp transport
+(``openai.DefaultAioHttpClient``, measured 1.8x the calls/s of httpx here),
+SDK retries off (dask-llm retries, one layer only), closed when the loop
+ends. The user's model objects and clients are never touched. A model given
+its own ``http_async_client`` by the user keeps it: that client is the
+user's choice, and its requests pass none of the stages below.
+
+Every request of those clients passes, in ``JobTransport``::
+
+    job stopped? -> request cache -> identical request in flight? -> budget
+        -> throttle -> send online   |   -> a batch line (batch=)
+    then, on the answer: usage, breaker, cache, run record
+
+* **Request cache.** The key is what is actually sent: method, path and the
+  JSON body (model, messages, tools, response format, sampling parameters),
+  so it cannot go stale whatever the chain computed to build it. A hit is
+  answered from the cache without touching the throttle; the chain's own
+  parsers then run on it as on a fresh answer. Answers are stored the
+  moment they are read, before the chain parses them.
+* **In flight.** An identical body already on the wire is waited for, not
+  sent again (``transport.dedup``).
+* **Throttle.** Pacing and concurrency for the whole job (``limits.pacer``).
+* **Sender.** Online, or with ``batch=`` a line of this partition's next
+  Batch API batch (``transport.batch``): the request waits for its line and gets it
+  back as if it had come online (or, for a failed or expired line under the
+  online fallback, is sent online after all). Batch lines skip the throttle:
+  the Batch API has a pool of its own.
+* **Usage.** The ``usage`` block of each answer is credited to the chain
+  call running in this context (``_usage.Attempt``); answers without one are
+  marked unknown, never counted as zero.
+* **Breaker.** An answer no retry can fix (401, 403, 404,
+  ``insufficient_quota``) or a host that refuses connections stops the job
+  (``engine.job``); connection errors are re-raised naming the host and the cause.
+
+The throttle wraps ``transport.pipeline`` of the httpx client: the one private
+attribute we touch; ``tests/test_transport`` fails loudly if the SDK moves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import importlib
+from typing import Any, cast
+
+import aiohttp
+import openai
+from langchain_core.language_models import BaseChatModel
+from langchain_core.runnables import Runnable
+from langchain_openai.chat_models.base import BaseChatOpenAI
+
+from dask_llm.cache import request_key
+from dask_llm.chains.graph import find, rewrite
+from dask_llm.chains.outputs import is_configurable_model
+from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT
+from dask_llm.core.errors import JobStopped
+from dask_llm.core.usage import current_attempt, price_of, read_usage
+from dask_llm.limits.coordinator import RENEW_S
+from dask_llm.limits.headers import is_quota_429
+from dask_llm.transport import dedup as dedup
+from dask_llm.transport.batch import GO_ONLINE, Batcher
+from dask_llm.transport.wire import MAX_TOKENS, Answer, error_code, fatal_reason, host_of
+
+_DROP_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+
+
+class JobTransport:
+    """An httpx async transport: the job's stages around the SDK's own transport."""
+
+    def __init__(self, inner: Any, job: Any, stats: Any, batcher: Batcher | None = None) -> None:
+        self.inner = inner
+        self.job = job
+        self.stats = stats
+        self.batcher = batcher
+        # With the SDK's aiohttp transport, requests are admitted by the session's
+        # request class, at the moment they are written (see PacedRequest).
+        self.gated = _install_gate(inner)
+
+    async def handle_async_request(self, request: Any) -> Any:
+        job = self.job
+        job.check()
+        attempt = current_attempt.get()
+        body = request.content if request.method == "POST" else b""
+        key = request_key(request.method, request.url.path, body) if body else None
+        fresh = key is None or (attempt is not None and key in attempt.refresh)
+        if not fresh and job.cache is not None:
+            assert key is not None
+            cached = Answer.from_cache(job.cache_get([key], self.stats).get(key))
+            if cached is not None:
+                self.stats.cache_hits += 1
+                if attempt is not None:
+                    attempt.keys.append(key)
+                    attempt.cached += 1
+                return _response(request, cached)
+        # In batch mode this row waits (for its batch, or an identical request's): the
+        # batcher counts it, to submit once nothing else can arrive.
+        waiting = (
+            self.batcher.waiting()
+            if self.batcher is not None and _is_chat(request)
+            else contextlib.nullcontext()
+        )
+        with waiting:
+            if fresh:
+                answer = await self._send(request, body, key, fresh=True)
+            else:
+                assert key is not None
+                answer, mine = await dedup.once(key, lambda: self._send(request, body, key))
+                if not mine and attempt is not None:
+                    attempt.cached += 1  # the other caller paid for it
+        if attempt is not None and key is not None:
+            attempt.keys.append(key)
+        return _response(request, answer)
+
+    async def _send(
+        self, request: Any, body: bytes, key: str | None, *, fresh: bool = False
+    ) -> Answer:
+        if self.batcher is not None and key is not None and _is_chat(request):
+            answer = await self._send_batch(request, body, key, fresh=fresh)
+            if answer is not None:
+                return answer
+        return await self._send_online(request, body, key)
+
+    async def _send_batch(
+        self, request: Any, body: bytes, key: str, *, fresh: bool
+    ) -> Answer | None:
+        """The answer from a batch line; None to send it online (fallback, deadline)."""
+        job = self.job
+        assert self.batcher is not None
+        worst = job.worst_cost(body, batch=True) if job.ledger.budgeted and body else 0.0
+        await self._reserve(worst)
+        cost = worst  # what to settle if no answer comes: it may have been paid for
+        sent_at = job.recorder.request_started()  # run record: a line waits as long as its batch
+        status: int | None = None
+        data = b""
+        try:
+            result = await self.batcher.answer(request, body, key, fresh=fresh)
+            if result is GO_ONLINE:
+                cost = 0.0
+                status = 408  # the line came back unanswered: it goes online
+                return None
+            answer = cast(Answer, result)
+            status, data = answer.status, answer.body
+            if answer.status >= 400:
+                cost = 0.0
+                _check_fatal(answer.status, answer.body, request, job)
+                return answer
+            self.stats.calls_paid += 1
+            model, prompt, completion = read_usage(answer.body)
+            if completion is not None:
+                job.completion_seen(completion)
+            attempt = current_attempt.get()
+            if attempt is not None:
+                attempt.paid(model, prompt, completion, batch=True)
+            cost = _cost(job, model, prompt, completion, worst, batch=True)
+            return answer
+        finally:
+            job.recorder.request_finished(sent_at, status, None, data, quota=False, batch=True)
+            if worst:
+                job.ledger.settle(worst, cost)
+
+    async def _reserve(self, worst: float) -> None:
+        """Reserve a request's worst-case cost against the job's budget (if it has one)."""
+        if not worst:
+            return
+        job = self.job
+        while (reserved := job.ledger.reserve(worst)) is None:
+            job.check()
+            await asyncio.sleep(RENEW_S)
+        if not reserved:
+            job.check()  # the ledger has stopped the job: budget reached
+            raise JobStopped("budget reached", kind="budget")
+
+    async def _send_online(self, request: Any, body: bytes, key: str | None) -> Answer:
+        job = self.job
+        throttle = job.throttle
+        match = MAX_TOKENS.search(body) if body else None
+        estimate = throttle.estimate_tokens(len(body), int(match.group(1)) if match else None)
+        worst = job.worst_cost(body) if job.ledger.budgeted and body else 0.0
+        await self._reserve(worst)
+        started = await throttle.acquire(estimate, admit=not self.gated)
+        sent_at = job.recorder.request_started()  # run record (_record)
+        status = None
+        headers = None
+        data = b""
+        cost = worst  # what to settle if no answer comes: it may have been paid for
+        try:
+            job.check()  # it may have stopped while this request waited for its turn
+            gate = _GATE.set(_Gate(throttle, estimate)) if self.gated else None
+            try:
+                response = await self.inner.handle_async_request(request)
+                data = await response.aread()
+            # Whatever the HTTP stack raised, re-raised with the host and the real cause.
+            except Exception as exc:
+                raise _connection_error(exc, request, job) from exc
+            finally:
+                if gate is not None:
+                    _GATE.reset(gate)
+            status = response.status_code
+            headers = response.headers
+        finally:
+            quota = status == 429 and is_quota_429(headers, error_code(data))
+            if status is not None and status >= 400:
+                # Before the slot is released: a request of another thread waiting for
+                # it must find the job stopped.
+                _check_fatal(status, data, request, job)
+            job.recorder.request_finished(sent_at, status, headers, data, quota=quota)  # run record
+            throttle.observe(started, status, headers, quota=quota)
+            if status is not None and status < 400:
+                throttle.record_estimate(estimate)
+            throttle.release()
+            if status is not None and status >= 400:
+                cost = 0.0  # an error answer is not billed
+            if worst and (status is None or status >= 400):
+                job.ledger.settle(worst, cost)
+        assert status is not None and headers is not None
+        job.connection_ok()
+        answer = Answer(
+            status, [(k, v) for k, v in headers.items() if k.lower() not in _DROP_HEADERS], data
+        )
+        attempt = current_attempt.get()
+        if status < 400:
+            self.stats.calls_paid += 1
+            model, prompt, completion = read_usage(data)
+            if completion is not None:
+                job.completion_seen(completion)
+            if attempt is not None:
+                attempt.paid(model, prompt, completion)
+            if worst:
+                job.ledger.settle(worst, _cost(job, model, prompt, completion, worst))
+            if key is not None:
+                job.cache_put(key, answer.to_cache(), self.stats)
+        else:
+            if status == 429:
+                self.stats.rate_limited += 1
+        return answer
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def __aenter__(self) -> JobTransport:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *args: Any) -> None:
+        await self.inner.__aexit__(*args)
+
+
+class _Gate:
+    """What ``PacedRequest`` runs before writing: the strict window of the job's pacer."""
+
+    __slots__ = ("throttle", "tokens")
+
+    def __init__(self, throttle: Any, tokens: float) -> None:
+        self.throttle = throttle
+        self.tokens = tokens
+
+    async def __call__(self) -> None:
+        await self.throttle.admit(self.tokens)
+
+
+#: The admission of the request being sent in this context (set around the SDK's call).
+_GATE: contextvars.ContextVar[_Gate | None] = contextvars.ContextVar("dask_llm_gate", default=None)
+
+
+class PacedRequest(aiohttp.ClientRequest):
+    """aiohttp's request, admitted by the job's pacer at the moment it is written.
+
+    Pacing admits a request over any sliding second at the moment it goes on the
+    wire. Between the SDK's call and the socket, aiohttp suspends (to open or pick
+    a connection) and, before Python 3.12, writes the request in a task of its
+    own; a busy loop runs both late. Measured here, on Python 3.11: requests
+    admitted before the SDK's call were written up to 0.8 s later (p90 0.12 s),
+    and after ``send()`` began up to 0.5 s later, which bunched them at the
+    provider 20-50% above the limit. ``write_bytes`` runs right before the bytes
+    go out, on every Python: that is where they are admitted.
+    """
+
+    async def send(self, conn: Any) -> Any:
+        if not self.body_given():
+            gate = _GATE.get()
+            if gate is not None:  # no body: headers alone are written by send()
+                await gate()
+        return await super().send(conn)
+
+    async def write_bytes(self, writer: Any, conn: Any, *args: Any, **kwargs: Any) -> Any:
+        gate = _GATE.get()
+        if gate is not None:
+            await gate()
+        return await super().write_bytes(writer, conn, *args, **kwargs)
+
+    def body_given(self) -> bool:
+        return bool(getattr(self, "_body", None))
+
+
+def _install_gate(inner: Any) -> bool:
+    """Give the SDK's aiohttp transport a session whose requests are ``PacedRequest``s.
+
+    The vendored transport builds its ``ClientSession`` on first use, or calls
+    ``client`` when it is a factory: the same connector settings, one more
+    argument. False (admit before the SDK's call instead) for any other transport.
+    """
+    if not (hasattr(inner, "client") and hasattr(inner, "limits") and inner.client is None):
+        return False
+    if getattr(inner, "uds", None) or getattr(inner, "proxy", None):
+        return False
+    limits = inner.limits
+
+    def session() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            keepalive_timeout=limits.keepalive_expiry,
+            ssl=inner.ssl_context,
+            limit=limits.max_connections or 100,
+        )
+        return aiohttp.ClientSession(connector=connector, request_class=PacedRequest)
+
+    inner.client = session
+    return True
+
+
+def _response(request: Any, answer: Answer) -> Any:
+    """An httpx(2) response for the SDK, of the request's own httpx flavour."""
+    module = importlib.import_module(type(request).__module__)
+    return module.Response(
+        answer.status, headers=answer.headers, content=answer.body, request=request
+    )
+
+
+def _cost(
+    job: Any,
+    model: str | None,
+    prompt: int | None,
+    completion: int | None,
+    worst: float,
+    *,
+    batch: bool = False,
+) -> float:
+    """What an answer cost, for the budget; the reserved worst case when it says nothing."""
+    if prompt is None:
+        return worst
+    price = price_of(model, job.options.price_table, batch=batch)
+    if price is None:
+        return worst
+    return (prompt * price[0] + (completion or 0) * price[1]) / 1e6
+
+
+def _is_chat(request: Any) -> bool:
+    return request.method == "POST" and request.url.path.endswith("/chat/completions")
+
+
+def _check_fatal(status: int, data: bytes, request: Any, job: Any) -> None:
+    """Stop the job on an answer no retry can fix (see ``_wire.fatal_reason``)."""
+    reason = fatal_reason(status, data, request)
+    if reason is not None:
+        job.fatal_answer(reason)
+
+
+class ConnectionFailed(ConnectionError):
+    """A request could not reach the provider; says which host and why."""
+
+
+def _connection_error(exc: BaseException, request: Any, job: Any) -> BaseException:
+    """The exception to raise for a failed connection: the host and the real cause in its text.
+
+    The SDK's aiohttp transport maps a refused connection to ``ConnectTimeout``,
+    which the SDK reports as "Request timed out."; walking the chain of causes
+    finds what happened.
+    """
+    cause: BaseException | None = exc
+    refused = False
+    detail = f"{type(exc).__name__}: {exc}"
+    seen = 0
+    while cause is not None and seen < 10:
+        if isinstance(cause, ConnectionRefusedError):
+            refused = True
+        os_error = getattr(cause, "os_error", None)
+        if isinstance(os_error, ConnectionRefusedError):
+            refused = True
+            detail = f"{type(cause).__name__}: {cause}"
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    host = host_of(request)
+    if refused:
+        text = f"connection refused by {host} ({detail})"
+        job.connection_refused(f"{text}; is base_url right and the server up?")
+        return ConnectionFailed(text)
+    if isinstance(exc, Exception) and "timeout" in type(exc).__name__.lower():
+        return exc  # the SDK turns it into APITimeoutError, which is retried
+    return ConnectionFailed(f"cannot reach {host} ({detail})")
+
+
+class LoopClients:
+    """The clients opened for one event loop; ``aclose()`` them before the loop ends."""
+
+    __slots__ = ("_batcher", "_clients", "_job", "_stats")
+
+    def __init__(self, job: Any = None, stats: Any = None, batcher: Batcher | None = None) -> None:
+        self._clients: list[openai.AsyncOpenAI] = []
+        self._job = job
+        self._stats = stats
+        self._batcher = batcher
+
+    def localize(self, runnable: Any, *, timeout: float | None = None) -> tuple[Any, bool]:
+        """A copy of ``runnable`` whose OpenAI models use clients owned by this loop.
+
+        ``timeout``: seconds per request; None keeps a model's own ``timeout=`` and
+        gives the others ``DEFAULT_REQUEST_TIMEOUT``.
+
+        Returns the copy and whether every chat model in it now sends through the
+        job's transport (if not, usage is read from LangChain's callbacks instead).
+        """
+        untapped = False
+
+        def visit(obj: Any) -> Any:
+            nonlocal untapped
+            if isinstance(obj, BaseChatOpenAI):
+                local = self._local_model(obj, timeout=timeout)
+                untapped = untapped or local is obj
+                return local
+            if is_configurable_model(obj):
+                return LocalConfigurable(obj, self, timeout)
+            if isinstance(obj, BaseChatModel):
+                untapped = True
+            return NotImplemented
+
+        local = rewrite(runnable, visit)
+        models = find(local, lambda x: isinstance(x, BaseChatModel | LocalConfigurable))
+        if not models:
+            untapped = True  # models hidden in Python code, or built at run time
+        return local, not untapped
+
+    def _local_model(self, model: Any, *, timeout: float | None) -> Any:
+        root = model.root_async_client
+        if root is None or model.http_async_client is not None:
+            return model
+        # The SDK's aiohttp client allows 1,000 connections: above any sane concurrency.
+        http = openai.DefaultAioHttpClient()
+        if self._job is not None:
+            http._transport = cast(
+                Any, JobTransport(http._transport, self._job, self._stats, self._batcher)
+            )
+        options: dict[str, Any] = {"http_client": http, "max_retries": 0}
+        if timeout is not None:
+            options["timeout"] = timeout
+        elif "request_timeout" not in model.model_fields_set:
+            options["timeout"] = DEFAULT_REQUEST_TIMEOUT  # the SDK's own is 600 s
+        client = root.with_options(**options)
+        self._clients.append(client)
+        return model.model_copy(
+            update={"root_async_client": client, "async_client": client.chat.completions}
+        )
+
+    async def aclose(self) -> None:
+        clients, self._clients = self._clients, []
+        for client in clients:
+            await client.close()
+
+
+class LocalConfigurable(Runnable[Any, Any]):
+    """A configurable ``init_chat_model`` whose models use this loop's clients.
+
+    It builds a chat model per call from its configuration (with
+    langchain-openai's process-wide default client, which belongs to another
+    loop); here each distinct configuration is built once per loop and
+    localized like any other model.
+    """
+
+    def __init__(self, inner: Any, clients: LoopClients, timeout: float | None) -> None:
+        self.inner = inner
+        self.clients = clients
+        self.timeout = timeout
+        self._built: dict[str, Any] = {}
+
+    def _local(self, config: Any) -> Any:
+        params = {**self.inner._default_config, **self.inner._model_params(config)}
+        key = repr(sorted((k, repr(v)) for k, v in params.items()))
+        local = self._built.get(key)
+        if local is None:
+            local, _ = self.clients.localize(self.inner._model(config), timeout=self.timeout)
+            self._built[key] = local
+        return local
+
+    def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        return self.inner.invoke(input, config, **kwargs)
+
+    async def ainvoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        return await self._local(config).ainvoke(input, config=config, **kwargs)

@@ -1,0 +1,91 @@
+"""What came back on the wire: an answer read to its end, and what it means.
+
+The one place that reads an HTTP answer's bytes for what they say about the
+job, shared by the online sender (``transport.pipeline``) and the Batch API sender
+(``transport.batch``): ``Answer`` (status, headers, body: what the cache keeps and
+identical requests share), the provider's error code, and whether an answer
+is *fatal* (no retry can fix it: a bad key, a missing model, a spent
+account). Neither sender imports the other.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+#: Statuses no retry can fix: bad key, no permission, no such model or endpoint.
+FATAL_STATUS: Final = frozenset({401, 403, 404})
+#: A request's ``max_tokens`` / ``max_completion_tokens`` in its JSON body.
+MAX_TOKENS: Final = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
+#: A request's ``model`` in its JSON body.
+MODEL: Final = re.compile(rb'"model"\s*:\s*"([^"]+)"')
+
+
+class Answer:
+    """A response read to its end: what the cache keeps and identical requests share."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @classmethod
+    def json(cls, status: int, body: bytes) -> Answer:
+        """An answer with a JSON body and no other headers (a batch line's)."""
+        return cls(status, [("content-type", "application/json")], body)
+
+    def to_cache(self) -> dict[str, Any]:
+        ctype = next((v for k, v in self.headers if k.lower() == "content-type"), "")
+        return {"s": self.status, "t": ctype, "b": self.body.decode("utf-8", "replace")}
+
+    @classmethod
+    def from_cache(cls, value: Any) -> Answer | None:
+        """The answer a cache entry holds; None for a miss (or an entry of another shape)."""
+        if not isinstance(value, dict) or not isinstance(value.get("b"), str):
+            return None
+        return cls(
+            int(value.get("s", 200)), [("content-type", str(value.get("t")))], value["b"].encode()
+        )
+
+
+def error_of(data: bytes) -> tuple[str | None, str]:
+    """(code or type, message) of an error body; (None, "") when it has neither."""
+    try:
+        error = json.loads(data).get("error") or {}
+    except (ValueError, AttributeError):
+        return None, ""
+    if not isinstance(error, dict):
+        return None, ""
+    code = error.get("code") or error.get("type")
+    return (str(code) if code else None), str(error.get("message") or "")
+
+
+def error_code(data: bytes) -> str | None:
+    """The ``error.code`` of an error body, if any."""
+    try:
+        error = json.loads(data).get("error") or {}
+    except (ValueError, AttributeError):
+        return None
+    code = error.get("code") if isinstance(error, dict) else None
+    return str(code) if code else None
+
+
+def host_of(request: Any) -> str:
+    """``host:port`` a request went to, for messages."""
+    url = request.url
+    return f"{url.host}:{url.port}" if url.port else str(url.host)
+
+
+def fatal_reason(status: int, data: bytes, request: Any) -> str | None:
+    """Why an answer means no request of the job can succeed (401, 403, 404,
+    ``insufficient_quota``), in words for ``llm_error``; None for any other answer."""
+    code, message = error_of(data)
+    if status in FATAL_STATUS or (status == 429 and code == "insufficient_quota"):
+        text = f"HTTP {status}{f' {code}' if code else ''} from {host_of(request)}"
+        if message:
+            text += f": {message[:300]}"
+        return f"the provider refused the job ({text}); no request was sent after it"
+    return None
