@@ -131,7 +131,7 @@ _CREATE_LOCK = threading.Lock()
 _T = TypeVar("_T")
 # Connections inherited across fork: kept, unused, so that none is closed under the parent.
 _FROM_PARENT: list[sqlite3.Connection] = []
-log = logging.getLogger("dask_llm")
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable

@@ -237,6 +237,7 @@ def test_ctrl_c_names_the_batches_in_flight_and_they_can_be_cancelled(
 def test_progress_shows_batches_by_status_while_they_run(make_simulator: Any) -> None:
     import threading
 
+    from dask_llm.core import runtime
     from dask_llm.observe import progress as _progress
 
     sim = make_simulator(batch_validation_delay=0.3, batch_delay=1.0, batch_finalize_delay=0.3)
@@ -249,7 +250,7 @@ def test_progress_shows_batches_by_status_while_they_run(make_simulator: Any) ->
     )
     job.start()
     while job.is_alive():
-        for run in list(_progress._RUNS.values()):
+        for run in list(runtime.part(_progress.Runs).active.values()):
             text = run._postfix()
             for status in ("validating", "in progress", "finalizing"):
                 if f"1 {status}" in text or f"2 {status}" in text:

@@ -34,6 +34,7 @@ from langchain_openai.chat_models.base import BaseChatOpenAI
 from dask_llm.chains.graph import CLIENT_FIELDS, find, rewrite
 from dask_llm.chains.outputs import is_configurable_model
 from dask_llm.core.errors import WorkerSetupError
+from dask_llm.core.runtime import part
 
 
 class ModelRecipe:
@@ -56,8 +57,9 @@ class ModelRecipe:
 
     def build(self) -> Any:
         fields = dict(self.fields)
-        if self.key_ref is not None and self.key_ref in _KEYS:
-            fields["api_key"] = _KEYS[self.key_ref]
+        shipped = part(ShippedKeys)
+        if self.key_ref is not None and self.key_ref in shipped:
+            fields["api_key"] = shipped[self.key_ref]
         try:
             return self.cls(**fields)
         # The model's own validation (a missing key, a bad field): reported as what it is.
@@ -91,8 +93,9 @@ def _recipe(model: Any) -> ModelRecipe:
     )
 
 
-# Keys a job shipped to this process (ship_api_keys=True), by key_ref.
-_KEYS: dict[str, str] = {}
+class ShippedKeys(dict[str, str]):
+    """Keys jobs shipped to this process (ship_api_keys=True), by key_ref: a part of the
+    process's ``core.runtime``, one entry per distinct key."""
 
 
 def key_ref(key: Any) -> str:
@@ -114,7 +117,7 @@ def explicit_keys(runnable: Any) -> dict[str, str]:
 
 def provide_keys(keys: Iterable[tuple[str, str]]) -> None:
     """Make shipped keys available to recipes rebuilt in this process."""
-    _KEYS.update(keys)
+    part(ShippedKeys).update(keys)
 
 
 _SECRET_CONFIG = frozenset({"api_key", "openai_api_key"})

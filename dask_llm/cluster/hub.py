@@ -55,7 +55,7 @@ from typing import Any
 from dask_llm.limits.coordinator import local_coordinator
 from dask_llm.observe import progress as _progress
 
-log = logging.getLogger("dask_llm")
+log = logging.getLogger(__name__)
 
 _KEEP_STOPS_S = 600.0
 

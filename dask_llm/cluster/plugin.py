@@ -22,13 +22,21 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from dask_llm.core.runtime import part
 from dask_llm.limits.coordinator import HANDLER, PLUGIN_NAME, Coordinator
 from dask_llm.observe import metrics as _metrics
 from dask_llm.observe.progress import TOPIC
 
 log = logging.getLogger(__name__)
-_REGISTERED: weakref.WeakSet[Any] = weakref.WeakSet()
-_REGISTERED_LOCK = threading.Lock()
+
+
+class Registered:
+    """The ``distributed`` clients whose scheduler got the plugin from this process (a
+    part of the process's ``core.runtime``), held weakly: a client that is gone goes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.clients: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class LedgerPlugin(SchedulerPlugin):
@@ -60,10 +68,11 @@ def register(client: Any) -> None:
     A scheduler that cannot load dask-llm refuses it: the workers then fall back
     to an even share of the limit (and say so in the log).
     """
-    with _REGISTERED_LOCK:
-        if client in _REGISTERED:
+    registered = part(Registered)
+    with registered.lock:
+        if client in registered.clients:
             return
-        _REGISTERED.add(client)
+        registered.clients.add(client)
     try:
         if threading.current_thread() is getattr(client.loop, "_thread", None) or _in_loop(client):
             # Called while the client submits a graph from its own event loop: the

@@ -84,6 +84,13 @@ def price_of(
     return (price[0], price[1])
 
 
+def cost_usd(price: tuple[float, ...], input_tokens: float, output_tokens: float) -> float:
+    """US dollars for ``input_tokens`` and ``output_tokens`` at ``price`` (``price_of``: USD
+    per million tokens, input then output). The one cost formula of dask-llm: the budget's
+    worst case, the settled cost, the run record, the row's cost and the estimate."""
+    return (input_tokens * price[0] + output_tokens * price[1]) / 1e6
+
+
 def _online_or_batch(
     model: str | None, prices: Mapping[str, tuple[float, ...]] | None
 ) -> tuple[float, ...] | None:
@@ -136,7 +143,7 @@ class Usage:
         if price is None:
             self.unpriced = True
         else:
-            self.cost += (input_tokens * price[0] + output_tokens * price[1]) / 1e6
+            self.cost += cost_usd(price, input_tokens, output_tokens)
 
     @property
     def tokens_in(self) -> int | None:
@@ -189,7 +196,10 @@ current_attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar
 
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-_MODEL = re.compile(rb'"model"\s*:\s*"([^"]+)"')
+#: The ``model`` of a request or answer body (JSON).
+MODEL: Final = re.compile(rb'"model"\s*:\s*"([^"]+)"')
+#: A request body's ``max_tokens`` / ``max_completion_tokens``.
+MAX_TOKENS: Final = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
 
 
 def read_usage(body: bytes) -> tuple[str | None, int | None, int | None]:
@@ -199,7 +209,7 @@ def read_usage(body: bytes) -> tuple[str | None, int | None, int | None]:
     None where the body reports none.
     """
     prompt = _PROMPT.findall(body)
-    model = _MODEL.search(body)
+    model = MODEL.search(body)
     name = model.group(1).decode() if model else None
     if not prompt:
         return name, None, None

@@ -16,7 +16,9 @@ import sys
 import threading
 from typing import Any
 
-log = logging.getLogger("dask_llm")
+from dask_llm.core.runtime import part
+
+log = logging.getLogger(__name__)
 
 
 def distributed_worker() -> Any:
@@ -101,8 +103,13 @@ def current_task_key() -> Any:
     return getattr(thread_state, "key", None)
 
 
-_tails_out = 0  # partitions of this process that left their worker thread for their tail
-_TAILS_LOCK = threading.Lock()
+class Tails:
+    """Partitions of this process that left their worker thread for their tail (a part of
+    the process's ``core.runtime``): at most one per thread slot."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.out = 0
 
 
 def secede_for_tail() -> bool:
@@ -118,22 +125,22 @@ def secede_for_tail() -> bool:
     one tail per thread slot is out at a time, so a worker of small partitions
     does not pile them up.
     """
-    global _tails_out
     worker = distributed_worker()
     if worker is None or current_task_key() is None:
         return False
     try:
         from distributed import secede
 
-        with _TAILS_LOCK:
-            if _tails_out >= max(1, int(worker.state.nthreads)):
+        tails = part(Tails)
+        with tails.lock:
+            if tails.out >= max(1, int(worker.state.nthreads)):
                 return False
-            _tails_out += 1
+            tails.out += 1
         try:
             secede()
         except BaseException:
-            with _TAILS_LOCK:
-                _tails_out -= 1
+            with tails.lock:
+                tails.out -= 1
             raise
     except (AttributeError, ValueError, KeyError, RuntimeError) as exc:
         log.debug("dask-llm: the partition could not secede (%s)", exc)
@@ -143,9 +150,9 @@ def secede_for_tail() -> bool:
 
 def tail_done() -> None:
     """A partition that seceded for its tail has ended."""
-    global _tails_out
-    with _TAILS_LOCK:
-        _tails_out = max(0, _tails_out - 1)
+    tails = part(Tails)
+    with tails.lock:
+        tails.out = max(0, tails.out - 1)
 
 
 def task_abandoned(worker: Any, key: Any) -> bool:

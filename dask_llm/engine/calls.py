@@ -35,7 +35,7 @@ from dask_llm.engine.retry import call_with_retries, root_cause
 from dask_llm.observe.record import ACTIVE
 from dask_llm.transport.batch import policy_for_retries
 
-log = logging.getLogger("dask_llm")
+log = logging.getLogger(__name__)
 
 
 class PartitionStats:

@@ -65,7 +65,6 @@ import contextlib
 import gc
 import logging
 import math
-import re
 import sys
 import threading
 import time
@@ -77,7 +76,7 @@ from dask.callbacks import Callback
 from dask_llm.cluster import hub as _hub
 from dask_llm.core import where as _cluster
 from dask_llm.core.errors import ChainError, JobStopped
-from dask_llm.core.usage import price_of
+from dask_llm.core.usage import MAX_TOKENS, MODEL, cost_usd, price_of
 from dask_llm.limits.ledger import Ledger, even_share_hint, link_for
 from dask_llm.limits.pacer import Throttle
 from dask_llm.observe import metrics as _metrics
@@ -88,7 +87,7 @@ if TYPE_CHECKING:
     from dask_llm.cluster.handle import JobHandle
     from dask_llm.core.config import EnrichOptions
 
-log = logging.getLogger("dask_llm")
+log = logging.getLogger(__name__)
 
 #: Seconds requests already on the wire get to land in the cache after a stop.
 STOP_GRACE_S = 2.0
@@ -96,8 +95,6 @@ STOP_GRACE_S = 2.0
 POLL_S = 0.1
 _IDLE_S = 60.0
 _REFUSED_BEFORE_FATAL = 3
-_MODEL = re.compile(rb'"model"\s*:\s*"([^"]+)"')
-_MAX_TOKENS = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
 
 
 class Stop(NamedTuple):
@@ -243,7 +240,7 @@ class Job:
         body holds every message); completion tokens at most ``max_tokens``, else 1.5x
         the largest completion seen (1,024 before any).
         """
-        match = _MODEL.search(body)
+        match = MODEL.search(body)
         model = match.group(1).decode() if match else None
         price = price_of(model, self.options.price_table, batch=batch)
         if price is None:
@@ -253,13 +250,13 @@ class Job:
                 "(give prices={model: (input, output)})",
             )
             return math.inf
-        limit = _MAX_TOKENS.search(body)
+        limit = MAX_TOKENS.search(body)
         completion = (
             int(limit.group(1))
             if limit
             else (1.5 * self._largest_completion if self._largest_completion else 1024)
         )
-        return (len(body) * price[0] + completion * price[1]) / 1e6
+        return cost_usd(price, len(body), completion)
 
     def completion_seen(self, tokens: int) -> None:
         if tokens > self._largest_completion:

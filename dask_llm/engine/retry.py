@@ -43,7 +43,7 @@ from dask_llm.limits.headers import retry_after
 from dask_llm.observe.record import ACTIVE
 
 _RETRY_STATUS = frozenset({408, 409, 429})
-log = logging.getLogger("dask_llm")
+log = logging.getLogger(__name__)
 
 
 def root_cause(exc: BaseException) -> BaseException:

@@ -107,7 +107,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger("dask_llm")
+from dask_llm.core.runtime import part
+
+log = logging.getLogger(__name__)
 
 #: Members renew their lease this often (seconds).
 RENEW_S = 0.25
@@ -467,17 +469,10 @@ def _shares(
     return share
 
 
-_COORDINATOR: Coordinator | None = None
-_COORDINATOR_LOCK = threading.Lock()
-
-
 def local_coordinator() -> Coordinator:
-    """This process's coordinator (threads, the synchronous scheduler, a process pool's client)."""
-    global _COORDINATOR
-    with _COORDINATOR_LOCK:
-        if _COORDINATOR is None:
-            _COORDINATOR = Coordinator()
-        return _COORDINATOR
+    """This process's coordinator (threads, the synchronous scheduler, a process pool's
+    client): a part of the process's ``core.runtime``; its ledgers go as their jobs end."""
+    return part(Coordinator)
 
 
 # -- distributed: the coordinator on the scheduler ------------------------------------------------

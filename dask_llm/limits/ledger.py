@@ -49,7 +49,7 @@ from dask_llm.limits.coordinator import (
     local_coordinator,
 )
 
-log = logging.getLogger("dask_llm")
+log = logging.getLogger(__name__)
 
 #: Seconds a member keeps its lease after its last partition ended.
 LINGER_S = 2.0

@@ -60,7 +60,7 @@ from typing import Any
 from dask_llm.limits.coordinator import MARGIN, RENEW_S
 from dask_llm.limits.headers import positive_number, retry_after
 
-log = logging.getLogger("dask_llm")
+log = logging.getLogger(__name__)
 
 _DECREASE = 0.5
 _RATE_BACKOFF = 0.95

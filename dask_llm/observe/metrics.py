@@ -10,7 +10,7 @@ no exporter, no configuration of ours.
 
 ``install()`` registers one collector per process, the first time a job
 starts there (``engine.job``); it reads, at scrape time, the counters that the
-run record (``_record.PROCESS``) keeps for every job that ran in the process.
+run record (``observe.record.process_totals()``) keeps for every job that ran in the process.
 On the scheduler, the dask-llm plugin (``cluster.plugin``) sums the
 record deltas every worker sends through the event log, and the same
 collector renders them with ``scope="cluster"``; a worker's own series have
@@ -41,37 +41,57 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from dask_llm.observe.record import PROCESS, ProcessTotals
+from dask_llm.core.runtime import part
+from dask_llm.observe.record import ProcessTotals, process_totals
 
-_INSTALLED = False
-_LOCK = threading.Lock()
 
-#: Cluster totals on the scheduler, summed from the workers' record deltas.
-CLUSTER = ProcessTotals()
-_cluster_seen = False
+class ClusterTotals(ProcessTotals):
+    """Cluster totals on the scheduler, summed from the workers' record deltas."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False  # a worker has reported: the "cluster" scope is shown
+
+
+class Metrics:
+    """The collector this process registered in ``prometheus_client.REGISTRY`` (a part of
+    the process's ``core.runtime``); ``close()`` unregisters it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.collector: _Collector | None = None
+
+    def close(self) -> None:
+        with self.lock:
+            collector, self.collector = self.collector, None
+        if collector is not None:
+            from prometheus_client import REGISTRY
+
+            REGISTRY.unregister(collector)
 
 
 def install() -> bool:
     """Register the collector in ``prometheus_client.REGISTRY`` once; False if unavailable."""
-    global _INSTALLED
-    with _LOCK:
-        if _INSTALLED:
+    metrics = part(Metrics)
+    with metrics.lock:
+        if metrics.collector is not None:
             return True
         try:
             from prometheus_client import REGISTRY
         except ImportError:  # pragma: no cover - a dependency, but metrics are optional
             return False
-        REGISTRY.register(_Collector())
-        _INSTALLED = True
+        metrics.collector = _Collector()
+        REGISTRY.register(metrics.collector)
         return True
 
 
 def add_cluster_delta(delta: Mapping[str, Any]) -> None:
     """Add one worker's record delta to the cluster totals (on the scheduler)."""
-    global _cluster_seen
-    c = CLUSTER
+    c = part(ClusterTotals)
     with c.lock:
-        _cluster_seen = True
+        c.seen = True
         for row in delta.get("seconds", ()):
             _t, started, finished, _fl, limited, other, retries, _err, tin, tout, cost = row
             c.requests += int(started)
@@ -89,14 +109,15 @@ def add_cluster_delta(delta: Mapping[str, Any]) -> None:
 
 
 class _Collector:
-    """Renders ``PROCESS`` (and, on a scheduler that heard from workers, ``CLUSTER``)."""
+    """Renders the process totals (and, on a scheduler that heard from workers, the cluster's)."""
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        scopes: list[tuple[str, ProcessTotals]] = [("process", PROCESS)]
-        if _cluster_seen:
-            scopes.append(("cluster", CLUSTER))
+        scopes: list[tuple[str, ProcessTotals]] = [("process", process_totals())]
+        cluster = part(ClusterTotals)
+        if cluster.seen:
+            scopes.append(("cluster", cluster))
         simple = (
             ("requests", "Requests dask-llm sent to the provider", "requests"),
             ("responses", "Answers (or failures) that came back", "responses"),

@@ -32,6 +32,7 @@ import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from dask_llm.core.runtime import part
 from dask_llm.observe.record import RunRecord
 from dask_llm.observe.report import render_html, write_report
 
@@ -147,24 +148,49 @@ def _dollars(value: float) -> str:
     return f"{value:,.2f}" if value >= 1 else f"{value:.4g}"
 
 
-_RUNS_LOCK = threading.Lock()
-#: Summaries of the last runs that ended here, by job, newest last (a few: a job's
-#: caller reads its own at once, ``last_run()`` the newest).
-_DONE: dict[str, RunSummary] = {}
+#: Summaries kept of runs that ended (a job's caller reads its own at once).
 _KEEP_DONE = 8
+
+
+class Runs:
+    """The client's runs (a part of the process's ``core.runtime``).
+
+    ``active``: each job's run in progress, from its first partition's ``start``
+    event until its last partition ends or it is stopped. ``done``: the summaries
+    of the last ``_KEEP_DONE`` runs that ended, by job, oldest dropped first
+    (``last_run()`` is the newest). ``subscribed``: the ``distributed`` clients
+    whose workers' progress events feed ``active``, held weakly (a client that is
+    gone goes); ``close()`` unsubscribes them.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active: dict[str, RunProgress] = {}
+        self.done: dict[str, RunSummary] = {}
+        self.subscribed: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def close(self) -> None:
+        with self.lock:
+            clients, self.subscribed = list(self.subscribed), weakref.WeakSet()
+            self.active.clear()
+        for client in clients:
+            with contextlib.suppress(Exception):  # best effort: the client may be closing
+                client.unsubscribe_topic(TOPIC)
 
 
 def last_run() -> RunSummary | None:
     """The summary of the last run that ended in this process (the client on distributed)."""
-    with _RUNS_LOCK:
-        return next(reversed(_DONE.values()), None)
+    runs = part(Runs)
+    with runs.lock:
+        return next(reversed(runs.done.values()), None)
 
 
 def summary_of(job: str) -> RunSummary | None:
     """The summary of ``job``'s last run that ended in this process, if it is among the
     last few."""
-    with _RUNS_LOCK:
-        return _DONE.get(job)
+    runs = part(Runs)
+    with runs.lock:
+        return runs.done.get(job)
 
 
 class RunProgress:
@@ -273,11 +299,12 @@ class RunProgress:
         stop = s.record.stop if s.record is not None else None
         s.status = f"stopped: {stop[1]}" if stop is not None and status == "completed" else status
         s.wall_s = time.monotonic() - self.started
-        with _RUNS_LOCK:
-            _DONE.pop(self.job, None)
-            _DONE[self.job] = s
-            while len(_DONE) > _KEEP_DONE:
-                del _DONE[next(iter(_DONE))]
+        runs = part(Runs)
+        with runs.lock:
+            runs.done.pop(self.job, None)
+            runs.done[self.job] = s
+            while len(runs.done) > _KEEP_DONE:
+                del runs.done[next(iter(runs.done))]
         bar, self.bar = self.bar, None
         if bar is not None:
             bar.set_postfix_str(self._postfix(), refresh=False)
@@ -321,21 +348,19 @@ def _bar() -> Any:
     return tqdm(total=None, unit="row", desc="dask-llm", dynamic_ncols=True, mininterval=0.5)
 
 
-# -- the client's registry of runs in progress ----------------------------------------------
-_RUNS: dict[str, RunProgress] = {}
-
-
+# -- the client's runs in progress ---------------------------------------------------------
 def receive(event: dict[str, Any]) -> None:
     """Apply a partition's event to its job's run (created by its first ``start``)."""
     job = event.get("job")
     if not isinstance(job, str):
         return
-    with _RUNS_LOCK:
-        run = _RUNS.get(job)
+    runs = part(Runs)
+    with runs.lock:
+        run = runs.active.get(job)
         if run is None or (run.finished and event.get("kind") == "start"):
             if event.get("kind") != "start":
                 return  # the tail of a run that has ended
-            run = _RUNS[job] = RunProgress(
+            run = runs.active[job] = RunProgress(
                 job=job,
                 partitions=int(event.get("partitions", 1)),
                 total_rows=event.get("total_rows"),
@@ -344,21 +369,23 @@ def receive(event: dict[str, Any]) -> None:
                 budget_usd=event.get("budget_usd"),
             )
     if run.apply(event):
-        with _RUNS_LOCK:
-            if _RUNS.get(job) is run:
-                del _RUNS[job]
+        with runs.lock:
+            if runs.active.get(job) is run:
+                del runs.active[job]
 
 
 def active_jobs() -> list[str]:
     """Jobs with a run in progress in this process (as the client sees them)."""
-    with _RUNS_LOCK:
-        return list(_RUNS)
+    runs = part(Runs)
+    with runs.lock:
+        return list(runs.active)
 
 
 def stop_run(job: str, status: str) -> RunSummary | None:
     """End ``job``'s run early; returns its summary (None if it has no run here)."""
-    with _RUNS_LOCK:
-        run = _RUNS.pop(job, None)
+    runs = part(Runs)
+    with runs.lock:
+        run = runs.active.pop(job, None)
     return None if run is None else run.stop(status)
 
 
@@ -370,15 +397,13 @@ def interactive() -> bool:
 
 
 # -- distributed: one subscription per client ------------------------------------------------
-_SUBSCRIBED: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
 def listen_on_client(client: Any) -> None:
     """Feed this process's runs from the events ``client``'s workers send (idempotent)."""
-    with _RUNS_LOCK:
-        if client in _SUBSCRIBED:
+    runs = part(Runs)
+    with runs.lock:
+        if client in runs.subscribed:
             return
-        _SUBSCRIBED.add(client)
+        runs.subscribed.add(client)
 
     def handle(event: Any) -> None:
         _, msg = event

@@ -57,10 +57,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from dask_llm.core.usage import price_of, read_usage
+from dask_llm.core.runtime import part
 
 if TYPE_CHECKING:
     from dask_llm.core.config import QualityGate
+    from dask_llm.core.outcome import Outcome
     from dask_llm.core.usage import Usage
 
 #: Time buckets a client keeps per run before merging them two by two.
@@ -88,8 +89,6 @@ _STARTED, _FINISHED, _IN_FLIGHT, _LIMITED, _OTHER_429, _RETRIES, _ERRORS, _IN, _
 )
 _WIDTH = len(FIELDS)
 
-_FINISH_LENGTH = re.compile(rb'"finish_reason"\s*:\s*"length"')
-_REFUSAL = re.compile(rb'"refusal"\s*:\s*"')
 _LIMIT_REQUESTS = "x-ratelimit-limit-requests"
 
 #: (recorder, chain) of the chain call running in this context: the transport and the
@@ -243,7 +242,8 @@ class RowCounts:
 
 
 class ProcessTotals:
-    """Counters of every job that ran in this process since it started (for Prometheus)."""
+    """Counters of every job that ran in this process (for Prometheus): a part of the
+    process's ``core.runtime``, fixed in size, kept for the runtime's life."""
 
     __slots__ = (
         "errors",
@@ -275,8 +275,9 @@ class ProcessTotals:
         self.rows_failed = 0
 
 
-#: What the jobs of this process did (read by ``observe.metrics``).
-PROCESS = ProcessTotals()
+def process_totals() -> ProcessTotals:
+    """What the jobs of this process did (read by ``observe.metrics``)."""
+    return part(ProcessTotals)
 
 
 class Recorder:
@@ -333,39 +334,25 @@ class Recorder:
         now = time.time()
         with self._lock:
             self._bucket(now)[_STARTED] += 1
-        with PROCESS.lock:
-            PROCESS.requests += 1
-            PROCESS.in_flight += 1
+        with (totals := process_totals()).lock:
+            totals.requests += 1
+            totals.in_flight += 1
         return now
 
-    def request_finished(
-        self,
-        started: float,
-        status: int | None,
-        headers: Mapping[str, str] | None,
-        body: bytes,
-        *,
-        quota: bool,
-        batch: bool = False,
-    ) -> None:
-        """The answer of a request started at ``started`` came back (``status`` None: none did).
-
-        ``batch``: a Batch API line (priced at the batch price).
-        """
+    def request_finished(self, started: float, outcome: Outcome) -> None:
+        """The request started at ``started`` ended with ``outcome`` (read once by the
+        transport; its ``status`` is None when no answer came)."""
         now = time.time()
         active = ACTIVE.get()
         chain = active[1] if active is not None else "?"
-        ok = status is not None and status < 400
-        model, prompt, completion = read_usage(body) if ok else (None, None, None)
-        cost: float | None = None
-        if prompt is not None:
-            price = price_of(model, self._prices, batch=batch)
-            if price is not None:
-                cost = (prompt * price[0] + (completion or 0) * price[1]) / 1e6
-        truncated = ok and _FINISH_LENGTH.search(body) is not None
-        refused = ok and _REFUSAL.search(body) is not None
+        ok = outcome.ok
+        status = outcome.status
+        prompt, completion = outcome.prompt_tokens, outcome.completion_tokens
+        cost = outcome.cost(self._prices) if ok else None
+        truncated, refused = outcome.truncated, outcome.refused
         # Called from the transport's ``finally``: the exception under way, if any.
-        kind = None if ok else error_kind(status, quota, sys.exc_info()[1])
+        kind = None if ok else error_kind(status, outcome.quota, sys.exc_info()[1])
+        headers = outcome.headers
         limit = headers.get(_LIMIT_REQUESTS) if headers is not None else None
         with self._lock:
             if limit is not None:
@@ -401,24 +388,24 @@ class Recorder:
                 row[_IN] += prompt or 0
                 row[_OUT] += completion or 0
                 row[_COST] += cost or 0.0
-        with PROCESS.lock:
-            PROCESS.in_flight -= 1
-            PROCESS.responses += 1
+        with (totals := process_totals()).lock:
+            totals.in_flight -= 1
+            totals.responses += 1
             if status == 429:
-                PROCESS.rate_limited += 1
+                totals.rate_limited += 1
             if kind is not None:
-                PROCESS.errors[kind] = PROCESS.errors.get(kind, 0) + 1
+                totals.errors[kind] = totals.errors.get(kind, 0) + 1
             if ok:
-                PROCESS.input_tokens += prompt or 0
-                PROCESS.output_tokens += completion or 0
-                PROCESS.spend_usd += cost or 0.0
+                totals.input_tokens += prompt or 0
+                totals.output_tokens += completion or 0
+                totals.spend_usd += cost or 0.0
 
     # -- chain calls (the retry loop) ------------------------------------------------------
     def retried(self) -> None:
         with self._lock:
             self._bucket(time.time())[_RETRIES] += 1
-        with PROCESS.lock:
-            PROCESS.retries += 1
+        with (totals := process_totals()).lock:
+            totals.retries += 1
 
     def parse_failed(self, chain: str) -> None:
         with self._lock:
@@ -440,9 +427,9 @@ class Recorder:
             breach = None
             if self._gate is not None and self._stop is None:
                 breach = self._gate.breach(self.rows, self.chains.values())
-        with PROCESS.lock:
-            PROCESS.rows += 1
-            PROCESS.rows_failed += int(error is not None)
+        with (totals := process_totals()).lock:
+            totals.rows += 1
+            totals.rows_failed += int(error is not None)
         if breach is not None and self._on_gate is not None:
             self._on_gate(breach)
 

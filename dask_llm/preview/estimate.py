@@ -43,7 +43,7 @@ from dask_llm.cache import ResultCache, make_key, read_only
 from dask_llm.chains.columns import is_missing
 from dask_llm.chains.graph import find
 from dask_llm.chains.plan import Plan, PlannedChain
-from dask_llm.core.usage import price_of
+from dask_llm.core.usage import cost_usd, price_of
 
 _TEXT_OUTPUT_TOKENS = 150
 _FIELD_OUTPUT_TOKENS = 24
@@ -378,7 +378,5 @@ def _cost(
         price = price_of(model if isinstance(model, str) else None, prices, batch=batch)
         if price is None:
             return None
-        cost += (
-            group["input_tokens"].sum() * price[0] + group["output_tokens"].sum() * price[1]
-        ) / 1e6
+        cost += cost_usd(price, group["input_tokens"].sum(), group["output_tokens"].sum())
     return float(cost)

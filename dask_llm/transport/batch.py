@@ -63,7 +63,7 @@ import openai
 from dask_llm.core.config import BatchPolicy
 from dask_llm.transport.wire import Answer, fatal_reason
 
-log = logging.getLogger("dask_llm")
+log = logging.getLogger(__name__)
 
 #: The row (of this partition) whose chains run in this context; set by the runner.
 ROW: contextvars.ContextVar[int | None] = contextvars.ContextVar("dask_llm_row", default=None)

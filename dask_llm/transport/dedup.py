@@ -16,10 +16,19 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from dask_llm.core.runtime import part
+
 T = TypeVar("T")
 
-_LOCK = threading.Lock()
-_IN_FLIGHT: dict[str, Future[Any]] = {}
+
+
+class InFlight:
+    """Calls on the wire now, by key (a part of the process's ``core.runtime``): an entry
+    lives from its call's start to its end, so the size is the calls in flight."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: dict[str, Future[Any]] = {}
 
 
 async def once(key: str, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
@@ -27,11 +36,12 @@ async def once(key: str, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
 
     Returns the result and whether this caller ran the call itself.
     """
-    with _LOCK:
-        running = _IN_FLIGHT.get(key)
+    flights = part(InFlight)
+    with flights.lock:
+        running = flights.calls.get(key)
         if running is None:
             mine: Future[Any] = Future()
-            _IN_FLIGHT[key] = mine
+            flights.calls[key] = mine
     if running is not None:
         return await asyncio.wrap_future(running), False
     try:
@@ -45,5 +55,5 @@ async def once(key: str, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         mine.set_result(result)
         return result, True
     finally:
-        with _LOCK:
-            del _IN_FLIGHT[key]
+        with flights.lock:
+            del flights.calls[key]

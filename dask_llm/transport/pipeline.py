@@ -64,12 +64,12 @@ from dask_llm.chains.graph import find, rewrite
 from dask_llm.chains.outputs import is_configurable_model
 from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT
 from dask_llm.core.errors import JobStopped
-from dask_llm.core.usage import current_attempt, price_of, read_usage
+from dask_llm.core.outcome import Outcome
+from dask_llm.core.usage import MAX_TOKENS, current_attempt
 from dask_llm.limits.coordinator import RENEW_S
-from dask_llm.limits.headers import is_quota_429
 from dask_llm.transport import dedup as dedup
 from dask_llm.transport.batch import GO_ONLINE, Batcher
-from dask_llm.transport.wire import MAX_TOKENS, Answer, error_code, fatal_reason, host_of
+from dask_llm.transport.wire import Answer, host_of, outcome_of
 
 _DROP_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
@@ -138,35 +138,44 @@ class JobTransport:
         assert self.batcher is not None
         worst = job.worst_cost(body, batch=True) if job.ledger.budgeted and body else 0.0
         await self._reserve(worst)
-        cost = worst  # what to settle if no answer comes: it may have been paid for
         sent_at = job.recorder.request_started()  # run record: a line waits as long as its batch
-        status: int | None = None
-        data = b""
+        outcome = Outcome(status=None, batch=True)  # no answer (yet)
         try:
             result = await self.batcher.answer(request, body, key, fresh=fresh)
             if result is GO_ONLINE:
-                cost = 0.0
-                status = 408  # the line came back unanswered: it goes online
+                # The line came back unanswered: it goes online, and costs nothing.
+                outcome = Outcome(status=408, batch=True)
                 return None
             answer = cast(Answer, result)
-            status, data = answer.status, answer.body
-            if answer.status >= 400:
-                cost = 0.0
-                _check_fatal(answer.status, answer.body, request, job)
-                return answer
-            self.stats.calls_paid += 1
-            model, prompt, completion = read_usage(answer.body)
-            if completion is not None:
-                job.completion_seen(completion)
-            attempt = current_attempt.get()
-            if attempt is not None:
-                attempt.paid(model, prompt, completion, batch=True)
-            cost = _cost(job, model, prompt, completion, worst, batch=True)
+            outcome = outcome_of(answer.status, None, answer.body, request, batch=True)
+            if outcome.fatal is not None:
+                job.fatal_answer(outcome.fatal)
+            if outcome.ok:
+                self._paid(outcome, worst)
             return answer
         finally:
-            job.recorder.request_finished(sent_at, status, None, data, quota=False, batch=True)
-            if worst:
-                job.ledger.settle(worst, cost)
+            job.recorder.request_finished(sent_at, outcome)
+            if worst and not outcome.ok:
+                # No answer: it may have been paid for. An error line: not billed.
+                job.ledger.settle(worst, worst if outcome.status is None else 0.0)
+
+    def _paid(self, outcome: Outcome, worst: float) -> None:
+        """Credit a paid answer: the chain call's usage, the budget, the largest completion."""
+        job = self.job
+        self.stats.calls_paid += 1
+        if outcome.completion_tokens is not None:
+            job.completion_seen(outcome.completion_tokens)
+        attempt = current_attempt.get()
+        if attempt is not None:
+            attempt.paid(
+                outcome.model,
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                batch=outcome.batch,
+            )
+        if worst:
+            cost = outcome.cost(job.options.price_table)
+            job.ledger.settle(worst, worst if cost is None else cost)
 
     async def _reserve(self, worst: float) -> None:
         """Reserve a request's worst-case cost against the job's budget (if it has one)."""
@@ -188,11 +197,10 @@ class JobTransport:
         worst = job.worst_cost(body) if job.ledger.budgeted and body else 0.0
         await self._reserve(worst)
         started = await throttle.acquire(estimate, admit=not self.gated)
-        sent_at = job.recorder.request_started()  # run record (_record)
+        sent_at = job.recorder.request_started()  # run record (observe.record)
         status = None
         headers = None
         data = b""
-        cost = worst  # what to settle if no answer comes: it may have been paid for
         try:
             job.check()  # it may have stopped while this request waited for its turn
             gate = _GATE.set(_Gate(throttle, estimate)) if self.gated else None
@@ -208,40 +216,31 @@ class JobTransport:
             status = response.status_code
             headers = response.headers
         finally:
-            quota = status == 429 and is_quota_429(headers, error_code(data))
-            if status is not None and status >= 400:
+            # The answer read once; every stage below acts on this outcome.
+            outcome = outcome_of(status, headers, data, request)
+            if outcome.fatal is not None:
                 # Before the slot is released: a request of another thread waiting for
                 # it must find the job stopped.
-                _check_fatal(status, data, request, job)
-            job.recorder.request_finished(sent_at, status, headers, data, quota=quota)  # run record
-            throttle.observe(started, status, headers, quota=quota)
-            if status is not None and status < 400:
+                job.fatal_answer(outcome.fatal)
+            job.recorder.request_finished(sent_at, outcome)
+            throttle.observe(started, status, headers, quota=outcome.quota)
+            if outcome.ok:
                 throttle.record_estimate(estimate)
             throttle.release()
-            if status is not None and status >= 400:
-                cost = 0.0  # an error answer is not billed
-            if worst and (status is None or status >= 400):
-                job.ledger.settle(worst, cost)
+            if worst and not outcome.ok:
+                # No answer: it may have been paid for. An error answer: not billed.
+                job.ledger.settle(worst, worst if status is None else 0.0)
         assert status is not None and headers is not None
         job.connection_ok()
         answer = Answer(
             status, [(k, v) for k, v in headers.items() if k.lower() not in _DROP_HEADERS], data
         )
-        attempt = current_attempt.get()
-        if status < 400:
-            self.stats.calls_paid += 1
-            model, prompt, completion = read_usage(data)
-            if completion is not None:
-                job.completion_seen(completion)
-            if attempt is not None:
-                attempt.paid(model, prompt, completion)
-            if worst:
-                job.ledger.settle(worst, _cost(job, model, prompt, completion, worst))
+        if outcome.ok:
+            self._paid(outcome, worst)
             if key is not None:
                 job.cache_put(key, answer.to_cache(), self.stats)
-        else:
-            if status == 429:
-                self.stats.rate_limited += 1
+        elif status == 429:
+            self.stats.rate_limited += 1
         return answer
 
     async def aclose(self) -> None:
@@ -335,33 +334,8 @@ def _response(request: Any, answer: Answer) -> Any:
     )
 
 
-def _cost(
-    job: Any,
-    model: str | None,
-    prompt: int | None,
-    completion: int | None,
-    worst: float,
-    *,
-    batch: bool = False,
-) -> float:
-    """What an answer cost, for the budget; the reserved worst case when it says nothing."""
-    if prompt is None:
-        return worst
-    price = price_of(model, job.options.price_table, batch=batch)
-    if price is None:
-        return worst
-    return (prompt * price[0] + (completion or 0) * price[1]) / 1e6
-
-
 def _is_chat(request: Any) -> bool:
     return request.method == "POST" and request.url.path.endswith("/chat/completions")
-
-
-def _check_fatal(status: int, data: bytes, request: Any, job: Any) -> None:
-    """Stop the job on an answer no retry can fix (see ``_wire.fatal_reason``)."""
-    reason = fatal_reason(status, data, request)
-    if reason is not None:
-        job.fatal_answer(reason)
 
 
 class ConnectionFailed(ConnectionError):

@@ -61,7 +61,7 @@ from typing import Any
 
 import typing_extensions
 
-log = logging.getLogger("dask_llm")
+log = logging.getLogger(__name__)
 
 #: Set in each partition's loop (``activate``): the wrappers take the fast path there only.
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("dask_llm_sdk_fast", default=False)

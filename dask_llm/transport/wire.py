@@ -3,23 +3,23 @@
 The one place that reads an HTTP answer's bytes for what they say about the
 job, shared by the online sender (``transport.pipeline``) and the Batch API sender
 (``transport.batch``): ``Answer`` (status, headers, body: what the cache keeps and
-identical requests share), the provider's error code, and whether an answer
-is *fatal* (no retry can fix it: a bad key, a missing model, a spent
-account). Neither sender imports the other.
+identical requests share), the provider's error code, whether an answer is
+*fatal* (no retry can fix it: a bad key, a missing model, a spent account)
+and, from all of that, the answer's ``Outcome`` (``outcome_of``), read once
+and handed to every stage. Neither sender imports the other.
 """
 
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Mapping
 from typing import Any, Final
+
+from dask_llm.core.outcome import Outcome, read_outcome
+from dask_llm.limits.headers import is_quota_429
 
 #: Statuses no retry can fix: bad key, no permission, no such model or endpoint.
 FATAL_STATUS: Final = frozenset({401, 403, 404})
-#: A request's ``max_tokens`` / ``max_completion_tokens`` in its JSON body.
-MAX_TOKENS: Final = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
-#: A request's ``model`` in its JSON body.
-MODEL: Final = re.compile(rb'"model"\s*:\s*"([^"]+)"')
 
 
 class Answer:
@@ -89,3 +89,24 @@ def fatal_reason(status: int, data: bytes, request: Any) -> str | None:
             text += f": {message[:300]}"
         return f"the provider refused the job ({text}); no request was sent after it"
     return None
+
+
+def outcome_of(
+    status: int | None,
+    headers: Mapping[str, str] | None,
+    body: bytes,
+    request: Any,
+    *,
+    batch: bool = False,
+) -> Outcome:
+    """Read an answer once (status None: none came): usage, quota 429, fatal or not."""
+    if status is None or status < 400:
+        return read_outcome(status, headers, body, batch=batch)
+    return read_outcome(
+        status,
+        headers,
+        body,
+        batch=batch,
+        quota=status == 429 and is_quota_429(headers, error_code(body)),
+        fatal=fatal_reason(status, body, request),
+    )
