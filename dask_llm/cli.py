@@ -23,7 +23,8 @@ import shutil
 import sys
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import fields
 from typing import Any
 
 import click
@@ -40,6 +41,7 @@ from dask_llm.core.config import (
 )
 from dask_llm.demo import main as run_demo
 from dask_llm.simulator import SimulatorConfig, serve
+from dask_llm.simulator._config import LIMIT_MODES
 
 
 @click.group()
@@ -62,121 +64,41 @@ def run() -> None:
         sys.exit(130)
 
 
+def _simulator_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """One option per ``SimulatorConfig`` field: its name, type, default and help, from the
+    field itself (``--model`` repeats, for ``models``; a ``bool`` is a flag)."""
+    types = {"int": int, "float": float, "str": str}
+    for spec in reversed(fields(SimulatorConfig)):
+        help_text = spec.metadata.get("help")
+        base, _, optional = str(spec.type).partition(" | ")
+        if spec.name == "models":
+            option = click.option("--model", "models", multiple=True, help=help_text)
+        elif base == "bool":
+            option = click.option(f"--{spec.name.replace('_', '-')}", is_flag=True, help=help_text)
+        elif spec.name == "limit_mode":
+            option = click.option(
+                "--limit-mode",
+                type=click.Choice(LIMIT_MODES),
+                default=spec.default,
+                show_default=True,
+                help=help_text,
+            )
+        else:
+            option = click.option(
+                f"--{spec.name.replace('_', '-')}",
+                type=types[base],
+                default=spec.default,
+                show_default=not optional,
+                help=help_text,
+            )
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback).")
 @click.option("--port", default=8000, show_default=True, help="Port; 0 picks a free one.")
-@click.option("--latency", default=0.0, show_default=True, help="Median seconds to first token.")
-@click.option("--jitter", default=0.0, show_default=True, help="Lognormal sigma of the latency.")
-@click.option(
-    "--per-token-latency", default=0.0, show_default=True, help="Seconds per output token."
-)
-@click.option("--rpm", type=int, default=None, help="Requests per minute (429 beyond).")
-@click.option("--tpm", type=int, default=None, help="Tokens per minute (429 beyond).")
-@click.option(
-    "--limit-window",
-    default=1.0,
-    show_default=True,
-    help="Seconds over which rpm/tpm are enforced (OpenAI-style slices).",
-)
-@click.option(
-    "--limit-mode",
-    type=click.Choice(["sliding", "fixed", "bucket"]),
-    default="sliding",
-    show_default=True,
-    help="How rpm/tpm windows are drawn: sliding, fixed slices, or a token bucket.",
-)
-@click.option("--max-in-flight", type=int, default=None, help="Concurrent requests (429 beyond).")
-@click.option("--error-rate", default=0.0, show_default=True, help="Probability of HTTP 500.")
-@click.option("--error-503", default=0.0, show_default=True, help="Probability of HTTP 503.")
-@click.option("--hang", default=0.0, show_default=True, help="Probability of never answering.")
-@click.option("--hang-seconds", default=3600.0, show_default=True, help="How long a hang lasts.")
-@click.option(
-    "--malformed-json", default=0.0, show_default=True, help="Probability of a broken body."
-)
-@click.option("--connection-reset", default=0.0, show_default=True, help="Probability of a reset.")
-@click.option(
-    "--schema-violation",
-    default=0.0,
-    show_default=True,
-    help="Probability that structured output breaks its schema.",
-)
-@click.option("--forbidden", default=0.0, show_default=True, help="Probability of HTTP 403.")
-@click.option(
-    "--spurious-429",
-    default=0.0,
-    show_default=True,
-    help="Probability of a 429 that is not the quota's (no x-ratelimit-* headers).",
-)
-@click.option(
-    "--spurious-retry-after",
-    default=1.0,
-    show_default=True,
-    help="Seconds of retry-after sent with a spurious 429.",
-)
-@click.option(
-    "--insufficient-quota", is_flag=True, help="Answer every request with the billing 429."
-)
-@click.option(
-    "--quota-after",
-    type=int,
-    default=None,
-    help="Billing 429 for requests arriving once this many answers were sent.",
-)
-@click.option(
-    "--context-tokens", type=int, default=None, help="Longest prompt accepted (400 beyond)."
-)
-@click.option("--api-key", default=None, help="Require this key (401 otherwise).")
-@click.option("--model", "models", multiple=True, help="Accepted model (repeatable; default any).")
-@click.option("--completion-tokens", default=40, show_default=True, help="Length of text answers.")
-@click.option("--seed", default=0, show_default=True, help="Seed of answers, latency and faults.")
-@click.option(
-    "--batch-validation-delay",
-    default=0.1,
-    show_default=True,
-    help="Seconds a batch stays validating.",
-)
-@click.option(
-    "--batch-delay",
-    default=1.0,
-    show_default=True,
-    help="Seconds a batch is in progress (its lines complete evenly over it).",
-)
-@click.option(
-    "--batch-finalize-delay", default=0.1, show_default=True, help="Seconds a batch finalizes."
-)
-@click.option(
-    "--batch-cancel-delay",
-    default=0.1,
-    show_default=True,
-    help="Seconds a cancelled batch stays cancelling.",
-)
-@click.option(
-    "--batch-expire-after",
-    type=float,
-    default=None,
-    help="Seconds in progress after which a batch expires (default: never).",
-)
-@click.option(
-    "--batch-expire-count",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Only the first N batches created can expire (default: all).",
-)
-@click.option(
-    "--batch-line-failure-rate",
-    default=0.0,
-    show_default=True,
-    help="Probability that a batch line is answered with a 500 (in the error file).",
-)
-@click.option(
-    "--batch-max-lines", default=50_000, show_default=True, help="Most requests in a batch file."
-)
-@click.option(
-    "--batch-max-bytes",
-    default=200 * 1024 * 1024,
-    show_default=True,
-    help="Largest batch input file, in bytes.",
-)
+@_simulator_options
 def simulate(host: str, port: int, models: tuple[str, ...], **options: object) -> None:
     """Run the OpenAI-compatible simulator until Ctrl-C."""
     try:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 LIMIT_MODES = ("sliding", "fixed", "bucket")
+
+
+def _option(default: Any, text: str) -> Any:
+    """A setting with its default and its one-line help (``dask-llm simulate --help``)."""
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,40 +57,57 @@ class SimulatorConfig:
     ``batch_max_bytes`` are OpenAI's limits on an input file.
     """
 
-    latency: float = 0.0
-    jitter: float = 0.0
-    per_token_latency: float = 0.0
-    rpm: int | None = None
-    tpm: int | None = None
-    limit_window: float = 1.0
-    limit_mode: str = "sliding"
-    max_in_flight: int | None = None
-    error_rate: float = 0.0
-    error_503: float = 0.0
-    hang: float = 0.0
-    hang_seconds: float = 3600.0
-    malformed_json: float = 0.0
-    connection_reset: float = 0.0
-    schema_violation: float = 0.0
-    forbidden: float = 0.0
-    spurious_429: float = 0.0
-    spurious_retry_after: float = 1.0
-    insufficient_quota: bool = False
-    quota_after: int | None = None
-    context_tokens: int | None = None
-    api_key: str | None = None
-    models: tuple[str, ...] | None = None
-    completion_tokens: int = 40
-    seed: int = 0
-    batch_validation_delay: float = 0.1
-    batch_delay: float = 1.0
-    batch_finalize_delay: float = 0.1
-    batch_cancel_delay: float = 0.1
-    batch_expire_after: float | None = None
-    batch_expire_count: int | None = None
-    batch_line_failure_rate: float = 0.0
-    batch_max_lines: int = 50_000
-    batch_max_bytes: int = 200 * 1024 * 1024
+    latency: float = _option(0.0, "Median seconds to first token.")
+    jitter: float = _option(0.0, "Lognormal sigma of the latency.")
+    per_token_latency: float = _option(0.0, "Seconds per output token.")
+    rpm: int | None = _option(None, "Requests per minute (429 beyond).")
+    tpm: int | None = _option(None, "Tokens per minute (429 beyond).")
+    limit_window: float = _option(
+        1.0, "Seconds over which rpm/tpm are enforced (OpenAI-style slices)."
+    )
+    limit_mode: str = _option(
+        "sliding", "How rpm/tpm windows are drawn: sliding, fixed slices, or a token bucket."
+    )
+    max_in_flight: int | None = _option(None, "Concurrent requests (429 beyond).")
+    error_rate: float = _option(0.0, "Probability of HTTP 500.")
+    error_503: float = _option(0.0, "Probability of HTTP 503.")
+    hang: float = _option(0.0, "Probability of never answering.")
+    hang_seconds: float = _option(3600.0, "How long a hang lasts.")
+    malformed_json: float = _option(0.0, "Probability of a broken body.")
+    connection_reset: float = _option(0.0, "Probability of a reset.")
+    schema_violation: float = _option(0.0, "Probability that structured output breaks its schema.")
+    forbidden: float = _option(0.0, "Probability of HTTP 403.")
+    spurious_429: float = _option(
+        0.0, "Probability of a 429 that is not the quota's (no x-ratelimit-* headers)."
+    )
+    spurious_retry_after: float = _option(1.0, "Seconds of retry-after sent with a spurious 429.")
+    insufficient_quota: bool = _option(False, "Answer every request with the billing 429.")
+    quota_after: int | None = _option(
+        None, "Billing 429 for requests arriving once this many answers were sent."
+    )
+    context_tokens: int | None = _option(None, "Longest prompt accepted (400 beyond).")
+    api_key: str | None = _option(None, "Require this key (401 otherwise).")
+    models: tuple[str, ...] | None = _option(None, "Accepted model (repeatable; default any).")
+    completion_tokens: int = _option(40, "Length of text answers.")
+    seed: int = _option(0, "Seed of answers, latency and faults.")
+    batch_validation_delay: float = _option(0.1, "Seconds a batch stays validating.")
+    batch_delay: float = _option(
+        1.0, "Seconds a batch is in progress (its lines complete evenly over it)."
+    )
+    batch_finalize_delay: float = _option(0.1, "Seconds a batch finalizes.")
+    batch_cancel_delay: float = _option(0.1, "Seconds a cancelled batch stays cancelling.")
+    batch_expire_after: float | None = _option(
+        None, "Seconds in progress after which a batch expires (default: never)."
+    )
+    batch_expire_count: int | None = _option(
+        None, "Only the first N batches created can expire (default: all)."
+    )
+    batch_line_failure_rate: float = _option(
+        0.0, "Probability that a batch line is answered with a 500 (in the error file)."
+    )
+    batch_max_lines: int = _option(50_000, "Most requests in a batch file.")
+    batch_max_bytes: int = _option(200 * 1024 * 1024, "Largest batch input file, in bytes.")
+
 
     def __post_init__(self) -> None:
         for name in (
