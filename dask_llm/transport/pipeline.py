@@ -35,7 +35,7 @@ Every request of those clients passes, in ``JobTransport``::
   online fallback, is sent online after all). Batch lines skip the throttle:
   the Batch API has a pool of its own.
 * **Usage.** The ``usage`` block of each answer is credited to the chain
-  call running in this context (``_usage.Attempt``); answers without one are
+  call running in this context (``core.usage.Attempt``); answers without one are
   marked unknown, never counted as zero.
 * **Breaker.** An answer no retry can fix (401, 403, 404,
   ``insufficient_quota``) or a host that refuses connections stops the job

@@ -32,7 +32,7 @@ What replaces them, and why the bytes on the wire cannot change:
   function returned the first time, so the order of keys is the SDK's).
 
 The request body is byte for byte the SDK's own: the request cache's keys
-(``_cache.request_key``, over the bytes sent) are the same with and without
+(``cache.request_key``, over the bytes sent) are the same with and without
 the fast path, and ``tests/test_sdk.py`` checks that a cache written without
 it is hit in full with it.
 
