@@ -138,7 +138,7 @@ class PartitionRun:
             self._memo_pass()
             pending = [i for i in range(self.n) if not self._row_complete(i)]
             # What is left of this partition, for the job's ledger: a process whose
-            # partitions hold much of the job's remaining work is lent more (_coordinator).
+            # partitions hold much of the job's remaining work is lent more (limits.coordinator).
             self.job.ledger.partition_began(len(pending))
             self._backlog = len(pending)
             await self._supervise(pending)
