@@ -33,7 +33,9 @@ How a stop reaches every process of the job:
   registered when dask-llm is imported) numbers each local computation (a
   *run*, ``_hub``) and sees it end with an error in the client: it stops the
   run's jobs (Ctrl-C: every job running there) and marks the run abandoned,
-  so a partition of it that begins later stops at once too;
+  so a partition of it that begins later stops at once too. A pandas frame's
+  job belongs to the computation whose task enriches it, else to no run: a
+  computation that failed or was interrupted before it never stops it;
 * dask's process pool: the same mark is kept in the client's job hub
   (``_hub``); children poll it every 0.1 s, and stop when it is gone.
   Computing the same frame again is a new run, which the old stop does not
@@ -356,6 +358,11 @@ def run_of(options: EnrichOptions) -> int | None:
         return options.run  # pickled for a pool child, in the client thread that submitted it
     if _cluster.in_pool_child() or _cluster.distributed_worker() is not None:
         return None
+    if options.total_rows is not None:
+        # A pandas frame, enriched now by the caller: inside a computation's task, that
+        # computation (stopped with it); else a run of its own, which no computation that
+        # ended before it, failed or interrupted, can touch.
+        return _hub.current_run() or max(_hub.live_runs(), default=None)
     return _hub.newest_run()  # threads or synchronous: the client's newest computation
 
 

@@ -399,3 +399,38 @@ def test_chains_used_by_two_jobs_are_left_as_they_were(sim: Any) -> None:
     frame(2).llm.enrich([chain], cache=False)
     frame(2).llm.enrich({"second": chain}, cache=False)
     assert chain.name is None  # the plan names it; the user's object is never changed
+
+
+# -- a stop belongs to one job and one run -------------------------------------------------------
+def _fails(part: pd.DataFrame) -> pd.DataFrame:
+    raise ZeroDivisionError("the user's own bug")
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param("user-bug", id="unrelated-computation-failed"),
+        pytest.param("raise", id="errors-raise-stopped-a-dask-job"),
+    ],
+)
+def test_a_stopped_dask_computation_does_not_stop_a_later_pandas_job(
+    make_simulator: Any, how: str
+) -> None:
+    sim = make_simulator(context_tokens=200)
+    if how == "user-bug":
+        with pytest.raises(ZeroDivisionError):
+            dd.from_pandas(frame(8), npartitions=2).map_partitions(_fails, meta=frame(0)).compute(
+                scheduler="threads"
+            )
+    else:
+        df = frame(40)
+        df.loc[3, "description"] = "very long " * 400  # a 400: errors="raise" stops the job
+        out = dd.from_pandas(df, npartitions=2).llm.enrich(
+            [dask_llm.Chain(summary_chain(sim.base_url), name="s")], errors="raise", cache=False
+        )
+        with pytest.raises(dask_llm.ChainError):
+            out.compute(scheduler="threads")
+    sim.reset()
+    result = frame(10).llm.enrich([dask_llm.Chain(summary_chain(sim.base_url), name="s")])
+    assert result["llm_error"].isna().all(), result["llm_error"].iloc[0]
+    assert requests(sim) == 10
