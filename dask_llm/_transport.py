@@ -38,8 +38,9 @@ Every request of those clients passes, in ``JobTransport``::
   call running in this context (``_usage.Attempt``); answers without one are
   marked unknown, never counted as zero.
 * **Breaker.** An answer no retry can fix (401, 403, 404,
-  ``insufficient_quota``) or a host that refuses connections stops the job
-  (``_job``); connection errors are re-raised naming the host and the cause.
+  ``insufficient_quota``) or a host that refuses connections or whose name
+  does not resolve stops the job (``_job``); connection errors are re-raised
+  naming the host and the cause.
 
 The throttle wraps ``_transport`` of the httpx client: the one private
 attribute we touch; ``tests/test_transport`` fails loudly if the SDK moves it.
@@ -53,6 +54,7 @@ import contextvars
 import importlib
 import json
 import re
+import socket
 from typing import Any, cast
 
 import aiohttp
@@ -75,6 +77,10 @@ from dask_llm._usage import current_attempt, price_of, read_usage
 _MAX_TOKENS = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
 _DROP_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 _FATAL_STATUS = frozenset({401, 403, 404})
+#: getaddrinfo's answers for a name that does not exist (not a resolver that failed).
+_NO_SUCH_NAME = frozenset(
+    getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name)
+)
 
 
 class Answer:
@@ -431,21 +437,29 @@ def _connection_error(exc: BaseException, request: Any, job: Any) -> BaseExcepti
     finds what happened.
     """
     cause: BaseException | None = exc
-    refused = False
+    refused = unresolved = False
     detail = f"{type(exc).__name__}: {exc}"
     seen = 0
     while cause is not None and seen < 10:
-        if isinstance(cause, ConnectionRefusedError):
-            refused = True
         os_error = getattr(cause, "os_error", None)
-        if isinstance(os_error, ConnectionRefusedError):
-            refused = True
+        for error in (cause, os_error):
+            if isinstance(error, ConnectionRefusedError):
+                refused = True
+            elif isinstance(error, socket.gaierror) and error.errno in _NO_SUCH_NAME:
+                unresolved = True
+        if os_error is not None and (refused or unresolved):
             detail = f"{type(cause).__name__}: {cause}"
         cause = cause.__cause__ or cause.__context__
         seen += 1
     host = _host(request)
-    if refused:
-        text = f"connection refused by {host} ({detail})"
+    if refused or unresolved:
+        # A name that does not exist is as final as a port nobody listens on (a
+        # temporary failure of the resolver, EAI_AGAIN, is retried like a timeout).
+        text = (
+            f"connection refused by {host} ({detail})"
+            if refused
+            else f"cannot resolve {host}: no such host name ({detail})"
+        )
         job.connection_refused(f"{text}; is base_url right and the server up?")
         return ConnectionFailed(text)
     if isinstance(exc, Exception) and "timeout" in type(exc).__name__.lower():

@@ -341,6 +341,18 @@ def test_a_refused_connection_names_the_host_and_stops_at_once() -> None:
     assert errors.str.contains(f"connection refused by 127.0.0.1:{port}").all(), errors[0]
 
 
+def test_a_host_that_does_not_resolve_stops_the_job_like_a_refused_port() -> None:
+    # ".invalid" is reserved (RFC 2606): it never resolves, and fails fast offline.
+    start = time.monotonic()
+    result = frame(50).llm.enrich(
+        [dask_llm.Chain(summary_chain("http://nonexistent.invalid:1/v1"), name="s")], cache=False
+    )
+    assert time.monotonic() - start < 10
+    errors = result["llm_error"]
+    assert errors.str.contains("cannot resolve nonexistent.invalid:1").all(), errors[0]
+    assert dask_llm.last_run().status != "completed"
+
+
 # -- the cache may fail; the job may not ----------------------------------------------------------
 class FlakyCache(MemoryCache):
     """A store whose every other write fails, as a network store or a locked file would."""
