@@ -94,6 +94,9 @@ STOP_GRACE_S = 2.0
 POLL_S = 0.1
 _IDLE_S = 60.0
 _REFUSED_BEFORE_FATAL = 3
+#: Fatal answers (401/403/404, ``insufficient_quota``) in a row, once a request of the
+#: same model has succeeded, that stop the job.
+_FATAL_REPEATS = 3
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"]+)"')
 _MAX_TOKENS = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
 
@@ -124,6 +127,9 @@ class Job:
         self._lock = threading.Lock()
         self._stop: Stop | None = None
         self._refused = 0
+        #: Models with a successful answer, and their fatal answers since the last success.
+        self._answered: set[bytes | None] = set()
+        self._fatal_streak: dict[bytes | None, int] = {}
         self._attached = 0
         self._idle_since = time.monotonic()
         self._last_poll = 0.0
@@ -257,9 +263,34 @@ class Job:
             self._largest_completion = tokens
 
     # -- the fatal breaker --------------------------------------------------------------------
-    def fatal_answer(self, description: str) -> None:
-        """A 401/403/404 or ``insufficient_quota``: no request of this job can succeed."""
-        self.stop("fatal", description)
+    def fatal_answer(self, description: str, body: bytes = b"") -> None:
+        """A 401/403/404 or ``insufficient_quota`` for the request ``body``.
+
+        It stops the job when nothing of its model has succeeded yet (a wrong key,
+        model or URL: no request can succeed), or when it repeats with no success
+        between (``_FATAL_REPEATS``: a key revoked, an account run dry). One such
+        answer among successes fails only its row: providers send the odd 403.
+        """
+        match = _MODEL.search(body)
+        model = match.group(1) if match else None
+        with self._lock:
+            streak = self._fatal_streak[model] = self._fatal_streak.get(model, 0) + 1
+            proven = model is not None and model in self._answered
+        if not proven or streak >= _FATAL_REPEATS:
+            self.stop("fatal", description)
+        else:
+            log.warning("dask-llm job %s: %s; the job goes on", self.id[:8], description)
+
+    def answered(self, body: bytes) -> None:
+        """A request of ``body``'s model succeeded: its fatal answers so far were one-offs."""
+        match = _MODEL.search(body)
+        if match is None:
+            return
+        model = match.group(1)
+        if model not in self._answered or self._fatal_streak.get(model):
+            with self._lock:
+                self._answered.add(model)
+                self._fatal_streak.pop(model, None)
 
     def connection_refused(self, description: str) -> None:
         with self._lock:

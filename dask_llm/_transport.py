@@ -188,6 +188,7 @@ class JobTransport:
                 _check_fatal(answer.status, answer.body, request, job)
                 return answer
             self.stats.calls_paid += 1
+            job.answered(body)
             model, prompt, completion = read_usage(answer.body)
             if completion is not None:
                 job.completion_seen(completion)
@@ -263,6 +264,7 @@ class JobTransport:
         attempt = current_attempt.get()
         if status < 400:
             self.stats.calls_paid += 1
+            job.answered(body)
             model, prompt, completion = read_usage(data)
             if completion is not None:
                 job.completion_seen(completion)
@@ -422,7 +424,10 @@ def _check_fatal(status: int, data: bytes, request: Any, job: Any) -> None:
         text = f"HTTP {status}{f' {code}' if code else ''} from {_host(request)}"
         if message:
             text += f": {message[:300]}"
-        job.fatal_answer(f"the provider refused the job ({text}); no request was sent after it")
+        body = request.content if request.method == "POST" else b""
+        job.fatal_answer(
+            f"the provider refused the job ({text}); no request was sent after it", body
+        )
 
 
 class ConnectionFailed(ConnectionError):

@@ -300,6 +300,28 @@ def test_a_missing_model_stops_the_job(make_simulator: Any) -> None:
     assert result["llm_error"].str.contains("model_not_found").all()
 
 
+def test_one_forbidden_answer_among_successes_fails_its_row_not_the_job(
+    make_simulator: Any,
+) -> None:
+    sim = make_simulator(forbidden=0.02)
+    result = frame(300).llm.enrich([dask_llm.Chain(summary_chain(sim.base_url), name="s")])
+    errors = result["llm_error"].dropna()
+    assert 0 < len(errors) < 20, errors.head()  # the rows that met a 403, each
+    assert errors.str.contains("403").all()
+    assert not errors.str.contains("not sent").any()
+    assert dask_llm.last_run().status == "completed"
+
+
+def test_a_fatal_answer_that_repeats_after_successes_stops_the_job(make_simulator: Any) -> None:
+    sim = make_simulator(quota_after=50)  # the account runs dry after 50 answers
+    result = frame(300).llm.enrich(
+        [dask_llm.Chain(summary_chain(sim.base_url), name="s")], cache=False
+    )
+    assert requests(sim) < 120  # then what was in flight, and the repeats
+    not_sent = result["llm_error"].str.contains("not sent: the provider refused", na=False)
+    assert not_sent.sum() > 200
+
+
 @pytest.mark.parametrize(
     ("options", "status", "code"),
     [
