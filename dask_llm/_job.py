@@ -57,7 +57,9 @@ quota 429s and 1.23x the bound; frozen, with thresholds (50,000, 20, 100),
 The fatal breaker exists because a bad key, a missing model or a wrong
 ``base_url`` would otherwise cost one failed request (and its retries) per
 row: after the first such answer the job stops sending, and every affected
-row is told the real reason (status, code, host).
+row is told the real reason (status, code, host). Once a model has answered,
+it takes ``_FATAL_REPEATS`` such answers in a row: providers send the odd
+403 among successes, which fails only its row.
 """
 
 from __future__ import annotations
