@@ -25,7 +25,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import fields
-from typing import Any
+from typing import Any, Final
 
 import click
 
@@ -42,6 +42,10 @@ from dask_llm.core.config import (
 from dask_llm.demo import main as run_demo
 from dask_llm.simulator import SimulatorConfig, serve
 from dask_llm.simulator._config import LIMIT_MODES
+
+#: ``enrich``'s exit status when the job stopped and rows failed for it (docs/cli.md); the
+#: output is written all the same. 1 is any other error, 2 a usage error, 130 Ctrl-C.
+STOPPED_EXIT_CODES: Final = {"fatal": 3, "budget": 4}
 
 
 @click.group()
@@ -411,6 +415,15 @@ def enrich(
     if report_path is not None:
         click.echo(f"report: {report_path}")
     click.echo(f"wrote {output}: {summary}" if summary is not None else f"wrote {output}")
+    stop = summary.record.stop if summary is not None and summary.record is not None else None
+    if summary is not None and stop is not None and summary.failed_rows:
+        code = STOPPED_EXIT_CODES.get(stop[0], 1)
+        click.echo(
+            f"dask-llm: stopped: {stop[1]}: {summary.failed_rows:,} of {summary.rows:,} rows "
+            f"failed (their llm_error says why; rerun to resume); exit {code}",
+            err=True,
+        )
+        sys.exit(code)
 
 
 def _output_dir(output: str, overwrite: bool) -> str:

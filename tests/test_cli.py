@@ -232,3 +232,31 @@ def test_a_failed_run_leaves_the_previous_output_as_it_was(sim: Any, workdir: Pa
     out = pd.read_parquet(workdir / "out")
     assert out["description"].str.startswith("plum 0-").all()  # the first run, whole
     assert sorted(p.name for p in workdir.iterdir() if "dask-llm" in p.name) == []
+
+
+@pytest.mark.parametrize(
+    ("simulator_options", "args", "code", "why"),
+    [
+        pytest.param({"api_key": "sk-another"}, [], 3, "401", id="fatal-answer"),
+        pytest.param({}, ["--budget-usd", "0.0001"], 4, "budget", id="budget"),
+    ],
+)
+def test_a_job_that_stopped_exits_non_zero(
+    make_simulator: Any,
+    workdir: Path,
+    simulator_options: dict[str, Any],
+    args: list[str],
+    code: int,
+    why: str,
+) -> None:
+    sim = make_simulator(**simulator_options)
+    result = run(
+        ["enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out", *args],
+        sim.base_url,
+        workdir,
+    )
+    assert result.returncode == code, result.stderr
+    assert "dask-llm: stopped:" in result.stderr and why in result.stderr
+    assert f"rows failed (their llm_error says why; rerun to resume); exit {code}" in result.stderr
+    out = pd.read_parquet(workdir / "out")  # what was done is written all the same
+    assert len(out) == 30 and out["llm_error"].notna().any()

@@ -300,6 +300,28 @@ def test_a_missing_model_stops_the_job(make_simulator: Any) -> None:
     assert result["llm_error"].str.contains("model_not_found").all()
 
 
+def test_one_forbidden_answer_among_successes_fails_its_row_not_the_job(
+    make_simulator: Any,
+) -> None:
+    sim = make_simulator(forbidden=0.02)
+    result = frame(300).llm.enrich([dask_llm.Chain(summary_chain(sim.base_url), name="s")])
+    errors = result["llm_error"].dropna()
+    assert 0 < len(errors) < 20, errors.head()  # the rows that met a 403, each
+    assert errors.str.contains("403").all()
+    assert not errors.str.contains("not sent").any()
+    assert dask_llm.last_run().status == "completed"
+
+
+def test_a_fatal_answer_that_repeats_after_successes_stops_the_job(make_simulator: Any) -> None:
+    sim = make_simulator(quota_after=50)  # the account runs dry after 50 answers
+    result = frame(300).llm.enrich(
+        [dask_llm.Chain(summary_chain(sim.base_url), name="s")], cache=False
+    )
+    assert requests(sim) < 120  # then what was in flight, and the repeats
+    not_sent = result["llm_error"].str.contains("not sent: the provider refused", na=False)
+    assert not_sent.sum() > 200
+
+
 @pytest.mark.parametrize(
     ("options", "status", "code"),
     [
@@ -339,6 +361,18 @@ def test_a_refused_connection_names_the_host_and_stops_at_once() -> None:
     assert time.monotonic() - start < 10
     errors = result["llm_error"]
     assert errors.str.contains(f"connection refused by 127.0.0.1:{port}").all(), errors[0]
+
+
+def test_a_host_that_does_not_resolve_stops_the_job_like_a_refused_port() -> None:
+    # ".invalid" is reserved (RFC 2606): it never resolves, and fails fast offline.
+    start = time.monotonic()
+    result = frame(50).llm.enrich(
+        [dask_llm.Chain(summary_chain("http://nonexistent.invalid:1/v1"), name="s")], cache=False
+    )
+    assert time.monotonic() - start < 10
+    errors = result["llm_error"]
+    assert errors.str.contains("cannot resolve nonexistent.invalid:1").all(), errors[0]
+    assert dask_llm.last_run().status != "completed"
 
 
 # -- the cache may fail; the job may not ----------------------------------------------------------
@@ -399,3 +433,38 @@ def test_chains_used_by_two_jobs_are_left_as_they_were(sim: Any) -> None:
     frame(2).llm.enrich([chain], cache=False)
     frame(2).llm.enrich({"second": chain}, cache=False)
     assert chain.name is None  # the plan names it; the user's object is never changed
+
+
+# -- a stop belongs to one job and one run -------------------------------------------------------
+def _fails(part: pd.DataFrame) -> pd.DataFrame:
+    raise ZeroDivisionError("the user's own bug")
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param("user-bug", id="unrelated-computation-failed"),
+        pytest.param("raise", id="errors-raise-stopped-a-dask-job"),
+    ],
+)
+def test_a_stopped_dask_computation_does_not_stop_a_later_pandas_job(
+    make_simulator: Any, how: str
+) -> None:
+    sim = make_simulator(context_tokens=200)
+    if how == "user-bug":
+        with pytest.raises(ZeroDivisionError):
+            dd.from_pandas(frame(8), npartitions=2).map_partitions(_fails, meta=frame(0)).compute(
+                scheduler="threads"
+            )
+    else:
+        df = frame(40)
+        df.loc[3, "description"] = "very long " * 400  # a 400: errors="raise" stops the job
+        out = dd.from_pandas(df, npartitions=2).llm.enrich(
+            [dask_llm.Chain(summary_chain(sim.base_url), name="s")], errors="raise", cache=False
+        )
+        with pytest.raises(dask_llm.ChainError):
+            out.compute(scheduler="threads")
+    sim.reset()
+    result = frame(10).llm.enrich([dask_llm.Chain(summary_chain(sim.base_url), name="s")])
+    assert result["llm_error"].isna().all(), result["llm_error"].iloc[0]
+    assert requests(sim) == 10

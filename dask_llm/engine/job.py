@@ -33,7 +33,9 @@ How a stop reaches every process of the job:
   registered when dask-llm is imported) numbers each local computation (a
   *run*, ``cluster.hub``) and sees it end with an error in the client: it stops the
   run's jobs (Ctrl-C: every job running there) and marks the run abandoned,
-  so a partition of it that begins later stops at once too;
+  so a partition of it that begins later stops at once too. A pandas frame's
+  job belongs to the computation whose task enriches it, else to no run: a
+  computation that failed or was interrupted before it never stops it;
 * dask's process pool: the same mark is kept in the client's job hub
   (``cluster.hub``); children poll it every 0.1 s, and stop when it is gone.
   Computing the same frame again is a new run, which the old stop does not
@@ -55,7 +57,9 @@ quota 429s and 1.23x the bound; frozen, with thresholds (50,000, 20, 100),
 The fatal breaker exists because a bad key, a missing model or a wrong
 ``base_url`` would otherwise cost one failed request (and its retries) per
 row: after the first such answer the job stops sending, and every affected
-row is told the real reason (status, code, host).
+row is told the real reason (status, code, host). Once a model has answered,
+it takes ``_FATAL_REPEATS`` such answers in a row: providers send the odd
+403 among successes, which fails only its row.
 """
 
 from __future__ import annotations
@@ -95,6 +99,9 @@ STOP_GRACE_S = 2.0
 POLL_S = 0.1
 _IDLE_S = 60.0
 _REFUSED_BEFORE_FATAL = 3
+#: Fatal answers (401/403/404, ``insufficient_quota``) in a row, once a request of the
+#: same model has succeeded, that stop the job.
+_FATAL_REPEATS = 3
 
 
 class Stop(NamedTuple):
@@ -125,6 +132,9 @@ class Job:
         self._lock = threading.Lock()
         self._stop: Stop | None = None
         self._refused = 0
+        #: Models with a successful answer, and their fatal answers since the last success.
+        self._answered: set[bytes | None] = set()
+        self._fatal_streak: dict[bytes | None, int] = {}
         self._attached = 0
         self._idle_since = time.monotonic()
         self._last_poll = 0.0
@@ -263,9 +273,34 @@ class Job:
             self._largest_completion = tokens
 
     # -- the fatal breaker --------------------------------------------------------------------
-    def fatal_answer(self, description: str) -> None:
-        """A 401/403/404 or ``insufficient_quota``: no request of this job can succeed."""
-        self.stop("fatal", description)
+    def fatal_answer(self, description: str, body: bytes = b"") -> None:
+        """A 401/403/404 or ``insufficient_quota`` for the request ``body``.
+
+        It stops the job when nothing of its model has succeeded yet (a wrong key,
+        model or URL: no request can succeed), or when it repeats with no success
+        between (``_FATAL_REPEATS``: a key revoked, an account run dry). One such
+        answer among successes fails only its row: providers send the odd 403.
+        """
+        match = MODEL.search(body)
+        model = match.group(1) if match else None
+        with self._lock:
+            streak = self._fatal_streak[model] = self._fatal_streak.get(model, 0) + 1
+            proven = model is not None and model in self._answered
+        if not proven or streak >= _FATAL_REPEATS:
+            self.stop("fatal", description)
+        else:
+            log.warning("dask-llm job %s: %s; the job goes on", self.id[:8], description)
+
+    def answered(self, body: bytes) -> None:
+        """A request of ``body``'s model succeeded: its fatal answers so far were one-offs."""
+        match = MODEL.search(body)
+        if match is None:
+            return
+        model = match.group(1)
+        if model not in self._answered or self._fatal_streak.get(model):
+            with self._lock:
+                self._answered.add(model)
+                self._fatal_streak.pop(model, None)
 
     def connection_refused(self, description: str) -> None:
         with self._lock:
@@ -358,12 +393,17 @@ def _gc_leave() -> None:
         _gc_saved = None
 
 
-def run_of(handle: JobHandle | None) -> int | None:
+def run_of(options: EnrichOptions, handle: JobHandle | None) -> int | None:
     """The run a partition starting here with ``handle`` belongs to (see ``cluster.hub``)."""
     if handle is not None and handle.run is not None:
         return handle.run  # pickled for a pool child, in the client thread that submitted it
     if _cluster.in_pool_child() or _cluster.distributed_worker() is not None:
         return None
+    if options.total_rows is not None:
+        # A pandas frame, enriched now by the caller: inside a computation's task, that
+        # computation (stopped with it); else a run of its own, which no computation that
+        # ended before it, failed or interrupted, can touch.
+        return _hub.current_run() or max(_hub.live_runs(), default=None)
     return _hub.newest_run()  # threads or synchronous: the client's newest computation
 
 
@@ -372,7 +412,7 @@ def attach(options: EnrichOptions, handle: JobHandle | None = None) -> Job:
 
     ``handle`` is the way back to the client (None: a job of this process's own)."""
     now = time.monotonic()
-    run = run_of(handle)
+    run = run_of(options, handle)
     _hub.run_holds(run, options.job)
     with _JOBS_LOCK:
         _gc_enter()

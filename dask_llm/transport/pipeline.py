@@ -38,8 +38,9 @@ Every request of those clients passes, in ``JobTransport``::
   call running in this context (``core.usage.Attempt``); answers without one are
   marked unknown, never counted as zero.
 * **Breaker.** An answer no retry can fix (401, 403, 404,
-  ``insufficient_quota``) or a host that refuses connections stops the job
-  (``engine.job``); connection errors are re-raised naming the host and the cause.
+  ``insufficient_quota``) or a host that refuses connections or whose name
+  does not resolve stops the job (``engine.job``); connection errors are re-raised
+  naming the host and the cause.
 
 The throttle wraps ``transport.pipeline`` of the httpx client: the one private
 attribute we touch; ``tests/test_transport`` fails loudly if the SDK moves it.
@@ -51,6 +52,7 @@ import asyncio
 import contextlib
 import contextvars
 import importlib
+import socket
 from typing import Any, cast
 
 import aiohttp
@@ -72,6 +74,10 @@ from dask_llm.transport.batch import GO_ONLINE, Batcher
 from dask_llm.transport.wire import Answer, host_of, outcome_of
 
 _DROP_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+#: getaddrinfo's answers for a name that does not exist (not a resolver that failed).
+_NO_SUCH_NAME = frozenset(
+    getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name)
+)
 
 
 class JobTransport:
@@ -149,9 +155,9 @@ class JobTransport:
             answer = cast(Answer, result)
             outcome = outcome_of(answer.status, None, answer.body, request, batch=True)
             if outcome.fatal is not None:
-                job.fatal_answer(outcome.fatal)
+                job.fatal_answer(outcome.fatal, body)
             if outcome.ok:
-                self._paid(outcome, worst)
+                self._paid(outcome, worst, body)
             return answer
         finally:
             job.recorder.request_finished(sent_at, outcome)
@@ -159,10 +165,12 @@ class JobTransport:
                 # No answer: it may have been paid for. An error line: not billed.
                 job.ledger.settle(worst, worst if outcome.status is None else 0.0)
 
-    def _paid(self, outcome: Outcome, worst: float) -> None:
-        """Credit a paid answer: the chain call's usage, the budget, the largest completion."""
+    def _paid(self, outcome: Outcome, worst: float, body: bytes) -> None:
+        """Credit a paid answer to the request ``body``: the chain call's usage, the budget,
+        the largest completion, and the breaker (its model has answered)."""
         job = self.job
         self.stats.calls_paid += 1
+        job.answered(body)
         if outcome.completion_tokens is not None:
             job.completion_seen(outcome.completion_tokens)
         attempt = current_attempt.get()
@@ -221,7 +229,7 @@ class JobTransport:
             if outcome.fatal is not None:
                 # Before the slot is released: a request of another thread waiting for
                 # it must find the job stopped.
-                job.fatal_answer(outcome.fatal)
+                job.fatal_answer(outcome.fatal, body)
             job.recorder.request_finished(sent_at, outcome)
             throttle.observe(started, status, headers, quota=outcome.quota)
             if outcome.ok:
@@ -236,7 +244,7 @@ class JobTransport:
             status, [(k, v) for k, v in headers.items() if k.lower() not in _DROP_HEADERS], data
         )
         if outcome.ok:
-            self._paid(outcome, worst)
+            self._paid(outcome, worst, body)
             if key is not None:
                 job.cache_put(key, answer.to_cache(), self.stats)
         elif status == 429:
@@ -350,21 +358,29 @@ def _connection_error(exc: BaseException, request: Any, job: Any) -> BaseExcepti
     finds what happened.
     """
     cause: BaseException | None = exc
-    refused = False
+    refused = unresolved = False
     detail = f"{type(exc).__name__}: {exc}"
     seen = 0
     while cause is not None and seen < 10:
-        if isinstance(cause, ConnectionRefusedError):
-            refused = True
         os_error = getattr(cause, "os_error", None)
-        if isinstance(os_error, ConnectionRefusedError):
-            refused = True
+        for error in (cause, os_error):
+            if isinstance(error, ConnectionRefusedError):
+                refused = True
+            elif isinstance(error, socket.gaierror) and error.errno in _NO_SUCH_NAME:
+                unresolved = True
+        if os_error is not None and (refused or unresolved):
             detail = f"{type(cause).__name__}: {cause}"
         cause = cause.__cause__ or cause.__context__
         seen += 1
     host = host_of(request)
-    if refused:
-        text = f"connection refused by {host} ({detail})"
+    if refused or unresolved:
+        # A name that does not exist is as final as a port nobody listens on (a
+        # temporary failure of the resolver, EAI_AGAIN, is retried like a timeout).
+        text = (
+            f"connection refused by {host} ({detail})"
+            if refused
+            else f"cannot resolve {host}: no such host name ({detail})"
+        )
         job.connection_refused(f"{text}; is base_url right and the server up?")
         return ConnectionFailed(text)
     if isinstance(exc, Exception) and "timeout" in type(exc).__name__.lower():
