@@ -55,7 +55,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -77,6 +78,8 @@ _TERMINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
 #: OpenAI's limits on one batch input file, with a margin for the JSONL framing.
 MAX_LINES: Final = 50_000
 MAX_BYTES: Final = 200 * 1024 * 1024 - 1024 * 1024
+#: How often lines waiting for the budget look again when none of this partition's settle.
+_RESERVE_RETRY_S: Final = 0.25
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,6 +164,11 @@ class Batcher:
         self._first_submit: float | None = None
         self._online = False  # past the deadline: everything goes online
         self._read_batches: set[str] = set()  # ended and read: never re-attached to
+        # Lines waiting to reserve their worst case (budget_usd=): (worst case, its future).
+        self._reservations: deque[tuple[Callable[[], float], asyncio.Future[float | None]]] = (
+            deque()
+        )
+        self._retry_handle: asyncio.Handle | None = None
 
     # -- rows: what may still send a request -------------------------------------------------
     def row_admitted(self, row: int) -> None:
@@ -218,6 +226,69 @@ class Batcher:
             yield
         finally:
             self._change(row, 0, -1)
+
+    # -- the budget: a round is what the budget allows at once ------------------------------------
+    async def reserve(self, worst_of: Callable[[], float]) -> float | None:
+        """Reserve a line's worst-case cost (``budget_usd=``); None: the budget is spent.
+
+        When what is left of the budget is reserved by lines in flight, the line
+        queues (its row counts as waiting) until a batch settles: every queued
+        line then tries again in one pass, in order, with its worst case computed
+        anew (a line queued before any answer reserved 1,024 completion tokens;
+        after one, 1.5x the largest seen), so the next batch holds every line the
+        budget allows at once rather than those that happened to wake first.
+        """
+        if not self._reservations:
+            worst = worst_of()
+            reserved = self.job.ledger.reserve(worst)
+            if reserved is not None:
+                return worst if reserved else None
+        future: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+        self._reservations.append((worst_of, future))
+        self._retry_later(_RESERVE_RETRY_S)
+        return await future
+
+    def settled(self) -> None:
+        """A line's reservation settled: the queued lines try again (once, after every settle)."""
+        if self._reservations:
+            self._retry_later(0.0)
+
+    def _retry_later(self, delay: float) -> None:
+        if self._retry_handle is not None:
+            if delay > 0:
+                return
+            self._retry_handle.cancel()
+        loop = asyncio.get_running_loop()
+        if delay > 0:
+            self._retry_handle = loop.call_later(delay, self._retry_reservations)
+        else:
+            self._retry_handle = loop.call_soon(self._retry_reservations)
+
+    def _retry_reservations(self) -> None:
+        self._retry_handle = None
+        queue = self._reservations
+        try:
+            self.job.check()
+        except BaseException as exc:
+            while queue:
+                _, future = queue.popleft()
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        while queue:
+            worst_of, future = queue[0]
+            if future.done():  # its row was cancelled
+                queue.popleft()
+                continue
+            worst = worst_of()
+            reserved = self.job.ledger.reserve(worst)
+            if reserved is None:
+                break
+            queue.popleft()
+            future.set_result(worst if reserved else None)
+        if queue:
+            # A line of another partition may settle too: look again a lease later.
+            self._retry_later(_RESERVE_RETRY_S)
 
     async def answer(self, request: Any, body: bytes, key: str, *, fresh: bool = False) -> Any:
         """The answer to ``request`` from a batch (an ``Answer``), or ``GO_ONLINE``.
@@ -494,6 +565,8 @@ class Batcher:
     async def aclose(self) -> None:
         if self._check_handle is not None:
             self._check_handle.cancel()
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -163,8 +163,13 @@ class JobTransport:
         """The answer from a batch line; None to send it online (fallback, deadline)."""
         job = self.job
         assert self.batcher is not None
-        worst = job.worst_cost(body, batch=True) if job.ledger.budgeted and body else 0.0
-        await self._reserve(worst)
+        worst = 0.0
+        if job.ledger.budgeted and body:
+            reserved = await self.batcher.reserve(lambda: job.worst_cost(body, batch=True))
+            if reserved is None:
+                job.check()  # the ledger has stopped the job: budget reached
+                raise JobStopped("budget reached", kind="budget")
+            worst = reserved
         cost = worst  # what to settle if no answer comes: it may have been paid for
         sent_at = job.recorder.request_started()  # run record: a line waits as long as its batch
         status: int | None = None
@@ -194,6 +199,7 @@ class JobTransport:
             job.recorder.request_finished(sent_at, status, None, data, quota=False, batch=True)
             if worst:
                 job.ledger.settle(worst, cost)
+                self.batcher.settled()
 
     async def _reserve(self, worst: float) -> None:
         """Reserve a request's worst-case cost against the job's budget (if it has one)."""

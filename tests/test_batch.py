@@ -267,3 +267,20 @@ def test_requests_beyond_a_files_limits_are_split_into_batches(make_simulator: A
     stats = batch_stats(sim)
     assert stats["batches_created"] == 3 and stats["batches_failed"] == 0
     assert stats["batch_lines_ok"] == 12
+
+
+def test_a_budget_keeps_whole_rounds_in_one_batch_each(make_simulator: Any) -> None:
+    # 200 rows x 2 dependent chains under a budget 3x what they cost: before any
+    # answer each line reserves 1,024 completion tokens, so the first batch holds
+    # what that worst case allows; then every line the budget allows at once goes
+    # in the next batch (issue 28: lines that woke first made dozens of batches).
+    sim = make_simulator(batch_delay=0.1, **FAST)
+    unbudgeted = frame(200).llm.enrich(wine_chains(sim.base_url), cache=False, batch=POLL)
+    cost = float(unbudgeted["llm_cost_usd"].sum())
+    sim.reset()
+    out = frame(200).llm.enrich(
+        wine_chains(sim.base_url), cache=False, batch=POLL, budget_usd=3 * cost
+    )
+    assert out["llm_error"].isna().all()
+    assert float(out["llm_cost_usd"].sum()) <= 3 * cost
+    assert batch_stats(sim)["batches_created"] <= 3  # 2 rounds, the first one split once
