@@ -38,7 +38,7 @@ from dask_llm import _cluster, _sdk
 from dask_llm import _job as jobs
 from dask_llm._batch import ROW, Batcher
 from dask_llm._calls import MISSING, ChainCaller, PartitionStats
-from dask_llm._columns import RowFailed, column, is_missing
+from dask_llm._columns import RowFailed, as_json, column, is_missing
 from dask_llm._errors import BudgetExceeded, ChainError, JobStopped
 from dask_llm._loop import run_sync
 from dask_llm._options import EnrichOptions
@@ -452,7 +452,10 @@ class PartitionRun:
             columns[tokens_out] = [u.tokens_out for u in rows]
             columns[cost] = [u.cost_usd for u in rows]
         for col, dtype in self.plan.new_columns.items():
-            out[col] = column(columns[col], dtype, self.df.index)
+            values = columns[col]
+            if col in self.plan.json_columns:
+                values = [as_json(v) for v in values]
+            out[col] = column(values, dtype, self.df.index)
         return out
 
 
