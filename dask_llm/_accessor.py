@@ -34,7 +34,7 @@ from dask_llm._outputs import string_dtype
 from dask_llm._pilot import Pilot, QualityGate
 from dask_llm._plan import Plan, make_plan
 from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
-from dask_llm._usage import USAGE_COLUMNS
+from dask_llm._usage import USAGE_COLUMNS, check_prices
 
 ChainsArg = Chain | Sequence[Any] | Mapping[str, Any] | Any
 CacheArg = bool | str | os.PathLike[str] | ResultCache | None
@@ -405,6 +405,7 @@ def estimate(
 
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
         raise TypeError(f"estimate() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
+    check_prices(prices)
     plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
     store = open_cache(cache, default_path=default_cache_path())
     return run_estimate(

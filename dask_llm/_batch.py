@@ -112,6 +112,11 @@ class BatchPolicy:
             raise ValueError("batch poll intervals must be > 0 seconds")
         if self.fallback not in ("retry", "online"):
             raise ValueError(f"batch fallback must be 'retry' or 'online', not {self.fallback!r}")
+        if self.completion_window != "24h":
+            raise ValueError(
+                f"batch completion_window must be '24h' (the only window the Batch API "
+                f"takes), not {self.completion_window!r}"
+            )
         if self.deadline is not None and self.deadline <= 0:
             raise ValueError("batch deadline must be > 0 seconds")
         if not 1 <= self.max_lines <= MAX_LINES:

@@ -16,6 +16,7 @@ from dask_llm import _cluster
 from dask_llm._batch import BatchPolicy
 from dask_llm._cache import ResultCache
 from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
+from dask_llm._usage import check_prices
 
 if TYPE_CHECKING:
     from dask_llm._pilot import QualityGate
@@ -89,6 +90,7 @@ class EnrichOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}= must be > 0, or None for no limit")
+        check_prices(dict(self.prices))
 
     @property
     def price_table(self) -> Mapping[str, tuple[float, ...]]:

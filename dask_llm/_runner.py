@@ -191,9 +191,18 @@ class PartitionRun:
         ids = self.batcher.batch_ids() if self.batcher is not None else []
         if not ids:
             return ""
+        cancel = f"dask_llm.cancel_batches({', '.join(repr(i) for i in ids)}) cancels them"
+        if self.job.cache is None:
+            # Nothing recorded which line is in which batch: no rerun can find them.
+            return (
+                f"batches still running: {', '.join(ids)} (this job has no cache "
+                f"(cache=False), so a rerun cannot re-attach to them and pays for their "
+                f"lines again; {cancel}); "
+            )
         return (
-            f"batches still running: {', '.join(ids)} (a rerun re-attaches to them; "
-            f"dask_llm.cancel_batches({', '.join(repr(i) for i in ids)}) cancels them); "
+            f"batches still running: {', '.join(ids)} (a rerun with batch= and the same "
+            f"cache re-attaches to them; an online rerun, or one with cache=False, pays for "
+            f"their lines again; {cancel}); "
         )
 
     async def _batch_row(self, i: int) -> None:

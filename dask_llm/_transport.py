@@ -262,16 +262,17 @@ class JobTransport:
         )
         attempt = current_attempt.get()
         if status < 400:
+            if key is not None:
+                # Paid for: kept before anything after it (accounting, parsing) can fail.
+                job.cache_put(key, answer.to_cache(), self.stats)
             self.stats.calls_paid += 1
             model, prompt, completion = read_usage(data)
             if completion is not None:
                 job.completion_seen(completion)
-            if attempt is not None:
-                attempt.paid(model, prompt, completion)
             if worst:
                 job.ledger.settle(worst, _cost(job, model, prompt, completion, worst))
-            if key is not None:
-                job.cache_put(key, answer.to_cache(), self.stats)
+            if attempt is not None:
+                attempt.paid(model, prompt, completion)
         else:
             if status == 429:
                 self.stats.rate_limited += 1

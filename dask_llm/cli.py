@@ -440,6 +440,7 @@ def enrich(
     import dask_llm
 
     target = _output_dir(output, overwrite)
+    _check_report_path(report_path)
     frame = read_inputs(inputs, blocksize)
     chains = load_chains(chains_ref)
     try:
@@ -484,6 +485,20 @@ def enrich(
     if report_path is not None:
         click.echo(f"report: {report_path}")
     click.echo(f"wrote {output}: {summary}" if summary is not None else f"wrote {output}")
+
+
+def _check_report_path(report_path: str | None) -> None:
+    """The report's directory must exist and be writable: found before anything is paid for."""
+    if report_path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(report_path))
+    if not os.path.isdir(folder):
+        raise click.BadParameter(
+            f"the directory {folder} does not exist; create it, or write the report elsewhere",
+            param_hint="--report",
+        )
+    if not os.access(folder, os.W_OK):
+        raise click.BadParameter(f"the directory {folder} is not writable", param_hint="--report")
 
 
 def _output_dir(output: str, overwrite: bool) -> str:

@@ -154,15 +154,17 @@ from tests.helpers import reviews
 
 url, rows = sys.argv[1], int(sys.argv[2])
 policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1)
-reviews(rows).llm.enrich(wine_chains(url), batch=policy, progress=False)
+cache = sys.argv[3:] != ["no-cache"]
+reviews(rows).llm.enrich(wine_chains(url), batch=policy, progress=False, cache=cache)
 print("finished", flush=True)
 """
 
 
-def start_job(sim: Any, cache: Path, rows: int) -> subprocess.Popen[str]:
+def start_job(sim: Any, cache: Path | None, rows: int) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_LLM_CACHE": str(cache)}
     return subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, sim.base_url, str(rows)],
+        [sys.executable, "-c", KILL_SCRIPT, sim.base_url, str(rows)]
+        + (["no-cache"] if cache is None else []),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -231,6 +233,30 @@ def test_ctrl_c_names_the_batches_in_flight_and_they_can_be_cancelled(
     client = openai.OpenAI(base_url=sim.base_url, api_key="sk-any")
     statuses = dask_llm.cancel_batches(batch_id, client=client)
     assert statuses[batch_id] in ("cancelling", "cancelled")
+    client.close()
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cache", "no-cache"])
+def test_ctrl_c_says_only_what_a_rerun_will_do_with_the_batches(
+    make_simulator: Any, tmp_path: Path, cached: bool
+) -> None:
+    # Issue 28: "a rerun re-attaches to them" was false for an online rerun and
+    # for cache=False; both paid every line again.
+    sim = make_simulator(batch_delay=30.0, **FAST)
+    proc = start_job(sim, tmp_path / "cache.sqlite" if cached else None, 6)
+    wait_for(sim, proc, "batches_created", 1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert "batches still running: batch_" in err, err
+    assert "a rerun re-attaches" not in err
+    if cached:
+        assert "with batch= and the same cache" in err
+        assert "online" in err  # an online rerun pays them again
+    else:
+        assert "cache=False" in err and "cannot re-attach" in err
+    client = openai.OpenAI(base_url=sim.base_url, api_key="sk-any")
+    batch_id = err.split("batches still running: ", 1)[1].split()[0].rstrip(",")
+    dask_llm.cancel_batches(batch_id, client=client)
     client.close()
 
 

@@ -232,3 +232,15 @@ def test_a_failed_run_leaves_the_previous_output_as_it_was(sim: Any, workdir: Pa
     out = pd.read_parquet(workdir / "out")
     assert out["description"].str.startswith("plum 0-").all()  # the first run, whole
     assert sorted(p.name for p in workdir.iterdir() if "dask-llm" in p.name) == []
+
+
+def test_a_report_into_a_missing_directory_is_refused_before_any_request(
+    sim: Any, workdir: Path
+) -> None:
+    # Issue 28: it failed only after every call was paid.
+    args = ["enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out"]
+    result = run([*args, "--report", "missing/run.html"], sim.base_url, workdir)
+    assert result.returncode != 0
+    assert "--report" in result.stderr and "does not exist" in result.stderr
+    assert sim.stats()["requests"] == 0
+    assert not (workdir / "out").exists()
