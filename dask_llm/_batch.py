@@ -34,7 +34,11 @@ never ran (expired, cancelled) are answered with a retryable error
 (408 ``batch_expired``), so the job's retry policy resubmits them in the
 next round, without backoff and without its time budget (a round is the
 wait); ``BatchPolicy(fallback="online")`` sends them online instead, and
-``deadline=`` cancels what is not back by then and sends it online. A batch
+``deadline=`` sends what is not back by then online: its batches are
+cancelled a quarter of the deadline before it (at most 10 minutes before), so
+that what they finished is read by the deadline however long the provider
+takes to cancel; lines of a cancel still under way at the deadline go online
+(a line that batch finished is then paid twice). A batch
 the provider rejects at validation stops the job with its errors named:
 every other line would be rejected alike.
 
@@ -78,6 +82,11 @@ _TERMINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
 #: OpenAI's limits on one batch input file, with a margin for the JSONL framing.
 MAX_LINES: Final = 50_000
 MAX_BYTES: Final = 200 * 1024 * 1024 - 1024 * 1024
+#: A deadline's batches are cancelled this share of it before it, at most CANCEL_MAX_S:
+#: the provider takes a while to cancel (OpenAI: up to 10 minutes), and the lines a
+#: cancelled batch finished are read only once the cancel is done.
+CANCEL_SHARE: Final = 0.25
+CANCEL_MAX_S: Final = 600.0
 #: How often lines waiting for the budget look again when none of this partition's settle.
 _RESERVE_RETRY_S: Final = 0.25
 
@@ -92,8 +101,12 @@ class BatchPolicy:
         fallback: what happens to lines that failed or that an expired batch never ran:
             ``"retry"`` resubmits them in the next round (within the retry policy's
             ``attempts``); ``"online"`` sends them online at once.
-        deadline: seconds from the partition's first submission after which whatever is
-            not back is cancelled and sent online (None: wait for the batches' own window).
+        deadline: seconds from the partition's first submission by which whatever is not
+            back goes online (None: wait for the batches' own window). Its batches are
+            cancelled ``min(deadline / 4, 600)`` seconds before, so that the lines they
+            finished are read by then; lines of a cancel still under way at the deadline
+            go online too (and a line that batch finished is paid twice). Wall time is
+            at most the deadline plus the online calls of what was not back.
         completion_window: the batches' window (the API accepts ``"24h"``).
         max_lines: most lines per batch (the API's limit is 50,000).
         max_bytes: most bytes per input file (the API's limit is 200 MB).
@@ -167,7 +180,7 @@ class Batcher:
         self._watching: dict[str, dict[str, list[_Line]]] = {}
         self.in_flight: dict[str, str] = {}  # batch id -> last status seen
         self._first_submit: float | None = None
-        self._online = False  # past the deadline: everything goes online
+        self._online = False  # cancelling for the deadline: everything goes online
         self._read_batches: set[str] = set()  # ended and read: never re-attached to
         # Lines waiting to reserve their worst case (budget_usd=): (worst case, its future).
         self._reservations: deque[tuple[Callable[[], float], asyncio.Future[float | None]]] = (
@@ -426,12 +439,19 @@ class Batcher:
                     self._status(batch_id, batch.status)
                 if batch.status in _TERMINAL:
                     break
-                if not cancelled and self._past_deadline():
-                    log.info("dask-llm: deadline reached, cancelling batch %s", batch_id)
+                if not cancelled and self._past(self._cancel_at()):
+                    self._online = True
+                    log.info("dask-llm: deadline near, cancelling batch %s", batch_id)
                     await client.batches.cancel(batch_id)
                     cancelled = True
+                if cancelled and self._past(self._deadline_at()):
+                    self._give_up(batch_id, batch.status)
+                    return
+                next_event = self._deadline_at() if cancelled else self._cancel_at()
+                if next_event is not None:
+                    delay = min(delay, max(0.0, next_event - time.monotonic()) + 0.01)
                 await asyncio.sleep(delay)
-                delay = min(delay * 1.5, self.policy.poll_max)
+                delay = min(max(delay, self.policy.poll_initial) * 1.5, self.policy.poll_max)
             await self._read(client, batch)
         except asyncio.CancelledError:
             raise
@@ -456,14 +476,36 @@ class Batcher:
             self.in_flight[batch_id] = status
         self._on_progress()
 
-    def _past_deadline(self) -> bool:
+    def _deadline_at(self) -> float | None:
+        """When (``time.monotonic``) what is not back goes online; None: no deadline yet."""
         deadline = self.policy.deadline
         if deadline is None or self._first_submit is None:
-            return False
-        if time.monotonic() - self._first_submit >= deadline:
-            self._online = True
-            return True
-        return False
+            return None
+        return self._first_submit + deadline
+
+    def _cancel_at(self) -> float | None:
+        """When the batches are cancelled, for what they finished to be read by the deadline."""
+        at = self._deadline_at()
+        if at is None or self.policy.deadline is None:
+            return None
+        return at - min(self.policy.deadline * CANCEL_SHARE, CANCEL_MAX_S)
+
+    @staticmethod
+    def _past(moment: float | None) -> bool:
+        return moment is not None and time.monotonic() >= moment
+
+    def _give_up(self, batch_id: str, status: str) -> None:
+        """The deadline passed with ``batch_id``'s cancel under way: its lines go online."""
+        lines = self._watching.get(batch_id, {})
+        log.warning(
+            "dask-llm: batch %s is still %s at the deadline; its %d lines go online (a line "
+            "it finished before its cancel took effect is paid twice)",
+            batch_id,
+            status,
+            len(lines),
+        )
+        for members in lines.values():
+            _resolve(members, GO_ONLINE)
 
     async def _read(self, client: openai.AsyncOpenAI, batch: Any) -> None:
         lines = self._watching.get(batch.id, {})

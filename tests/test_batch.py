@@ -124,6 +124,22 @@ def test_a_deadline_moves_what_is_not_back_online(make_simulator: Any) -> None:
     assert requests(sim) == 10 - stats["batch_lines_ok"]
 
 
+def test_a_deadline_holds_however_long_the_cancel_takes(make_simulator: Any) -> None:
+    # Issue 28: deadline=3 took 19.3 s against a 15 s cancel. The cancel starts
+    # cancel_wait before the deadline; what it has not returned by then goes online.
+    sim = make_simulator(batch_delay=30.0, batch_cancel_delay=5.0, **FAST)
+    policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1, deadline=1.0)
+    start = time.monotonic()
+    out = frame(10).llm.enrich(summary_only(sim.base_url), cache=False, batch=policy)
+    took = time.monotonic() - start
+    assert out["llm_error"].isna().all()
+    assert took < 1.0 + 1.5, took  # the deadline, then 10 online calls
+    assert requests(sim) == 10
+    client = openai.OpenAI(base_url=sim.base_url, api_key="sk-any")
+    assert [b.status for b in client.batches.list()] == ["cancelling"]
+    client.close()
+
+
 def test_a_batch_rejected_at_validation_names_the_problem(make_simulator: Any) -> None:
     sim = make_simulator(batch_delay=0.1, batch_max_lines=5, **FAST)
     out = frame(10).llm.enrich(summary_only(sim.base_url), cache=False, batch=POLL)
