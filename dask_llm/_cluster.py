@@ -105,7 +105,7 @@ _tails_out = 0  # partitions of this process that left their worker thread for t
 _TAILS_LOCK = threading.Lock()
 
 
-def secede_for_tail() -> bool:
+def secede_for_tail(*, cap: bool = True) -> bool:
     """Give this task's ``distributed`` thread slot to the next partition; True if done.
 
     Called when a partition has admitted its last row: what is left is its
@@ -116,7 +116,9 @@ def secede_for_tail() -> bool:
     the tail of every partition, and on a cluster those tails line up). The
     task still ends as usual; its thread leaves the pool when it does. At most
     one tail per thread slot is out at a time, so a worker of small partitions
-    does not pile them up.
+    does not pile them up; ``cap=False`` for a partition in batch mode, whose
+    batch waits hold no CPU: every partition of the worker waits at once, so
+    that their batch windows overlap whatever its number of threads.
     """
     global _tails_out
     worker = distributed_worker()
@@ -126,7 +128,7 @@ def secede_for_tail() -> bool:
         from distributed import secede
 
         with _TAILS_LOCK:
-            if _tails_out >= max(1, int(worker.state.nthreads)):
+            if cap and _tails_out >= max(1, int(worker.state.nthreads)):
                 return False
             _tails_out += 1
         try:

@@ -259,9 +259,11 @@ class PartitionRun:
                         raise task.exception()  # type: ignore[misc]
                 if remaining <= 0 and not workers:
                     break
-                if remaining <= 0 and not self.seceded and self.batcher is None:
-                    # Every row admitted: the rest is this partition's tail.
-                    self.seceded = _cluster.secede_for_tail()
+                if remaining <= 0 and not self.seceded:
+                    # Every row admitted: the rest is this partition's tail; in batch
+                    # mode, its batch waits, which hold no CPU: on distributed the
+                    # worker's next partition starts now, whatever its threads.
+                    self.seceded = _cluster.secede_for_tail(cap=self.batcher is None)
                 # The target is the process's (all its partitions share the pipe).
                 room = min(cap - len(workers), throttle.row_target() - throttle.rows)
                 for _ in range(min(_ADMIT_AT_ONCE, room, remaining)):
