@@ -43,7 +43,7 @@ from dask_llm.core.config import (
     QualityGate,
     RetryPolicy,
 )
-from dask_llm.core.usage import USAGE_COLUMNS, price_of
+from dask_llm.core.usage import USAGE_COLUMNS, check_prices, price_of
 from dask_llm.engine.runner import enrich_partition
 from dask_llm.observe import progress as _progress
 from dask_llm.observe.progress import RunSummary
@@ -469,6 +469,7 @@ def estimate(
     """
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
         raise TypeError(f"estimate() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
+    check_prices(prices)
     plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
     store = open_cache(cache, default_path=default_cache_path())
     return run_estimate(

@@ -371,6 +371,7 @@ def enrich(
 ) -> None:
     """Enrich CSV/Parquet INPUT files with the chains; write Parquet to OUTPUT."""
     target = _output_dir(output, overwrite)
+    _check_report_path(report_path)
     frame = read_inputs(inputs, blocksize)
     chains = load_chains(chains_ref)
     try:
@@ -424,6 +425,20 @@ def enrich(
             err=True,
         )
         sys.exit(code)
+
+
+def _check_report_path(report_path: str | None) -> None:
+    """The report's directory must exist and be writable: found before anything is paid for."""
+    if report_path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(report_path))
+    if not os.path.isdir(folder):
+        raise click.BadParameter(
+            f"the directory {folder} does not exist; create it, or write the report elsewhere",
+            param_hint="--report",
+        )
+    if not os.access(folder, os.W_OK):
+        raise click.BadParameter(f"the directory {folder} is not writable", param_hint="--report")
 
 
 def _output_dir(output: str, overwrite: bool) -> str:

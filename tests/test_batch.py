@@ -124,6 +124,22 @@ def test_a_deadline_moves_what_is_not_back_online(make_simulator: Any) -> None:
     assert requests(sim) == 10 - stats["batch_lines_ok"]
 
 
+def test_a_deadline_holds_however_long_the_cancel_takes(make_simulator: Any) -> None:
+    # Issue 28: deadline=3 took 19.3 s against a 15 s cancel. The cancel starts
+    # cancel_wait before the deadline; what it has not returned by then goes online.
+    sim = make_simulator(batch_delay=30.0, batch_cancel_delay=5.0, **FAST)
+    policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1, deadline=1.0)
+    start = time.monotonic()
+    out = frame(10).llm.enrich(summary_only(sim.base_url), cache=False, batch=policy)
+    took = time.monotonic() - start
+    assert out["llm_error"].isna().all()
+    assert took < 1.0 + 1.5, took  # the deadline, then 10 online calls
+    assert requests(sim) == 10
+    client = openai.OpenAI(base_url=sim.base_url, api_key="sk-any")
+    assert [b.status for b in client.batches.list()] == ["cancelling"]
+    client.close()
+
+
 def test_a_batch_rejected_at_validation_names_the_problem(make_simulator: Any) -> None:
     sim = make_simulator(batch_delay=0.1, batch_max_lines=5, **FAST)
     out = frame(10).llm.enrich(summary_only(sim.base_url), cache=False, batch=POLL)
@@ -154,15 +170,17 @@ from tests.helpers import reviews
 
 url, rows = sys.argv[1], int(sys.argv[2])
 policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1)
-reviews(rows).llm.enrich(wine_chains(url), batch=policy, progress=False)
+cache = sys.argv[3:] != ["no-cache"]
+reviews(rows).llm.enrich(wine_chains(url), batch=policy, progress=False, cache=cache)
 print("finished", flush=True)
 """
 
 
-def start_job(sim: Any, cache: Path, rows: int) -> subprocess.Popen[str]:
+def start_job(sim: Any, cache: Path | None, rows: int) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_LLM_CACHE": str(cache)}
     return subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, sim.base_url, str(rows)],
+        [sys.executable, "-c", KILL_SCRIPT, sim.base_url, str(rows)]
+        + (["no-cache"] if cache is None else []),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -234,6 +252,30 @@ def test_ctrl_c_names_the_batches_in_flight_and_they_can_be_cancelled(
     client.close()
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["cache", "no-cache"])
+def test_ctrl_c_says_only_what_a_rerun_will_do_with_the_batches(
+    make_simulator: Any, tmp_path: Path, cached: bool
+) -> None:
+    # Issue 28: "a rerun re-attaches to them" was false for an online rerun and
+    # for cache=False; both paid every line again.
+    sim = make_simulator(batch_delay=30.0, **FAST)
+    proc = start_job(sim, tmp_path / "cache.sqlite" if cached else None, 6)
+    wait_for(sim, proc, "batches_created", 1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert "batches still running: batch_" in err, err
+    assert "a rerun re-attaches" not in err
+    if cached:
+        assert "with batch= and the same cache" in err
+        assert "online" in err  # an online rerun pays them again
+    else:
+        assert "cache=False" in err and "cannot re-attach" in err
+    client = openai.OpenAI(base_url=sim.base_url, api_key="sk-any")
+    batch_id = err.split("batches still running: ", 1)[1].split()[0].rstrip(",")
+    dask_llm.cancel_batches(batch_id, client=client)
+    client.close()
+
+
 def test_progress_shows_batches_by_status_while_they_run(make_simulator: Any) -> None:
     import threading
 
@@ -268,3 +310,20 @@ def test_requests_beyond_a_files_limits_are_split_into_batches(make_simulator: A
     stats = batch_stats(sim)
     assert stats["batches_created"] == 3 and stats["batches_failed"] == 0
     assert stats["batch_lines_ok"] == 12
+
+
+def test_a_budget_keeps_whole_rounds_in_one_batch_each(make_simulator: Any) -> None:
+    # 200 rows x 2 dependent chains under a budget 3x what they cost: before any
+    # answer each line reserves 1,024 completion tokens, so the first batch holds
+    # what that worst case allows; then every line the budget allows at once goes
+    # in the next batch (issue 28: lines that woke first made dozens of batches).
+    sim = make_simulator(batch_delay=0.1, **FAST)
+    unbudgeted = frame(200).llm.enrich(wine_chains(sim.base_url), cache=False, batch=POLL)
+    cost = float(unbudgeted["llm_cost_usd"].sum())
+    sim.reset()
+    out = frame(200).llm.enrich(
+        wine_chains(sim.base_url), cache=False, batch=POLL, budget_usd=3 * cost
+    )
+    assert out["llm_error"].isna().all()
+    assert float(out["llm_cost_usd"].sum()) <= 3 * cost
+    assert batch_stats(sim)["batches_created"] <= 3  # 2 rounds, the first one split once

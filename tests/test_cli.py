@@ -260,3 +260,15 @@ def test_a_job_that_stopped_exits_non_zero(
     assert f"rows failed (their llm_error says why; rerun to resume); exit {code}" in result.stderr
     out = pd.read_parquet(workdir / "out")  # what was done is written all the same
     assert len(out) == 30 and out["llm_error"].notna().any()
+
+
+def test_a_report_into_a_missing_directory_is_refused_before_any_request(
+    sim: Any, workdir: Path
+) -> None:
+    # Issue 28: it failed only after every call was paid.
+    args = ["enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out"]
+    result = run([*args, "--report", "missing/run.html"], sim.base_url, workdir)
+    assert result.returncode != 0
+    assert "--report" in result.stderr and "does not exist" in result.stderr
+    assert sim.stats()["requests"] == 0
+    assert not (workdir / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from typing import Any
 
 import cloudpickle
@@ -208,3 +209,26 @@ def test_batch_mode_on_a_local_cluster(make_simulator: Any) -> None:
     assert stats["batch_lines_ok"] == 60 and stats["batch_duplicate_lines"] == 0
     summary = dask_llm.last_run()
     assert summary is not None and summary.batch_lines == 60
+
+
+def test_batch_waits_of_one_worker_overlap_whatever_its_threads(make_simulator: Any) -> None:
+    # Issue 28: with more partitions than threads, batch waits ran one after another.
+    sim = make_simulator(batch_validation_delay=0.05, batch_delay=1.5, batch_finalize_delay=0.05)
+    policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1)
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        out = dd.from_pandas(frame(24), npartitions=4).llm.enrich(
+            [dask_llm.Chain(summary_chain(sim.base_url), name="summarize")],
+            batch=policy,
+            cache=False,
+        )
+        start = time.monotonic()
+        result = client.compute(out).result()
+        took = time.monotonic() - start
+    assert result["llm_error"].isna().all(), result["llm_error"].dropna().tolist()
+    assert sim.stats()["batches_created"] == 4
+    assert took < 2 * 1.6, took  # one window (4 one after another: 6.4 s)

@@ -96,3 +96,17 @@ def test_estimate_writes_nothing(sim: Any, tmp_path: Any) -> None:
 
 def requests_of(sim: Any) -> int:
     return int(sim.stats()["requests"])
+
+
+def test_a_batch_estimate_says_when_partitions_wait_one_after_another(sim: Any) -> None:
+    # Issue 28: "within the batch window" while 8 partitions on 2 local threads
+    # waited four windows one after another.
+    text = str(
+        dd.from_pandas(frame(), npartitions=8).llm.estimate(
+            chains(sim.base_url), cache=False, batch=True
+        )
+    )
+    assert "all 8 partitions wait at once" in text
+    assert "compute(num_workers=8)" in text
+    single = str(frame().llm.estimate(chains(sim.base_url), cache=False, batch=True))
+    assert "partitions" not in single

@@ -128,3 +128,50 @@ def test_public_signatures_are_typed(tmp_path: Path) -> None:
     stdout, _, _ = api.run([str(source), "--no-incremental", "--ignore-missing-imports"])
     errors = [line for line in stdout.splitlines() if ": error:" in line]
     assert sorted({e.split(":")[1] for e in errors}) == ["7", "8"], stdout
+
+
+@pytest.mark.parametrize(
+    ("prices", "named"),
+    [
+        pytest.param({"gpt-4o-mini": (1,)}, "2 or 4", id="one-number"),
+        pytest.param({"gpt-4o-mini": (1, 2, 3)}, "2 or 4", id="three-numbers"),
+        pytest.param({"gpt-4o-mini": (-0.15, 0.6)}, ">= 0", id="negative"),
+        pytest.param({"gpt-4o-mini": (float("nan"), 0.6)}, ">= 0", id="nan"),
+        pytest.param({"gpt-4o-mini": ("0.15", 0.6)}, "numbers", id="text"),
+        pytest.param({"gpt-4o-mini": 0.15}, "numbers", id="not-a-tuple"),
+    ],
+)
+def test_bad_prices_are_refused_before_any_request(sim: Any, prices: Any, named: str) -> None:
+    # Issue 28: (1,) failed every row with IndexError after its paid call.
+    with pytest.raises(ValueError, match=rf"prices=.*'gpt-4o-mini'.*{named}"):
+        ROWS.llm.enrich(chains(sim.base_url), prices=prices, cache=False)
+    with pytest.raises(ValueError, match=r"prices="):
+        ROWS.llm.estimate(chains(sim.base_url), prices=prices, cache=False)
+    assert requests(sim) == 0
+
+
+def test_a_batch_window_the_api_does_not_take_is_refused() -> None:
+    with pytest.raises(ValueError, match="completion_window"):
+        dask_llm.BatchPolicy(completion_window="1h")
+
+
+def test_an_answer_paid_for_is_cached_before_its_accounting_can_fail(
+    sim: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fault after the paid answer (as the IndexError of a bad price was): the
+    # rows fail, but a rerun pays nothing again.
+    from dask_llm.core import usage as _usage
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("accounting broke")
+
+    cache = tmp_path / "cache.sqlite"
+    with monkeypatch.context() as patch:
+        patch.setattr(_usage.Attempt, "paid", broken)
+        failed = ROWS.llm.enrich(chains(sim.base_url), cache=cache)
+    assert failed["llm_error"].str.contains("accounting broke").all()
+    paid = requests(sim)
+    assert paid == len(ROWS)
+    again = ROWS.llm.enrich(chains(sim.base_url), cache=cache)
+    assert again["llm_error"].isna().all()
+    assert requests(sim) == paid

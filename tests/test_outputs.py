@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, TypedDict
 
@@ -202,3 +203,31 @@ def test_the_same_chain_object_serves_two_jobs(sim: Any) -> None:
     second = ROWS.llm.enrich({"again": chain}, cache=False)
     assert first["note"].tolist() == second["note"].tolist()
     assert chain.name is None
+
+
+class Loose(BaseModel):
+    summary: str
+    extra: dict[str, int]
+    anything: Any
+
+
+def test_dict_and_any_fields_are_json_text_that_parquet_writes_and_reads_back(
+    sim: Any, tmp_path: Any
+) -> None:
+    # Issue 28: no fixed Arrow type, so an object column that Dask could not
+    # write (before any call) and pandas could not write (after paying).
+    chain = dask_llm.Chain(PROMPT | llm(sim.base_url).with_structured_output(Loose), name="c")
+    lazy = dd.from_pandas(ROWS, npartitions=2).llm.enrich([chain], cache=False)
+    assert lazy.dtypes["extra"] == lazy.dtypes["summary"]  # text, known before any call
+    assert lazy.dtypes["anything"] == lazy.dtypes["summary"]
+    assert requests(sim) == 0
+    lazy.to_parquet(str(tmp_path / "dask"))
+    eager = ROWS.llm.enrich([chain], cache=False)
+    eager.to_parquet(tmp_path / "pandas.parquet")
+    for back in (
+        dd.read_parquet(str(tmp_path / "dask")).compute(),
+        pd.read_parquet(tmp_path / "pandas.parquet"),
+    ):
+        assert back["llm_error"].isna().all()
+        assert [json.loads(v) for v in back["extra"]] == [{}] * len(ROWS)
+        assert all(isinstance(json.loads(v), str) for v in back["anything"])

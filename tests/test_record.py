@@ -120,6 +120,16 @@ def test_the_report_is_one_offline_html_file_with_plots_and_sample_rows(
     assert Path(png).read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_report_of_a_run_of_no_rows_warns_nothing(sim: Any, tmp_path: Path) -> None:
+    # Issue 28: matplotlib warned "No artists with labels found to put in legend"
+    # (warnings are errors here).
+    reviews(0).llm.enrich(chains(sim.base_url), cache=False, progress=False)
+    summary = dask_llm.last_run()
+    assert summary is not None and summary.rows == 0
+    text = Path(summary.report(tmp_path / "empty.html")).read_text()
+    assert text.count("<svg") == 1
+
+
 def test_the_clients_record_stays_bounded_over_a_long_run() -> None:
     record = RunRecord()
     seconds = 3 * MAX_BUCKETS + 5

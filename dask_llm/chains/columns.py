@@ -9,6 +9,7 @@ failing the partition.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -74,6 +75,13 @@ def normalize(pc: PlannedChain, result: Any) -> Any:
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def as_json(value: Any) -> str | None:
+    """A value of a field of no fixed type as JSON text (``chains.outputs``); null stays null."""
+    if value is None:
+        return None
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 def column(values: list[Any], dtype: Any, index: pd.Index) -> pd.Series:

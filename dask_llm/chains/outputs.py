@@ -32,8 +32,13 @@ lists and nested objects are declared as Arrow types (``list<string>``,
 ``struct<...>``) so that ``to_parquet`` writes typed columns, and computed as
 Python lists and dicts in object columns, which every Parquet reader reads
 back (pandas 3 cannot parse a nested Arrow dtype recorded in a file's pandas
-metadata, and Dask cannot write an untyped object column). Fields of no
-known type stay ``object``.
+metadata, and Dask cannot write an untyped object column). A field of no
+fixed type (``dict[str, int]``, ``Any``, a union) is JSON text: a text column
+holding each value's ``json.dumps`` (null stays null), which Parquet writes and
+every reader reads back (a dict with no declared keys has no Arrow struct, and
+an object column of them wrote on neither pandas nor Dask). Only a chain of no
+known schema (a function with ``outputs=``) keeps its values in an ``object``
+column as they are.
 """
 
 from __future__ import annotations
@@ -61,6 +66,19 @@ class _Text:
 
 
 TEXT: Any = _Text()
+
+
+class _Json:
+    """Placeholder dtype for JSON text columns (a field of no fixed type: ``dict``, ``Any``)."""
+
+    def __repr__(self) -> str:
+        return "JSON"
+
+    def __reduce__(self) -> str:
+        return "JSON"
+
+
+JSON: Any = _Json()
 
 #: What the raw answer's column is called in ``outputs=`` of an ``include_raw`` chain.
 RAW = "raw"
@@ -151,7 +169,7 @@ def _whole(shape: _Shape) -> Any:
         arrow = arrow_type(shape.schema, shape.defs)
         if arrow is not None:
             return pd.ArrowDtype(arrow)
-    return object_dtype()
+    return JSON if shape.schema else object_dtype()
 
 
 class _Shape:
@@ -295,10 +313,15 @@ def string_dtype() -> Any:
 
 
 def dtype_for(prop: dict[str, Any] | None, defs: dict[str, Any]) -> Any:
-    """The column dtype of one JSON-schema property (see the module docstring)."""
+    """The column dtype of one JSON-schema property (see the module docstring).
+
+    None (no schema says what the field is): ``object``, the chain's own values.
+    """
+    if prop is None:
+        return object_dtype()
     prop = _resolve(prop, defs)
     if not prop:
-        return object_dtype()
+        return JSON
     kind = prop.get("type")
     if kind == "string" or (kind is None and _all_strings(prop.get("enum"))):
         return TEXT
@@ -309,7 +332,7 @@ def dtype_for(prop: dict[str, Any] | None, defs: dict[str, Any]) -> Any:
     if kind == "boolean":
         return pd.BooleanDtype()
     arrow = arrow_type(prop, defs)
-    return pd.ArrowDtype(arrow) if arrow is not None else object_dtype()
+    return pd.ArrowDtype(arrow) if arrow is not None else JSON
 
 
 def arrow_type(prop: dict[str, Any] | None, defs: dict[str, Any], depth: int = 0) -> Any:

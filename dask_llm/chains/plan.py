@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from dask_llm.chains.chain import Chain
-from dask_llm.chains.outputs import TEXT, OutputSpec
+from dask_llm.chains.outputs import JSON, TEXT, OutputSpec
 
 
 class PlannedChain:
@@ -39,7 +39,7 @@ class PlannedChain:
 class Plan:
     """Chains in dependency order, plus the columns they add."""
 
-    __slots__ = ("chains", "error_column", "new_columns", "usage_columns")
+    __slots__ = ("chains", "error_column", "json_columns", "new_columns", "usage_columns")
 
     def __init__(
         self,
@@ -52,9 +52,13 @@ class Plan:
         self.error_column = error_column
         self.usage_columns = usage_columns
         self.new_columns: dict[str, Any] = {}
+        #: Columns of JSON text (fields of no fixed type): each value is ``json.dumps``-ed.
+        self.json_columns: frozenset[str] = frozenset(
+            col for pc in chains for col, dtype in pc.outputs.dtypes.items() if dtype is JSON
+        )
         for pc in chains:
             for col, dtype in pc.outputs.dtypes.items():
-                self.new_columns[col] = text_dtype if dtype is TEXT else dtype
+                self.new_columns[col] = text_dtype if dtype is TEXT or dtype is JSON else dtype
         if usage_columns is not None:
             tokens_in, tokens_out, cost = usage_columns
             self.new_columns[tokens_in] = pd.Int64Dtype()

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from dask_llm.core.usage import check_prices
+
 if TYPE_CHECKING:
     from dask_llm.cache import ResultCache
     from dask_llm.observe.record import ChainCounts, RowCounts
@@ -89,8 +91,12 @@ class BatchPolicy:
         fallback: what happens to lines that failed or that an expired batch never ran:
             ``"retry"`` resubmits them in the next round (within the retry policy's
             ``attempts``); ``"online"`` sends them online at once.
-        deadline: seconds from the partition's first submission after which whatever is
-            not back is cancelled and sent online (None: wait for the batches' own window).
+        deadline: seconds from the partition's first submission by which whatever is not
+            back goes online (None: wait for the batches' own window). Its batches are
+            cancelled ``min(deadline / 4, 600)`` seconds before, so that the lines they
+            finished are read by then; lines of a cancel still under way at the deadline
+            go online too (and a line that batch finished is paid twice). Wall time is
+            at most the deadline plus the online calls of what was not back.
         completion_window: the batches' window (the API accepts ``"24h"``).
         max_lines: most lines per batch (the API's limit is 50,000).
         max_bytes: most bytes per input file (the API's limit is 200 MB).
@@ -109,6 +115,11 @@ class BatchPolicy:
             raise ValueError("batch poll intervals must be > 0 seconds")
         if self.fallback not in ("retry", "online"):
             raise ValueError(f"batch fallback must be 'retry' or 'online', not {self.fallback!r}")
+        if self.completion_window != "24h":
+            raise ValueError(
+                f"batch completion_window must be '24h' (the only window the Batch API "
+                f"takes), not {self.completion_window!r}"
+            )
         if self.deadline is not None and self.deadline <= 0:
             raise ValueError("batch deadline must be > 0 seconds")
         if not 1 <= self.max_lines <= MAX_LINES:
@@ -235,6 +246,7 @@ class EnrichOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}= must be > 0, or None for no limit")
+        check_prices(dict(self.prices))
 
     @property
     def price_table(self) -> Mapping[str, tuple[float, ...]]:

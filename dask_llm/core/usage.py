@@ -25,6 +25,7 @@ it. A model that is not in the table gets a null cost, never a guessed one.
 from __future__ import annotations
 
 import contextvars
+import math
 import re
 import threading
 from collections.abc import Mapping
@@ -59,6 +60,30 @@ PRICES: Mapping[str, tuple[float, float]] = MappingProxyType(
 )
 
 _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+
+
+def check_prices(prices: Mapping[str, Any] | None) -> None:
+    """Refuse a ``prices=`` table that would fail or mislead after a paid call.
+
+    Each entry is ``(input, output)`` or ``(input, output, batch_input, batch_output)``,
+    US dollars per million tokens, each a finite number >= 0.
+    """
+    for model, price in (prices or {}).items():
+        what = f"prices={{{model!r}: {price!r}}}"
+        if not isinstance(price, tuple | list) or not all(
+            isinstance(p, int | float) and not isinstance(p, bool) for p in price
+        ):
+            raise ValueError(
+                f"{what}: a price is a tuple of numbers, (input, output) US dollars per "
+                "million tokens, or (input, output, batch_input, batch_output)"
+            )
+        if len(price) not in (2, 4):
+            raise ValueError(
+                f"{what} has {len(price)} number(s); give 2 or 4: (input, output) US dollars "
+                "per million tokens, or (input, output, batch_input, batch_output)"
+            )
+        if not all(math.isfinite(p) and p >= 0 for p in price):
+            raise ValueError(f"{what}: every price must be a finite number >= 0")
 
 
 def price_of(

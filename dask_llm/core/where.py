@@ -112,7 +112,7 @@ class Tails:
         self.out = 0
 
 
-def secede_for_tail() -> bool:
+def secede_for_tail(*, cap: bool = True) -> bool:
     """Give this task's ``distributed`` thread slot to the next partition; True if done.
 
     Called when a partition has admitted its last row: what is left is its
@@ -123,7 +123,9 @@ def secede_for_tail() -> bool:
     the tail of every partition, and on a cluster those tails line up). The
     task still ends as usual; its thread leaves the pool when it does. At most
     one tail per thread slot is out at a time, so a worker of small partitions
-    does not pile them up.
+    does not pile them up; ``cap=False`` for a partition in batch mode, whose
+    batch waits hold no CPU: every partition of the worker waits at once, so
+    that their batch windows overlap whatever its number of threads.
     """
     worker = distributed_worker()
     if worker is None or current_task_key() is None:
@@ -133,7 +135,7 @@ def secede_for_tail() -> bool:
 
         tails = part(Tails)
         with tails.lock:
-            if tails.out >= max(1, int(worker.state.nthreads)):
+            if cap and tails.out >= max(1, int(worker.state.nthreads)):
                 return False
             tails.out += 1
         try:

@@ -34,7 +34,7 @@ from typing import Any
 
 import pandas as pd
 
-from dask_llm.chains.columns import RowFailed, column, is_missing
+from dask_llm.chains.columns import RowFailed, as_json, column, is_missing
 from dask_llm.chains.plan import Plan, PlannedChain
 from dask_llm.chains.shipping import provide_keys
 from dask_llm.cluster.handle import JobHandle
@@ -194,9 +194,18 @@ class PartitionRun:
         ids = self.batcher.batch_ids() if self.batcher is not None else []
         if not ids:
             return ""
+        cancel = f"dask_llm.cancel_batches({', '.join(repr(i) for i in ids)}) cancels them"
+        if self.job.cache is None:
+            # Nothing recorded which line is in which batch: no rerun can find them.
+            return (
+                f"batches still running: {', '.join(ids)} (this job has no cache "
+                f"(cache=False), so a rerun cannot re-attach to them and pays for their "
+                f"lines again; {cancel}); "
+            )
         return (
-            f"batches still running: {', '.join(ids)} (a rerun re-attaches to them; "
-            f"dask_llm.cancel_batches({', '.join(repr(i) for i in ids)}) cancels them); "
+            f"batches still running: {', '.join(ids)} (a rerun with batch= and the same "
+            f"cache re-attaches to them; an online rerun, or one with cache=False, pays for "
+            f"their lines again; {cancel}); "
         )
 
     async def _batch_row(self, i: int) -> None:
@@ -253,9 +262,11 @@ class PartitionRun:
                         raise task.exception()  # type: ignore[misc]
                 if remaining <= 0 and not workers:
                     break
-                if remaining <= 0 and not self.seceded and self.batcher is None:
-                    # Every row admitted: the rest is this partition's tail.
-                    self.seceded = _cluster.secede_for_tail()
+                if remaining <= 0 and not self.seceded:
+                    # Every row admitted: the rest is this partition's tail; in batch
+                    # mode, its batch waits, which hold no CPU: on distributed the
+                    # worker's next partition starts now, whatever its threads.
+                    self.seceded = _cluster.secede_for_tail(cap=self.batcher is None)
                 # The target is the process's (all its partitions share the pipe).
                 room = min(cap - len(workers), throttle.row_target() - throttle.rows)
                 for _ in range(min(_ADMIT_AT_ONCE, room, remaining)):
@@ -455,7 +466,10 @@ class PartitionRun:
             columns[tokens_out] = [u.tokens_out for u in rows]
             columns[cost] = [u.cost_usd for u in rows]
         for col, dtype in self.plan.new_columns.items():
-            out[col] = column(columns[col], dtype, self.df.index)
+            values = columns[col]
+            if col in self.plan.json_columns:
+                values = [as_json(v) for v in values]
+            out[col] = column(values, dtype, self.df.index)
         return out
 
 

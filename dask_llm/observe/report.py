@@ -83,7 +83,7 @@ def figure(summary: RunSummary, *, estimate: Any = None) -> Figure:
         ax.axhline(limit, color="red", ls="--", lw=1, label=f"limit {limit * 60:,.0f}/min")
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("requests per second")
-    ax.legend(loc="upper right", fontsize=8)
+    _legend(ax, "upper right")
 
     ax = axes[0][1]
     ax.set_title("Requests in flight (mean over each bucket)")
@@ -104,7 +104,7 @@ def figure(summary: RunSummary, *, estimate: Any = None) -> Figure:
                 ax.plot(t, counts, label=f"error {kind}", lw=1, ls=":")
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("count")
-    ax.legend(loc="upper right", fontsize=8)
+    _legend(ax, "upper right")
 
     ax = axes[1][1]
     ax.set_title("Latency per chain")
@@ -125,8 +125,7 @@ def figure(summary: RunSummary, *, estimate: Any = None) -> Figure:
     ax.set_xscale("log")
     ax.set_xlabel("seconds (dashed: p50, dotted: p90)")
     ax.set_ylabel("requests")
-    if record.chains:
-        ax.legend(loc="upper right", fontsize=8)
+    _legend(ax, "upper right")
 
     ax = axes[2][0]
     ax.set_title("Cumulative cost")
@@ -139,7 +138,7 @@ def figure(summary: RunSummary, *, estimate: Any = None) -> Figure:
         ax.axhline(record.budget_usd, color="red", lw=1, label=f"budget ${record.budget_usd:,.4g}")
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("US dollars")
-    ax.legend(loc="lower right", fontsize=8)
+    _legend(ax, "lower right")
 
     ax = axes[2][1]
     ax.set_title("Cost and tokens per chain")
@@ -159,6 +158,12 @@ def figure(summary: RunSummary, *, estimate: Any = None) -> Figure:
         ax.invert_yaxis()
     ax.set_xlabel("US dollars")
     return fig
+
+
+def _legend(ax: Any, loc: str) -> None:
+    """A legend where a panel has labelled lines (an empty run has none: no warning)."""
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(loc=loc, fontsize=8)
 
 
 def _svg(fig: Figure) -> str:

@@ -68,13 +68,22 @@ class Estimate:
     #: The cost online and through the Batch API (None where a model has no price).
     online_cost_usd: float | None = None
     batch_cost_usd: float | None = None
+    #: Partitions of the frame: batch waits overlap only where they run at once.
+    partitions: int = 1
 
     def __str__(self) -> str:
         cost = "unknown" if self.cost_usd is None else f"${significant(self.cost_usd)}"
         if self.batch and self.online_cost_usd is not None:
             cost += f" with the Batch API (online: ${significant(self.online_cost_usd)})"
         if self.batch:
-            wall = "within the batch window (rounds: one per dependent chain level)"
+            wall = "within the batch window per round (one per dependent chain level)"
+            if self.partitions > 1:
+                wall += (
+                    f" if all {self.partitions:,} partitions wait at once: on dask.distributed "
+                    "they do (a partition waiting for its batch leaves its thread); on a local "
+                    "scheduler, only as many as its threads, the rest one after another "
+                    f"(compute(num_workers={self.partitions}) lets them all wait at once)"
+                )
         elif self.wall_s is None:
             wall = "unknown (give rpm= or tpm=)"
         else:
@@ -320,6 +329,7 @@ def run_estimate(
         counts, rows=int(rows), plan=plan, rpm=rpm, tpm=tpm, prices=prices, batch=batch
     )
     estimate.budget_usd = budget_usd
+    estimate.partitions = int(getattr(frame, "npartitions", 1))
     return estimate
 
 

@@ -34,7 +34,11 @@ never ran (expired, cancelled) are answered with a retryable error
 (408 ``batch_expired``), so the job's retry policy resubmits them in the
 next round, without backoff and without its time budget (a round is the
 wait); ``BatchPolicy(fallback="online")`` sends them online instead, and
-``deadline=`` cancels what is not back by then and sends it online. A batch
+``deadline=`` sends what is not back by then online: its batches are
+cancelled a quarter of the deadline before it (at most 10 minutes before), so
+that what they finished is read by the deadline however long the provider
+takes to cancel; lines of a cancel still under way at the deadline go online
+(a line that batch finished is then paid twice). A batch
 the provider rejects at validation stops the job with its errors named:
 every other line would be rejected alike.
 
@@ -55,7 +59,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import openai
@@ -76,6 +81,15 @@ _GAUGES: Final = {
     "cancelling": "batches_in_progress",
 }
 _TERMINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
+#: A deadline's batches are cancelled this share of it before it, at most CANCEL_MAX_S:
+#: the provider takes a while to cancel (OpenAI: up to 10 minutes), and the lines a
+#: cancelled batch finished are read only once the cancel is done.
+CANCEL_SHARE: Final = 0.25
+CANCEL_MAX_S: Final = 600.0
+#: How often lines waiting for the budget look again when none of this partition's settle.
+_RESERVE_RETRY_S: Final = 0.25
+
+
 class GoOnline:
     """The answer to a line that is to be sent online instead (fallback or deadline)."""
 
@@ -114,8 +128,13 @@ class Batcher:
         self._watching: dict[str, dict[str, list[_Line]]] = {}
         self.in_flight: dict[str, str] = {}  # batch id -> last status seen
         self._first_submit: float | None = None
-        self._online = False  # past the deadline: everything goes online
+        self._online = False  # cancelling for the deadline: everything goes online
         self._read_batches: set[str] = set()  # ended and read: never re-attached to
+        # Lines waiting to reserve their worst case (budget_usd=): (worst case, its future).
+        self._reservations: deque[tuple[Callable[[], float], asyncio.Future[float | None]]] = (
+            deque()
+        )
+        self._retry_handle: asyncio.Handle | None = None
 
     # -- rows: what may still send a request -------------------------------------------------
     def row_admitted(self, row: int) -> None:
@@ -173,6 +192,69 @@ class Batcher:
             yield
         finally:
             self._change(row, 0, -1)
+
+    # -- the budget: a round is what the budget allows at once ------------------------------------
+    async def reserve(self, worst_of: Callable[[], float]) -> float | None:
+        """Reserve a line's worst-case cost (``budget_usd=``); None: the budget is spent.
+
+        When what is left of the budget is reserved by lines in flight, the line
+        queues (its row counts as waiting) until a batch settles: every queued
+        line then tries again in one pass, in order, with its worst case computed
+        anew (a line queued before any answer reserved 1,024 completion tokens;
+        after one, 1.5x the largest seen), so the next batch holds every line the
+        budget allows at once rather than those that happened to wake first.
+        """
+        if not self._reservations:
+            worst = worst_of()
+            reserved = self.job.ledger.reserve(worst)
+            if reserved is not None:
+                return worst if reserved else None
+        future: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+        self._reservations.append((worst_of, future))
+        self._retry_later(_RESERVE_RETRY_S)
+        return await future
+
+    def settled(self) -> None:
+        """A line's reservation settled: the queued lines try again (once, after every settle)."""
+        if self._reservations:
+            self._retry_later(0.0)
+
+    def _retry_later(self, delay: float) -> None:
+        if self._retry_handle is not None:
+            if delay > 0:
+                return
+            self._retry_handle.cancel()
+        loop = asyncio.get_running_loop()
+        if delay > 0:
+            self._retry_handle = loop.call_later(delay, self._retry_reservations)
+        else:
+            self._retry_handle = loop.call_soon(self._retry_reservations)
+
+    def _retry_reservations(self) -> None:
+        self._retry_handle = None
+        queue = self._reservations
+        try:
+            self.job.check()
+        except BaseException as exc:
+            while queue:
+                _, future = queue.popleft()
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        while queue:
+            worst_of, future = queue[0]
+            if future.done():  # its row was cancelled
+                queue.popleft()
+                continue
+            worst = worst_of()
+            reserved = self.job.ledger.reserve(worst)
+            if reserved is None:
+                break
+            queue.popleft()
+            future.set_result(worst if reserved else None)
+        if queue:
+            # A line of another partition may settle too: look again a lease later.
+            self._retry_later(_RESERVE_RETRY_S)
 
     async def answer(self, request: Any, body: bytes, key: str, *, fresh: bool = False) -> Any:
         """The answer to ``request`` from a batch (an ``Answer``), or ``GO_ONLINE``.
@@ -305,12 +387,19 @@ class Batcher:
                     self._status(batch_id, batch.status)
                 if batch.status in _TERMINAL:
                     break
-                if not cancelled and self._past_deadline():
-                    log.info("dask-llm: deadline reached, cancelling batch %s", batch_id)
+                if not cancelled and self._past(self._cancel_at()):
+                    self._online = True
+                    log.info("dask-llm: deadline near, cancelling batch %s", batch_id)
                     await client.batches.cancel(batch_id)
                     cancelled = True
+                if cancelled and self._past(self._deadline_at()):
+                    self._give_up(batch_id, batch.status)
+                    return
+                next_event = self._deadline_at() if cancelled else self._cancel_at()
+                if next_event is not None:
+                    delay = min(delay, max(0.0, next_event - time.monotonic()) + 0.01)
                 await asyncio.sleep(delay)
-                delay = min(delay * 1.5, self.policy.poll_max)
+                delay = min(max(delay, self.policy.poll_initial) * 1.5, self.policy.poll_max)
             await self._read(client, batch)
         except asyncio.CancelledError:
             raise
@@ -335,14 +424,36 @@ class Batcher:
             self.in_flight[batch_id] = status
         self._on_progress()
 
-    def _past_deadline(self) -> bool:
+    def _deadline_at(self) -> float | None:
+        """When (``time.monotonic``) what is not back goes online; None: no deadline yet."""
         deadline = self.policy.deadline
         if deadline is None or self._first_submit is None:
-            return False
-        if time.monotonic() - self._first_submit >= deadline:
-            self._online = True
-            return True
-        return False
+            return None
+        return self._first_submit + deadline
+
+    def _cancel_at(self) -> float | None:
+        """When the batches are cancelled, for what they finished to be read by the deadline."""
+        at = self._deadline_at()
+        if at is None or self.policy.deadline is None:
+            return None
+        return at - min(self.policy.deadline * CANCEL_SHARE, CANCEL_MAX_S)
+
+    @staticmethod
+    def _past(moment: float | None) -> bool:
+        return moment is not None and time.monotonic() >= moment
+
+    def _give_up(self, batch_id: str, status: str) -> None:
+        """The deadline passed with ``batch_id``'s cancel under way: its lines go online."""
+        lines = self._watching.get(batch_id, {})
+        log.warning(
+            "dask-llm: batch %s is still %s at the deadline; its %d lines go online (a line "
+            "it finished before its cancel took effect is paid twice)",
+            batch_id,
+            status,
+            len(lines),
+        )
+        for members in lines.values():
+            _resolve(members, GO_ONLINE)
 
     async def _read(self, client: openai.AsyncOpenAI, batch: Any) -> None:
         lines = self._watching.get(batch.id, {})
@@ -449,6 +560,8 @@ class Batcher:
     async def aclose(self) -> None:
         if self._check_handle is not None:
             self._check_handle.cancel()
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -142,8 +142,13 @@ class JobTransport:
         """The answer from a batch line; None to send it online (fallback, deadline)."""
         job = self.job
         assert self.batcher is not None
-        worst = job.worst_cost(body, batch=True) if job.ledger.budgeted and body else 0.0
-        await self._reserve(worst)
+        worst = 0.0
+        if job.ledger.budgeted and body:
+            reserved = await self.batcher.reserve(lambda: job.worst_cost(body, batch=True))
+            if reserved is None:
+                job.check()  # the ledger has stopped the job: budget reached
+                raise JobStopped("budget reached", kind="budget")
+            worst = reserved
         sent_at = job.recorder.request_started()  # run record: a line waits as long as its batch
         outcome = Outcome(status=None, batch=True)  # no answer (yet)
         try:
@@ -164,6 +169,8 @@ class JobTransport:
             if worst and not outcome.ok:
                 # No answer: it may have been paid for. An error line: not billed.
                 job.ledger.settle(worst, worst if outcome.status is None else 0.0)
+            if worst:
+                self.batcher.settled()  # lines waiting for the budget look again
 
     def _paid(self, outcome: Outcome, worst: float, body: bytes) -> None:
         """Credit a paid answer to the request ``body``: the chain call's usage, the budget,
@@ -244,9 +251,10 @@ class JobTransport:
             status, [(k, v) for k, v in headers.items() if k.lower() not in _DROP_HEADERS], data
         )
         if outcome.ok:
-            self._paid(outcome, worst, body)
             if key is not None:
+                # Paid for: kept before anything after it (accounting, parsing) can fail.
                 job.cache_put(key, answer.to_cache(), self.stats)
+            self._paid(outcome, worst, body)
         elif status == 429:
             self.stats.rate_limited += 1
         return answer
