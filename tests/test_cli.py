@@ -11,6 +11,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # every test starts the command in a process of its own
+
 CHAINS = """
 import os
 from langchain_core.prompts import ChatPromptTemplate
