@@ -107,7 +107,7 @@ def job(args: argparse.Namespace) -> None:
             LocalCluster(
                 n_workers=args.workers,
                 threads_per_worker=args.threads,
-                dashboard_address=None,
+                dashboard_address=":0",
             ) as cluster,
             Client(cluster) as client,
         ):

@@ -54,7 +54,7 @@ def job(url: str, source: str | None, scheduler: str, cache: str) -> None:
         from distributed import Client, LocalCluster
 
         with (
-            LocalCluster(n_workers=2, threads_per_worker=2, dashboard_address=None) as cluster,
+            LocalCluster(n_workers=2, threads_per_worker=2, dashboard_address=":0") as cluster,
             Client(cluster),
         ):
             print("started", flush=True)

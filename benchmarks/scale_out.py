@@ -25,7 +25,7 @@ def run(url: str, workers: int, rows: int, cap: int) -> float:
     df = pd.DataFrame({"description": [f"review {i}: plum, smoke" for i in range(rows)]})
     with (
         LocalCluster(
-            n_workers=workers, threads_per_worker=2, processes=True, dashboard_address=None
+            n_workers=workers, threads_per_worker=2, processes=True, dashboard_address=":0"
         ) as cluster,
         Client(cluster) as client,
     ):

@@ -218,13 +218,17 @@ def _blocksize(ctx: click.Context, param: click.Parameter, value: str) -> int:
     return size
 
 
+#: Seconds ``--scheduler`` gets to answer before the command gives up.
+CONNECT_TIMEOUT_S = 10.0
+
+
 def connect(scheduler: str | None) -> Any:
     if not scheduler:
         return None
     from distributed import Client
 
     try:
-        return Client(scheduler, timeout=10)
+        return Client(scheduler, timeout=CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
         raise click.ClickException(f"cannot reach the scheduler at {scheduler}: {exc}") from None
 

@@ -19,7 +19,10 @@ API_KEY = "sk-test-dask-llm-SECRET-0123456789"
 os.environ["OPENAI_API_KEY"] = API_KEY
 os.environ.pop("OPENAI_BASE_URL", None)
 
+import distributed  # noqa: E402
+
 from dask_llm.simulator import Simulator, fetch_stats  # noqa: E402
+from tests.helpers import HTTP_ADDRESS, local_cluster  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +52,33 @@ def make_simulator() -> Iterator[Callable[..., Simulator]]:
     yield make
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _port_8787_taken() -> Iterator[None]:
+    """The suite runs as if another cluster (or a notebook's dashboard) held port 8787.
+
+    distributed's scheduler binds its HTTP server to 8787 even with
+    ``dashboard_address=None`` and warns (an error here) when the port is taken: a test
+    cluster that needs 8787 then fails on every run, not only when another run of the
+    suite happens to hold the port at the same moment.
+    """
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 8787))
+            s.listen()
+        except OSError:
+            pass  # another process holds it: the condition is there already
+        yield
+
+
+@pytest.fixture(scope="session")
+def shared_cluster() -> Iterator[distributed.LocalCluster]:
+    """Two worker processes of two threads, started once for the session's cluster tests
+    that kill no worker; each test connects a ``Client`` of its own (so no default client
+    outlives it)."""
+    with local_cluster(n_workers=2, threads_per_worker=2, processes=True) as cluster:
+        yield cluster
 
 
 @pytest.fixture(autouse=True)
@@ -81,15 +111,18 @@ def _wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30.0
 
 
 def _stop(procs: Iterable[subprocess.Popen[Any]]) -> None:
-    """Terminate ``procs`` in that order; kill any still running 10 s later."""
-    procs = list(procs)
+    """Terminate ``procs`` one after the other, each killed if still running 10 s later.
+
+    One after the other: a worker whose scheduler goes away while it closes retries
+    the scheduler for seconds (8 s here, against 0.4 s when its scheduler is still up).
+    """
     for p in procs:
         p.terminate()
-    for p in procs:
         try:
             p.wait(10)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
 
 
 def _free_port() -> int:
@@ -107,7 +140,11 @@ def hand_started_cluster() -> Iterator[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     procs = [
         subprocess.Popen(
-            [*dask_cli, "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            [
+                *dask_cli,
+                *("--host", "127.0.0.1", "--port", str(port)),
+                *("--no-dashboard", "--dashboard-address", HTTP_ADDRESS),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,

@@ -1,4 +1,5 @@
-"""Helpers the tests share: counting requests, frames, running a script in its own process."""
+"""Helpers the tests share: counting requests, frames, clusters, running a script in its own
+process."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import distributed
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +25,18 @@ def reviews(n: int = 12, *, notes: str = "cassis, cedar and graphite") -> pd.Dat
             "country": ["Chile"] * n,
         }
     )
+
+
+#: Where a test cluster's scheduler serves HTTP (``/metrics``, and the dashboard where bokeh
+#: is installed): a free port on the loopback. ``dashboard_address=None`` only turns the
+#: dashboard off; the scheduler's HTTP server still binds 8787, and warns (an error here)
+#: when another process holds it.
+HTTP_ADDRESS = "127.0.0.1:0"
+
+
+def local_cluster(**options: Any) -> distributed.LocalCluster:
+    """A ``LocalCluster`` on 127.0.0.1 whose HTTP server never takes port 8787."""
+    return distributed.LocalCluster(**{"dashboard_address": HTTP_ADDRESS, **options})
 
 
 def requests(sim: Any) -> int:

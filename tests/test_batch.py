@@ -37,7 +37,9 @@ def batch_stats(sim: Any) -> dict[str, int]:
     return {k: v for k, v in sim.stats().items() if k.startswith("batch")}
 
 
-@pytest.mark.parametrize("scheduler", ["threads", "processes"])
+@pytest.mark.parametrize(
+    "scheduler", ["threads", pytest.param("processes", marks=pytest.mark.slow)]
+)
 def test_batch_mode_gives_the_online_frame_at_half_the_price(
     make_simulator: Any, scheduler: str
 ) -> None:
@@ -196,6 +198,7 @@ def wait_for(sim: Any, proc: subprocess.Popen[str], counter: str, value: int) ->
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["first round", "second round", "expired before the rerun"])
 def test_sigkill_while_a_batch_is_in_flight_then_rerun_pays_nothing_twice(
     make_simulator: Any, tmp_path: Path, when: str
@@ -234,6 +237,7 @@ def test_sigkill_while_a_batch_is_in_flight_then_rerun_pays_nothing_twice(
     )
 
 
+@pytest.mark.slow
 def test_ctrl_c_names_the_batches_in_flight_and_they_can_be_cancelled(
     make_simulator: Any, tmp_path: Path
 ) -> None:

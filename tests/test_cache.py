@@ -322,6 +322,7 @@ def _child_writes(cache: SQLiteCache, prefix: str, n: int, start: Any) -> None:
     cache.close()
 
 
+@pytest.mark.slow
 def test_processes_and_threads_write_at_once_through_a_pickled_cache(tmp_path: Path) -> None:
     cache = SQLiteCache(tmp_path / "c.sqlite", timeout=30.0)
     cache.put("parent", "from the parent")  # an open connection: pickling must not carry it
@@ -381,6 +382,7 @@ for i in range(1_000_000):
 """
 
 
+@pytest.mark.slow
 def test_every_put_that_returned_survives_kill_9(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -516,6 +518,7 @@ def test_a_rerun_pays_nothing_and_gives_the_same_frame(sim: Any, tmp_path: Path)
     assert second["llm_input_tokens"].sum() == 0  # nothing paid this time
 
 
+@pytest.mark.slow
 def test_answers_paid_on_worker_processes_are_reused_everywhere(sim: Any, tmp_path: Path) -> None:
     """Workers key the cache exactly as the client does (fingerprints travel with the chain)."""
     path = tmp_path / "job.sqlite"

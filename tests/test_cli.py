@@ -11,6 +11,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # every test starts the command in a process of its own
+
 CHAINS = """
 import os
 from langchain_core.prompts import ChatPromptTemplate
@@ -31,10 +33,14 @@ def chains():
 """
 
 
+# `python -m dask_llm`, with a short wait for an unreachable --scheduler (10 s by default)
+MAIN = "import dask_llm.cli as cli; cli.CONNECT_TIMEOUT_S = 1.0; cli.run()"
+
+
 def run(args: list[str], url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SIM_URL": url, "DASK_LLM_CACHE": str(cwd / "cache.sqlite")}
     return subprocess.run(
-        [sys.executable, "-m", "dask_llm", *args],
+        [sys.executable, "-c", MAIN, *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
+import socket
 import time
+import warnings
 from typing import Any
 
 import cloudpickle
@@ -16,6 +19,7 @@ import dask_llm
 from dask_llm.limits.coordinator import MARGIN
 from tests.chains import summary_chain
 from tests.chains import wine_chains as chains
+from tests.helpers import local_cluster
 
 distributed = pytest.importorskip("distributed")
 
@@ -32,13 +36,8 @@ def frame(n: int = 30) -> pd.DataFrame:
     )
 
 
-def test_local_cluster_of_processes(sim: Any) -> None:
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
+def test_local_cluster_of_processes(sim: Any, shared_cluster: Any) -> None:
+    with distributed.Client(shared_cluster) as client:
         out = dd.from_pandas(frame(), npartitions=4).llm.enrich(chains(sim.base_url))
         result = client.compute(out).result()
     assert len(result) == 30
@@ -76,10 +75,8 @@ def test_an_explicit_key_reaches_local_workers_only_when_asked(
     monkeypatch.delenv("OPENAI_API_KEY")
     chain = dask_llm.Chain(summary_chain(sim.base_url, api_key=DUMMY_KEY), name="summarize")
     ddf = dd.from_pandas(frame(6), npartitions=2)
-    with (
-        distributed.LocalCluster(n_workers=1, processes=True, dashboard_address=None) as cluster,
-        distributed.Client(cluster),
-    ):
+    # A cluster of its own: its worker starts without OPENAI_API_KEY in its environment.
+    with local_cluster(n_workers=1, processes=True) as cluster, distributed.Client(cluster):
         with pytest.raises(ValueError, match="ship_api_keys=True") as info:
             ddf.llm.enrich([chain], cache=False)
         assert "\n" not in str(info.value) and DUMMY_KEY not in str(info.value)
@@ -111,13 +108,12 @@ def test_a_killed_workers_lease_returns_within_seconds(make_simulator: Any) -> N
 
     sim = make_simulator(latency=0.3)
     rate = 1200 / 60 * (1 - MARGIN)
+    rows = 150  # ~7.5 s at 20/s: the job outlives the kill (at 40 answers) and the lease's TTL
     with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
+        local_cluster(n_workers=2, threads_per_worker=1, processes=True) as cluster,
         distributed.Client(cluster) as client,
     ):
-        out = dd.from_pandas(frame(300), npartitions=6).llm.enrich(
+        out = dd.from_pandas(frame(rows), npartitions=6).llm.enrich(
             [dask_llm.Chain(summary_chain(sim.base_url), name="summarize")],
             rpm=1200,
             cache=False,
@@ -142,7 +138,7 @@ def test_a_killed_workers_lease_returns_within_seconds(make_simulator: Any) -> N
             assert time.monotonic() - killed < 5.0, state
             time.sleep(0.1)
         result = future.result(timeout=120)
-    assert len(result) == 300
+    assert len(result) == rows
     assert result["llm_error"].isna().all()
 
 
@@ -169,9 +165,7 @@ def test_a_worker_starts_its_next_partition_during_the_tail_of_the_last(
     sim = make_simulator(latency=1.0)
     _STARTS.clear()
     with (
-        distributed.LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as cluster,
+        local_cluster(n_workers=1, threads_per_worker=1, processes=False) as cluster,
         distributed.Client(cluster) as client,
     ):
         chain = RunnableLambda(_row_starts) | summary_chain(sim.base_url)
@@ -190,15 +184,10 @@ def test_a_worker_starts_its_next_partition_during_the_tail_of_the_last(
     assert list(threads.values()) == [1]
 
 
-def test_batch_mode_on_a_local_cluster(make_simulator: Any) -> None:
+def test_batch_mode_on_a_local_cluster(make_simulator: Any, shared_cluster: Any) -> None:
     sim = make_simulator(batch_validation_delay=0.05, batch_delay=0.2, batch_finalize_delay=0.05)
     policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1)
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
+    with distributed.Client(shared_cluster) as client:
         out = dd.from_pandas(frame(), npartitions=2).llm.enrich(
             chains(sim.base_url), batch=policy, cache=False
         )
@@ -216,9 +205,7 @@ def test_batch_waits_of_one_worker_overlap_whatever_its_threads(make_simulator: 
     sim = make_simulator(batch_validation_delay=0.05, batch_delay=1.5, batch_finalize_delay=0.05)
     policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1)
     with (
-        distributed.LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as cluster,
+        local_cluster(n_workers=1, threads_per_worker=1, processes=False) as cluster,
         distributed.Client(cluster) as client,
     ):
         out = dd.from_pandas(frame(24), npartitions=4).llm.enrich(
@@ -232,3 +219,21 @@ def test_batch_waits_of_one_worker_overlap_whatever_its_threads(make_simulator: 
     assert result["llm_error"].isna().all(), result["llm_error"].dropna().tolist()
     assert sim.stats()["batches_created"] == 4
     assert took < 2 * 1.6, took  # one window (4 one after another: 6.4 s)
+
+
+def test_a_cluster_of_the_suite_starts_while_another_process_holds_port_8787() -> None:
+    """Issue 28, defect 14: the suite failed whenever port 8787 was taken.
+
+    ``dashboard_address=None`` turns the dashboard off, yet the scheduler's HTTP server
+    still binds 8787 and warns when it cannot (an error under ``filterwarnings``). The
+    conftest holds 8787 for the whole session; the suite's clusters take a free port.
+    """
+    with pytest.raises(OSError), socket.create_server(("127.0.0.1", 8787)):
+        pass  # held (by the conftest, or by whoever held it before)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None).close()
+        gc.collect()  # distributed leaves the socket of its failed listen() unclosed
+    assert any("Port 8787 is already in use" in str(w.message) for w in caught), caught
+    with local_cluster(n_workers=0, processes=False) as cluster:
+        assert cluster.scheduler.http_server.port not in (0, 8787)

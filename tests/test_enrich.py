@@ -199,7 +199,9 @@ def test_duplicate_index_and_order_are_preserved(sim: Any) -> None:
     assert out["description"].tolist() == ["b", "a", "c", "a"]
 
 
-@pytest.mark.parametrize("scheduler", ["sync", "threads", "processes"])
+@pytest.mark.parametrize(
+    "scheduler", ["sync", "threads", pytest.param("processes", marks=pytest.mark.slow)]
+)
 def test_schedulers_with_one_shared_chain_object(
     sim: Any, reviews: pd.DataFrame, scheduler: str
 ) -> None:
@@ -219,6 +221,7 @@ def test_the_simulator_answers_deterministically_so_schedulers_agree(
     pd.testing.assert_frame_equal(out.compute(scheduler="threads"), out.compute(scheduler="sync"))
 
 
+@pytest.mark.slow
 def test_factory_chains_are_built_on_the_worker(sim: Any, reviews: pd.DataFrame) -> None:
     url = sim.base_url
 

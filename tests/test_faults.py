@@ -17,6 +17,7 @@ import dask_llm
 from tests.chains import summary_chain, text_chain
 from tests.chains import wine_chains as chains
 from tests.conftest import API_KEY
+from tests.helpers import local_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -141,9 +142,7 @@ def test_distributed_survives_a_killed_worker(make_simulator: Any) -> None:
     n = 160
     df = pd.DataFrame({"description": [f"Review {i}" for i in range(n)]})
     with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
+        local_cluster(n_workers=2, threads_per_worker=1, processes=True) as cluster,
         distributed.Client(cluster) as client,
     ):
         out = dd.from_pandas(df, npartitions=8).llm.enrich(

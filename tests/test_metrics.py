@@ -12,7 +12,7 @@ import pytest
 
 import dask_llm
 from tests.chains import summary_chain
-from tests.helpers import reviews
+from tests.helpers import local_cluster, reviews
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -30,9 +30,7 @@ def test_a_workers_metrics_show_the_job_while_it_runs_and_after(make_simulator: 
     distributed = pytest.importorskip("distributed")
     sim = make_simulator(latency=0.25, spurious_429=0.1, spurious_retry_after=0.05)
     with (
-        distributed.LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0"
-        ) as cluster,
+        local_cluster(n_workers=1, threads_per_worker=2, processes=True) as cluster,
         distributed.Client(cluster) as client,
     ):
         (worker,) = client.scheduler_info()["workers"].values()

@@ -66,15 +66,12 @@ def test_usage_columns_can_be_renamed_or_dropped(sim: Any) -> None:
 
 
 @pytest.mark.slow
-def test_distributed_rows_are_aggregated_on_the_client(make_simulator: Any) -> None:
+def test_distributed_rows_are_aggregated_on_the_client(
+    make_simulator: Any, shared_cluster: Any
+) -> None:
     distributed = pytest.importorskip("distributed")
     sim = make_simulator(latency=0.05)
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
+    with distributed.Client(shared_cluster) as client:
         out = dd.from_pandas(frame(40), npartitions=4).llm.enrich(
             chains(sim.base_url), cache=False, progress=False
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any
 
 import dask.dataframe as dd
@@ -36,23 +37,21 @@ def test_threads_with_four_partitions_in_flight_share_one_budget(
     assert stats["peak_requests_1s"] <= RPM / 60  # over any sliding second
 
 
-def test_two_distributed_workers_share_one_budget(make_simulator: Any) -> None:
+def test_two_distributed_workers_share_one_budget(make_simulator: Any, shared_cluster: Any) -> None:
     distributed = pytest.importorskip("distributed")
     sim = make_simulator(latency=0.05)
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
+    with distributed.Client(shared_cluster) as client:
         out = dd.from_pandas(frame(60), npartitions=4).llm.enrich(
             [dask_llm.Chain(text_chain(sim.base_url), name="word")], rpm=RPM, cache=False
         )
+        # The cluster is the session's: earlier tests' jobs may linger in its ledger.
+        before = client.run_on_scheduler(_jobs)
         result = client.compute(out).result()
         # The job's ledger lives on the scheduler (not the fallback even split),
         # and the workers told it each partition's rows (its work left, to lend by).
         assert client.run_on_scheduler(_has_ledger)
-        assert client.run_on_scheduler(_partitions_begun) == [(4, 4, [15, 15, 15, 15])]
+        begun = client.run_on_scheduler(_partitions_begun, skip=before)
+        assert begun == [(4, 4, [15, 15, 15, 15])]
     assert result["llm_error"].isna().all()
     stats = sim.stats()
     assert stats["requests"] == 60
@@ -65,9 +64,16 @@ def _has_ledger(dask_scheduler: Any) -> bool:
     )
 
 
-def _partitions_begun(dask_scheduler: Any) -> list[tuple[Any, int, list[int]]]:
-    ledgers = dask_scheduler.plugins["dask-llm-ledger"].coordinator._jobs.values()
-    return [(x.partitions, x.begun, sorted(x.sizes)) for x in ledgers]
+def _jobs(dask_scheduler: Any) -> list[Any]:
+    plugin = dask_scheduler.plugins.get("dask-llm-ledger")
+    return [] if plugin is None else list(plugin.coordinator._jobs)
+
+
+def _partitions_begun(
+    dask_scheduler: Any, skip: Collection[Any] = ()
+) -> list[tuple[Any, int, list[int]]]:
+    jobs = dask_scheduler.plugins["dask-llm-ledger"].coordinator._jobs
+    return [(x.partitions, x.begun, sorted(x.sizes)) for j, x in jobs.items() if j not in skip]
 
 
 def test_the_ledger_hears_of_every_partition_an_empty_one_too(sim: Any) -> None:

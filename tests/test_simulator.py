@@ -362,6 +362,7 @@ def test_config_validation() -> None:
 
 
 # -- CLI -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_prints_its_url_serves_and_stops_on_ctrl_c() -> None:
     with subprocess.Popen(
         [
@@ -410,6 +411,7 @@ def test_the_cli_mirrors_every_config_option() -> None:
     assert options == {f.name for f in fields(SimulatorConfig)}
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_options() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "dask_llm", "simulate", "--error-rate", "2"],

@@ -7,6 +7,7 @@ from typing import Any
 import dask.dataframe as dd
 import httpx2
 import pandas as pd
+import pytest
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
@@ -79,6 +80,7 @@ def test_answers_from_the_cache_cost_nothing_in_this_run(sim: Any, tmp_path: Any
     assert summary is not None and summary.cache_hits == len(ROWS) and summary.calls == 0
 
 
+@pytest.mark.slow
 def test_last_run_after_the_process_pool_is_that_run(sim: Any) -> None:
     """Children of dask's process pool report through the client's hub: no stale summary."""
     ROWS.head(2).llm.enrich([dask_llm.Chain(summary_chain(sim.base_url), name="s")], cache=False)
