@@ -65,3 +65,34 @@ def test_the_state_modules_keep_lives_in_the_runtime() -> None:
         assert progress.active_jobs() == []
     finally:
         runtime.reset()
+
+
+def test_the_hub_and_the_jobs_are_parts_too() -> None:
+    """Runs, stops and the jobs of the process live in the runtime: a reset forgets them
+    and stops the hub's listener."""
+    from multiprocessing.connection import Client
+
+    from dask_llm.cluster import hub
+    from dask_llm.core.config import EnrichOptions
+    from dask_llm.engine import job as jobs
+
+    runtime.reset()
+    try:
+        run = hub.run_began()
+        hub.signal_stop("j-hub", run, "interrupted", "interrupted (test)")
+        assert hub.stop_signal("j-hub", run) == ("interrupted", "interrupted (test)", None)
+        attached = jobs.attach(EnrichOptions(job="j-jobs"))
+        jobs.detach(attached)
+        assert runtime.part(jobs.Jobs).by_key
+        address, key = hub.hub_address()
+        runtime.reset()
+        assert hub.stop_signal("j-hub", run) is None
+        assert hub.live_runs() == [] and runtime.part(jobs.Jobs).by_key == {}
+        try:
+            Client(address, authkey=key).close()
+        except OSError:
+            pass  # the listener is closed
+        else:
+            raise AssertionError("the hub still listens after a reset")
+    finally:
+        runtime.reset()

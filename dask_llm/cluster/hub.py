@@ -43,6 +43,7 @@ once. Stops and abandoned runs are kept ten minutes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -52,6 +53,7 @@ import time
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
+from dask_llm.core.runtime import part
 from dask_llm.limits.coordinator import local_coordinator
 from dask_llm.observe import progress as _progress
 
@@ -60,75 +62,100 @@ log = logging.getLogger(__name__)
 _KEEP_STOPS_S = 600.0
 
 # -- runs and stop signals, in the client --------------------------------------------------------
-#: A job's stop, by (job, run); run None where no run is known (distributed).
-_STOPS: dict[tuple[str, int | None], tuple[str, str, Any, float]] = {}
-#: Runs that ended with an error (or were interrupted): (kind, text, when).
-_ABANDONED: dict[int, tuple[str, str, float]] = {}
-#: Runs begun and not ended, and the jobs each of them is known to hold.
-_LIVE: dict[int, set[str]] = {}
-_STOPS_LOCK = threading.Lock()
-_RUN_IDS = itertools.count(1)
-_newest_run: int | None = None
-_local = threading.local()
+class Hub:
+    """The job hub's state in this process (a part of the process's ``core.runtime``).
 
+    In the client: the local computations (*runs*) begun and not ended, with the
+    jobs each holds; each thread's stack of runs; the stops of jobs, by (job,
+    run) (run None where no run is known: ``distributed``), and the runs that
+    ended with an error or were interrupted; the listener, started on first use.
+    Stops and abandoned runs are kept ``_KEEP_STOPS_S`` (a partition of a run may
+    begin late, in a child still starting), then pruned. In a pool child: its
+    connections to the client's hub, one per hub. ``close()`` stops the listener
+    and closes the connections.
+    """
 
-def _prune(now: float) -> None:
-    for key in [k for k, stop in _STOPS.items() if now - stop[3] > _KEEP_STOPS_S]:
-        del _STOPS[key]
-    for run in [r for r, mark in _ABANDONED.items() if now - mark[2] > _KEEP_STOPS_S]:
-        del _ABANDONED[run]
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stops: dict[tuple[str, int | None], tuple[str, str, Any, float]] = {}
+        self.abandoned: dict[int, tuple[str, str, float]] = {}
+        self.live: dict[int, set[str]] = {}
+        self.run_ids = itertools.count(1)
+        self.newest_run: int | None = None
+        self.local = threading.local()
+        self.server: HubServer | None = None
+        self.clients: dict[tuple[tuple[str, int], int], HubClient] = {}
+
+    def prune(self, now: float) -> None:
+        """Forget stops and abandoned runs older than ``_KEEP_STOPS_S`` (under ``lock``)."""
+        for key in [k for k, stop in self.stops.items() if now - stop[3] > _KEEP_STOPS_S]:
+            del self.stops[key]
+        for run in [r for r, mark in self.abandoned.items() if now - mark[2] > _KEEP_STOPS_S]:
+            del self.abandoned[run]
+
+    def close(self) -> None:
+        with self.lock:
+            server, self.server = self.server, None
+            clients, self.clients = list(self.clients.values()), {}
+        if server is not None:
+            server.close()
+        for client in clients:
+            client.close()
 
 
 def run_began() -> int:
     """A local computation starts in this thread: its run number."""
-    global _newest_run
-    with _STOPS_LOCK:
-        run = next(_RUN_IDS)
-        _newest_run = run
-        _LIVE[run] = set()
-    stack: list[int] = getattr(_local, "runs", None) or []
+    hub = part(Hub)
+    with hub.lock:
+        run = next(hub.run_ids)
+        hub.newest_run = run
+        hub.live[run] = set()
+    stack: list[int] = getattr(hub.local, "runs", None) or []
     stack.append(run)
-    _local.runs = stack
+    hub.local.runs = stack
     return run
 
 
 def run_ended(run: int, abandoned: tuple[str, str] | None = None) -> set[str]:
     """The computation ``run`` ended (``abandoned``: with this stop); the jobs it held."""
-    stack: list[int] = getattr(_local, "runs", None) or []
+    hub = part(Hub)
+    stack: list[int] = getattr(hub.local, "runs", None) or []
     if run in stack:
         stack.remove(run)
     now = time.monotonic()
-    with _STOPS_LOCK:
-        _prune(now)
-        jobs = _LIVE.pop(run, set())
+    with hub.lock:
+        hub.prune(now)
+        jobs = hub.live.pop(run, set())
         if abandoned is not None:
-            _ABANDONED[run] = (abandoned[0], abandoned[1], now)
+            hub.abandoned[run] = (abandoned[0], abandoned[1], now)
     return jobs
 
 
 def live_runs() -> list[int]:
     """Runs begun and not ended in this process (any thread)."""
-    with _STOPS_LOCK:
-        return list(_LIVE)
+    hub = part(Hub)
+    with hub.lock:
+        return list(hub.live)
 
 
 def current_run() -> int | None:
     """The run this thread is computing now, if any (read when options are pickled)."""
-    stack: list[int] | None = getattr(_local, "runs", None)
+    stack: list[int] | None = getattr(part(Hub).local, "runs", None)
     return stack[-1] if stack else None
 
 
 def newest_run() -> int | None:
     """The run begun last in this process (a partition on threads belongs to it)."""
-    return _newest_run
+    return part(Hub).newest_run
 
 
 def run_holds(run: int | None, job: str) -> None:
     """Note that ``run`` holds ``job`` (its options were pickled, or a partition began)."""
     if run is None:
         return
-    with _STOPS_LOCK:
-        jobs = _LIVE.get(run)
+    hub = part(Hub)
+    with hub.lock:
+        jobs = hub.live.get(run)
         if jobs is not None:
             jobs.add(job)
 
@@ -136,17 +163,19 @@ def run_holds(run: int | None, job: str) -> None:
 def signal_stop(job: str, run: int | None, kind: str, text: str, error: Any = None) -> None:
     """Record that ``job``'s ``run`` must stop (the first reason wins)."""
     now = time.monotonic()
-    with _STOPS_LOCK:
-        _prune(now)
-        _STOPS.setdefault((job, run), (kind, text, error, now))
+    hub = part(Hub)
+    with hub.lock:
+        hub.prune(now)
+        hub.stops.setdefault((job, run), (kind, text, error, now))
 
 
 def stop_signal(job: str, run: int | None) -> tuple[str, str, Any] | None:
     """(kind, text, error) of the stop of ``job``'s ``run``, if it has been told to stop."""
-    with _STOPS_LOCK:
-        found = _STOPS.get((job, run))
-        if found is None and run is not None and run in _ABANDONED:
-            kind, text, _ = _ABANDONED[run]
+    hub = part(Hub)
+    with hub.lock:
+        found = hub.stops.get((job, run))
+        if found is None and run is not None and run in hub.abandoned:
+            kind, text, _ = hub.abandoned[run]
             return (kind, text, None)
     return None if found is None else (found[0], found[1], found[2])
 
@@ -160,15 +189,28 @@ class HubServer:
         self._listener = Listener(("127.0.0.1", 0), authkey=self.authkey)
         self.address: tuple[str, int] = self._listener.address
         self.pid = os.getpid()
+        self._closed = False
         thread = threading.Thread(target=self._accept, name="dask-llm-hub", daemon=True)
         thread.start()
 
+    def close(self) -> None:
+        """Stop listening (connections already open end with their children)."""
+        self._closed = True
+        # Closing a socket does not wake a thread blocked in accept() on Linux, and the
+        # socket listens on until it returns: a connection of our own wakes it.
+        with contextlib.suppress(OSError, EOFError):
+            Client(self.address, authkey=self.authkey).close()
+        self._listener.close()
+
     def _accept(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 conn = self._listener.accept()
             except OSError:  # a client that failed the challenge, or the listener closed
                 continue
+            if self._closed:
+                conn.close()
+                return
             threading.Thread(
                 target=self._serve, args=(conn,), name="dask-llm-hub-conn", daemon=True
             ).start()
@@ -208,17 +250,13 @@ def _handle(message: tuple[Any, ...]) -> Any:
     raise ValueError(f"unknown operation {op!r}")
 
 
-_SERVER: HubServer | None = None
-_SERVER_LOCK = threading.Lock()
-
-
 def hub_address() -> tuple[tuple[str, int], bytes]:
     """The address and key of this process's hub, started on first use."""
-    global _SERVER
-    with _SERVER_LOCK:
-        if _SERVER is None or _SERVER.pid != os.getpid():
-            _SERVER = HubServer()
-        return _SERVER.address, _SERVER.authkey
+    hub = part(Hub)
+    with hub.lock:
+        if hub.server is None or hub.server.pid != os.getpid():
+            hub.server = HubServer()
+        return hub.server.address, hub.server.authkey
 
 
 # -- the client side, in a child process --------------------------------------------------------
@@ -253,15 +291,12 @@ class HubClient:
                 self._conn = None
 
 
-_CLIENTS: dict[tuple[tuple[str, int], int], HubClient] = {}
-_CLIENTS_LOCK = threading.Lock()
-
-
 def hub_client(address: tuple[str, int], authkey: bytes) -> HubClient:
     """This process's connection to the hub at ``address`` (one per hub)."""
     key = (tuple(address), os.getpid())
-    with _CLIENTS_LOCK:
-        client = _CLIENTS.get(key)  # type: ignore[arg-type]
+    hub = part(Hub)
+    with hub.lock:
+        client = hub.clients.get(key)  # type: ignore[arg-type]
         if client is None:
-            client = _CLIENTS[key] = HubClient(address, authkey)  # type: ignore[index]
+            client = hub.clients[key] = HubClient(address, authkey)  # type: ignore[index]
         return client

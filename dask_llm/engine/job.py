@@ -80,6 +80,7 @@ from dask.callbacks import Callback
 from dask_llm.cluster import hub as _hub
 from dask_llm.core import where as _cluster
 from dask_llm.core.errors import ChainError, JobStopped
+from dask_llm.core.runtime import part
 from dask_llm.core.usage import MAX_TOKENS, MODEL, cost_usd, price_of
 from dask_llm.limits.ledger import Ledger, even_share_hint, link_for
 from dask_llm.limits.pacer import Throttle
@@ -366,31 +367,39 @@ class Job:
         return _progress.Reporter(_progress.receive, base, interval=0.0, drain=drain)
 
 
-_JOBS: dict[tuple[str, int | None], Job] = {}
-_JOBS_LOCK = threading.Lock()
-
-
 _GC_THRESHOLDS = (50_000, 20, 100)
-_gc_saved: tuple[int, int, int] | None = None
-_partitions_here = 0
 
 
-def _gc_enter() -> None:
-    global _gc_saved, _partitions_here
-    _partitions_here += 1
-    if _partitions_here == 1:
-        _gc_saved = gc.get_threshold()
-        gc.freeze()
-        gc.set_threshold(*_GC_THRESHOLDS)
+class Jobs:
+    """The jobs with partitions in this process (a part of the process's ``core.runtime``).
 
+    ``by_key``: each job's ``Job`` by (job id, run), made by its first partition here
+    and dropped once it has had no partition for ``_IDLE_S`` (checked whenever a
+    partition attaches): a long-lived worker does not keep every job it ran.
+    ``partitions`` and ``gc_saved``: the collector's settings while partitions run.
+    """
 
-def _gc_leave() -> None:
-    global _gc_saved, _partitions_here
-    _partitions_here -= 1
-    if _partitions_here == 0 and _gc_saved is not None:
-        gc.set_threshold(*_gc_saved)
-        gc.unfreeze()
-        _gc_saved = None
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_key: dict[tuple[str, int | None], Job] = {}
+        self.partitions = 0
+        self.gc_saved: tuple[int, int, int] | None = None
+
+    def gc_enter(self) -> None:
+        """A partition begins (under ``lock``): the first freezes the collector."""
+        self.partitions += 1
+        if self.partitions == 1:
+            self.gc_saved = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(*_GC_THRESHOLDS)
+
+    def gc_leave(self) -> None:
+        """A partition ends (under ``lock``): the last restores the collector."""
+        self.partitions -= 1
+        if self.partitions == 0 and self.gc_saved is not None:
+            gc.set_threshold(*self.gc_saved)
+            gc.unfreeze()
+            self.gc_saved = None
 
 
 def run_of(options: EnrichOptions, handle: JobHandle | None) -> int | None:
@@ -414,15 +423,18 @@ def attach(options: EnrichOptions, handle: JobHandle | None = None) -> Job:
     now = time.monotonic()
     run = run_of(options, handle)
     _hub.run_holds(run, options.job)
-    with _JOBS_LOCK:
-        _gc_enter()
+    jobs = part(Jobs)
+    with jobs.lock:
+        jobs.gc_enter()
         for key in [
-            k for k, job in _JOBS.items() if job._attached == 0 and now - job._idle_since > _IDLE_S
+            k
+            for k, job in jobs.by_key.items()
+            if job._attached == 0 and now - job._idle_since > _IDLE_S
         ]:
-            del _JOBS[key]
-        job = _JOBS.get((options.job, run))
+            del jobs.by_key[key]
+        job = jobs.by_key.get((options.job, run))
         if job is None:
-            job = _JOBS[(options.job, run)] = Job(options, handle, run)
+            job = jobs.by_key[(options.job, run)] = Job(options, handle, run)
         job._attached += 1
         job.ledger.attached(job._attached)
     job.ledger.start()
@@ -430,8 +442,9 @@ def attach(options: EnrichOptions, handle: JobHandle | None = None) -> Job:
 
 
 def detach(job: Job) -> None:
-    with _JOBS_LOCK:
-        _gc_leave()
+    jobs = part(Jobs)
+    with jobs.lock:
+        jobs.gc_leave()
         job._attached -= 1
         if job._attached == 0:
             job._idle_since = time.monotonic()
@@ -439,8 +452,9 @@ def detach(job: Job) -> None:
 
 
 def running_jobs() -> list[Job]:
-    with _JOBS_LOCK:
-        return [job for job in _JOBS.values() if job._attached > 0]
+    jobs = part(Jobs)
+    with jobs.lock:
+        return [job for job in jobs.by_key.values() if job._attached > 0]
 
 
 def stop_run(run: int | None, kind: str, text: str, *, everything: bool) -> list[str]:
