@@ -34,6 +34,7 @@ from dask_llm.core.usage import Usage
 from dask_llm.engine.retry import call_with_retries, root_cause
 from dask_llm.observe.record import ACTIVE
 from dask_llm.transport.batch import policy_for_retries
+from dask_llm.transport.wire import host_of
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def describe(exc: BaseException, limit: int = 500) -> str:
     name = type(exc).__name__
     if isinstance(exc, openai.APIStatusError):
         code = getattr(exc, "code", None)
-        name = f"{name} ({exc.status_code}{f' {code}' if code else ''} from {_host(exc)})"
+        name = f"{name} ({exc.status_code}{f' {code}' if code else ''} from {host_of(exc.request)})"
         body = exc.body if isinstance(exc.body, dict) else {}
         text = str(body.get("message") or exc.message)
     elif isinstance(exc, openai.APIConnectionError) and exc.__cause__ is not None:
@@ -239,8 +240,3 @@ def describe(exc: BaseException, limit: int = 500) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{name}: {text}" if text else name
-
-
-def _host(exc: openai.APIStatusError) -> str:
-    url = exc.request.url
-    return f"{url.host}:{url.port}" if url.port else str(url.host)
