@@ -16,12 +16,15 @@ from typing import Any, TypedDict, Unpack, overload
 import dask.dataframe as dd
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor as register_dask_accessor
+from langchain_core.language_models import BaseChatModel
+from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm import _cluster, _coordinator, _progress
 from dask_llm._batch import DEFAULT_BATCH, BatchPolicy
 from dask_llm._cache import ResultCache, check_cache, open_cache
 from dask_llm._chain import Chain
 from dask_llm._estimate import Estimate
+from dask_llm._graph import find
 from dask_llm._options import (
     DEFAULT_ERROR_COLUMN,
     DEFAULT_ERRORS,
@@ -30,7 +33,7 @@ from dask_llm._options import (
     EnrichOptions,
     Errors,
 )
-from dask_llm._outputs import string_dtype
+from dask_llm._outputs import is_configurable_model, string_dtype
 from dask_llm._pilot import Pilot, QualityGate
 from dask_llm._plan import Plan, make_plan
 from dask_llm._retry import DEFAULT_RETRY, RetryPolicy
@@ -210,6 +213,7 @@ def enrich(
         batch=_batch_policy(batch),
         quality_gate=quality_gate,
     )
+    _check_unseen_models(plan, options)
     if budget_usd is not None:
         _check_prices(plan, options)
     if store is not None:
@@ -228,6 +232,62 @@ def enrich(
             align_dataframes=False,
         )
     return _enrich_pandas(frame, plan, options)
+
+
+def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
+    """Refuse, or say, what cannot hold for a chat model whose requests dask-llm does not see.
+
+    The budget, pacing, the Batch API and the cache act on the requests of the job's
+    transport: those of ChatOpenAI models (and ``init_chat_model``'s configurable
+    ones) on clients dask-llm opens. Another chat model, or a ChatOpenAI given its own
+    ``http_async_client``, sends past all of them. What the user asked for
+    (``budget_usd``, ``rpm``, ``tpm``, ``batch``) is refused; the cache, on by
+    default, is said once not to keep that chain's answers.
+    """
+    unseen: list[tuple[str, str]] = []
+    for pc in plan.chains:
+        if pc.chain.is_factory:
+            continue  # its model is built in each process, out of sight here
+        for model in find(pc.chain.runnable, lambda x: isinstance(x, BaseChatModel)):
+            if is_configurable_model(model):
+                continue
+            if isinstance(model, BaseChatOpenAI) and model.http_async_client is None:
+                continue
+            unseen.append((pc.name, _model_label(model)))
+    if not unseen:
+        return
+    chain, label = unseen[0]
+    asked = [
+        name
+        for name, value in (
+            ("budget_usd", options.budget_usd),
+            ("rpm", options.rpm),
+            ("tpm", options.tpm),
+            ("batch", options.batch),
+        )
+        if value is not None
+    ]
+    if asked:
+        raise ValueError(
+            f"chain {chain!r}: {asked[0]}= cannot hold for its model {label}: dask-llm "
+            "budgets, paces and batches the requests of ChatOpenAI models on clients it "
+            "opens, and this model sends its own; drop the option, or use ChatOpenAI "
+            "(without http_async_client=)"
+        )
+    if options.cache is not None:
+        where = ", ".join(f"chain {c!r} ({m})" for c, m in unseen)
+        warnings.warn(
+            f"dask-llm: the answers of {where} are not cached: dask-llm caches the requests "
+            "of ChatOpenAI models on clients it opens; a rerun pays for them again "
+            "(pass cache=False to say you know)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _model_label(model: Any) -> str:
+    name = getattr(model, "model_name", None) or getattr(model, "model", None)
+    return f"{type(model).__name__}({name!r})" if isinstance(name, str) else type(model).__name__
 
 
 def _check_prices(plan: Plan, options: EnrichOptions) -> None:

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from tests.chains import summary_chain, wine_chains
+from tests.chains import fake_chat_chain, summary_chain, wine_chains
 from tests.helpers import ROOT, requests
 from tests.helpers import reviews as frame
 
@@ -267,3 +267,8 @@ def test_requests_beyond_a_files_limits_are_split_into_batches(make_simulator: A
     stats = batch_stats(sim)
     assert stats["batches_created"] == 3 and stats["batches_failed"] == 0
     assert stats["batch_lines_ok"] == 12
+
+
+def test_batch_is_refused_for_a_chat_model_dask_llm_does_not_see() -> None:
+    with pytest.raises(ValueError, match=r"chain 'fake': batch=.*FakeListChatModel"):
+        frame(10).llm.enrich([dask_llm.Chain(fake_chat_chain(), name="fake")], batch=True)
