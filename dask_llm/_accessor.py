@@ -338,8 +338,16 @@ def _keys_to_ship(plan: Plan, ship: bool) -> tuple[tuple[str, str], ...]:
     if keys and client is not None:
         missing = _cluster.workers_without(client, "OPENAI_API_KEY")
         if missing:
+            # LangChain stores a key read from the environment as if it had been given:
+            # say where it came from (a key equal to OPENAI_API_KEY here is that one).
+            from_env = set(keys.values()) == {os.environ.get("OPENAI_API_KEY")}
+            origin = (
+                "its model's key is this process's OPENAI_API_KEY"
+                if from_env
+                else "its model has an explicit api_key"
+            )
             raise ValueError(
-                f"chain {named[0]!r}: its model has an explicit api_key, which is not sent to "
+                f"chain {named[0]!r}: {origin}, which is not sent to "
                 f"workers, and {len(missing)} worker(s) have no OPENAI_API_KEY ({missing[0]}); "
                 "set it in their environment, or pass ship_api_keys=True (workers on this "
                 "machine only)"
