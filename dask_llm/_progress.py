@@ -310,7 +310,13 @@ def _bar() -> Any:
 
 
 # -- the client's registry of runs in progress ----------------------------------------------
-_RUNS: dict[str, RunProgress] = {}
+#: Runs in progress by (job, the client's run number: ``_hub``; None on distributed).
+#: A rerun of a job after an interrupt is the same job and another run: keyed by job
+#: alone, the first run's tail (a pool child reporting a partition it began after the
+#: stop) was counted in the rerun, which then ended early with a wrong count.
+_RUNS: dict[tuple[str, int | None], RunProgress] = {}
+#: Numbered runs stopped early, whose late events are dropped (the last few hundred).
+_ENDED: dict[tuple[str, int], None] = {}
 _RUNS_LOCK = threading.Lock()
 
 
@@ -319,12 +325,16 @@ def receive(event: dict[str, Any]) -> None:
     job = event.get("job")
     if not isinstance(job, str):
         return
+    number = event.get("run")
+    key = (job, number if isinstance(number, int) else None)
     with _RUNS_LOCK:
-        run = _RUNS.get(job)
+        if key in _ENDED:
+            return  # the tail of a run that was stopped
+        run = _RUNS.get(key)
         if run is None or (run.finished and event.get("kind") == "start"):
             if event.get("kind") != "start":
                 return  # the tail of a run that has ended
-            run = _RUNS[job] = RunProgress(
+            run = _RUNS[key] = RunProgress(
                 job=job,
                 partitions=int(event.get("partitions", 1)),
                 total_rows=event.get("total_rows"),
@@ -334,21 +344,35 @@ def receive(event: dict[str, Any]) -> None:
             )
     if run.apply(event):
         with _RUNS_LOCK:
-            if _RUNS.get(job) is run:
-                del _RUNS[job]
+            if _RUNS.get(key) is run:
+                del _RUNS[key]
 
 
 def active_jobs() -> list[str]:
     """Jobs with a run in progress in this process (as the client sees them)."""
     with _RUNS_LOCK:
-        return list(_RUNS)
+        return list(dict.fromkeys(job for job, _ in _RUNS))
 
 
-def stop_run(job: str, status: str) -> RunSummary | None:
-    """End ``job``'s run early; returns its summary (None if it has no run here)."""
+def stop_run(job: str, status: str, run: int | None = None) -> RunSummary | None:
+    """End ``job``'s runs in progress early; the summary of the newest (None if none here).
+
+    Their late events, and those of ``run`` (stopped before any of its partitions
+    reported), are dropped from then on: a numbered run is never resumed, a rerun
+    is the next number.
+    """
     with _RUNS_LOCK:
-        run = _RUNS.pop(job, None)
-    return None if run is None else run.stop(status)
+        keys = sorted((k for k in _RUNS if k[0] == job), key=lambda k: k[1] or 0)
+        stopped = [_RUNS.pop(k) for k in keys]
+        for number in [n for _, n in keys] + [run]:
+            if number is not None:
+                _ENDED[(job, number)] = None
+        for stale in list(_ENDED)[: max(0, len(_ENDED) - 512)]:
+            del _ENDED[stale]
+    summary = None
+    for progress in stopped:
+        summary = progress.stop(status)
+    return summary
 
 
 def interactive() -> bool:
