@@ -19,6 +19,7 @@ import dask
 import dask.dataframe as dd
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor as register_dask_accessor
+from langchain_core.language_models import BaseChatModel
 from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm.cache import ResultCache, check_cache, open_cache
@@ -288,6 +289,7 @@ def _configure(
         batch=_batch_policy(batch),
         quality_gate=quality_gate,
     )
+    _check_unseen_models(plan, options)
     handle = JobHandle(job=options.job, keys=_keys_to_ship(plan, ship_api_keys))
     if budget_usd is not None:
         _check_prices(plan, options)
@@ -323,6 +325,62 @@ def _enrich_now(df: pd.DataFrame, job: _Configured) -> tuple[pd.DataFrame, RunSu
     if summary is None:  # every run here ends with a summary
         raise RuntimeError(f"job {job.options.job}: its run left no summary")
     return out, summary
+
+
+def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
+    """Refuse, or say, what cannot hold for a chat model whose requests dask-llm does not see.
+
+    The budget, pacing, the Batch API and the cache act on the requests of the job's
+    transport: those of ChatOpenAI models (and ``init_chat_model``'s configurable
+    ones) on clients dask-llm opens. Another chat model, or a ChatOpenAI given its own
+    ``http_async_client``, sends past all of them. What the user asked for
+    (``budget_usd``, ``rpm``, ``tpm``, ``batch``) is refused; the cache, on by
+    default, is said once not to keep that chain's answers.
+    """
+    unseen: list[tuple[str, str]] = []
+    for pc in plan.chains:
+        if pc.chain.is_factory:
+            continue  # its model is built in each process, out of sight here
+        for model in find(pc.chain.runnable, lambda x: isinstance(x, BaseChatModel)):
+            if is_configurable_model(model):
+                continue
+            if isinstance(model, BaseChatOpenAI) and model.http_async_client is None:
+                continue
+            unseen.append((pc.name, _model_label(model)))
+    if not unseen:
+        return
+    chain, label = unseen[0]
+    asked = [
+        name
+        for name, value in (
+            ("budget_usd", options.budget_usd),
+            ("rpm", options.rpm),
+            ("tpm", options.tpm),
+            ("batch", options.batch),
+        )
+        if value is not None
+    ]
+    if asked:
+        raise ValueError(
+            f"chain {chain!r}: {asked[0]}= cannot hold for its model {label}: dask-llm "
+            "budgets, paces and batches the requests of ChatOpenAI models on clients it "
+            "opens, and this model sends its own; drop the option, or use ChatOpenAI "
+            "(without http_async_client=)"
+        )
+    if options.cache is not None:
+        where = ", ".join(f"chain {c!r} ({m})" for c, m in unseen)
+        warnings.warn(
+            f"dask-llm: the answers of {where} are not cached: dask-llm caches the requests "
+            "of ChatOpenAI models on clients it opens; a rerun pays for them again "
+            "(pass cache=False to say you know)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _model_label(model: Any) -> str:
+    name = getattr(model, "model_name", None) or getattr(model, "model", None)
+    return f"{type(model).__name__}({name!r})" if isinstance(name, str) else type(model).__name__
 
 
 def _check_prices(plan: Plan, options: EnrichOptions) -> None:
@@ -365,8 +423,16 @@ def _keys_to_ship(plan: Plan, ship: bool) -> tuple[tuple[str, str], ...]:
     if keys and client is not None:
         missing = _cluster.workers_without(client, "OPENAI_API_KEY")
         if missing:
+            # LangChain stores a key read from the environment as if it had been given:
+            # say where it came from (a key equal to OPENAI_API_KEY here is that one).
+            from_env = set(keys.values()) == {os.environ.get("OPENAI_API_KEY")}
+            origin = (
+                "its model's key is this process's OPENAI_API_KEY"
+                if from_env
+                else "its model has an explicit api_key"
+            )
             raise ValueError(
-                f"chain {named[0]!r}: its model has an explicit api_key, which is not sent to "
+                f"chain {named[0]!r}: {origin}, which is not sent to "
                 f"workers, and {len(missing)} worker(s) have no OPENAI_API_KEY ({missing[0]}); "
                 "set it in their environment, or pass ship_api_keys=True (workers on this "
                 "machine only)"

@@ -53,3 +53,12 @@ def wine_chains(base_url: str) -> list[Any]:
 def text_chain(base_url: str) -> Runnable:
     prompt = ChatPromptTemplate.from_template("One word for {description}")
     return prompt | llm(base_url) | StrOutputParser()
+
+
+def fake_chat_chain(rows: int = 50) -> Runnable:
+    """A chain on a chat model that is not ChatOpenAI (langchain-core's fake): its requests
+    never pass dask-llm's transport."""
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    prompt = ChatPromptTemplate.from_template("One word for {description}")
+    return prompt | FakeListChatModel(responses=["ripe"] * rows) | StrOutputParser()

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from tests.chains import summary_chain, wine_chains
+from tests.chains import fake_chat_chain, summary_chain, wine_chains
 from tests.helpers import ROOT, requests
 from tests.helpers import reviews as frame
 
@@ -331,3 +331,8 @@ def test_a_budget_keeps_whole_rounds_in_one_batch_each(make_simulator: Any) -> N
     assert out["llm_error"].isna().all()
     assert float(out["llm_cost_usd"].sum()) <= 3 * cost
     assert batch_stats(sim)["batches_created"] <= 3  # 2 rounds, the first one split once
+
+
+def test_batch_is_refused_for_a_chat_model_dask_llm_does_not_see() -> None:
+    with pytest.raises(ValueError, match=r"chain 'fake': batch=.*FakeListChatModel"):
+        frame(10).llm.enrich([dask_llm.Chain(fake_chat_chain(), name="fake")], batch=True)

@@ -11,7 +11,7 @@ import pytest
 
 import dask_llm
 from dask_llm.core.usage import price_of
-from tests.chains import summary_chain
+from tests.chains import fake_chat_chain, summary_chain
 from tests.helpers import requests, reviews
 
 ROWS = 160
@@ -101,3 +101,10 @@ def test_progress_and_last_run_show_spend_against_the_budget(sim: Any) -> None:
     assert summary.budget_usd == 5.0
     assert "of $5.00 budget" in str(summary)
     assert pd.notna(summary.cost_usd)
+
+
+def test_a_budget_is_refused_for_a_chat_model_dask_llm_does_not_see() -> None:
+    with pytest.raises(ValueError, match=r"chain 'fake': budget_usd=.*FakeListChatModel"):
+        reviews(30).llm.enrich(
+            [dask_llm.Chain(fake_chat_chain(), name="fake")], budget_usd=0.0001, cache=False
+        )

@@ -26,7 +26,7 @@ import pytest
 
 import dask_llm
 from dask_llm.cache import MemoryCache, ResultCache, SQLiteCache, make_key, open_cache
-from tests.chains import summary_chain
+from tests.chains import fake_chat_chain, summary_chain
 from tests.chains import wine_chains as chains
 from tests.conftest import API_KEY
 from tests.helpers import reviews as frame
@@ -618,3 +618,14 @@ def test_a_thread_opening_its_connection_keeps_the_other_threads_locks(tmp_path:
     child.join(60)
     cache.close()
     assert taken is False
+
+
+def test_a_chat_model_dask_llm_does_not_see_is_said_not_to_be_cached(sim: Any) -> None:
+    chains = [
+        dask_llm.Chain(summary_chain(sim.base_url), name="summarize"),
+        dask_llm.Chain(fake_chat_chain(), name="fake"),
+    ]
+    with pytest.warns(UserWarning, match=r"chain 'fake'.*FakeListChatModel.*not cached") as seen:
+        frame(10).llm.enrich(chains)
+    assert len(seen) == 1
+    frame(10).llm.enrich(chains, cache=False)  # nothing to say: no cache was asked for

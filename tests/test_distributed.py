@@ -84,6 +84,25 @@ def test_an_explicit_key_reaches_local_workers_only_when_asked(
     assert out["llm_error"].isna().all()
 
 
+def test_a_key_from_the_environment_is_not_called_explicit(
+    sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers started without OPENAI_API_KEY; the client has it, and the model read it."""
+    key = os.environ["OPENAI_API_KEY"]
+    monkeypatch.delenv("OPENAI_API_KEY")
+    ddf = dd.from_pandas(frame(6), npartitions=2)
+    with (
+        distributed.LocalCluster(n_workers=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster),
+    ):
+        monkeypatch.setenv("OPENAI_API_KEY", key)
+        chain = dask_llm.Chain(summary_chain(sim.base_url), name="summarize")  # key from env
+        with pytest.raises(ValueError, match="ship_api_keys=True") as info:
+            ddf.llm.enrich([chain], cache=False)
+    message = str(info.value)
+    assert "explicit" not in message and "this process's OPENAI_API_KEY" in message, message
+
+
 def test_an_explicit_key_on_the_process_pool(sim: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY")
     chain = dask_llm.Chain(summary_chain(sim.base_url, api_key=DUMMY_KEY), name="summarize")

@@ -330,3 +330,34 @@ def test_prompt_change_changes_the_fingerprint(sim: Any) -> None:
     p1 = ChatPromptTemplate.from_template("A {description}") | llm(sim.base_url)
     p2 = ChatPromptTemplate.from_template("B {description}") | llm(sim.base_url)
     assert dask_llm.Chain(p1).fingerprint != dask_llm.Chain(p2).fingerprint
+
+
+@pytest.mark.parametrize("errors", ["column", "raise"])
+def test_a_row_whose_text_cannot_be_sent_fails_alone(sim: Any, errors: str) -> None:
+    """A lone surrogate (from a bad decode upstream) is no UTF-8: that row fails, not the job."""
+    texts = [f"Review {i}: plum" for i in range(6)]
+    texts[2] = "Review 2: pl\ud800um"
+    df = pd.DataFrame({"description": pd.Series(texts, dtype=object, index=list("abcdef"))})
+    chains = [dask_llm.Chain(summary_chain(sim.base_url), name="s")]
+    if errors == "raise":
+        with pytest.raises(dask_llm.ChainError, match=r"row 'c'.*description.*surrogate"):
+            df.llm.enrich(chains, errors="raise", cache=False)
+        return
+    out = df.llm.enrich(chains)
+    assert out["llm_error"].notna().tolist() == [False, False, True, False, False, False]
+    assert "s: input description is not valid text" in out.loc["c", "llm_error"]
+    assert out.drop(index="c")["summary"].notna().all()
+
+
+def test_an_error_out_of_a_pandas_job_has_no_event_loop_noise_before_it() -> None:
+    """The traceback of a Ctrl-C or a raised row starts with it, not with "RuntimeError: no
+    running event loop" (the probe for a running loop must not be its context)."""
+
+    def broken(row: dict[str, Any]) -> str:
+        raise KeyError("x")
+
+    chain = dask_llm.Chain(RunnableLambda(broken), name="s", inputs={"text": "description"})
+    with pytest.raises(dask_llm.ChainError) as info:
+        pd.DataFrame({"description": ["plum"]}).llm.enrich([chain], errors="raise", cache=False)
+    context = info.value.__context__
+    assert not isinstance(context, RuntimeError), context

@@ -133,6 +133,7 @@ COMPUTE_AGAIN = """
 import os, signal, sys, threading
 import dask.dataframe as dd, pandas as pd
 import dask_llm
+from dask_llm.simulator import fetch_stats
 from tests.chains import summary_chain, features_chain
 
 def main():
@@ -151,8 +152,12 @@ def main():
         print("not interrupted", flush=True)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
+    before = fetch_stats(url)["requests"]
     again = out.compute(scheduler=scheduler, num_workers=3)  # the notebook user resumes
     print("errors", int(again["llm_error"].notna().sum()), flush=True)
+    ran = dask_llm.last_run()
+    print("rerun", ran.rows, ran.calls, ran.cache_hits, fetch_stats(url)["requests"] - before,
+          ran.status, flush=True)
 
 if __name__ == "__main__":
     main()
@@ -180,6 +185,12 @@ def test_computing_the_same_frame_after_ctrl_c_resumes_it(
     )
     assert "interrupted" in done.stdout.splitlines(), done.stdout + done.stderr
     assert "errors 0" in done.stdout, done.stdout + done.stderr
+    # last_run() is the rerun's, whole: every row, every request it sent (not the first
+    # run's tail, which the process pool's children may still be reporting).
+    rerun = next(line.split() for line in done.stdout.splitlines() if line.startswith("rerun"))
+    rows_seen, calls, _, sent, status = rerun[1:]
+    assert (int(rows_seen), status) == (rows, "completed"), done.stdout
+    assert int(calls) == int(sent), done.stdout
     # Paid once, give or take the requests on the wire when the first run's grace ran out.
     assert sim.stats()["successes"] <= 2 * rows + 30
 

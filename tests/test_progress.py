@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import dask.dataframe as dd
@@ -84,3 +85,29 @@ def test_distributed_rows_are_aggregated_on_the_client(
             time.sleep(0.05)
     assert summary is not None and summary.rows == 40 and summary.calls == 80
     assert summary.input_tokens == sim.stats()["prompt_tokens"]
+
+
+def test_the_tail_of_an_interrupted_run_never_counts_in_its_rerun() -> None:
+    """Dask's process pool: children of an interrupted run may report partitions that began
+    after the client stopped it, while the rerun (the same job, the next run) reports too.
+    The events are those the client's hub receives, in an order seen there."""
+    from dask_llm.observe.progress import receive, stop_run
+
+    job = uuid.uuid4().hex
+
+    def event(run: int, part: int, kind: str, **extra: Any) -> dict[str, Any]:
+        base = {"job": job, "run": run, "partition": part, "attempt": f"{run}.{part}"}
+        return {**base, "kind": kind, "partitions": 4, "total_rows": None, **extra}
+
+    receive(event(1, 0, "start", rows=75))
+    stop_run(job, "interrupted")  # Ctrl-C
+    for part in (1, 2, 3):  # the first run's tail: begun late, stopped at once
+        receive(event(1, part, "start", rows=75))
+        receive(event(1, part, "done"))
+    for part in range(4):  # the rerun
+        receive(event(2, part, "start", rows=75))
+        receive(event(2, part, "counts", counts={"rows": 75, "calls": 150}))
+        receive(event(2, part, "done"))
+    ran = dask_llm.last_run()
+    assert ran is not None
+    assert (ran.rows, ran.calls, ran.status) == (300, 600, "completed")

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 import dask_llm
-from tests.chains import text_chain
+from tests.chains import fake_chat_chain, text_chain
+from tests.helpers import reviews
 
 pytestmark = pytest.mark.slow
 
@@ -103,3 +104,15 @@ def test_the_providers_limit_is_learned_without_any_option(make_simulator: Any) 
     out = frame(100).llm.enrich({"word": text_chain(sim.base_url)}, cache=False)
     assert out["llm_error"].isna().all()
     assert sim.stats()["peak_requests_60s"] <= 1200
+
+
+@pytest.mark.parametrize(
+    "option",
+    [pytest.param({"rpm": 60}, id="rpm"), pytest.param({"tpm": 10_000}, id="tpm")],
+)
+def test_pacing_is_refused_for_a_chat_model_dask_llm_does_not_see(option: dict[str, Any]) -> None:
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"chain 'fake': {name}=.*FakeListChatModel"):
+        reviews(30).llm.enrich(
+            [dask_llm.Chain(fake_chat_chain(), name="fake")], cache=False, **option
+        )

@@ -352,7 +352,7 @@ class Job:
     # -- lifetime ------------------------------------------------------------------------------
     def reporter(self, partition: int, attempt: str) -> _progress.Reporter:
         """Where a partition of this job sends its progress events."""
-        base = {"job": self.id, "partition": partition, "attempt": attempt}
+        base = {"job": self.id, "run": self.run, "partition": partition, "attempt": attempt}
         drain = self.recorder.drain
         if self.worker is not None:
             worker = self.worker
@@ -517,7 +517,7 @@ class _ComputeWatch(Callback):
             text = f"the computation failed ({type(exc).__name__ if exc else 'error'})"
         interrupted = isinstance(exc, KeyboardInterrupt)
         for job_id in stop_run(run, kind, text, everything=interrupted):
-            summary = _progress.stop_run(job_id, "interrupted")
+            summary = _progress.stop_run(job_id, "interrupted", run)
             if interrupted:
                 print(
                     f"dask-llm: stopped job {job_id[:8]}: {resume_hint(summary)}", file=sys.stderr

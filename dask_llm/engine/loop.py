@@ -39,6 +39,12 @@ def run_sync(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        running = False
+    else:
+        running = True
+    if not running:
+        # Outside the except block: whatever the job raises (a Ctrl-C, a stop) must
+        # not read as raised "during handling of RuntimeError: no running event loop".
         return asyncio.run(make_coro())
     return _run_in_thread(make_coro, on_interrupt, grace)
 

@@ -369,6 +369,18 @@ class PartitionRun:
                 if strict:
                     raise RowFailed(f"{pc.name}: missing input {col}")
                 return None
+            if isinstance(value, str):
+                # Text that is not Unicode (a lone surrogate from a bad decode upstream)
+                # cannot be sent, keyed or cached: this row fails, not the job.
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    if strict:
+                        raise RowFailed(
+                            f"{pc.name}: input {col} is not valid text ({exc.reason}: "
+                            f"{value[exc.start]!r} at character {exc.start}); fix or drop it"
+                        ) from None
+                    return None
             inputs[var] = value
         return inputs
 

@@ -150,13 +150,20 @@ def _dollars(value: float) -> str:
 
 #: Summaries kept of runs that ended (a job's caller reads its own at once).
 _KEEP_DONE = 8
+#: Runs stopped early whose late events are dropped, kept at most.
+_KEEP_ENDED = 512
 
 
 class Runs:
     """The client's runs (a part of the process's ``core.runtime``).
 
-    ``active``: each job's run in progress, from its first partition's ``start``
-    event until its last partition ends or it is stopped. ``done``: the summaries
+    ``active``: each run in progress by (job, the client's run number: ``cluster.hub``;
+    None on distributed), from its first partition's ``start`` event until its last
+    partition ends or it is stopped. A rerun of a job after an interrupt is the same
+    job and another run: keyed by job alone, the first run's tail (a pool child
+    reporting a partition it began after the stop) was counted in the rerun.
+    ``ended``: numbered runs stopped early, whose late events are dropped (the last
+    ``_KEEP_ENDED``). ``done``: the summaries
     of the last ``_KEEP_DONE`` runs that ended, by job, oldest dropped first
     (``last_run()`` is the newest). ``subscribed``: the ``distributed`` clients
     whose workers' progress events feed ``active``, held weakly (a client that is
@@ -165,7 +172,8 @@ class Runs:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.active: dict[str, RunProgress] = {}
+        self.active: dict[tuple[str, int | None], RunProgress] = {}
+        self.ended: dict[tuple[str, int], None] = {}
         self.done: dict[str, RunSummary] = {}
         self.subscribed: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -354,13 +362,17 @@ def receive(event: dict[str, Any]) -> None:
     job = event.get("job")
     if not isinstance(job, str):
         return
+    number = event.get("run")
+    key = (job, number if isinstance(number, int) else None)
     runs = part(Runs)
     with runs.lock:
-        run = runs.active.get(job)
+        if key in runs.ended:
+            return  # the tail of a run that was stopped
+        run = runs.active.get(key)
         if run is None or (run.finished and event.get("kind") == "start"):
             if event.get("kind") != "start":
                 return  # the tail of a run that has ended
-            run = runs.active[job] = RunProgress(
+            run = runs.active[key] = RunProgress(
                 job=job,
                 partitions=int(event.get("partitions", 1)),
                 total_rows=event.get("total_rows"),
@@ -370,23 +382,37 @@ def receive(event: dict[str, Any]) -> None:
             )
     if run.apply(event):
         with runs.lock:
-            if runs.active.get(job) is run:
-                del runs.active[job]
+            if runs.active.get(key) is run:
+                del runs.active[key]
 
 
 def active_jobs() -> list[str]:
     """Jobs with a run in progress in this process (as the client sees them)."""
     runs = part(Runs)
     with runs.lock:
-        return list(runs.active)
+        return list(dict.fromkeys(job for job, _ in runs.active))
 
 
-def stop_run(job: str, status: str) -> RunSummary | None:
-    """End ``job``'s run early; returns its summary (None if it has no run here)."""
+def stop_run(job: str, status: str, run: int | None = None) -> RunSummary | None:
+    """End ``job``'s runs in progress early; the summary of the newest (None if none here).
+
+    Their late events, and those of ``run`` (stopped before any of its partitions
+    reported), are dropped from then on: a numbered run is never resumed, a rerun
+    is the next number.
+    """
     runs = part(Runs)
     with runs.lock:
-        run = runs.active.pop(job, None)
-    return None if run is None else run.stop(status)
+        keys = sorted((k for k in runs.active if k[0] == job), key=lambda k: k[1] or 0)
+        stopped = [runs.active.pop(k) for k in keys]
+        for number in [n for _, n in keys] + [run]:
+            if number is not None:
+                runs.ended[(job, number)] = None
+        for stale in list(runs.ended)[: max(0, len(runs.ended) - _KEEP_ENDED)]:
+            del runs.ended[stale]
+    summary = None
+    for progress in stopped:
+        summary = progress.stop(status)
+    return summary
 
 
 def interactive() -> bool:
