@@ -188,9 +188,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         if args.sequential_rows > 0:
             sample = frame.head(args.sequential_rows)
             per_row = sequential(chains, sample)
+            basis = (
+                f"extrapolated from {len(sample)} rows"
+                if len(sample) < len(frame)
+                else f"timed on {len(sample)} rows"
+            )
             print(
                 f"sequential invoke: {per_row:.2f} s per row (timed on {len(sample)} rows), "
-                f"{per_row * len(frame):.1f} s for {len(frame)} rows"
+                f"so ~{per_row * len(frame):.1f} s for {len(frame)} rows ({basis})"
             )
 
         ddf = dd.from_pandas(frame, npartitions=args.partitions)
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     failed = int(result["llm_error"].notna().sum())
     print(f"enrich: {took:.1f} s for {len(result)} rows ({failed} failed) -> {args.output}")
     if per_row is not None:
-        print(f"speedup over sequential: {per_row * len(frame) / took:.1f}x")
+        print(f"speedup over sequential ({basis}): {per_row * len(frame) / took:.1f}x")
     cost = result["llm_cost_usd"].sum()
     print(
         f"tokens in/out: {int(result['llm_input_tokens'].sum())}/"

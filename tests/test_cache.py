@@ -571,6 +571,24 @@ def test_without_a_cache_concurrent_repeats_still_share_one_call(make_simulator:
     assert sim.stats()["requests"] == 1
 
 
+def test_without_a_cache_a_partitions_repeats_are_called_once_as_estimated(
+    sim: Any,
+) -> None:
+    # Issue 28: 100 rows of 50 distinct texts made 100 requests; estimate() said 50.
+    df = pd.DataFrame({"description": [f"text {i % 50}" for i in range(100)]})
+    chains = [dask_llm.Chain(summary_chain(sim.base_url))]
+    estimated = df.llm.estimate(chains, cache=False).calls
+    out = df.llm.enrich(chains, cache=False, max_concurrency=1)  # repeats never overlap
+    assert out["llm_error"].isna().all()
+    assert sim.stats()["requests"] == estimated == 50
+    # Without a cache, partitions (maybe processes) do not share answers: the estimate
+    # counts each partition's distinct calls.
+    two = dd.from_pandas(df.sort_values("description"), npartitions=2, sort=False)
+    assert two.llm.estimate(chains, cache=False).calls <= 52
+    spread = dd.from_pandas(df, npartitions=2, sort=False)  # each text in both partitions
+    assert spread.llm.estimate(chains, cache=False).calls == 100
+
+
 def test_the_cache_file_holds_no_secret(sim: Any, tmp_path: Path) -> None:
     path = tmp_path / "job.sqlite"
     frame(4).llm.enrich(chains(sim.base_url), cache=path)

@@ -278,3 +278,12 @@ def test_a_report_into_a_missing_directory_is_refused_before_any_request(
     assert "--report" in result.stderr and "does not exist" in result.stderr
     assert sim.stats()["requests"] == 0
     assert not (workdir / "out").exists()
+
+
+def test_the_demo_says_its_sequential_time_is_extrapolated(sim: Any, workdir: Path) -> None:
+    # Issue 28: "X s for 6 rows" was timed on 2 rows without saying so.
+    args = ["demo", "--rows", "6", "--sequential-rows", "2", "--base-url", sim.base_url]
+    result = run([*args, "--output", "demo.parquet", "--no-progress"], sim.base_url, workdir)
+    assert result.returncode == 0, result.stderr
+    assert "extrapolated from 2 rows" in result.stdout
+    assert "speedup over sequential (extrapolated from 2 rows)" in result.stdout

@@ -102,3 +102,23 @@ def test_a_gate_is_validated() -> None:
             truncating_chain("http://127.0.0.1:9/v1"),
             quality_gate=0.1,  # type: ignore[typeddict-item]
         )
+
+
+def test_a_pilot_stopped_by_its_budget_projects_from_the_rows_it_sent(sim: Any) -> None:
+    # Issue 28: rows the stop left unsent counted as rows that cost nothing: "$0.00"
+    # and zero-width intervals.
+    rows = demo_rows(500)
+    none_sent = rows.llm.pilot(wine_chains(sim.base_url), n=20, cache=False, budget_usd=1e-6)
+    assert none_sent.unsent_rows == 20
+    assert none_sent.projected_cost_usd is None and none_sent.projected_cost_interval is None
+    assert "nothing to project from" in str(none_sent)
+
+    stopped = rows.llm.pilot(wine_chains(sim.base_url), n=50, cache=False, budget_usd=0.002)
+    sent = stopped.sample_rows - stopped.unsent_rows
+    assert 0 < stopped.unsent_rows < 50 and stopped.cost_usd
+    assert stopped.projected_cost_usd is not None and stopped.projected_cost_interval is not None
+    # Rows sent but stopped mid-way cost less than a whole row: at least the spend per sent row.
+    assert stopped.projected_cost_usd >= stopped.cost_usd / sent * 500 * 0.99
+    low, high = stopped.projected_cost_interval
+    assert low < high
+    assert f"projected from the {sent} rows sent" in str(stopped)

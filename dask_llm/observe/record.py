@@ -200,12 +200,16 @@ class RowCounts:
         "output_tokens",
         "priced",
         "tokens_sq",
+        "unsent",
     )
 
     def __init__(self) -> None:
         self.n = 0
         self.failed = 0
         self.cached = 0  # rows answered without a request (the moments leave them out)
+        # Rows that failed without a request (a stop: budget, fatal, gate): what a row
+        # costs is not seen in them, so the moments leave them out too.
+        self.unsent = 0
         self.priced = 0  # rows whose cost is known (the cost moments are over these)
         self.cost = 0.0
         self.cost_sq = 0.0
@@ -218,8 +222,11 @@ class RowCounts:
     def add(self, failed: bool, usage: Usage) -> None:
         self.n += 1
         self.failed += int(failed)
-        if usage.calls == 0 and not failed:
-            self.cached += 1
+        if usage.calls == 0:
+            if failed:
+                self.unsent += 1
+            else:
+                self.cached += 1
             return
         cost = usage.cost_usd
         if cost is not None:

@@ -220,6 +220,10 @@ def partition_counts(
                     keys[i] = make_key(pc.chain.fingerprint, {**own, "__upstream__": upstream_keys})
             except TypeError:
                 keys[i] = f"row-{part}-{i}-{pc.name}"
+            if cache is None and keys[i] is not None:
+                # No cache (cache=False): a repeat is answered within its partition
+                # only; another partition (maybe another process) calls it again.
+                keys[i] = f"{part}:{keys[i]}"
         if cache is not None and memo is not None:
             rows = [i for i in range(n) if full[i] is not None]
             values = _lookup(cache, memo, legacy, rows, full, values)

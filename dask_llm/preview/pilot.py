@@ -78,6 +78,9 @@ class Pilot:
     projected_wall_interval: tuple[float, float] | None
     paced_by: str
     cached_rows: int = 0
+    #: Rows that failed before any request (the pilot stopped: budget, a fatal answer):
+    #: left out of the projection, which is made from the rows that were sent.
+    unsent_rows: int = 0
     run: RunSummary | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
@@ -101,6 +104,18 @@ class Pilot:
             f"parse failures {self.parse_failure_rate:.1%}; {self.calls_per_row:.2f} calls/row, "
             f"{self.input_tokens_per_call:,.0f} + {self.output_tokens_per_call:,.0f} tokens/call; "
             f"pilot cost {money(self.cost_usd)}; full job ~{cost}, ~{wall}"
+        ) + self._unsent()
+
+    def _unsent(self) -> str:
+        if not self.unsent_rows:
+            return ""
+        sent = self.sample_rows - self.unsent_rows - self.cached_rows
+        return (
+            f" ({self.unsent_rows:,} pilot rows failed before any request, the run having "
+            f"stopped: projected from the {sent:,} rows sent)"
+            if sent > 0
+            else f" ({self.unsent_rows:,} pilot rows failed before any request: nothing to "
+            "project from)"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -180,7 +195,8 @@ def project(run: RunSummary, *, rows: int, wall_s: float, tpm: float | None) -> 
     tokens_in = sum(c.input_tokens for c in record.chains.values())
     tokens_out = sum(c.output_tokens for c in record.chains.values())
     unpriced = sum(c.unpriced for c in record.chains.values())
-    paid_rows = max(1, r.n - r.cached)
+    sent_rows = r.n - r.cached - r.unsent
+    paid_rows = max(1, sent_rows)
 
     def rate(count: int, of: int) -> float:
         return count / of if of else 0.0
@@ -190,6 +206,8 @@ def project(run: RunSummary, *, rows: int, wall_s: float, tpm: float | None) -> 
     if not unpriced and r.priced:
         projected_cost, cost_interval = _total(r.cost, r.cost_sq, r.priced, rows)
     calls_total, calls_interval = _total(float(r.calls), float(r.calls_sq), paid_rows, rows)
+    if sent_rows <= 0:  # nothing was sent (stopped at once, or all cached): no projection
+        projected_cost = cost_interval = None
     # Limits pace requests, not answers: the pilot's 429s, 5xx and retries count too.
     requests_per_answer = sum(c.calls for c in record.chains.values()) / answers if answers else 1
     calls_total *= requests_per_answer
@@ -213,8 +231,11 @@ def project(run: RunSummary, *, rows: int, wall_s: float, tpm: float | None) -> 
             wall = by_tokens
             wall_interval = (tokens_interval[0] / (tpm / 60), tokens_interval[1] / (tpm / 60))
             paced_by = f"{tpm:,.0f} tokens/min"
-    if wall is None and r.n and wall_s > 0:
-        wall = wall_s * rows / r.n
+    if sent_rows <= 0:
+        wall = wall_interval = None
+        paced_by = "unknown"
+    if wall is None and sent_rows > 0 and wall_s > 0:
+        wall = wall_s * rows / sent_rows
         spread = (calls_interval[1] - calls_interval[0]) / 2 / calls_total if calls_total else 0
         wall_interval = (wall * (1 - spread), wall * (1 + spread))
         paced_by = "the pilot's pace (no rpm/tpm known)"
@@ -235,6 +256,7 @@ def project(run: RunSummary, *, rows: int, wall_s: float, tpm: float | None) -> 
         projected_wall_interval=wall_interval,
         paced_by=paced_by,
         cached_rows=r.cached,
+        unsent_rows=r.unsent,
         run=run,
     )
 

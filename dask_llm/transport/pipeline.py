@@ -88,6 +88,10 @@ class JobTransport:
         self.job = job
         self.stats = stats
         self.batcher = batcher
+        # Without a cache (cache=False), this partition's answers, so that a repeat of
+        # a request answers from them as the cache would (and as estimate() counts);
+        # they go with the partition's loop.
+        self._answers: dict[str, Answer] = {}
         # With the SDK's aiohttp transport, requests are admitted by the session's
         # request class, at the moment they are written (see PacedRequest).
         self.gated = _install_gate(inner)
@@ -108,6 +112,11 @@ class JobTransport:
                     attempt.keys.append(key)
                     attempt.cached += 1
                 return _response(request, cached)
+        if not fresh and job.cache is None and key in self._answers:
+            if attempt is not None:
+                attempt.keys.append(key)
+                attempt.cached += 1  # this partition paid for it already
+            return _response(request, self._answers[key])
         # In batch mode this row waits (for its batch, or an identical request's): the
         # batcher counts it, to submit once nothing else can arrive.
         waiting = (
@@ -123,6 +132,8 @@ class JobTransport:
                 answer, mine = await dedup.once(key, lambda: self._send(request, body, key))
                 if not mine and attempt is not None:
                     attempt.cached += 1  # the other caller paid for it
+                if job.cache is None and answer.status < 400:
+                    self._answers[key] = answer
         if attempt is not None and key is not None:
             attempt.keys.append(key)
         return _response(request, answer)
