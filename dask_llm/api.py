@@ -189,7 +189,10 @@ def enrich(
 
     Raises:
         ValueError: an input that resolves to no column, clashing output columns,
-            a dependency cycle, a bad option, an unusable cache.
+            a dependency cycle, a bad option, an unusable cache; ``budget_usd``,
+            ``rpm``, ``tpm`` or ``batch`` for a chain whose chat model sends its own
+            requests (not ChatOpenAI, or with its own ``http_async_client``), which
+            also gets a ``UserWarning`` that its answers are not cached.
         TypeError: something that is not a chain.
     """
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
