@@ -53,6 +53,18 @@ def test_a_faulty_provider_loses_no_row(make_simulator: Any) -> None:
     assert faults["error_500"] > 50 and faults["hang"] > 5 and faults["schema_violation"] > 5
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
+def test_a_body_that_is_not_json_is_asked_again_not_served_again(
+    make_simulator: Any, cache: bool
+) -> None:
+    # A 200 whose body does not parse is kept (by the cache, or with cache=False by the
+    # partition, for its repeats): the retry must ask again, not get the same bytes.
+    sim = make_simulator(malformed_json=0.3, seed=5)
+    df = pd.DataFrame({"description": [f"Review {i}: plum" for i in range(40)]})
+    out = df.llm.enrich([dask_llm.Chain(summary_chain(sim.base_url), name="s")], cache=cache)
+    assert out["llm_error"].isna().all(), out["llm_error"].dropna().head().tolist()
+
+
 def test_schema_violations_are_retried_a_bounded_number_of_times(make_simulator: Any) -> None:
     sim = make_simulator(schema_violation=1.0)
     df = pd.DataFrame({"description": ["one review"]})

@@ -147,7 +147,12 @@ async def call_with_retries(
                     )
                 except BaseException as exc:
                     total.add(settle(attempt, callback))
-                    if classify(exc) == "parse":
+                    if classify(exc) == "parse" or isinstance(
+                        root_cause(exc), json.JSONDecodeError
+                    ):
+                        # An answer that did not fit its schema, or a body that is not
+                        # JSON: the next attempt asks again instead of being served the
+                        # same answer by the cache (or this partition's answers).
                         refresh = refresh | frozenset(attempt.keys)
                     raise
                 finally:
