@@ -213,7 +213,11 @@ async def call_with_retries(
                     )
                 except BaseException as exc:
                     total.add(settle(attempt, callback))
-                    if classify(exc) == "parse":
+                    if classify(exc) == "parse" or isinstance(
+                        exc, json.JSONDecodeError | openai.APIResponseValidationError
+                    ):
+                        # An answer that did not parse (its schema, or its body): asked
+                        # again around the cache and the partition's own answers.
                         refresh = refresh | frozenset(attempt.keys)
                     raise
                 finally:
