@@ -148,10 +148,10 @@ async def call_with_retries(
                 except BaseException as exc:
                     total.add(settle(attempt, callback))
                     if classify(exc) == "parse" or isinstance(
-                        root_cause(exc), json.JSONDecodeError
+                        root_cause(exc), json.JSONDecodeError | openai.APIResponseValidationError
                     ):
-                        # An answer that did not fit its schema, or a body that is not
-                        # JSON: the next attempt asks again instead of being served the
+                        # An answer that did not fit its schema, or a body that did not
+                        # parse: the next attempt asks again instead of being served the
                         # same answer by the cache (or this partition's answers).
                         refresh = refresh | frozenset(attempt.keys)
                     raise
