@@ -22,6 +22,7 @@ from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT, FLEX_REQUEST_TIMEOUT, 
 from dask_llm.core.usage import PRICES, Price, check_prices, cost_usd, price_of
 from dask_llm.engine import job as _job
 from dask_llm.engine.calls import PartitionStats
+from dask_llm.observe.report import _chain_table
 from dask_llm.transport.pipeline import LoopClients
 from dask_llm.transport.wire import outcome_of
 from tests.chains import llm, summary_chain
@@ -94,7 +95,7 @@ def test_resource_unavailable_answers_are_retried_and_are_not_the_quota(
 ) -> None:
     sim = make_simulator(flex_unavailable=0.3, rpm=6000, seed=3)
     chain = [dask_llm.Chain(summary_chain(sim.base_url), name="s")]
-    rows = pd.concat([ROWS] * 3, ignore_index=True)
+    rows = pd.DataFrame({"description": [f"Review {i}: cassis and graphite" for i in range(24)]})
     out = rows.llm.enrich(chain, cache=False, service_tier="flex", retry=FAST)
     stats = sim.stats()
     assert out["llm_error"].isna().all()
@@ -103,11 +104,16 @@ def test_resource_unavailable_answers_are_retried_and_are_not_the_quota(
     summary = dask_llm.last_run()
     assert summary is not None
     assert summary.flex_unavailable == unavailable
+    assert summary.flex_calls == summary.calls == stats["flex_answered"] == len(rows)
     assert summary.rate_limited == 0 and summary.retries >= unavailable
     record = summary.record.as_dict() if summary.record else {}
     assert record["chains"]["s"]["unavailable"] == unavailable
     kinds = {kind for kind, per_bucket in record["errors"].items() if sum(per_bucket)}
     assert kinds == {"429 unavailable"}
+    assert summary.record is not None
+    table = _chain_table(summary.record)  # the report's, without drawing its plots
+    assert "by Flex / batch / Flex unavailable" in table
+    assert f"<td>{len(rows)} / 0 / {unavailable}</td>" in table
     # Not billed: the cost is the answers' only.
     assert cost(out) == pytest.approx(bill(stats, price_of("gpt-4o-mini", tier="flex")), rel=1e-9)
 
@@ -189,6 +195,20 @@ def test_bad_service_tiers_are_refused_before_any_request(
     with pytest.raises(error, match=match):
         ROWS.llm.enrich(chain, cache=False, **options)
     assert requests(sim) == 0
+
+
+def test_the_progress_bar_says_how_many_answers_came_by_flex() -> None:
+    from dask_llm.observe.progress import RunProgress
+
+    run = RunProgress(job="bar", partitions=1, total_rows=4, show=False)
+    run.apply({"kind": "start", "partition": 0, "attempt": 1, "rows": 4})
+    counts = {"rows": 4, "calls": 4, "flex_calls": 4, "flex_unavailable": 1, "cost": 0.01}
+    run.apply({"kind": "counts", "partition": 0, "attempt": 1, "counts": counts})
+    counts = {"cached_tokens": 2048, "saved": 0.0002}
+    run.apply({"kind": "counts", "partition": 0, "attempt": 1, "counts": counts})
+    assert "4 by Flex (1 unavailable)" in run._postfix()
+    assert "2,048 cached" in run._postfix()
+    assert run.summary.caching_saved_usd == pytest.approx(0.0002)
 
 
 # -- prompt caching --------------------------------------------------------------------------
