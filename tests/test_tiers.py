@@ -297,3 +297,13 @@ def test_price_overrides_keep_their_shapes(entry: Any, rates: tuple, batch: tupl
 def test_bad_mapping_prices_are_refused(entry: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         check_prices({"gpt-4o-mini": entry})
+
+
+def test_estimate_takes_every_price_shape(sim: Any) -> None:
+    chain = [dask_llm.Chain(summary_chain(sim.base_url), name="s")]
+    shapes = [(1.0, 2.0), {"input": 1.0, "output": 2.0}, Price(1.0, 2.0, cached_input=0.5)]
+    costs = {
+        ROWS.llm.estimate(chain, cache=False, prices={"gpt-4o-mini": p}).cost_usd for p in shapes
+    }
+    assert len(costs) == 1 and None not in costs  # no cached share projected yet
+    assert requests(sim) == 0
