@@ -102,9 +102,7 @@ class SimulatorConfig:
     models: tuple[str, ...] | None = _option(None, "Accepted model (repeatable; default any).")
     completion_tokens: int = _option(40, "Length of text answers.")
     seed: int = _option(0, "Seed of answers, latency and faults.")
-    flex_slowdown: float = _option(
-        3.0, "Latency multiplier of Flex requests (service_tier=flex)."
-    )
+    flex_slowdown: float = _option(3.0, "Latency multiplier of Flex requests (service_tier=flex).")
     flex_unavailable: float = _option(
         0.0, "Probability that a Flex request gets 429 resource unavailable (not the quota)."
     )
@@ -128,7 +126,6 @@ class SimulatorConfig:
     )
     batch_max_lines: int = _option(50_000, "Most requests in a batch file.")
     batch_max_bytes: int = _option(200 * 1024 * 1024, "Largest batch input file, in bytes.")
-
 
     def __post_init__(self) -> None:
         for name in (
