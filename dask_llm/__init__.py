@@ -17,7 +17,7 @@ from dask_llm.core.errors import (
     JobStopped,
     WorkerSetupError,
 )
-from dask_llm.core.usage import BATCH_DISCOUNT, PRICES, PRICES_AS_OF
+from dask_llm.core.usage import BATCH_DISCOUNT, PRICES, PRICES_AS_OF, Price
 from dask_llm.engine import job as _job  # noqa: F401  (registers the Ctrl-C callback)
 from dask_llm.observe.progress import RunSummary, last_run
 from dask_llm.observe.record import RunRecord
@@ -39,6 +39,7 @@ __all__ = [
     "JobStopped",
     "PandasLLMAccessor",
     "Pilot",
+    "Price",
     "QualityGate",
     "RetryPolicy",
     "RunRecord",

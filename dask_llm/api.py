@@ -43,8 +43,9 @@ from dask_llm.core.config import (
     Errors,
     QualityGate,
     RetryPolicy,
+    ServiceTier,
 )
-from dask_llm.core.usage import USAGE_COLUMNS, check_prices, price_of
+from dask_llm.core.usage import USAGE_COLUMNS, PriceEntry, as_price, check_prices, price_of
 from dask_llm.engine.runner import enrich_partition
 from dask_llm.observe import progress as _progress
 from dask_llm.observe.progress import RunSummary
@@ -70,12 +71,13 @@ class EnrichKwargs(TypedDict, total=False):
     sync_threads: int
     error_column: str
     usage: bool | Sequence[str]
-    prices: Mapping[str, tuple[float, ...]] | None
+    prices: Mapping[str, PriceEntry] | None
     cache: CacheArg
     progress: bool | None
     ship_api_keys: bool
     batch: bool | BatchPolicy
     quality_gate: QualityGate | None
+    service_tier: ServiceTier | None
 
 
 class EstimateKwargs(TypedDict, total=False):
@@ -85,7 +87,7 @@ class EstimateKwargs(TypedDict, total=False):
     tpm: float | None
     budget_usd: float | None
     cache: CacheArg
-    prices: Mapping[str, tuple[float, ...]] | None
+    prices: Mapping[str, PriceEntry] | None
     batch: bool
 
 
@@ -113,12 +115,13 @@ def enrich(
     sync_threads: int = DEFAULT_SYNC_THREADS,
     error_column: str = DEFAULT_ERROR_COLUMN,
     usage: bool | Sequence[str] = True,
-    prices: Mapping[str, tuple[float, ...]] | None = None,
+    prices: Mapping[str, PriceEntry] | None = None,
     cache: CacheArg = True,
     progress: bool | None = None,
     ship_api_keys: bool = False,
     batch: bool | BatchPolicy = False,
     quality_gate: QualityGate | None = None,
+    service_tier: ServiceTier | None = None,
     timeout: Any = _UNSET,
     attempts: Any = _UNSET,
     retry_timeout: Any = _UNSET,
@@ -144,7 +147,8 @@ def enrich(
         errors: ``"column"`` records a row's failure in ``error_column`` and goes on;
             ``"raise"`` stops the job and raises ``ChainError`` naming the row's index.
         request_timeout: seconds one HTTP request may take before it is abandoned (and
-            retried). Default: the model's own ``timeout=`` if it sets one, else 60.
+            retried). Default: the model's own ``timeout=`` if it sets one, else 60
+            (900 for Flex requests, as OpenAI advises).
         retry: a ``RetryPolicy`` (attempts, total time, backoff, parse attempts), or a
             number of attempts.
         sync_threads: threads per partition for chains with only a sync implementation.
@@ -154,10 +158,13 @@ def enrich(
             (totals over the row's chains and attempts, null where the provider reported
             no usage or the model has no price); three names rename them; False leaves
             them out.
-        prices: ``{model: (input, output)}`` US dollars per million tokens, over the
-            built-in table (``dask_llm.PRICES``); ``(input, output, batch_input,
-            batch_output)`` gives the Batch API's prices too (else ``BATCH_DISCOUNT``
-            of the online ones). Models in neither get a null cost.
+        prices: ``{model: price}`` US dollars per million tokens, over the built-in
+            table (``dask_llm.PRICES``). A price is ``(input, output)``, ``(input,
+            output, batch_input, batch_output)``, a ``dask_llm.Price`` or a mapping of
+            its fields (``{"input": 0.15, "cached_input": 0.075, "output": 0.6}``; also
+            ``batch_input``, ``batch_output``, ``flex_input``, ``flex_output``). Unset:
+            cached input at the input price, the Batch API at ``BATCH_DISCOUNT`` of the
+            online price, Flex at the Batch API's. Models in neither get a null cost.
         cache: where paid answers are kept, so a rerun (after a crash, or with more
             rows) pays only for calls it has not made yet: ``True`` (default) for
             ``$DASK_LLM_CACHE`` or ``./.dask-llm-cache/results.sqlite``, a path, a
@@ -180,6 +187,11 @@ def enrich(
             the rate of errors, truncated answers, refusals or parse failures crosses its
             threshold (judged once ``min_rows`` rows have finished; rows not done get
             ``llm_error`` naming the rate). See ``pilot`` to measure the rates first.
+        service_tier: ``"flex"`` sends every OpenAI model's requests by Flex processing
+            (billed at Batch API prices, answers in seconds to minutes; its 429
+            "resource unavailable" answers are retried with backoff and do not slow the
+            pacing); ``"default"`` sends them at list price; None (default): each model
+            keeps its own ``service_tier=``. Not with ``batch=``. See docs/cost.md.
         timeout, attempts, retry_timeout: deprecated names of ``request_timeout`` and of
             ``retry=RetryPolicy(attempts=..., timeout=...)``; they warn and still work.
 
@@ -217,6 +229,7 @@ def enrich(
         ship_api_keys=ship_api_keys,
         batch=batch,
         quality_gate=quality_gate,
+        service_tier=service_tier,
     )
     if isinstance(frame, dd.DataFrame):
         client = _cluster.distributed_client()
@@ -255,12 +268,13 @@ def _configure(
     sync_threads: int,
     error_column: str,
     usage: bool | Sequence[str],
-    prices: Mapping[str, tuple[float, ...]] | None,
+    prices: Mapping[str, PriceEntry] | None,
     cache: CacheArg,
     progress: bool | None,
     ship_api_keys: bool,
     batch: bool | BatchPolicy,
     quality_gate: QualityGate | None,
+    service_tier: ServiceTier | None,
 ) -> _Configured:
     """The plan, options and handle of one job: everything checked before anything is
     opened or sent."""
@@ -272,6 +286,7 @@ def _configure(
         error_column=error_column,
         usage_columns=_usage_columns(usage),
     )
+    check_prices(prices)
     store = open_cache(cache, default_path=default_cache_path())
     options = EnrichOptions(
         job=uuid.uuid4().hex,
@@ -284,13 +299,14 @@ def _configure(
         request_timeout=request_timeout,
         retry=retry,
         sync_threads=sync_threads,
-        prices=tuple(sorted((prices or {}).items())),
+        prices=tuple(sorted((m, as_price(p)) for m, p in (prices or {}).items())),
         cache=store,
         partitions=frame.npartitions if is_dask else 1,
         total_rows=None if is_dask else len(frame),
         progress=_progress.interactive() if progress is None else bool(progress),
         batch=_batch_policy(batch),
         quality_gate=quality_gate,
+        service_tier=service_tier,
     )
     _check_unseen_models(plan, options)
     handle = JobHandle(job=options.job, keys=_keys_to_ship(plan, ship_api_keys))
@@ -519,7 +535,7 @@ def estimate(
     rpm: float | None = None,
     tpm: float | None = None,
     cache: CacheArg = True,
-    prices: Mapping[str, tuple[float, ...]] | None = None,
+    prices: Mapping[str, PriceEntry] | None = None,
     budget_usd: float | None = None,
     batch: bool = False,
 ) -> Estimate:

@@ -234,11 +234,16 @@ def request_key(method: str, path: str, body: bytes) -> str:
     meaning). Model, messages, tools, response format and sampling parameters
     all live in the body, so whatever a chain computed to build its request
     (closures, globals, factories) is in the key. A body that is not JSON is
-    keyed by its bytes.
+    keyed by its bytes. ``service_tier`` is left out: it says how an answer is
+    served and paid for (Flex, list price), not what it says, so a Flex run
+    reuses answers paid at list price and the other way round.
     """
     try:
+        payload = json.loads(body)
+        if isinstance(payload, dict):
+            payload.pop("service_tier", None)
         canonical = json.dumps(
-            json.loads(body), sort_keys=True, ensure_ascii=False, separators=(",", ":")
+            payload, sort_keys=True, ensure_ascii=False, separators=(",", ":")
         ).encode()
     except ValueError:
         canonical = body

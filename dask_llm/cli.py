@@ -25,7 +25,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import fields
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import click
 
@@ -36,8 +36,10 @@ from dask_llm.core.config import (
     DEFAULT_ERRORS,
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_RETRY,
+    SERVICE_TIERS,
     BatchPolicy,
     RetryPolicy,
+    ServiceTier,
 )
 from dask_llm.demo import main as run_demo
 from dask_llm.simulator import SimulatorConfig, serve
@@ -343,6 +345,13 @@ def _with_common(fn: Any) -> Any:
     show_default=True,
     help="Lines that failed or expired: resubmit in the next batch, or send online.",
 )
+@click.option(
+    "--service-tier",
+    type=click.Choice(list(SERVICE_TIERS)),
+    default=None,
+    help="Send every OpenAI request by Flex processing (Batch API prices, answers in "
+    "seconds to minutes) or at list price (default: each model's own).",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 @click.option(
     "--report",
@@ -370,6 +379,7 @@ def enrich(
     budget_usd: float | None,
     batch_poll: float,
     batch_fallback: str,
+    service_tier: str | None,
     progress: bool | None,
     report_path: str | None,
 ) -> None:
@@ -397,6 +407,7 @@ def enrich(
             )
             if batch
             else False,
+            service_tier=cast(ServiceTier | None, service_tier),  # a click.Choice of them
         )
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None

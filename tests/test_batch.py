@@ -97,8 +97,8 @@ def test_an_expired_batch_sends_the_rest_online_with_the_online_fallback(
     assert stats["batches_created"] == 1
     assert requests(sim) == stats["batch_lines_expired"] > 0
     # Online answers cost the online price, batch answers half: each row's cost says which.
-    price_in, price_out = dask_llm.PRICES["gpt-4o-mini"]
-    online = (out["llm_input_tokens"] * price_in + out["llm_output_tokens"] * price_out) / 1e6
+    price = dask_llm.PRICES["gpt-4o-mini"]
+    online = (out["llm_input_tokens"] * price.input + out["llm_output_tokens"] * price.output) / 1e6
     share = (out["llm_cost_usd"] / online).round(6)
     assert set(share) == {0.5, 1.0}
     assert (share == 1.0).sum() == stats["batch_lines_expired"]

@@ -138,6 +138,23 @@ def test_enrich_with_the_batch_api(make_simulator: Any, workdir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_enrich_by_flex(sim: Any, workdir: Path) -> None:
+    result = run(
+        [
+            *("enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out"),
+            *("--service-tier", "flex"),
+        ],
+        sim.base_url,
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    out = pd.read_parquet(workdir / "out", dtype_backend="pyarrow")
+    assert len(out) == 30 and out["llm_error"].isna().all()
+    assert sim.stats()["flex_answered"] == 30
+    assert "by tier: 30 Flex" in result.stdout
+
+
+@pytest.mark.slow
 def test_estimate_sends_nothing(sim: Any, workdir: Path) -> None:
     result = run(
         ["estimate", "reviews-*.csv", "--chains", "chains.py:chains", "--rpm", "600"],

@@ -439,13 +439,16 @@ def test_cli_rejects_bad_options() -> None:
     ],
 )
 def test_rendered_answers_are_byte_identical_to_json_dumps(payload: dict[str, Any]) -> None:
-    from dask_llm.simulator._app import SimulatorApp, render
+    from dask_llm.simulator._app import SimulatorApp, render, with_usage
 
     app = SimulatorApp(SimulatorConfig())
     body, completion_tokens, _ = app._compose(payload, app.answer_key(payload), None)
-    full = {**body, "usage": {"prompt_tokens": 7, "completion_tokens": completion_tokens}}
-    full["usage"]["total_tokens"] = 7 + completion_tokens
-    assert render(body, 7, completion_tokens) == json.dumps(full, separators=(",", ":")).encode()
+    for cached, tier in ((0, "default"), (1152, "flex")):
+        full = with_usage(body, 7, completion_tokens, cached, tier)
+        assert full["usage"]["total_tokens"] == 7 + completion_tokens
+        assert full["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+        rendered = render(body, 7, completion_tokens, cached, tier)
+        assert rendered == json.dumps(full, separators=(",", ":")).encode()
 
 
 def test_the_answer_does_not_depend_on_key_order_or_spacing(sim: Simulator) -> None:

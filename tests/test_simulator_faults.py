@@ -166,6 +166,7 @@ def test_series_counts_each_second_as_documented(make_simulator: Any) -> None:
         "faults": 1,
         "prompt_tokens": stats["prompt_tokens"],
         "completion_tokens": stats["completion_tokens"],
+        "cached_tokens": 0,
     }
     first, last = series[0], series[-1]
     assert (first["requests"], first["successes"], first["rate_limited"]) == (6, 3, 2)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from dask_llm.core.usage import check_prices
+from dask_llm.core.usage import Price, check_prices
 
 if TYPE_CHECKING:
     from dask_llm.cache import ResultCache
@@ -30,6 +30,8 @@ DEFAULT_MAX_CONCURRENCY: Final = 256
 DEFAULT_INITIAL_CONCURRENCY: Final = 16
 #: Seconds one HTTP request may take, unless the model sets its own ``timeout``.
 DEFAULT_REQUEST_TIMEOUT: Final = 60.0
+#: The same for a Flex request: OpenAI advises 15 minutes (Flex answers slowly, or 429s).
+FLEX_REQUEST_TIMEOUT: Final = 900.0
 #: Threads per process for chains that have only a synchronous implementation.
 DEFAULT_SYNC_THREADS: Final = 16
 #: What a failed row does: recorded in the error column, or raised.
@@ -38,6 +40,9 @@ DEFAULT_ERRORS: Final = "column"
 DEFAULT_ERROR_COLUMN: Final = "llm_error"
 
 Errors = Literal["column", "raise"]
+#: The service tiers ``enrich(service_tier=...)`` takes (priced by ``core.usage``).
+ServiceTier = Literal["flex", "default"]
+SERVICE_TIERS: Final = ("flex", "default")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -217,7 +222,8 @@ class EnrichOptions:
     request_timeout: float | None = None
     retry: RetryPolicy = DEFAULT_RETRY
     sync_threads: int = DEFAULT_SYNC_THREADS
-    prices: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    #: ``(model, Price)`` pairs over the built-in table (``api`` turns each entry into a Price).
+    prices: tuple[tuple[str, Price], ...] = ()
     cache: ResultCache | None = None
     partitions: int = 1
     total_rows: int | None = None
@@ -225,6 +231,9 @@ class EnrichOptions:
     #: The Batch API (``batch=True``: ``BatchPolicy()``); None for online calls.
     batch: BatchPolicy | None = None
     quality_gate: QualityGate | None = None
+    #: Set on every OpenAI model of the job (None: each model keeps its own).
+    service_tier: ServiceTier | None = None
+
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency= must be >= 1, not {self.max_concurrency}")
@@ -246,10 +255,19 @@ class EnrichOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}= must be > 0, or None for no limit")
+        if self.service_tier is not None and self.service_tier not in SERVICE_TIERS:
+            raise ValueError(
+                f"service_tier= must be 'flex', 'default' or None, not {self.service_tier!r}"
+            )
+        if self.service_tier == "flex" and self.batch is not None:
+            raise ValueError(
+                "service_tier='flex' and batch= are two ways to the Batch API's price: "
+                "choose one (Flex answers online in seconds to minutes; a batch within its window)"
+            )
         check_prices(dict(self.prices))
 
     @property
-    def price_table(self) -> Mapping[str, tuple[float, ...]]:
+    def price_table(self) -> Mapping[str, Price]:
         return dict(self.prices)
 
     @property

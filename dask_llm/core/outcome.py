@@ -5,8 +5,15 @@ once into an ``Outcome`` (``transport.wire.outcome_of``) and hands it to the
 stages that act on it: the breaker (``fatal``), the throttle (status,
 headers, ``quota``), the budget (the cost), the chain call's usage
 (``Attempt``), the cache (the answer's bytes) and the run record (counts,
-tokens, truncations, refusals). Before, the body was searched for usage in
-the transport and again in the recorder.
+tokens, cached tokens, the tier that served it, truncations, refusals).
+Before, the body was searched for usage in the transport and again in the
+recorder.
+
+The tier an answer is priced at: a Batch API line's is ``"batch"``; an
+online answer's is the ``service_tier`` it reports (OpenAI says which tier
+served it), else the one the request asked for. A Flex request's 429 that
+is not the quota's is ``unavailable`` (OpenAI's "Resource Unavailable": not
+billed, retried with backoff, and no reason to pace slower).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from dask_llm.core.usage import cost_usd, price_of, read_usage
+from dask_llm.core.usage import PriceEntry, Tier, cost_usd, price_of, read_usage
 
 _FINISH_LENGTH: Final = re.compile(rb'"finish_reason"\s*:\s*"length"')
 _REFUSAL: Final = re.compile(rb'"refusal"\s*:\s*"')
@@ -39,6 +46,12 @@ class Outcome:
     #: Tokens the answer reported (None: it reported no usage).
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: Prompt tokens read from the provider's prompt cache (of ``prompt_tokens``).
+    cached_tokens: int | None = None
+    #: How the answer was served, for its price.
+    tier: Tier = "default"
+    #: A Flex request's 429 "resource unavailable": not the quota, not billed.
+    unavailable: bool = False
     #: Cut at ``max_tokens`` (``finish_reason="length"``).
     truncated: bool = False
     #: A refusal (a non-null ``refusal``).
@@ -49,17 +62,19 @@ class Outcome:
         """An answer with a status below 400 (paid for)."""
         return self.status is not None and self.status < 400
 
-    def cost(self, prices: Mapping[str, tuple[float, ...]] | None) -> float | None:
+    def cost(self, prices: Mapping[str, PriceEntry] | None) -> float | None:
         """US dollars this answer cost at ``prices`` over the built-in table: 0 for an error
         answer (not billed); None when it reported no usage or its model has no price."""
         if not self.ok:
             return 0.0
         if self.prompt_tokens is None:
             return None
-        price = price_of(self.model, prices, batch=self.batch)
+        price = price_of(self.model, prices, tier=self.tier)
         if price is None:
             return None
-        return cost_usd(price, self.prompt_tokens, self.completion_tokens or 0)
+        return cost_usd(
+            price, self.prompt_tokens, self.completion_tokens or 0, self.cached_tokens or 0
+        )
 
 
 def read_outcome(
@@ -68,24 +83,41 @@ def read_outcome(
     body: bytes,
     *,
     batch: bool = False,
+    flex: bool = False,
     quota: bool = False,
     fatal: str | None = None,
 ) -> Outcome:
     """The ``Outcome`` of an answer whose quota and fatal readings are known (the
-    transport's ``outcome_of`` reads those from the provider's headers and error body)."""
+    transport's ``outcome_of`` reads those from the provider's headers and error body).
+
+    ``flex``: the request asked for Flex processing.
+    """
+    asked: Tier = "batch" if batch else "flex" if flex else "default"
     if status is None or status >= 400:
         return Outcome(
-            status=status, headers=headers, body=body, batch=batch, quota=quota, fatal=fatal
+            status=status,
+            headers=headers,
+            body=body,
+            batch=batch,
+            tier=asked,
+            quota=quota,
+            unavailable=flex and status == 429 and not quota and fatal is None,
+            fatal=fatal,
         )
-    model, prompt, completion = read_usage(body)
+    usage = read_usage(body)
+    served = usage.service_tier  # the answer's word beats the request's
+    flex_served = served == "flex" if served is not None else flex
+    tier: Tier = "batch" if batch else "flex" if flex_served else "default"
     return Outcome(
         status=status,
         headers=headers,
         body=body,
         batch=batch,
-        model=model,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
+        tier=tier,
+        model=usage.model,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
         truncated=_FINISH_LENGTH.search(body) is not None,
         refused=_REFUSAL.search(body) is not None,
     )

@@ -16,10 +16,16 @@ transport; LangChain's when none did and every answer carried
 row, never a guessed zero. Answers served from the cache cost nothing in
 this run.
 
-Prices are US dollars per million tokens, as OpenAI lists them for standard
-(non-batch, uncached) use. They change: the table says when it was taken,
-``PRICES`` is read-only, and ``prices=`` on ``enrich`` overrides or extends
-it. A model that is not in the table gets a null cost, never a guessed one.
+Prices are US dollars per million tokens, as OpenAI lists them: input,
+cached input (prompt tokens OpenAI read from its prompt cache,
+``usage.prompt_tokens_details.cached_tokens``) and output, for standard
+(online, non-Flex) use. The Batch API and Flex processing are billed at
+their own prices (half, for every model here, unless an entry says
+otherwise); a tier's cached input costs its input price times the model's
+cached share (``cached_input / input``). They change: the table says when
+it was taken, ``PRICES`` is read-only, and ``prices=`` on ``enrich``
+overrides or extends it. A model that is not in the table gets a null cost,
+never a guessed one.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ import math
 import re
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Literal, NamedTuple
 
 from langchain_core.callbacks import BaseCallbackHandler
 
@@ -41,134 +48,259 @@ BATCH_DISCOUNT: Final = 0.5
 
 USAGE_COLUMNS = ("llm_input_tokens", "llm_output_tokens", "llm_cost_usd")
 
-#: model -> (input, output) USD per 1M tokens. Read-only: pass ``prices=`` to change it.
-PRICES: Mapping[str, tuple[float, float]] = MappingProxyType(
+#: How an answer was served, for its price: online at list price, the Batch API, Flex.
+Tier = Literal["default", "batch", "flex"]
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """One model's prices, US dollars per million tokens.
+
+    ``input`` and ``output`` are the online (list) prices. ``cached_input`` is
+    what a prompt token read from the provider's prompt cache costs (None: the
+    input price, as for a model without prompt caching). ``batch_*`` are the
+    Batch API's (None: ``BATCH_DISCOUNT`` of the online price); ``flex_*`` are
+    Flex processing's (None: the Batch API's, as OpenAI bills Flex).
+    """
+
+    input: float
+    output: float
+    cached_input: float | None = None
+    batch_input: float | None = None
+    batch_output: float | None = None
+    flex_input: float | None = None
+    flex_output: float | None = None
+
+    def rates(self, tier: Tier = "default") -> Rates:
+        """The (input, output, cached input) prices of answers served by ``tier``."""
+        cached = self.input if self.cached_input is None else self.cached_input
+        if tier == "default":
+            return Rates(self.input, self.output, cached)
+        batch_in = self.input * BATCH_DISCOUNT if self.batch_input is None else self.batch_input
+        batch_out = self.output * BATCH_DISCOUNT if self.batch_output is None else self.batch_output
+        if tier == "flex":
+            batch_in = batch_in if self.flex_input is None else self.flex_input
+            batch_out = batch_out if self.flex_output is None else self.flex_output
+        share = cached / self.input if self.input else 1.0
+        return Rates(batch_in, batch_out, batch_in * share)
+
+
+class Rates(NamedTuple):
+    """US dollars per million tokens of one model served by one tier (``price_of``)."""
+
+    input: float
+    output: float
+    cached_input: float
+
+
+#: model -> ``Price`` (input, output, cached input; USD per 1M tokens), as OpenAI lists them
+#: on ``PRICES_AS_OF``. Read-only: pass ``prices=`` to change it.
+PRICES: Mapping[str, Price] = MappingProxyType(
     {
-        "gpt-5": (1.25, 10.00),
-        "gpt-5-mini": (0.25, 2.00),
-        "gpt-5-nano": (0.05, 0.40),
-        "gpt-4.1": (2.00, 8.00),
-        "gpt-4.1-mini": (0.40, 1.60),
-        "gpt-4.1-nano": (0.10, 0.40),
-        "gpt-4o": (2.50, 10.00),
-        "gpt-4o-mini": (0.15, 0.60),
-        "o3": (2.00, 8.00),
-        "o4-mini": (1.10, 4.40),
-        "gpt-4-turbo": (10.00, 30.00),
-        "gpt-3.5-turbo": (0.50, 1.50),
+        "gpt-5": Price(1.25, 10.00, cached_input=0.125),
+        "gpt-5-mini": Price(0.25, 2.00, cached_input=0.025),
+        "gpt-5-nano": Price(0.05, 0.40, cached_input=0.005),
+        "gpt-4.1": Price(2.00, 8.00, cached_input=0.50),
+        "gpt-4.1-mini": Price(0.40, 1.60, cached_input=0.10),
+        "gpt-4.1-nano": Price(0.10, 0.40, cached_input=0.025),
+        "gpt-4o": Price(2.50, 10.00, cached_input=1.25),
+        "gpt-4o-mini": Price(0.15, 0.60, cached_input=0.075),
+        "o3": Price(2.00, 8.00, cached_input=0.50),
+        "o4-mini": Price(1.10, 4.40, cached_input=0.275),
+        "gpt-4-turbo": Price(10.00, 30.00),  # no prompt caching
+        "gpt-3.5-turbo": Price(0.50, 1.50),  # no prompt caching
     }
 )
 
 _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+_FIELDS: Final = tuple(f.name for f in fields(Price))
+_SHAPES = (
+    "numbers, US dollars per million tokens: (input, output), (input, output, batch_input, "
+    "batch_output), or a mapping such as {'input': 0.15, 'cached_input': 0.075, "
+    "'output': 0.6} (keys: " + ", ".join(_FIELDS) + ")"
+)
+
+#: What ``prices=`` takes per model: a ``Price``, a 2- or 4-tuple, or a mapping of its fields.
+PriceEntry = Price | tuple[float, ...] | Mapping[str, float]
+
+
+def as_price(entry: Any) -> Price:
+    """The ``Price`` of a ``prices=`` entry (see ``check_prices`` for the shapes)."""
+    if isinstance(entry, Price):
+        return entry
+    if isinstance(entry, Mapping):
+        return Price(**{k: float(v) for k, v in entry.items()})
+    if len(entry) == 4:
+        return Price(
+            float(entry[0]),
+            float(entry[1]),
+            batch_input=float(entry[2]),
+            batch_output=float(entry[3]),
+        )
+    return Price(float(entry[0]), float(entry[1]))
 
 
 def check_prices(prices: Mapping[str, Any] | None) -> None:
     """Refuse a ``prices=`` table that would fail or mislead after a paid call.
 
-    Each entry is ``(input, output)`` or ``(input, output, batch_input, batch_output)``,
+    Each entry is ``(input, output)``, ``(input, output, batch_input, batch_output)``,
+    a mapping of ``Price``'s fields (``input`` and ``output`` required) or a ``Price``:
     US dollars per million tokens, each a finite number >= 0.
     """
     for model, price in (prices or {}).items():
         what = f"prices={{{model!r}: {price!r}}}"
-        if not isinstance(price, tuple | list) or not all(
-            isinstance(p, int | float) and not isinstance(p, bool) for p in price
-        ):
-            raise ValueError(
-                f"{what}: a price is a tuple of numbers, (input, output) US dollars per "
-                "million tokens, or (input, output, batch_input, batch_output)"
-            )
-        if len(price) not in (2, 4):
-            raise ValueError(
-                f"{what} has {len(price)} number(s); give 2 or 4: (input, output) US dollars "
-                "per million tokens, or (input, output, batch_input, batch_output)"
-            )
-        if not all(math.isfinite(p) and p >= 0 for p in price):
+        if isinstance(price, Price):
+            numbers: list[Any] = [getattr(price, f) for f in _FIELDS]
+            numbers = [p for p in numbers if p is not None]
+        elif isinstance(price, Mapping):
+            unknown = sorted(set(map(str, price)) - set(_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"{what}: unknown key(s) {', '.join(unknown)}; a price is {_SHAPES}"
+                )
+            missing = [k for k in ("input", "output") if k not in price]
+            if missing:
+                raise ValueError(f"{what}: needs {' and '.join(missing)}; a price is {_SHAPES}")
+            numbers = list(price.values())
+        elif isinstance(price, tuple | list):
+            numbers = list(price)
+            if len(numbers) not in (2, 4) and all(_is_number(p) for p in numbers):
+                raise ValueError(
+                    f"{what} has {len(numbers)} number(s); give 2 or 4: a price is {_SHAPES}"
+                )
+        else:
+            raise ValueError(f"{what}: a price is {_SHAPES}")
+        if not all(_is_number(p) for p in numbers):
+            raise ValueError(f"{what}: a price is {_SHAPES}")
+        if not all(math.isfinite(p) and p >= 0 for p in numbers):
             raise ValueError(f"{what}: every price must be a finite number >= 0")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def price_of(
     model: str | None,
-    prices: Mapping[str, tuple[float, ...]] | None = None,
+    prices: Mapping[str, PriceEntry] | None = None,
     *,
     batch: bool = False,
-) -> tuple[float, float] | None:
-    """(input, output) USD per 1M tokens for ``model``, or None when unknown.
+    tier: Tier = "default",
+) -> Rates | None:
+    """(input, output, cached input) USD per 1M tokens for ``model``, or None when unknown.
 
-    ``batch``: the Batch API's price: an entry's third and fourth numbers when it
-    has them (``prices={"m": (in, out, batch_in, batch_out)}``), else
-    ``BATCH_DISCOUNT`` of the online price (OpenAI's Batch API is half price for
-    every model in ``PRICES``).
+    ``tier``: the prices of answers served by the Batch API or by Flex processing
+    (``batch=True`` is ``tier="batch"``); see ``Price`` for the defaults.
     """
-    price = _online_or_batch(model, prices)
+    price = _price_entry(model, prices)
     if price is None:
         return None
-    if batch:
-        if len(price) >= 4:
-            return (float(price[2]), float(price[3]))
-        return (price[0] * BATCH_DISCOUNT, price[1] * BATCH_DISCOUNT)
-    return (price[0], price[1])
+    return price.rates("batch" if batch else tier)
 
 
-def cost_usd(price: tuple[float, ...], input_tokens: float, output_tokens: float) -> float:
-    """US dollars for ``input_tokens`` and ``output_tokens`` at ``price`` (``price_of``: USD
-    per million tokens, input then output). The one cost formula of dask-llm: the budget's
-    worst case, the settled cost, the run record, the row's cost and the estimate."""
-    return (input_tokens * price[0] + output_tokens * price[1]) / 1e6
+def cost_usd(
+    price: tuple[float, ...],
+    input_tokens: float,
+    output_tokens: float,
+    cached_tokens: float = 0,
+) -> float:
+    """US dollars for ``input_tokens`` (of which ``cached_tokens`` were read from the prompt
+    cache) and ``output_tokens`` at ``price`` (``price_of``: USD per million tokens, input,
+    output, then cached input). The one cost formula of dask-llm: the budget's worst case,
+    the settled cost, the run record, the row's cost and the estimate."""
+    cached = min(cached_tokens, input_tokens) if cached_tokens else 0
+    cached_rate = price[2] if len(price) > 2 else price[0]
+    return (
+        (input_tokens - cached) * price[0] + cached * cached_rate + output_tokens * price[1]
+    ) / 1e6
 
 
-def _online_or_batch(
-    model: str | None, prices: Mapping[str, tuple[float, ...]] | None
-) -> tuple[float, ...] | None:
+def _price_entry(model: str | None, prices: Mapping[str, PriceEntry] | None) -> Price | None:
     if not model:
         return None
-    for table in (prices or {}, PRICES):
-        if model in table:
-            return table[model]
     undated = _DATED.sub("", model)
-    for table in (prices or {}, PRICES):
-        if undated in table:
-            return table[undated]
+    for name in (model, undated):
+        if prices and name in prices:
+            return as_price(prices[name])
+        if name in PRICES:
+            return PRICES[name]
     return None
 
 
 class Usage:
-    """Tokens and cost of one or more calls; ``unknown`` when some usage was never reported."""
+    """Tokens and cost of one or more calls; ``unknown`` when some usage was never reported.
 
-    __slots__ = ("calls", "cost", "input_tokens", "output_tokens", "unknown", "unpriced")
+    ``cached_tokens`` (of ``input_tokens``) were read from the provider's prompt cache;
+    ``saved`` is what that cache saved, in US dollars, against paying them as input.
+    ``flex_calls`` and ``batch_calls`` of the ``calls`` were served by Flex processing
+    and by the Batch API; the others at list price.
+    """
+
+    __slots__ = (
+        "batch_calls",
+        "cached_tokens",
+        "calls",
+        "cost",
+        "flex_calls",
+        "input_tokens",
+        "output_tokens",
+        "saved",
+        "unknown",
+        "unpriced",
+    )
 
     def __init__(self) -> None:
         self.input_tokens = 0
         self.output_tokens = 0
+        self.cached_tokens = 0
         self.cost = 0.0
+        self.saved = 0.0
         self.unpriced = False  # some tokens came from a model without a price
         self.unknown = False  # some paid answer reported no usage at all
         self.calls = 0  # paid answers
+        self.flex_calls = 0  # paid answers served by Flex
+        self.batch_calls = 0  # paid answers served by the Batch API
 
     def add(self, other: Usage) -> None:
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
+        self.cached_tokens += other.cached_tokens
         self.cost += other.cost
+        self.saved += other.saved
         self.unpriced = self.unpriced or other.unpriced
         self.unknown = self.unknown or other.unknown
         self.calls += other.calls
+        self.flex_calls += other.flex_calls
+        self.batch_calls += other.batch_calls
 
     def charge(
         self,
         model: str | None,
         input_tokens: int,
         output_tokens: int,
-        prices: Mapping[str, tuple[float, ...]] | None,
+        prices: Mapping[str, PriceEntry] | None,
         *,
         batch: bool = False,
+        cached_tokens: int = 0,
+        tier: Tier = "default",
     ) -> None:
-        self.calls += 1
+        tier = "batch" if batch else tier
+        self.count(tier)
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
-        price = price_of(model, prices, batch=batch)
+        self.cached_tokens += cached_tokens
+        price = price_of(model, prices, tier=tier)
         if price is None:
             self.unpriced = True
         else:
-            self.cost += cost_usd(price, input_tokens, output_tokens)
+            self.cost += cost_usd(price, input_tokens, output_tokens, cached_tokens)
+            self.saved += savings_usd(price, cached_tokens)
+
+    def count(self, tier: Tier) -> None:
+        """One more paid answer, served by ``tier``."""
+        self.calls += 1
+        self.flex_calls += tier == "flex"
+        self.batch_calls += tier == "batch"
 
     @property
     def tokens_in(self) -> int | None:
@@ -183,14 +315,18 @@ class Usage:
         return None if self.unknown or self.unpriced else self.cost
 
 
+def savings_usd(price: Rates, cached_tokens: float) -> float:
+    """US dollars the prompt cache saved on ``cached_tokens`` at ``price``: the input price
+    they would have cost, less the cached-input price they did."""
+    return cached_tokens * (price.input - price.cached_input) / 1e6
+
+
 class Attempt:
     """What one attempt of one chain call sent and received (the transport fills it)."""
 
     __slots__ = ("cached", "keys", "paid_answers", "prices", "refresh", "usage")
 
-    def __init__(
-        self, prices: Mapping[str, tuple[float, ...]] | None, refresh: frozenset[str]
-    ) -> None:
+    def __init__(self, prices: Mapping[str, PriceEntry] | None, refresh: frozenset[str]) -> None:
         self.prices = prices
         self.refresh = refresh  # request keys whose cached answers must not be reused
         self.keys: list[str] = []  # request keys answered in this attempt
@@ -205,13 +341,23 @@ class Attempt:
         completion: int | None,
         *,
         batch: bool = False,
+        cached_tokens: int | None = None,
+        tier: Tier = "default",
     ) -> None:
         self.paid_answers += 1
         if prompt is None:
             self.usage.unknown = True
-            self.usage.calls += 1
+            self.usage.count("batch" if batch else tier)
         else:
-            self.usage.charge(model, prompt, completion or 0, self.prices, batch=batch)
+            self.usage.charge(
+                model,
+                prompt,
+                completion or 0,
+                self.prices,
+                batch=batch,
+                cached_tokens=cached_tokens or 0,
+                tier=tier,
+            )
 
 
 #: The attempt of the chain call running in this context: the transport adds to it.
@@ -221,14 +367,30 @@ current_attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar
 
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
+#: The ``service_tier`` of a request or answer body (JSON).
+SERVICE_TIER: Final = re.compile(rb'"service_tier"\s*:\s*"([^"]+)"')
 #: The ``model`` of a request or answer body (JSON).
 MODEL: Final = re.compile(rb'"model"\s*:\s*"([^"]+)"')
 #: A request body's ``max_tokens`` / ``max_completion_tokens``.
 MAX_TOKENS: Final = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
 
 
-def read_usage(body: bytes) -> tuple[str | None, int | None, int | None]:
-    """(model, prompt tokens, completion tokens) of a Chat Completions body (JSON or SSE).
+class Reported(NamedTuple):
+    """What an answer body says about its usage (``read_usage``)."""
+
+    model: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    #: Prompt tokens read from the prompt cache (``prompt_tokens_details.cached_tokens``).
+    cached_tokens: int | None
+    #: The tier that served it (``service_tier``: ``"default"``, ``"flex"``...), if it says.
+    service_tier: str | None
+
+
+def read_usage(body: bytes) -> Reported:
+    """Model, prompt, completion and cached tokens, and service tier of a Chat Completions
+    body (JSON or SSE).
 
     The last ``usage`` in the body counts (a stream sends it in its final chunk);
     None where the body reports none.
@@ -236,10 +398,25 @@ def read_usage(body: bytes) -> tuple[str | None, int | None, int | None]:
     prompt = _PROMPT.findall(body)
     model = MODEL.search(body)
     name = model.group(1).decode() if model else None
+    tier = SERVICE_TIER.findall(body)
+    served = tier[-1].decode() if tier else None
     if not prompt:
-        return name, None, None
+        return Reported(name, None, None, None, served)
     completion = _COMPLETION.findall(body)
-    return name, int(prompt[-1]), int(completion[-1]) if completion else 0
+    cached = _CACHED.findall(body)
+    return Reported(
+        name,
+        int(prompt[-1]),
+        int(completion[-1]) if completion else 0,
+        int(cached[-1]) if cached else 0,
+        served,
+    )
+
+
+def is_flex(body: bytes) -> bool:
+    """Whether a request body asks for Flex processing (``"service_tier": "flex"``)."""
+    match = SERVICE_TIER.search(body)
+    return match is not None and match.group(1) == b"flex"
 
 
 class UsageCallback(BaseCallbackHandler):
@@ -251,7 +428,7 @@ class UsageCallback(BaseCallbackHandler):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.answers = 0
-        self.reported: list[tuple[str | None, int, int]] = []
+        self.reported: list[tuple[str | None, int, int, int, Tier]] = []
         self.unreported = 0
 
     def on_llm_end(self, response: Any, **kwargs: Any) -> None:
@@ -266,11 +443,17 @@ class UsageCallback(BaseCallbackHandler):
                 with self._lock:
                     self.answers += 1
                     if meta:
+                        # langchain-openai prefixes a Flex answer's details with "flex_".
+                        details = meta.get("input_token_details") or {}
+                        tier: Tier = "flex" if "flex" in details else "default"
+                        cached = details.get("flex_cache_read" if tier == "flex" else "cache_read")
                         self.reported.append(
                             (
                                 model,
                                 int(meta.get("input_tokens", 0)),
                                 int(meta.get("output_tokens", 0)),
+                                int(cached or 0),
+                                tier,
                             )
                         )
                     else:
@@ -288,8 +471,10 @@ def settle(attempt: Attempt, callback: UsageCallback | None) -> Usage:
         return usage
     result = Usage()
     if seen_on_wire == 0 and callback.unreported == 0:
-        for model, prompt, completion in callback.reported:
-            result.charge(model, prompt, completion, attempt.prices)
+        for model, prompt, completion, cached, tier in callback.reported:
+            result.charge(
+                model, prompt, completion, attempt.prices, cached_tokens=cached, tier=tier
+            )
     else:
         result.add(usage)
         result.calls += untapped

@@ -52,6 +52,7 @@ class PartitionStats:
         "cache_errors",
         "cache_hits",
         "calls_paid",
+        "flex_unavailable",
         "rate_limited",
         "retries",
     )
@@ -60,6 +61,7 @@ class PartitionStats:
         self.calls_paid = 0
         self.retries = 0
         self.rate_limited = 0
+        self.flex_unavailable = 0  # Flex requests answered 429 "resource unavailable"
         self.cache_hits = 0
         self.cache_errors = 0
         self.batches = 0  # batches submitted, or re-attached to after a crash
@@ -83,6 +85,7 @@ class PartitionStats:
             self.batches_validating,
             self.batches_in_progress,
             self.batches_finalizing,
+            self.flex_unavailable,
         )
 
 

@@ -38,7 +38,14 @@ from langchain_core.exceptions import OutputParserException
 
 from dask_llm.core.config import RetryPolicy
 from dask_llm.core.errors import JobStopped
-from dask_llm.core.usage import Attempt, Usage, UsageCallback, current_attempt, settle
+from dask_llm.core.usage import (
+    Attempt,
+    PriceEntry,
+    Usage,
+    UsageCallback,
+    current_attempt,
+    settle,
+)
 from dask_llm.limits.headers import retry_after
 from dask_llm.observe.record import ACTIVE
 
@@ -81,7 +88,7 @@ async def call_with_retries(
     invoke: Callable[[dict[str, Any] | None], Awaitable[Any]],
     *,
     policy: RetryPolicy,
-    prices: Mapping[str, tuple[float, ...]] | None,
+    prices: Mapping[str, PriceEntry] | None,
     stats: Any,
     stopped: Callable[[], bool],
     with_callbacks: bool,

@@ -130,7 +130,11 @@ class PartitionRun:
         clients = LoopClients(self.job, self.stats, self.batcher)
 
         def localize(runnable: Any) -> tuple[Any, bool]:
-            return clients.localize(runnable, timeout=self.options.request_timeout)
+            return clients.localize(
+                runnable,
+                timeout=self.options.request_timeout,
+                service_tier=self.options.service_tier,
+            )
 
         try:
             for pc in self.plan.chains:
@@ -445,6 +449,7 @@ class PartitionRun:
             validating,
             in_progress,
             finalizing,
+            unavailable,
         ) = (a - b for a, b in zip(now, self._reported, strict=True))
         self._reported = now
         self.reporter.add(
@@ -463,6 +468,11 @@ class PartitionRun:
             batches_finalizing=finalizing,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
+            cached_tokens=usage.cached_tokens,
+            saved=usage.saved,
+            flex_calls=usage.flex_calls,
+            batch_calls=usage.batch_calls,
+            flex_unavailable=unavailable,
             unknown_usage=int(usage.unknown),
             cost=usage.cost_usd,
         )

@@ -49,6 +49,11 @@ COUNTERS = (
     "cache_errors",
     "input_tokens",
     "output_tokens",
+    "cached_tokens",
+    "saved",
+    "flex_calls",
+    "batch_calls",
+    "flex_unavailable",
     "unknown_usage",
     "batches",
     "batches_done",
@@ -81,6 +86,11 @@ class RunSummary:
     cache_errors: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0
+    caching_saved_usd: float = 0.0
+    flex_calls: int = 0
+    batch_calls: int = 0
+    flex_unavailable: int = 0
     rows_without_usage: int = 0
     batches: int = 0
     batches_done: int = 0
@@ -101,6 +111,11 @@ class RunSummary:
     def calls_per_s(self) -> float:
         return self.calls / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def list_price_calls(self) -> int:
+        """Paid answers that came online at list price (neither Flex nor the Batch API)."""
+        return self.calls - self.flex_calls - self.batch_calls
+
     def __str__(self) -> str:
         cost = "unknown" if self.cost_usd is None else f"${self.cost_usd:,.4f}"
         if self.budget_usd is not None:
@@ -111,6 +126,17 @@ class RunSummary:
             f"{self.rate_limited:,} rate-limited, {self.cache_hits:,} from cache, "
             f"{self.input_tokens:,} tokens in / {self.output_tokens:,} out, cost {cost}"
         )
+        if self.cached_tokens:
+            text += (
+                f", {self.cached_tokens:,} input tokens from the prompt cache (saved "
+                f"${self.caching_saved_usd:,.4f})"
+            )
+        if self.flex_calls or self.flex_unavailable:
+            text += (
+                f", by tier: {self.flex_calls:,} Flex, {self.batch_calls:,} batch, "
+                f"{self.list_price_calls:,} list price; {self.flex_unavailable:,} Flex "
+                "unavailable"
+            )
         if self.cache_errors:
             text += f", {self.cache_errors:,} cache errors"
         if self.batches:
@@ -127,7 +153,11 @@ class RunSummary:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.pop("cache")
         data.pop("record")
-        return {**data, "calls_per_s": self.calls_per_s}
+        return {
+            **data,
+            "calls_per_s": self.calls_per_s,
+            "list_price_calls": self.list_price_calls,
+        }
 
     def report(self, path: str | os.PathLike[str], *, estimate: Any = None) -> str:
         """Write the run's report to ``path``: one self-contained HTML file, readable offline.
@@ -273,6 +303,11 @@ class RunProgress:
         s.cache_errors += int(counts.get("cache_errors", 0))
         s.input_tokens += int(counts.get("input_tokens", 0))
         s.output_tokens += int(counts.get("output_tokens", 0))
+        s.cached_tokens += int(counts.get("cached_tokens", 0))
+        s.caching_saved_usd += float(counts.get("saved", 0.0))
+        s.flex_calls += int(counts.get("flex_calls", 0))
+        s.batch_calls += int(counts.get("batch_calls", 0))
+        s.flex_unavailable += int(counts.get("flex_unavailable", 0))
         s.rows_without_usage += int(counts.get("unknown_usage", 0))
         s.batches += int(counts.get("batches", 0))
         s.batches_done += int(counts.get("batches_done", 0))
@@ -344,9 +379,15 @@ class RunProgress:
                 f"done, {s.batch_lines:,} lines, "
                 f"{s.input_tokens + s.output_tokens:,} tok, {cost}, {s.failed_rows} failed"
             )
+        flex = (
+            f", {s.flex_calls:,} by Flex ({s.flex_unavailable} unavailable)"
+            if s.flex_calls or s.flex_unavailable
+            else ""
+        )
+        cached = f", {s.cached_tokens:,} cached" if s.cached_tokens else ""
         return (
-            f"{rate:.1f} calls/s, {s.retries} retries, {s.rate_limited} 429s, "
-            f"{s.input_tokens + s.output_tokens:,} tok, {cost}, {s.failed_rows} failed"
+            f"{rate:.1f} calls/s, {s.retries} retries, {s.rate_limited} 429s{flex}, "
+            f"{s.input_tokens + s.output_tokens:,} tok{cached}, {cost}, {s.failed_rows} failed"
         )
 
 

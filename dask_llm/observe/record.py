@@ -33,13 +33,18 @@ What is counted, and when (unix time of the process that sent the request):
   (request-seconds over the bucket's width: exact, and additive across
   processes, unlike a sampled gauge).
 * ``rate_limited``: 429s of the quota (``x-ratelimit-*`` headers);
-  ``other_429``: 429s without them (overloaded, billing); ``retries``: a chain
+  ``other_429``: 429s without them (overloaded, billing, a Flex request's
+  "resource unavailable", whose error kind is ``"429 unavailable"``); ``retries``: a chain
   call's attempt after the first; ``errors``: every other non-2xx status and
   requests that got no answer, by kind (``"500"``, ``"503"``, ``"timeout"``,
   ``"connection"``, ``"cancelled"``...).
 * tokens and ``cost_usd`` of 2xx answers, in the second they came back, at
-  the job's prices (``prices=`` over ``PRICES``); answers without a price
-  count their tokens and mark the cost unknown.
+  the job's prices (``prices=`` over ``PRICES``) for the tier that served
+  them; answers without a price count their tokens and mark the cost unknown.
+  Per chain, also: prompt tokens read from the provider's prompt cache
+  (``cached_tokens``) and what that saved (``saved_usd``), answers by tier
+  (``flex``, ``batch``; the rest at list price) and Flex requests answered
+  "resource unavailable" (``unavailable``).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from dask_llm.core.runtime import part
+from dask_llm.core.usage import PriceEntry, price_of, savings_usd
 
 if TYPE_CHECKING:
     from dask_llm.core.config import QualityGate
@@ -132,21 +138,31 @@ class ChainCounts:
     """Per chain: requests, answers, what was wrong with them, tokens, cost, latencies."""
 
     __slots__ = (
+        "batch",
+        "cached_tokens",
         "calls",
         "cost_usd",
+        "flex",
         "input_tokens",
         "latency",
         "ok",
         "output_tokens",
         "parse_failures",
         "refused",
+        "saved_usd",
         "truncated",
+        "unavailable",
         "unpriced",
     )
 
     def __init__(self) -> None:
         self.calls = 0  # requests sent
         self.ok = 0  # 2xx answers
+        self.flex = 0  # 2xx answers served by Flex processing
+        self.batch = 0  # 2xx answers served by the Batch API
+        self.unavailable = 0  # Flex requests answered 429 "resource unavailable"
+        self.cached_tokens = 0  # prompt tokens read from the provider's prompt cache
+        self.saved_usd = 0.0  # what the prompt cache saved
         self.truncated = 0  # finish_reason "length"
         self.refused = 0  # a non-null "refusal"
         self.parse_failures = 0  # attempts whose answer did not fit the output schema
@@ -293,7 +309,7 @@ class Recorder:
     def __init__(
         self,
         *,
-        prices: Mapping[str, tuple[float, ...]],
+        prices: Mapping[str, PriceEntry],
         rpm: float | None = None,
         gate: QualityGate | None = None,
         on_gate: Callable[[str], None] | None = None,
@@ -355,10 +371,20 @@ class Recorder:
         ok = outcome.ok
         status = outcome.status
         prompt, completion = outcome.prompt_tokens, outcome.completion_tokens
+        cached = outcome.cached_tokens or 0
         cost = outcome.cost(self._prices) if ok else None
+        saved = 0.0
+        if ok and cached:
+            price = price_of(outcome.model, self._prices, tier=outcome.tier)
+            saved = savings_usd(price, cached) if price is not None else 0.0
         truncated, refused = outcome.truncated, outcome.refused
         # Called from the transport's ``finally``: the exception under way, if any.
-        kind = None if ok else error_kind(status, outcome.quota, sys.exc_info()[1])
+        if ok:
+            kind = None
+        elif outcome.unavailable:
+            kind = "429 unavailable"
+        else:
+            kind = error_kind(status, outcome.quota, sys.exc_info()[1])
         headers = outcome.headers
         limit = headers.get(_LIMIT_REQUESTS) if headers is not None else None
         with self._lock:
@@ -370,7 +396,7 @@ class Recorder:
             _spread(self, started, now)
             if kind == "429 rate limit":
                 row[_LIMITED] += 1
-            elif kind == "429 other":
+            elif kind in ("429 other", "429 unavailable"):
                 row[_OTHER_429] += 1
             elif kind is not None:
                 row[_ERRORS] += 1
@@ -381,8 +407,13 @@ class Recorder:
                 counts.calls += 1
                 bucket = latency_bucket(now - started)
                 counts.latency[bucket] = counts.latency.get(bucket, 0) + 1
+                counts.unavailable += outcome.unavailable
                 if ok:
                     counts.ok += 1
+                    counts.flex += outcome.tier == "flex"
+                    counts.batch += outcome.tier == "batch"
+                    counts.cached_tokens += cached
+                    counts.saved_usd += saved
                     counts.truncated += int(truncated)
                     counts.refused += int(refused)
                     counts.input_tokens += prompt or 0

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ from dask_llm.cache import ResultCache, make_key, read_only
 from dask_llm.chains.columns import is_missing
 from dask_llm.chains.graph import find
 from dask_llm.chains.plan import Plan, PlannedChain
-from dask_llm.core.usage import cost_usd, price_of
+from dask_llm.core.usage import PriceEntry, cost_usd, price_of
 
 _TEXT_OUTPUT_TOKENS = 150
 _FIELD_OUTPUT_TOKENS = 24
@@ -310,7 +311,7 @@ def run_estimate(
     *,
     rpm: float | None,
     tpm: float | None,
-    prices: dict[str, tuple[float, ...]],
+    prices: Mapping[str, PriceEntry],
     budget_usd: float | None = None,
     batch: bool = False,
 ) -> Estimate:
@@ -353,7 +354,7 @@ def summarize(
     plan: Plan,
     rpm: float | None,
     tpm: float | None,
-    prices: dict[str, tuple[float, ...]] | None,
+    prices: Mapping[str, PriceEntry] | None,
     batch: bool = False,
 ) -> Estimate:
     unique = counts.drop_duplicates(subset=["chain", "key"])
@@ -385,7 +386,7 @@ def summarize(
 
 
 def _cost(
-    unique: pd.DataFrame, prices: dict[str, tuple[float, ...]] | None, *, batch: bool
+    unique: pd.DataFrame, prices: Mapping[str, PriceEntry] | None, *, batch: bool
 ) -> float | None:
     cost = 0.0
     for model, group in unique.groupby("model", dropna=False):

@@ -12,9 +12,11 @@ answer however the client serialized it: online, or as a line of a batch
 The order of checks on arrival, each answered at once without latency: 401
 (``api_key``), 400 (bad body), 404 (``models``), 400 context length, 429
 ``insufficient_quota`` (billing), 403 ``forbidden`` and 429 ``spurious_429``
-(one draw), then the quota: ``max_in_flight``, rpm, tpm (only these consume
-quota or count as ``rate_limited``). Then the answer, and the faults drawn
-after the latency (500, 503, hang, malformed body, reset, schema violation).
+(one draw), a Flex request's 429 ``resource_unavailable`` (a draw of its
+own), then the quota: ``max_in_flight``, rpm, tpm (only these consume
+quota or count as ``rate_limited``). Then the prompt cache's reading, the
+answer, and the faults drawn after the latency (500, 503, hang, malformed
+body, reset, schema violation).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dask_llm.simulator._batch import BatchAPI
 from dask_llm.simulator._config import SimulatorConfig
 from dask_llm.simulator._http import JSON, error, error_body, respond
 from dask_llm.simulator._limits import Limiter, duration, make_limiter
+from dask_llm.simulator._prompt_cache import PromptCache
 from dask_llm.simulator._stats import Stats
 
 _CACHE_SIZE = 20_000
@@ -62,6 +65,12 @@ SPURIOUS_429 = error_body(
     type_="server_error",
     code="server_overloaded",
 )
+FLEX_UNAVAILABLE = error_body(
+    "Resource unavailable: Flex processing has no capacity for this request now. Retry "
+    "later, or send it at the default service tier.",
+    type_="resource_unavailable",
+    code="resource_unavailable",
+)
 
 # A problem with a request: (fault counter, HTTP status, OpenAI error body).
 Problem = tuple[str, int, dict[str, Any]]
@@ -71,8 +80,15 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 
-def render(body: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> bytes:
-    """The answer with its usage as compact JSON: what ``json.dumps`` gives, byte for byte.
+def render(
+    body: dict[str, Any],
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    service_tier: str = "default",
+) -> bytes:
+    """The answer with its usage and service tier as compact JSON: what ``json.dumps`` of
+    ``with_usage`` gives, byte for byte.
 
     An answer with plain content is formatted from a template (about twice as
     fast as encoding the nested dict, on the hot path); tool calls are encoded.
@@ -81,7 +97,9 @@ def render(body: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> 
     message = choice["message"]
     usage = (
         f'"usage":{{"prompt_tokens":{prompt_tokens},"completion_tokens":{completion_tokens},'
-        f'"total_tokens":{prompt_tokens + completion_tokens}}}}}'
+        f'"total_tokens":{prompt_tokens + completion_tokens},'
+        f'"prompt_tokens_details":{{"cached_tokens":{cached_tokens},"audio_tokens":0}}}},'
+        f'"service_tier":{_encode(service_tier)}}}'
     )
     if len(message) != 3 or len(body) != 6:  # tool calls, or a shape the template lacks
         return (_encode(body)[:-1] + "," + usage).encode()
@@ -92,6 +110,25 @@ def render(body: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> 
         f'"content":{_encode(message["content"])},"refusal":null}},"logprobs":null,'
         f'"finish_reason":"{choice["finish_reason"]}"}}],{usage}'
     ).encode()
+
+
+def with_usage(
+    body: dict[str, Any],
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    service_tier: str = "default",
+) -> dict[str, Any]:
+    """The answer ``body`` with its ``usage`` (cached tokens in its details) and tier."""
+    full = dict(body)
+    full["usage"] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens, "audio_tokens": 0},
+    }
+    full["service_tier"] = service_tier
+    return full
 
 
 def count_tokens(payload: dict[str, Any]) -> int:
@@ -131,6 +168,8 @@ class SimulatorApp:
             OrderedDict()
         )
         self._seed = str(config.seed).encode()[:64]
+        self._flex = random.Random(f"{config.seed}-flex")
+        self.prompt_cache = PromptCache(config.prompt_cache_ttl)
         self._make_limiters()
         self._billing = config.insufficient_quota or config.quota_after is not None
         self._arrival_draw = config.forbidden > 0 or config.spurious_429 > 0
@@ -161,6 +200,8 @@ class SimulatorApp:
         """Clear stats, limits, files and batches (fixed slices stay aligned to the start)."""
         self.stats.reset()
         self._faults = random.Random(self.config.seed)
+        self._flex = random.Random(f"{self.config.seed}-flex")
+        self.prompt_cache.clear()
         for window in (self._requests, self._tokens):
             if window is not None:
                 window.clear()
@@ -218,7 +259,11 @@ class SimulatorApp:
         )
 
     def answer_key(self, payload: dict[str, Any]) -> bytes:
-        """The seed of a body's answer: a hash of its canonical JSON and the simulator's seed."""
+        """The seed of a body's answer: a hash of its canonical JSON and the simulator's seed.
+
+        The service tier is left out: Flex and the default tier give the same answer."""
+        if "service_tier" in payload:
+            payload = {k: v for k, v in payload.items() if k != "service_tier"}
         canonical = _canonical(payload).encode()
         return hashlib.blake2b(canonical, key=self._seed, digest_size=16).digest()
 
@@ -300,19 +345,7 @@ class SimulatorApp:
             return problem[1], problem[2]
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         body, completion_tokens, _ = self._compose(payload, self.answer_key(payload), max_tokens)
-        return 200, self._with_usage(body, prompt_tokens, completion_tokens)
-
-    @staticmethod
-    def _with_usage(
-        body: dict[str, Any], prompt_tokens: int, completion_tokens: int
-    ) -> dict[str, Any]:
-        full = dict(body)
-        full["usage"] = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        return full
+        return 200, with_usage(body, prompt_tokens, completion_tokens)
 
     # -- headers ------------------------------------------------------------------------
     def _limit_headers(self, now: float) -> dict[str, str]:
@@ -381,6 +414,13 @@ class SimulatorApp:
                 return self._refuse(now, ("forbidden", 403, FORBIDDEN))
             if draw < cfg.forbidden + cfg.spurious_429:
                 return self._spurious(now)
+        flex = payload.get("service_tier") == "flex"
+        if flex:
+            stats.flex_requests += 1
+            if cfg.flex_unavailable > 0 and self._flex.random() < cfg.flex_unavailable:
+                stats.fault("flex_unavailable", now)
+                headers = self._limit_headers(now)
+                return respond(429, FLEX_UNAVAILABLE, headers)
 
         # Quota, checked on arrival as the provider does.
         if cfg.max_in_flight is not None and stats.in_flight > cfg.max_in_flight:
@@ -418,6 +458,7 @@ class SimulatorApp:
                     f"Limit {cfg.tpm}, Requested {cost}.",
                 )
 
+        cached_tokens = self.prompt_cache.cached_tokens(model, payload, prompt_tokens, now)
         digest = hashlib.blake2b(raw, key=self._seed, digest_size=16).digest()
         cached = self._answers.get(digest)
         if cached is None:
@@ -446,6 +487,8 @@ class SimulatorApp:
                 stats.fault(fault, now)  # counted on arrival: a hang never gets further
 
         delay = self._latency(digest, completion_tokens)
+        if flex:
+            delay *= cfg.flex_slowdown
         if fault == "hang":
             await asyncio.sleep(cfg.hang_seconds)
         if delay > 0:
@@ -465,12 +508,23 @@ class SimulatorApp:
             if fault == "schema_violation" and schema is not None:
                 body = self._violated(body, schema)
 
-        stats.answered(digest, model, prompt_tokens, completion_tokens, time.monotonic())
+        tier = "flex" if flex else "default"
+        stats.answered(
+            digest,
+            model,
+            prompt_tokens,
+            completion_tokens,
+            time.monotonic(),
+            cached_tokens=cached_tokens,
+            flex=flex,
+        )
         if payload.get("stream"):
-            full = self._with_usage(body, prompt_tokens, completion_tokens)
+            full = with_usage(body, prompt_tokens, completion_tokens, cached_tokens, tier)
             return await self._stream(request, full, headers, payload)
         return web.Response(
-            body=render(body, prompt_tokens, completion_tokens), content_type=JSON, headers=headers
+            body=render(body, prompt_tokens, completion_tokens, cached_tokens, tier),
+            content_type=JSON,
+            headers=headers,
         )
 
     def _too_many(self, now: float, wait: float, kind: str, message: str) -> web.Response:
@@ -598,7 +652,7 @@ class SimulatorApp:
         response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
         await response.prepare(request)
         choice = full["choices"][0]
-        keys = ("id", "created", "model", "system_fingerprint")
+        keys = ("id", "created", "model", "service_tier", "system_fingerprint")
         base: dict[str, Any] = {k: full[k] for k in keys}
         base["object"] = "chat.completion.chunk"
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))

@@ -47,6 +47,18 @@ class SimulatorConfig:
     ``api_key``: when set, any other key gets 401. ``models``: when set, other
     models get 404 ``model_not_found``.
 
+    Flex processing (requests with ``service_tier="flex"``, echoed in the
+    answer): ``flex_slowdown`` multiplies their latency; ``flex_unavailable``
+    answers that share of them, on arrival, with OpenAI's 429 "resource
+    unavailable" (not the quota's: no quota is used, ``x-ratelimit-*`` headers
+    as on any answer). Other requests are answered by the default tier.
+
+    Prompt caching, automatic as OpenAI's: a prompt of 1,024 tokens or more
+    whose prefix (tools, response format, then messages) was seen within
+    ``prompt_cache_ttl`` seconds reports the longest such prefix, in steps of
+    128 tokens, as ``usage.prompt_tokens_details.cached_tokens`` (see
+    ``_prompt_cache``); 0 switches it off.
+
     The Batch API: a batch validates for ``batch_validation_delay``, then its
     lines complete evenly over ``batch_delay``, then it finalizes for
     ``batch_finalize_delay``; a cancelled one is ``cancelling`` for
@@ -90,6 +102,13 @@ class SimulatorConfig:
     models: tuple[str, ...] | None = _option(None, "Accepted model (repeatable; default any).")
     completion_tokens: int = _option(40, "Length of text answers.")
     seed: int = _option(0, "Seed of answers, latency and faults.")
+    flex_slowdown: float = _option(3.0, "Latency multiplier of Flex requests (service_tier=flex).")
+    flex_unavailable: float = _option(
+        0.0, "Probability that a Flex request gets 429 resource unavailable (not the quota)."
+    )
+    prompt_cache_ttl: float = _option(
+        300.0, "Seconds a prompt prefix stays cached after its last use (0: no prompt caching)."
+    )
     batch_validation_delay: float = _option(0.1, "Seconds a batch stays validating.")
     batch_delay: float = _option(
         1.0, "Seconds a batch is in progress (its lines complete evenly over it)."
@@ -108,7 +127,6 @@ class SimulatorConfig:
     batch_max_lines: int = _option(50_000, "Most requests in a batch file.")
     batch_max_bytes: int = _option(200 * 1024 * 1024, "Largest batch input file, in bytes.")
 
-
     def __post_init__(self) -> None:
         for name in (
             "latency",
@@ -120,6 +138,8 @@ class SimulatorConfig:
             "batch_delay",
             "batch_finalize_delay",
             "batch_cancel_delay",
+            "flex_slowdown",
+            "prompt_cache_ttl",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -138,6 +158,7 @@ class SimulatorConfig:
             "schema_violation",
             "forbidden",
             "spurious_429",
+            "flex_unavailable",
             "batch_line_failure_rate",
         ):
             value = getattr(self, name)

@@ -11,8 +11,14 @@ last reset, ``t = floor(now - origin)``):
   billing 429s, 500, 503, hangs, malformed bodies, resets, schema violations):
   in the second the request ARRIVED, like the fault counters, so each is in
   the same row as its request.
-* ``successes``, ``prompt_tokens``, ``completion_tokens``: in the second the
+* ``successes``, ``prompt_tokens``, ``cached_tokens`` (of the prompt tokens,
+  read from the prompt cache), ``completion_tokens``: in the second the
   answer was sent (after the simulated latency).
+
+Flex processing: ``flex_requests`` arrived asking for it, ``flex_answered``
+were answered by it (a 200), and ``faults["flex_unavailable"]`` got its 429
+"resource unavailable" (in the ``faults`` column of the series, never in
+``rate_limited``).
 
 Rows are dense (idle seconds are rows of zeros) up to the second of the
 snapshot, and only the last ``SERIES_SECONDS`` are kept. The series counts the
@@ -39,6 +45,7 @@ FAULTS = (
     "forbidden",
     "insufficient_quota",
     "spurious_429",
+    "flex_unavailable",
 )
 
 SERIES_SECONDS = 3600
@@ -50,8 +57,9 @@ SERIES_FIELDS = (
     "faults",
     "prompt_tokens",
     "completion_tokens",
+    "cached_tokens",
 )
-_REQUESTS, _SUCCESSES, _LIMITED, _SPURIOUS, _FAULTS, _PROMPT, _COMPLETION = range(7)
+_REQUESTS, _SUCCESSES, _LIMITED, _SPURIOUS, _FAULTS, _PROMPT, _COMPLETION, _CACHED = range(8)
 
 
 class Series:
@@ -123,6 +131,9 @@ class Stats:
         self.peak_requests_60s = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.flex_requests = 0
+        self.flex_answered = 0
         self.duplicate_requests = 0
         self.models: dict[str, int] = {}
         self._last_1s: deque[float] = deque()
@@ -178,11 +189,16 @@ class Stats:
         prompt_tokens: int,
         completion_tokens: int,
         now: float,
+        *,
+        cached_tokens: int = 0,
+        flex: bool = False,
     ) -> None:
-        """A 200 was sent at ``now``."""
+        """A 200 was sent at ``now`` (``flex``: by Flex processing)."""
         self.successes += 1
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
+        self.cached_tokens += cached_tokens
+        self.flex_answered += flex
         self.models[model] = self.models.get(model, 0) + 1
         if digest in self._answered:
             self.duplicate_requests += 1
@@ -193,6 +209,7 @@ class Stats:
             row[_SUCCESSES] += 1
             row[_PROMPT] += prompt_tokens
             row[_COMPLETION] += completion_tokens
+            row[_CACHED] += cached_tokens
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -207,6 +224,9 @@ class Stats:
             "peak_requests_60s": self.peak_requests_60s,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "flex_requests": self.flex_requests,
+            "flex_answered": self.flex_answered,
             "duplicate_requests": self.duplicate_requests,
             "models": dict(self.models),
             "series_origin": self.series.origin_unix,

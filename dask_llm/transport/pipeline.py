@@ -64,10 +64,10 @@ from langchain_openai.chat_models.base import BaseChatOpenAI
 from dask_llm.cache import request_key
 from dask_llm.chains.graph import find, rewrite
 from dask_llm.chains.outputs import is_configurable_model
-from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT
+from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT, FLEX_REQUEST_TIMEOUT
 from dask_llm.core.errors import JobStopped
 from dask_llm.core.outcome import Outcome
-from dask_llm.core.usage import MAX_TOKENS, current_attempt
+from dask_llm.core.usage import MAX_TOKENS, current_attempt, is_flex
 from dask_llm.limits.coordinator import RENEW_S
 from dask_llm.transport import dedup as dedup
 from dask_llm.transport.batch import GO_ONLINE, Batcher
@@ -198,6 +198,8 @@ class JobTransport:
                 outcome.prompt_tokens,
                 outcome.completion_tokens,
                 batch=outcome.batch,
+                cached_tokens=outcome.cached_tokens,
+                tier=outcome.tier,
             )
         if worst:
             cost = outcome.cost(job.options.price_table)
@@ -243,7 +245,7 @@ class JobTransport:
             headers = response.headers
         finally:
             # The answer read once; every stage below acts on this outcome.
-            outcome = outcome_of(status, headers, data, request)
+            outcome = outcome_of(status, headers, data, request, flex=is_flex(body))
             if outcome.fatal is not None:
                 # Before the slot is released: a request of another thread waiting for
                 # it must find the job stopped.
@@ -266,6 +268,8 @@ class JobTransport:
                 # Paid for: kept before anything after it (accounting, parsing) can fail.
                 job.cache_put(key, answer.to_cache(), self.stats)
             self._paid(outcome, worst, body)
+        elif outcome.unavailable:
+            self.stats.flex_unavailable += 1
         elif status == 429:
             self.stats.rate_limited += 1
         return answer
@@ -418,11 +422,15 @@ class LoopClients:
         self._stats = stats
         self._batcher = batcher
 
-    def localize(self, runnable: Any, *, timeout: float | None = None) -> tuple[Any, bool]:
+    def localize(
+        self, runnable: Any, *, timeout: float | None = None, service_tier: str | None = None
+    ) -> tuple[Any, bool]:
         """A copy of ``runnable`` whose OpenAI models use clients owned by this loop.
 
         ``timeout``: seconds per request; None keeps a model's own ``timeout=`` and
-        gives the others ``DEFAULT_REQUEST_TIMEOUT``.
+        gives the others ``DEFAULT_REQUEST_TIMEOUT`` (``FLEX_REQUEST_TIMEOUT`` for a
+        model that asks for Flex processing, as OpenAI advises). ``service_tier``:
+        set on every OpenAI model of the copy (None: each keeps its own).
 
         Returns the copy and whether every chat model in it now sends through the
         job's transport (if not, usage is read from LangChain's callbacks instead).
@@ -432,11 +440,15 @@ class LoopClients:
         def visit(obj: Any) -> Any:
             nonlocal untapped
             if isinstance(obj, BaseChatOpenAI):
-                local = self._local_model(obj, timeout=timeout)
-                untapped = untapped or local is obj
+                local = self._local_model(obj, timeout=timeout, service_tier=service_tier)
+                if local is None:  # the user's own client: only the tier is set on a copy
+                    untapped = True
+                    if service_tier is None or obj.service_tier == service_tier:
+                        return obj
+                    return obj.model_copy(update={"service_tier": service_tier})
                 return local
             if is_configurable_model(obj):
-                return LocalConfigurable(obj, self, timeout)
+                return LocalConfigurable(obj, self, timeout, service_tier)
             if isinstance(obj, BaseChatModel):
                 untapped = True
             return NotImplemented
@@ -447,10 +459,18 @@ class LoopClients:
             untapped = True  # models hidden in Python code, or built at run time
         return local, not untapped
 
-    def _local_model(self, model: Any, *, timeout: float | None) -> Any:
+    def _local_model(
+        self, model: Any, *, timeout: float | None, service_tier: str | None
+    ) -> Any | None:
+        """The loop's copy of an OpenAI ``model``; None when its requests cannot pass the
+        job's transport (it has the user's own client): then it is used as it is."""
         root = model.root_async_client
         if root is None or model.http_async_client is not None:
-            return model
+            return None
+        update: dict[str, Any] = {}
+        if service_tier is not None and model.service_tier != service_tier:
+            update["service_tier"] = service_tier
+        flex = (service_tier or model.service_tier) == "flex"
         # The SDK's aiohttp client allows 1,000 connections: above any sane concurrency.
         http = openai.DefaultAioHttpClient()
         if self._job is not None:
@@ -461,12 +481,12 @@ class LoopClients:
         if timeout is not None:
             options["timeout"] = timeout
         elif "request_timeout" not in model.model_fields_set:
-            options["timeout"] = DEFAULT_REQUEST_TIMEOUT  # the SDK's own is 600 s
+            # The SDK's own is 600 s; OpenAI advises 15 minutes for Flex.
+            options["timeout"] = FLEX_REQUEST_TIMEOUT if flex else DEFAULT_REQUEST_TIMEOUT
         client = root.with_options(**options)
         self._clients.append(client)
-        return model.model_copy(
-            update={"root_async_client": client, "async_client": client.chat.completions}
-        )
+        update.update(root_async_client=client, async_client=client.chat.completions)
+        return model.model_copy(update=update)
 
     async def aclose(self) -> None:
         clients, self._clients = self._clients, []
@@ -483,10 +503,17 @@ class LocalConfigurable(Runnable[Any, Any]):
     localized like any other model.
     """
 
-    def __init__(self, inner: Any, clients: LoopClients, timeout: float | None) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        clients: LoopClients,
+        timeout: float | None,
+        service_tier: str | None = None,
+    ) -> None:
         self.inner = inner
         self.clients = clients
         self.timeout = timeout
+        self.service_tier = service_tier
         self._built: dict[str, Any] = {}
 
     def _local(self, config: Any) -> Any:
@@ -494,7 +521,9 @@ class LocalConfigurable(Runnable[Any, Any]):
         key = repr(sorted((k, repr(v)) for k, v in params.items()))
         local = self._built.get(key)
         if local is None:
-            local, _ = self.clients.localize(self.inner._model(config), timeout=self.timeout)
+            local, _ = self.clients.localize(
+                self.inner._model(config), timeout=self.timeout, service_tier=self.service_tier
+            )
             self._built[key] = local
         return local
 

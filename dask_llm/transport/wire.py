@@ -98,15 +98,21 @@ def outcome_of(
     request: Any,
     *,
     batch: bool = False,
+    flex: bool = False,
 ) -> Outcome:
-    """Read an answer once (status None: none came): usage, quota 429, fatal or not."""
+    """Read an answer once (status None: none came): usage, cached tokens, the tier that
+    served it, quota 429 or a Flex request's "resource unavailable", fatal or not.
+
+    ``flex``: the request asked for Flex processing (``core.usage.is_flex``).
+    """
     if status is None or status < 400:
-        return read_outcome(status, headers, body, batch=batch)
+        return read_outcome(status, headers, body, batch=batch, flex=flex)
     return read_outcome(
         status,
         headers,
         body,
         batch=batch,
+        flex=flex,
         quota=status == 429 and is_quota_429(headers, error_code(body)),
         fatal=fatal_reason(status, body, request),
     )
