@@ -74,6 +74,15 @@ def test_errors_raise_names_the_spend(make_simulator: Any) -> None:
         reviews(60).llm.enrich(chains(sim.base_url), budget_usd=1e-4, errors="raise", cache=False)
 
 
+def test_a_stop_without_a_cache_does_not_promise_a_resume(make_simulator: Any) -> None:
+    # Issue 28: with cache=False the message still said "every answer paid for is kept".
+    sim = make_simulator()
+    with pytest.raises(dask_llm.BudgetExceeded) as info:
+        reviews(60).llm.enrich(chains(sim.base_url), budget_usd=1e-4, errors="raise", cache=False)
+    assert "is kept" not in str(info.value)
+    assert "no answer was kept (cache=False)" in str(info.value)
+
+
 def test_a_model_without_a_price_cannot_run_under_a_budget(sim: Any) -> None:
     chain = dask_llm.Chain(summary_chain(sim.base_url, model="my-local-llama"), name="s")
     frame = dd.from_pandas(reviews(4), npartitions=1)

@@ -477,9 +477,15 @@ def stop_run(run: int | None, kind: str, text: str, *, everything: bool) -> list
     return sorted(stopped)
 
 
-def resume_hint(summary: _progress.RunSummary | None) -> str:
-    where = f" in the cache at {summary.cache}" if summary is not None and summary.cache else ""
+def resume_hint(summary: _progress.RunSummary | None, *, cached: bool | None = None) -> str:
+    """What a rerun will pay, for a stop's message. ``cached``: whether the job kept a
+    cache (default: what ``summary`` says; True without one)."""
+    if cached is None:
+        cached = summary is None or summary.cache is not None
     done = f"{summary.rows:,} rows were done; " if summary is not None else ""
+    if not cached:
+        return f"{done}no answer was kept (cache=False): a rerun pays again for every answer."
+    where = f" in the cache at {summary.cache}" if summary is not None and summary.cache else ""
     return (
         f"{done}every answer paid for is kept{where}. Run the same job again to resume: "
         "only what is missing is paid for."

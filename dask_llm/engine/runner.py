@@ -161,14 +161,13 @@ class PartitionRun:
             raise self._raised
         if stop is not None and stop.kind == "raised":
             stop.raise_error()
+        hint = jobs.resume_hint(None, cached=self.options.cache is not None)
         if stop is not None and stop.kind == "budget" and self.options.errors == "raise":
-            raise BudgetExceeded(f"{stop.text}; {jobs.resume_hint(None)}")
+            raise BudgetExceeded(f"{stop.text}; {hint}")
         if stop is not None and stop.kind == "quality" and self.options.errors == "raise":
-            raise JobStopped(f"{stop.text}; {jobs.resume_hint(None)}", kind=stop.kind)
+            raise JobStopped(f"{stop.text}; {hint}", kind=stop.kind)
         if stop is not None and stop.kind not in ("fatal", "budget", "quality"):
-            raise JobStopped(
-                f"{stop.text}; {self._batches_hint()}{jobs.resume_hint(None)}", kind=stop.kind
-            )
+            raise JobStopped(f"{stop.text}; {self._batches_hint()}{hint}", kind=stop.kind)
         return self._frame()
 
     def _memo_pass(self) -> None:
