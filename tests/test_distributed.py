@@ -92,7 +92,7 @@ def test_a_key_from_the_environment_is_not_called_explicit(
     monkeypatch.delenv("OPENAI_API_KEY")
     ddf = dd.from_pandas(frame(6), npartitions=2)
     with (
-        distributed.LocalCluster(n_workers=1, processes=True, dashboard_address=None) as cluster,
+        local_cluster(n_workers=1, processes=True) as cluster,
         distributed.Client(cluster),
     ):
         monkeypatch.setenv("OPENAI_API_KEY", key)
