@@ -79,8 +79,13 @@ def test_a_wrong_key_fails_fast_and_no_secret_leaks(
     caplog.set_level(logging.DEBUG)
     df = pd.DataFrame({"description": ["a", "b"]})
     out = df.llm.enrich([dask_llm.Chain(summary_chain(sim.base_url), name="s")], cache=False)
-    assert out["llm_error"].str.contains("AuthenticationError").all()
-    assert sim.stats()["requests"] == 2  # 401 is not retried
+    # Row "b" is sent too, unless the first 401 stopped the job before its turn (a race
+    # an idle machine wins): then it names the provider's refusal instead.
+    errors = out["llm_error"]
+    sent = errors.str.contains("AuthenticationError")
+    assert sent.any() and (sent | errors.str.contains("not sent: the provider refused")).all()
+    assert errors.str.contains("401").all(), errors.tolist()
+    assert sim.stats()["requests"] == sent.sum()  # 401 is not retried
     with pytest.raises(dask_llm.ChainError) as info:
         df.llm.enrich([dask_llm.Chain(summary_chain(sim.base_url), name="s")], errors="raise")
     for text in (out.to_string(), str(info.value), repr(info.value), caplog.text):
