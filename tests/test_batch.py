@@ -256,6 +256,7 @@ def test_ctrl_c_names_the_batches_in_flight_and_they_can_be_cancelled(
     client.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cached", [True, False], ids=["cache", "no-cache"])
 def test_ctrl_c_says_only_what_a_rerun_will_do_with_the_batches(
     make_simulator: Any, tmp_path: Path, cached: bool
@@ -316,6 +317,7 @@ def test_requests_beyond_a_files_limits_are_split_into_batches(make_simulator: A
     assert stats["batch_lines_ok"] == 12
 
 
+@pytest.mark.slow
 def test_a_budget_keeps_whole_rounds_in_one_batch_each(make_simulator: Any) -> None:
     # 200 rows x 2 dependent chains under a budget 3x what they cost: before any
     # answer each line reserves 1,024 completion tokens, so the first batch holds

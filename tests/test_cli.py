@@ -296,6 +296,7 @@ def test_a_failed_run_leaves_the_previous_output_as_it_was(sim: Any, workdir: Pa
     assert sorted(p.name for p in workdir.iterdir() if "dask-llm" in p.name) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("simulator_options", "args", "code", "why"),
     [
@@ -324,6 +325,7 @@ def test_a_job_that_stopped_exits_non_zero(
     assert len(out) == 30 and out["llm_error"].notna().any()
 
 
+@pytest.mark.slow
 def test_a_report_into_a_missing_directory_is_refused_before_any_request(
     sim: Any, workdir: Path
 ) -> None:
@@ -336,6 +338,7 @@ def test_a_report_into_a_missing_directory_is_refused_before_any_request(
     assert not (workdir / "out").exists()
 
 
+@pytest.mark.slow
 def test_the_demo_says_its_sequential_time_is_extrapolated(sim: Any, workdir: Path) -> None:
     # Issue 28: "X s for 6 rows" was timed on 2 rows without saying so.
     args = ["demo", "--rows", "6", "--sequential-rows", "2", "--base-url", sim.base_url]

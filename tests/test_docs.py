@@ -15,8 +15,10 @@ def snippets() -> list[object]:
     found = []
     for page in sorted((ROOT / "docs").glob("*.md")):
         for k, code in enumerate(FENCE.findall(page.read_text())):
-            # a cluster, or a command in a process of its own
-            slow = "LocalCluster(" in code or "subprocess" in code
+            # A cluster, a subprocess, or pacing at a low rate: seconds each.
+            slow = any(word in code for word in ("LocalCluster(", "subprocess")) or (
+                "rpm=" in code and "enrich(" in code
+            )
             marks = [pytest.mark.slow] if slow else []
             found.append(pytest.param(code, id=f"{page.stem}-{k}", marks=marks))
     return found

@@ -275,6 +275,7 @@ def test_interrupting_a_notebook_cell_leaves_no_job_running(make_simulator: Any,
     assert stats["requests"] < 400  # stopped, not finished
 
 
+@pytest.mark.slow
 def test_errors_raise_stops_every_partition(make_simulator: Any) -> None:
     sim = make_simulator(latency=0.2, context_tokens=200)
     df = frame(120)
@@ -362,6 +363,7 @@ def test_answers_no_retry_can_fix_stop_the_job(
     assert errors.str.contains(code).all()
 
 
+@pytest.mark.slow
 def test_a_quota_429_that_is_only_a_rate_limit_is_retried(make_simulator: Any) -> None:
     """Rate 429s (and 429s without quota headers) are retried, never fatal."""
     sim = make_simulator(spurious_429=0.2, seed=5)
