@@ -258,3 +258,163 @@ def instructed_schema(messages: list[Any], *, json_answer: bool) -> dict[str, An
             ):
                 return schema
     return None
+
+
+# -- values the prompt names ---------------------------------------------------------------
+# A model asked "What is the value of magic_function(3)?" calls the tool with 3, and one asked
+# to "create a customer named '你好啊集团'" passes that name: tool-call arguments take the values
+# the last user message names, where they fit a parameter (its type, bounds, enum), and are
+# drawn from the seed elsewhere. The same for the keys a JSON answer is asked to have.
+_QUOTED = re.compile(r"""(?<!\w)(?:'([^'\n]+?)'|"([^"\n]+?)"|“([^”\n]+?)”|「([^」\n]+?)」)(?!\w)""")
+_NUMBER = re.compile(r"(?<![\w.\-])-?\d+(?:\.\d+)?(?!\w)")
+_KEYWORDS = re.compile(r"\b(?:keys?|fields?|properties|attributes)\b", re.IGNORECASE)
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+class PromptValues:
+    """The quoted strings and numbers of a prompt, and any ``name=value`` / ``name: value``."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.quoted = [next(g for g in m.groups() if g is not None) for m in _QUOTED.finditer(text)]
+        bare = _QUOTED.sub(" ", text)
+        self.numbers = [m.group() for m in _NUMBER.finditer(bare)]
+
+    def named(self, field: str) -> str | None:
+        """The value written after ``field=`` or ``field:`` (quotes removed), if any."""
+        value = rf"""\b{re.escape(field)}\s*[=:]\s*(?:'([^'\n]*)'|"([^"\n]*)"|([^\s,;)'"]+))"""
+        match = re.search(value, self.text)
+        if match is None:
+            return None
+        return next(g for g in match.groups() if g is not None)
+
+    def json_keys(self) -> list[str]:
+        """Keys a prompt asks a JSON answer for: "as a JSON with 'setup' and 'punchline' keys"."""
+        if not _KEYWORDS.search(self.text):
+            return []
+        return list(dict.fromkeys(q for q in self.quoted if _IDENTIFIER.fullmatch(q)))
+
+
+def _resolved(schema: dict[str, Any], defs: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """``schema`` with a ``$ref`` followed, the first non-null ``anyOf``/``oneOf`` taken."""
+    while depth < 12:
+        depth += 1
+        if "$ref" in schema:
+            schema = defs.get(schema["$ref"].rsplit("/", 1)[-1], {})
+            continue
+        options = schema.get("anyOf") or schema.get("oneOf")
+        if options:
+            schema = next((o for o in options if o.get("type") != "null"), options[0])
+            continue
+        break
+    return schema
+
+
+def _in_bounds(value: float, s: dict[str, Any]) -> bool:
+    return not (
+        ("minimum" in s and value < s["minimum"])
+        or ("maximum" in s and value > s["maximum"])
+        or ("exclusiveMinimum" in s and value <= s["exclusiveMinimum"])
+        or ("exclusiveMaximum" in s and value >= s["exclusiveMaximum"])
+    )
+
+
+def _fit(raw: str, s: dict[str, Any]) -> tuple[bool, Any]:
+    """``raw`` as a value of the (resolved) field schema ``s``, or ``(False, None)``."""
+    kind = s.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None)
+    if "enum" in s:
+        for option in s["enum"]:
+            if str(option).lower() == raw.lower():
+                return True, option
+        return False, None
+    if kind in ("integer", "number"):
+        try:
+            number: float = int(raw) if kind == "integer" else float(raw)
+        except ValueError:
+            return False, None
+        if kind == "number" and number == int(number) and "." not in raw:
+            number = int(number)
+        return _in_bounds(number, s), number
+    if kind == "boolean":
+        lowered = raw.lower()
+        return lowered in ("true", "false"), lowered == "true"
+    plain = kind is None and not {"properties", "items"} & s.keys()
+    if (kind == "string" or plain) and "format" not in s:
+        fits = len(raw) >= int(s.get("minLength", 0)) and len(raw) <= int(
+            s.get("maxLength", len(raw))
+        )
+        return fits, raw
+    return False, None
+
+
+def fill_from_prompt(instance: Any, schema: dict[str, Any], text: str) -> Any:
+    """``instance`` (of ``schema``) with the values ``text`` names in the fields they fit.
+
+    A field written out (``a=3``, ``city: Paris``) takes its value; then each numeric
+    field takes the next number of the text that fits its bounds, each string field the
+    next quoted string, each enum field an option the text mentions; fields nothing fits
+    keep what the seed drew. Only top-level fields of an object are filled.
+    """
+    if not isinstance(instance, dict) or not text:
+        return instance
+    defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    props = _resolved(schema, defs).get("properties") or {}
+    values = PromptValues(text)
+    filled = dict(instance)
+    pending: list[tuple[str, dict[str, Any]]] = []
+    for name, sub in props.items():
+        s = _resolved(sub, defs)
+        raw = values.named(name)
+        ok, value = _fit(raw, s) if raw is not None else (False, None)
+        if ok:
+            filled[name] = value
+        else:
+            pending.append((name, s))
+    numbers, quoted = list(values.numbers), list(values.quoted)
+    for name, s in pending:
+        if "enum" in s:
+            words = set(re.findall(r"[\w-]+", text.lower()))
+            options = [o for o in s["enum"] if str(o).lower() in words]
+            if options:
+                filled[name] = options[0]
+            continue
+        pool = numbers if s.get("type") in ("integer", "number") else quoted
+        for k, raw in enumerate(pool):
+            ok, value = _fit(raw, s)
+            if ok:
+                filled[name] = value
+                del pool[k]
+                break
+    return filled
+
+
+def choose_tool(tools: list[Any], choice: Any, text: str) -> dict[str, Any]:
+    """The tool to call: the one ``tool_choice`` names, else one the prompt names, else the
+    first."""
+    named = [t for t in tools if isinstance(t, dict) and (t.get("function") or {}).get("name")]
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        for t in named:
+            if t["function"]["name"] == wanted:
+                return dict(t)
+    for t in named:
+        if re.search(rf"\b{re.escape(t['function']['name'])}\b", text):
+            return dict(t)
+    first = tools[0] if tools else {}
+    return first if isinstance(first, dict) else {}
+
+
+def last_user_text(messages: list[Any]) -> str:
+    """The text of the last user message (what a model answers), without format instructions."""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return without_instructions(message_text(message))
+    return ""
+
+
+def keyed_json(keys: list[str], rng: random.Random, echo: list[str]) -> str:
+    """A JSON object with exactly ``keys``, each a short text."""
+    schema = {"type": "object", "properties": {k: {"type": "string"} for k in keys}}
+    return json.dumps(schema_instance(schema, rng, echo))

@@ -571,14 +571,14 @@ class SimulatorApp:
         tools = payload.get("tools") or []
         choice = payload.get("tool_choice")
         response_format = payload.get("response_format") or {}
-        if tools and choice != "none":
-            tool = tools[0]
-            if isinstance(choice, dict):
-                wanted = (choice.get("function") or {}).get("name")
-                tool = next((t for t in tools if t.get("function", {}).get("name") == wanted), tool)
-            fn = tool.get("function", {})
+        asked = answers.last_user_text(messages)
+        # After a tool's result, a model free to choose answers in words.
+        replied = isinstance(messages[-1], dict) and messages[-1].get("role") == "tool"
+        if tools and choice != "none" and not (replied and choice in (None, "auto")):
+            fn = answers.choose_tool(tools, choice, asked).get("function") or {}
             schema = fn.get("parameters") or {}
-            arguments = json.dumps(answers.schema_instance(schema, random.Random(digest), echo))
+            instance = answers.schema_instance(schema, random.Random(digest), echo)
+            arguments = json.dumps(answers.fill_from_prompt(instance, schema, asked))
             message["tool_calls"] = [
                 {
                     "id": f"call_{digest.hex()[:24]}",
@@ -597,6 +597,8 @@ class SimulatorApp:
             schema = answers.instructed_schema(messages, json_answer=json_answer)
             if schema is not None:
                 produced = json.dumps(answers.schema_instance(schema, random.Random(digest), echo))
+            elif json_answer and (keys := answers.PromptValues(asked).json_keys()):
+                produced = answers.keyed_json(keys, random.Random(digest), echo)
             elif json_answer:
                 produced = answers.json_object(random.Random(digest), echo)
             else:
