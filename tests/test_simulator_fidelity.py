@@ -207,6 +207,11 @@ NUMBERS = _tool(
             id="in-order",
         ),
         pytest.param(
+            "Vintage 2019: price 18.5 for 12 bottles.",
+            {"bottles": 12, "price": 18.5, "vintage": 2019},
+            id="next-to-their-names",
+        ),
+        pytest.param(
             "Price 40 bottles, or 12, at 18.5",  # 40 is over the maximum of bottles
             {"bottles": 12, "price": 40},
             id="within-bounds",

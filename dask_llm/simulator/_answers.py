@@ -13,6 +13,15 @@ a JSON instance that conforms to the JSON schema below." and the schema in a
 ``` fence) in any message, or, when the answer is JSON anyway (``json_object``
 mode, or a prompt that mentions JSON), any fenced JSON object that looks like
 a schema (has ``properties``).
+
+Tool calls and JSON answers also take what the last user message names, as a model
+would: a tool's arguments are an instance of its parameters' schema whose fields take
+the prompt's values where they fit (``name=value``; a number or quoted string next to a
+word of the field's name; else the next unused number within the field's bounds or
+quoted string; an enum option the prompt mentions), so "What is magic_function(3)?"
+calls it with 3; the tool called is the one ``tool_choice`` or else the prompt names; a
+JSON answer without a schema, asked for "'setup' and 'punchline' keys", has those keys.
+Only answers of prompts that name such values differ from the seed's draw.
 """
 
 from __future__ import annotations
@@ -269,30 +278,58 @@ _QUOTED = re.compile(r"""(?<!\w)(?:'([^'\n]+?)'|"([^"\n]+?)"|“([^”\n]+?)”|
 _NUMBER = re.compile(r"(?<![\w.\-])-?\d+(?:\.\d+)?(?!\w)")
 _KEYWORDS = re.compile(r"\b(?:keys?|fields?|properties|attributes)\b", re.IGNORECASE)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_NAME_PARTS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
+# What may stand between a parameter's word and its value: "vintage 2019", "price: 18.5",
+# "named 'Ana'", "a price of 12".
+_BETWEEN = re.compile(r"[\s:=]*(?:(?:is|of|at|to|as|be|was)\s+)?", re.IGNORECASE)
 
 
 class PromptValues:
-    """The quoted strings and numbers of a prompt, and any ``name=value`` / ``name: value``."""
+    """The quoted strings and numbers of a prompt, each with its offset."""
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.quoted = [next(g for g in m.groups() if g is not None) for m in _QUOTED.finditer(text)]
-        bare = _QUOTED.sub(" ", text)
-        self.numbers = [m.group() for m in _NUMBER.finditer(bare)]
+        self.quoted = [
+            (m.start(), m.end(), next(g for g in m.groups() if g is not None))
+            for m in _QUOTED.finditer(text)
+        ]
+        inside = {k for a, b, _ in self.quoted for k in range(a, b)}
+        self.numbers = [
+            (m.start(), m.end(), m.group())
+            for m in _NUMBER.finditer(text)
+            if m.start() not in inside
+        ]
 
-    def named(self, field: str) -> str | None:
-        """The value written after ``field=`` or ``field:`` (quotes removed), if any."""
+    def named(self, field: str) -> tuple[range, str] | None:
+        """The value written after ``field=`` or ``field:`` (quotes removed), and where."""
         value = rf"""\b{re.escape(field)}\s*[=:]\s*(?:'([^'\n]*)'|"([^"\n]*)"|([^\s,;)'"]+))"""
         match = re.search(value, self.text)
         if match is None:
             return None
-        return next(g for g in match.groups() if g is not None)
+        return range(match.start(), match.end()), next(g for g in match.groups() if g is not None)
+
+    def near(self, field: str, values: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+        """Those of ``values`` right after a word of ``field``'s name ("bottles 12", "named
+        'Ana'") or right before one ("12 bottles")."""
+        parts = [w.lower() for w in _NAME_PARTS.findall(field) if len(w) >= 3]
+        if not parts:
+            return []
+        words = re.compile(rf"\b(?:{'|'.join(map(re.escape, parts))})\w*", re.IGNORECASE)
+        found = []
+        for m in words.finditer(self.text):
+            for value in values:
+                start, end, _ = value
+                after = start >= m.end() and _BETWEEN.fullmatch(self.text, m.end(), start)
+                before = end <= m.start() and not self.text[end : m.start()].strip()
+                if after or before:
+                    found.append(value)
+        return found
 
     def json_keys(self) -> list[str]:
         """Keys a prompt asks a JSON answer for: "as a JSON with 'setup' and 'punchline' keys"."""
         if not _KEYWORDS.search(self.text):
             return []
-        return list(dict.fromkeys(q for q in self.quoted if _IDENTIFIER.fullmatch(q)))
+        return list(dict.fromkeys(q for _, _, q in self.quoted if _IDENTIFIER.fullmatch(q)))
 
 
 def _resolved(schema: dict[str, Any], defs: dict[str, Any], depth: int = 0) -> dict[str, Any]:
@@ -352,10 +389,12 @@ def _fit(raw: str, s: dict[str, Any]) -> tuple[bool, Any]:
 def fill_from_prompt(instance: Any, schema: dict[str, Any], text: str) -> Any:
     """``instance`` (of ``schema``) with the values ``text`` names in the fields they fit.
 
-    A field written out (``a=3``, ``city: Paris``) takes its value; then each numeric
-    field takes the next number of the text that fits its bounds, each string field the
-    next quoted string, each enum field an option the text mentions; fields nothing fits
-    keep what the seed drew. Only top-level fields of an object are filled.
+    A field written out (``a=3``, ``city: Paris``) takes its value; else a value next to a
+    word of the field's name ("12 bottles", "vintage 2019", "named 'Ana'"); else, in the
+    order of the fields, a numeric field takes the first unused number of the text that fits
+    its bounds and a string field the first unused quoted string; an enum field takes an
+    option the text mentions. Fields nothing fits keep what the seed drew. Only top-level
+    fields of an object are filled.
     """
     if not isinstance(instance, dict) or not text:
         return instance
@@ -363,30 +402,39 @@ def fill_from_prompt(instance: Any, schema: dict[str, Any], text: str) -> Any:
     props = _resolved(schema, defs).get("properties") or {}
     values = PromptValues(text)
     filled = dict(instance)
-    pending: list[tuple[str, dict[str, Any]]] = []
-    for name, sub in props.items():
-        s = _resolved(sub, defs)
-        raw = values.named(name)
-        ok, value = _fit(raw, s) if raw is not None else (False, None)
-        if ok:
+    fields = {name: _resolved(sub, defs) for name, sub in props.items()}
+    used: set[int] = set()
+
+    def take(name: str, candidates: list[tuple[int, int, str]]) -> bool:
+        for start, _, raw in candidates:
+            if start in used:
+                continue
+            ok, value = _fit(raw, fields[name])
+            if ok:
+                filled[name] = value
+                used.add(start)
+                return True
+        return False
+
+    def pool(s: dict[str, Any]) -> list[tuple[int, int, str]]:
+        return values.numbers if s.get("type") in ("integer", "number") else values.quoted
+
+    pending = []
+    for name, s in fields.items():
+        named = values.named(name)
+        ok, value = _fit(named[1], s) if named is not None else (False, None)
+        if ok and named is not None:
             filled[name] = value
-        else:
-            pending.append((name, s))
-    numbers, quoted = list(values.numbers), list(values.quoted)
-    for name, s in pending:
-        if "enum" in s:
+            used.update(named[0])
+        elif "enum" in s:
             words = set(re.findall(r"[\w-]+", text.lower()))
             options = [o for o in s["enum"] if str(o).lower() in words]
             if options:
                 filled[name] = options[0]
-            continue
-        pool = numbers if s.get("type") in ("integer", "number") else quoted
-        for k, raw in enumerate(pool):
-            ok, value = _fit(raw, s)
-            if ok:
-                filled[name] = value
-                del pool[k]
-                break
+        elif not take(name, values.near(name, pool(s))):
+            pending.append(name)
+    for name in pending:
+        take(name, pool(fields[name]))
     return filled
 
 
