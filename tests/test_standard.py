@@ -8,12 +8,14 @@ two settings a client needs for any OpenAI-compatible ``base_url``:
 
 * ``stream_usage=True``: ChatOpenAI asks for the usage chunk by itself only when it talks
   to api.openai.com; the simulator sends it whenever ``stream_options.include_usage`` asks.
-* one event loop for the class's async tests (``asyncio_default_test_loop_scope`` in
-  pyproject.toml): langchain-openai shares one httpx ``AsyncClient`` per (base URL, timeout)
+* an httpx ``AsyncClient`` of each test's own, opened and closed on the test's event loop
+  (``http_async_client``). By default langchain-openai shares one per (base URL, timeout)
   across the process, and a keep-alive connection it pooled belongs to the event loop that
-  opened it; the next test's loop reusing it fails with "Event loop is closed" whatever the
-  server (httpx says an AsyncClient cannot span loops: encode/httpx#2473). Only refusing
-  keep-alive would hide it, which OpenAI does not do.
+  opened it: the next test's loop (pytest-asyncio gives each test its own) reusing it fails
+  with "Event loop is closed" whatever the server (an AsyncClient cannot span event loops,
+  encode/httpx#2473); that is the "astream across event loops" failure, and it would also
+  break any later test of the suite that runs ChatOpenAI on a loop of its own. Only refusing
+  keep-alive would hide it on the server's side, and OpenAI keeps connections alive.
 
 Left skipped, as langchain-openai leaves them for ``gpt-4o-mini``: audio inputs and images
 or PDFs inside tool messages (Chat Completions takes text only there), and
@@ -28,9 +30,10 @@ from __future__ import annotations
 import struct
 import types
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
+import openai
 import pytest
 from langchain_core.messages import AIMessage
 from langchain_openai import ChatOpenAI
@@ -84,12 +87,15 @@ def _offline_get(url: str, **_: Any) -> types.SimpleNamespace:
 @pytest.mark.filterwarnings("ignore:Received a Pydantic BaseModel V1 schema:UserWarning")
 class TestChatOpenAIOnSimulator(ChatModelIntegrationTests):
     @pytest.fixture(autouse=True)
-    def _on_simulator(
-        self, simulator: Simulator, monkeypatch: pytest.MonkeyPatch
-    ) -> Iterator[None]:
+    def _on_simulator(self, simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
         self.base_url = simulator.base_url
         monkeypatch.setattr(standard, "httpx", types.SimpleNamespace(get=_offline_get))
-        yield
+
+    @pytest.fixture(autouse=True)
+    async def _async_http_client(self) -> AsyncIterator[None]:
+        async with openai.DefaultAsyncHttpxClient() as http:
+            self.http_async_client = http
+            yield
 
     @property
     def chat_model_class(self) -> type[ChatOpenAI]:
@@ -102,6 +108,7 @@ class TestChatOpenAIOnSimulator(ChatModelIntegrationTests):
             "base_url": self.base_url,
             "api_key": "sk-any",
             "stream_usage": True,
+            "http_async_client": self.http_async_client,
         }
 
     @property
