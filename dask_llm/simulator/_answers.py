@@ -438,20 +438,27 @@ def fill_from_prompt(instance: Any, schema: dict[str, Any], text: str) -> Any:
     return filled
 
 
-def choose_tool(tools: list[Any], choice: Any, text: str) -> dict[str, Any]:
-    """The tool to call: the one ``tool_choice`` names, else one the prompt names, else the
-    first."""
-    named = [t for t in tools if isinstance(t, dict) and (t.get("function") or {}).get("name")]
-    if isinstance(choice, dict):
-        wanted = (choice.get("function") or {}).get("name")
-        for t in named:
-            if t["function"]["name"] == wanted:
-                return dict(t)
-    for t in named:
-        if re.search(rf"\b{re.escape(t['function']['name'])}\b", text):
-            return dict(t)
-    first = tools[0] if tools else {}
-    return first if isinstance(first, dict) else {}
+def tool_call(
+    tools: dict[str, dict[str, Any]],
+    wanted: str | None,
+    text: str,
+    rng: random.Random,
+    echo: list[str],
+) -> tuple[str, dict[str, Any], Any]:
+    """A call of one of ``tools`` (name -> parameters' JSON schema): its name, the schema and
+    the arguments.
+
+    The tool is ``wanted`` (what ``tool_choice`` names), else one whose name ``text`` has,
+    else the first; its arguments an instance of its schema with the values ``text`` names
+    (``fill_from_prompt``). Provider-neutral: OpenAI's and Anthropic's tool shapes map to it.
+    """
+    name = next(iter(tools), "tool")
+    if wanted in tools:
+        name = wanted
+    else:
+        name = next((t for t in tools if re.search(rf"\b{re.escape(t)}\b", text)), name)
+    schema = tools.get(name) or {}
+    return name, schema, fill_from_prompt(schema_instance(schema, rng, echo), schema, text)
 
 
 def last_user_text(messages: list[Any]) -> str:

@@ -575,15 +575,19 @@ class SimulatorApp:
         # After a tool's result, a model free to choose answers in words.
         replied = isinstance(messages[-1], dict) and messages[-1].get("role") == "tool"
         if tools and choice != "none" and not (replied and choice in (None, "auto")):
-            fn = answers.choose_tool(tools, choice, asked).get("function") or {}
-            schema = fn.get("parameters") or {}
-            instance = answers.schema_instance(schema, random.Random(digest), echo)
-            arguments = json.dumps(answers.fill_from_prompt(instance, schema, asked))
+            functions = [t.get("function") or {} for t in tools if isinstance(t, dict)]
+            named = {f.get("name") or "tool": f.get("parameters") or {} for f in functions}
+            forced = choice.get("function") if isinstance(choice, dict) else None
+            wanted = forced.get("name") if isinstance(forced, dict) else None
+            name, schema, instance = answers.tool_call(
+                named, wanted, asked, random.Random(digest), echo
+            )
+            arguments = json.dumps(instance)
             message["tool_calls"] = [
                 {
                     "id": f"call_{digest.hex()[:24]}",
                     "type": "function",
-                    "function": {"name": fn.get("name", "tool"), "arguments": arguments},
+                    "function": {"name": name, "arguments": arguments},
                 }
             ]
             finish = "tool_calls"
