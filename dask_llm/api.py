@@ -38,6 +38,7 @@ from dask_llm.core.config import (
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_RETRY,
     DEFAULT_SYNC_THREADS,
+    SERVICE_TIERS,
     BatchPolicy,
     EnrichOptions,
     Errors,
@@ -89,6 +90,7 @@ class EstimateKwargs(TypedDict, total=False):
     cache: CacheArg
     prices: Mapping[str, PriceEntry] | None
     batch: bool
+    service_tier: ServiceTier | None
 
 
 # Where pandas and dask are typed (pandas-stubs), a checker resolves the frame's
@@ -538,6 +540,7 @@ def estimate(
     prices: Mapping[str, PriceEntry] | None = None,
     budget_usd: float | None = None,
     batch: bool = False,
+    service_tier: ServiceTier | None = None,
 ) -> Estimate:
     """What ``enrich(frame, chains)`` would do, without any request: see ``Estimate``.
 
@@ -551,10 +554,21 @@ def estimate(
             would exceed it.
         batch: estimate for ``enrich(..., batch=True)``: cost at Batch API prices (the
             online cost is shown beside it) and no rate-limited wall time.
+        service_tier: as for ``enrich``: ``"flex"`` prices every OpenAI model's calls at
+            the Flex price (the list price is shown beside it); None: each model's own
+            ``service_tier`` (its field or ``.bind(service_tier=...)``).
+
+    The cost prices the share of each prompt a provider's prompt cache can serve (the
+    chain's fixed prefix, 1,024 tokens and more) at the cached-input price: see
+    docs/cost.md.
     """
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
         raise TypeError(f"estimate() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
     check_prices(prices)
+    if service_tier is not None and service_tier not in SERVICE_TIERS:
+        raise ValueError(f"service_tier= must be 'flex', 'default' or None, not {service_tier!r}")
+    if service_tier == "flex" and batch:
+        raise ValueError("service_tier='flex' and batch= are two ways to one price: choose one")
     plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
     store = open_cache(cache, default_path=default_cache_path())
     return run_estimate(
@@ -566,6 +580,7 @@ def estimate(
         prices=dict(prices or {}),
         budget_usd=budget_usd,
         batch=bool(batch),
+        service_tier=service_tier,
     )
 
 

@@ -23,6 +23,7 @@ from dask_llm.core.usage import PRICES, Price, check_prices, cost_usd, price_of
 from dask_llm.engine import job as _job
 from dask_llm.engine.calls import PartitionStats
 from dask_llm.observe.report import _chain_table
+from dask_llm.preview.estimate import significant
 from dask_llm.transport.pipeline import LoopClients
 from dask_llm.transport.wire import outcome_of
 from tests.chains import llm, summary_chain
@@ -307,3 +308,101 @@ def test_estimate_takes_every_price_shape(sim: Any) -> None:
     }
     assert len(costs) == 1 and None not in costs  # no cached share projected yet
     assert requests(sim) == 0
+
+
+# -- estimate and pilot: the cached share and the Flex price before paying -------------------
+def text_chain(base_url: str, *, bind: bool = False, **model: Any) -> Any:
+    prompt = ChatPromptTemplate.from_template("One word for {description}")
+    chat = llm(base_url, **model)
+    return prompt | (chat.bind(service_tier="flex") if bind else chat) | StrOutputParser()
+
+
+def test_estimate_projects_the_cached_share_of_a_fixed_prefix(sim: Any) -> None:
+    rows = pd.concat([ROWS] * 3, ignore_index=True)
+    rows["description"] += [f" ({i})" for i in range(len(rows))]
+    chain = [dask_llm.Chain(instructed_chain(sim.base_url), name="d")]
+    est = rows.llm.estimate(chain, cache=False)
+    assert requests(sim) == 0
+    # Every call but the first reads the fixed instruction's cacheable prefix.
+    per_call = est.cached_tokens // (len(rows) - 1)
+    assert per_call * (len(rows) - 1) == est.cached_tokens
+    assert per_call >= 1024 and per_call % 128 == 0
+    out = rows.llm.enrich(chain, cache=False)
+    stats = sim.stats()
+    # The server cached what the estimate said it would (its first calls may all miss).
+    assert stats["cached_tokens"] <= est.cached_tokens
+    assert stats["cached_tokens"] >= est.cached_tokens - 4 * per_call
+    assert out["llm_error"].isna().all()
+    assert est.input_tokens == pytest.approx(stats["prompt_tokens"], rel=0.05)
+    price = price_of("gpt-4o-mini")
+    assert price is not None
+    # Cached tokens at the cached price (output tokens are the estimate's guess of 150).
+    expected = cost_usd(price, est.input_tokens, est.output_tokens, est.cached_tokens)
+    assert est.cost_usd == pytest.approx(expected, rel=1e-9)
+    saved = est.cached_tokens * (price.input - price.cached_input) / 1e6
+    assert est.caching_saved_usd == pytest.approx(saved)
+    assert f"~{est.cached_tokens:,} from the prompt cache" in str(est)
+    assert "less for the prompt cache" in str(est)
+
+
+def test_estimate_projects_no_cached_share_for_a_short_or_late_instruction(sim: Any) -> None:
+    short = [dask_llm.Chain(summary_chain(sim.base_url), name="s")]
+    assert ROWS.llm.estimate(short, cache=False).cached_tokens == 0
+    late = ChatPromptTemplate.from_messages(
+        [("human", "Review: {description}"), ("system", INSTRUCTION)]
+    )
+    chain = [dask_llm.Chain(late | llm(sim.base_url) | StrOutputParser(), name="late")]
+    est = ROWS.llm.estimate(chain, cache=False)
+    assert est.cached_tokens == 0 and "prompt cache" not in str(est)
+
+
+@pytest.mark.parametrize(
+    ("model", "bind", "options"),
+    [
+        pytest.param({}, False, {"service_tier": "flex"}, id="enrich-option"),
+        pytest.param({"service_tier": "flex"}, False, {}, id="model-field"),
+        pytest.param({}, True, {}, id="bound"),
+    ],
+)
+def test_estimate_prices_flex_at_the_flex_price(
+    sim: Any, model: dict, bind: bool, options: dict
+) -> None:
+    listed = ROWS.llm.estimate([dask_llm.Chain(text_chain(sim.base_url), name="t")], cache=False)
+    chain = [dask_llm.Chain(text_chain(sim.base_url, bind=bind, **model), name="t")]
+    est = ROWS.llm.estimate(chain, cache=False, **options)
+    assert listed.flex_calls == 0 and "Flex" not in str(listed)
+    assert est.flex_calls == est.calls == len(ROWS)
+    assert listed.cost_usd is not None
+    assert est.cost_usd == pytest.approx(0.5 * listed.cost_usd, rel=1e-9)
+    assert est.list_price_cost_usd == pytest.approx(listed.cost_usd, rel=1e-9)
+    assert f"with Flex (list price: ${significant(listed.cost_usd)})" in str(est)
+    # enrich's option beats the model's own: service_tier="default" is list price.
+    if not bind:
+        default = ROWS.llm.estimate(chain, cache=False, service_tier="default")
+        assert default.cost_usd == pytest.approx(listed.cost_usd, rel=1e-9)
+    assert requests(sim) == 0
+
+
+def test_estimate_refuses_flex_with_batch_and_unknown_tiers(sim: Any) -> None:
+    chain = [dask_llm.Chain(text_chain(sim.base_url), name="t")]
+    with pytest.raises(ValueError, match="choose one"):
+        ROWS.llm.estimate(chain, cache=False, service_tier="flex", batch=True)
+    with pytest.raises(ValueError, match="service_tier="):
+        ROWS.llm.estimate(chain, cache=False, service_tier="priority")  # type: ignore[typeddict-item]
+
+
+def test_the_pilot_projects_the_cached_share_and_the_flex_price_it_measured(sim: Any) -> None:
+    rows = pd.DataFrame({"description": [f"Review {i}: plum and cedar" for i in range(40)]})
+    chain = [dask_llm.Chain(instructed_chain(sim.base_url), name="d")]
+    pilot = rows.llm.pilot(chain, n=10, cache=False, service_tier="flex")
+    stats = sim.stats()
+    assert stats["cached_tokens"] > 0
+    assert pilot.cached_share == pytest.approx(stats["cached_tokens"] / stats["prompt_tokens"])
+    assert pilot.flex_share == 1.0
+    price = price_of("gpt-4o-mini", tier="flex")
+    assert price is not None
+    assert pilot.cost_usd == pytest.approx(bill(stats, price), rel=1e-9)
+    assert pilot.projected_cost_usd == pytest.approx(pilot.cost_usd * 4, rel=1e-9)
+    text = str(pilot)
+    assert f"{pilot.cached_share:.0%} of input tokens from the prompt cache" in text
+    assert "(Flex)" in text
