@@ -46,10 +46,12 @@ from dask_llm.core.config import (
     RetryPolicy,
     ServiceTier,
 )
+from dask_llm.core.errors import PromptCacheWarning
 from dask_llm.core.usage import USAGE_COLUMNS, PriceEntry, as_price, check_prices, price_of
 from dask_llm.engine.runner import enrich_partition
 from dask_llm.observe import progress as _progress
 from dask_llm.observe.progress import RunSummary
+from dask_llm.preview.caching import out_of_order
 from dask_llm.preview.estimate import Estimate, run_estimate
 from dask_llm.preview.pilot import Pilot, run_pilot
 
@@ -207,6 +209,10 @@ def enrich(
             ``rpm``, ``tpm`` or ``batch`` for a chain whose chat model sends its own
             requests (not ChatOpenAI, or with its own ``http_async_client``), which
             also gets a ``UserWarning`` that its answers are not cached.
+
+    Warns:
+        PromptCacheWarning: a chain's prompt puts a row's values before a fixed block of
+            1,024 tokens or more, which no prompt cache can reuse in that order.
         TypeError: something that is not a chain.
     """
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
@@ -289,6 +295,7 @@ def _configure(
         usage_columns=_usage_columns(usage),
     )
     check_prices(prices)
+    _check_prompt_order(plan)
     store = open_cache(cache, default_path=default_cache_path())
     options = EnrichOptions(
         job=uuid.uuid4().hex,
@@ -395,6 +402,22 @@ def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
             "of ChatOpenAI models on clients it opens; a rerun pays for them again "
             "(pass cache=False to say you know)",
             UserWarning,
+            stacklevel=4,
+        )
+
+
+def _check_prompt_order(plan: Plan) -> None:
+    """Say, once per chain, when its prompt puts a row's values before a fixed block long
+    enough to be cached: in that order no prompt cache can reuse it (``preview.caching``)."""
+    for found in out_of_order(plan):
+        warnings.warn(
+            f"dask-llm: chain {found.chain!r} puts a row's values before a fixed block of "
+            f"~{found.block_tokens:,} tokens, which no prompt cache can reuse in that order "
+            f"(cached now: {found.cached_now:,} tokens a call; with that block before the "
+            f"row's values: {found.cached_moved:,}). Put the fixed instruction first (a "
+            "system message, then the row) to pay the cached-input price for it; see "
+            "docs/cost.md",
+            PromptCacheWarning,
             stacklevel=4,
         )
 

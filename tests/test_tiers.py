@@ -406,3 +406,39 @@ def test_the_pilot_projects_the_cached_share_and_the_flex_price_it_measured(sim:
     text = str(pilot)
     assert f"{pilot.cached_share:.0%} of input tokens from the prompt cache" in text
     assert "(Flex)" in text
+
+
+# -- the order of a prompt: a fixed block after the row's values is never cached -------------
+def late_chain(base_url: str) -> Any:
+    prompt = ChatPromptTemplate.from_messages(
+        [("human", "Review: {description}"), ("system", INSTRUCTION)]
+    )
+    return prompt | llm(base_url) | StrOutputParser()
+
+
+def test_enrich_warns_once_when_a_row_value_comes_before_a_cacheable_block(sim: Any) -> None:
+    chains = [
+        dask_llm.Chain(late_chain(sim.base_url), name="late"),
+        dask_llm.Chain(instructed_chain(sim.base_url), name="first", outputs="first_out"),
+    ]
+    with pytest.warns(dask_llm.PromptCacheWarning) as caught:
+        out = ROWS.llm.enrich(chains, cache=False)
+    assert out["llm_error"].isna().all()
+    (warning,) = caught  # one, for the one chain in that order; none per row or partition
+    text = str(warning.message)
+    assert "chain 'late'" in text and "'first'" not in text
+    assert "cached now: 0 tokens a call" in text and "Put the fixed instruction first" in text
+    # The server agrees: only the chain with its instruction first was cached.
+    assert 0 < sim.stats()["cached_tokens"] < len(ROWS) * 1536
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        pytest.param([("system", INSTRUCTION), ("human", "{description}")], id="fixed-first"),
+        pytest.param([("human", "{description}"), ("system", "Be brief.")], id="short-after"),
+    ],
+)
+def test_no_warning_when_the_order_costs_nothing(sim: Any, template: list) -> None:
+    chain = ChatPromptTemplate.from_messages(template) | llm(sim.base_url) | StrOutputParser()
+    ROWS.llm.enrich([dask_llm.Chain(chain, name="c")], cache=False)  # warnings are errors here
