@@ -442,3 +442,45 @@ def test_enrich_warns_once_when_a_row_value_comes_before_a_cacheable_block(sim: 
 def test_no_warning_when_the_order_costs_nothing(sim: Any, template: list) -> None:
     chain = ChatPromptTemplate.from_messages(template) | llm(sim.base_url) | StrOutputParser()
     ROWS.llm.enrich([dask_llm.Chain(chain, name="c")], cache=False)  # warnings are errors here
+
+
+# -- Flex set only through .bind(): its timeout, and enrich's service_tier over it ----------
+def bound_local(runnable: Any, request_timeout: float | None, tier: str | None) -> Any:
+    """(timeout, tier the request asks for) of ``runnable``'s localized model and binding."""
+    job = _job.attach(EnrichOptions(job=f"bound-timeouts-{request_timeout}-{tier}"))
+
+    async def main() -> Any:
+        clients = LoopClients(job, PartitionStats())
+        local, _ = clients.localize(runnable, timeout=request_timeout, service_tier=tier)
+        model = local.bound
+        asked = local.kwargs.get("service_tier", model.service_tier)
+        result = (model.root_async_client.timeout, asked)
+        await clients.aclose()
+        return result
+
+    try:
+        return asyncio.run(main())
+    finally:
+        _job.detach(job)
+
+
+def test_a_model_bound_to_flex_waits_fifteen_minutes_unless_a_timeout_is_set(sim: Any) -> None:
+    bound = llm(sim.base_url).bind(service_tier="flex")
+    assert bound_local(bound, None, None) == (FLEX_REQUEST_TIMEOUT, "flex")
+    assert bound_local(bound, 7.0, None) == (7.0, "flex")
+    assert bound_local(llm(sim.base_url, timeout=3).bind(service_tier="flex"), None, None) == (
+        3,
+        "flex",
+    )
+    # enrich(service_tier=...) is every model's tier, a bound one's too.
+    assert bound_local(bound, None, "default") == (DEFAULT_REQUEST_TIMEOUT, "default")
+    assert bound.kwargs == {"service_tier": "flex"}  # the user's binding is untouched
+
+
+def test_enrich_service_tier_beats_a_bound_one(sim: Any) -> None:
+    chain = [dask_llm.Chain(text_chain(sim.base_url, bind=True), name="t")]
+    out = ROWS.llm.enrich(chain, cache=False)
+    assert sim.stats()["flex_answered"] == len(ROWS)
+    listed = ROWS.llm.enrich(chain, cache=False, service_tier="default")
+    assert sim.stats()["flex_answered"] == len(ROWS)  # no more Flex requests
+    assert cost(out) == pytest.approx(0.5 * cost(listed), rel=1e-9)
