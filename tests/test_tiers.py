@@ -484,3 +484,16 @@ def test_enrich_service_tier_beats_a_bound_one(sim: Any) -> None:
     listed = ROWS.llm.enrich(chain, cache=False, service_tier="default")
     assert sim.stats()["flex_answered"] == len(ROWS)  # no more Flex requests
     assert cost(out) == pytest.approx(0.5 * cost(listed), rel=1e-9)
+
+
+def test_the_budget_reserves_a_flex_request_at_the_flex_price() -> None:
+    job = _job.attach(EnrichOptions(job="flex-worst-case", budget_usd=1.0))
+    try:
+        body = b'{"model": "gpt-4o-mini", "max_tokens": 100, "messages": [{"role": "user"}]}'
+        flex = body[:-1] + b', "service_tier": "flex"}'
+        listed, flex_price = price_of("gpt-4o-mini"), price_of("gpt-4o-mini", tier="flex")
+        assert listed is not None and flex_price is not None
+        assert job.worst_cost(body) == pytest.approx(cost_usd(listed, len(body), 100))
+        assert job.worst_cost(flex) == pytest.approx(cost_usd(flex_price, len(flex), 100))
+    finally:
+        _job.detach(job)

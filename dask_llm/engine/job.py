@@ -81,7 +81,7 @@ from dask_llm.cluster import hub as _hub
 from dask_llm.core import where as _cluster
 from dask_llm.core.errors import ChainError, JobStopped
 from dask_llm.core.runtime import part
-from dask_llm.core.usage import MAX_TOKENS, MODEL, cost_usd, price_of
+from dask_llm.core.usage import MAX_TOKENS, MODEL, Tier, cost_usd, is_flex, price_of
 from dask_llm.limits.ledger import Ledger, even_share_hint, link_for
 from dask_llm.limits.pacer import Throttle
 from dask_llm.observe import metrics as _metrics
@@ -249,11 +249,13 @@ class Job:
 
         Prompt tokens are at most the body's bytes (a token is at least a byte, and the
         body holds every message); completion tokens at most ``max_tokens``, else 1.5x
-        the largest completion seen (1,024 before any).
+        the largest completion seen (1,024 before any); at the price of the tier asked
+        (the Batch API's, Flex's for a body that asks for it, else the list price).
         """
         match = MODEL.search(body)
         model = match.group(1).decode() if match else None
-        price = price_of(model, self.options.price_table, batch=batch)
+        tier: Tier = "batch" if batch else ("flex" if is_flex(body) else "default")
+        price = price_of(model, self.options.price_table, tier=tier)
         if price is None:
             self.stop(
                 "budget",
