@@ -140,6 +140,8 @@ class Job:
         self._idle_since = time.monotonic()
         self._last_poll = 0.0
         self._cache_warned = False
+        #: Chains that could not be built here: (why, partitions that failed for it).
+        self._unbuilt: dict[str, tuple[str, int]] = {}
         self.worker = _cluster.distributed_worker()
         self.hub: _hub.HubClient | None = None
         if (
@@ -314,6 +316,40 @@ class Job:
 
     def connection_ok(self) -> None:
         self._refused = 0
+
+    # -- chains that cannot be built here ---------------------------------------------------------
+    def cannot_build(self, chain: str, exc: BaseException | None = None) -> str | None:
+        """Why ``chain`` cannot be built in this process (None: not known to fail).
+
+        With ``exc`` (its factory or recipe just failed), that is recorded and logged
+        with its traceback, once per job and process; each later partition of the job
+        that meets it here counts it and fails at once, without building it again.
+        """
+        with self._lock:
+            known = self._unbuilt.get(chain)
+            if known is None and exc is None:
+                return None
+            if known is None:
+                assert exc is not None
+                text = (
+                    f"chain {chain!r} cannot be built in this process: {type(exc).__name__}: {exc}"
+                )
+                self._unbuilt[chain] = (text, 1)
+            else:
+                text, count = known
+                self._unbuilt[chain] = (text, count + 1)
+        count = self._unbuilt[chain][1]
+        if count == 1:
+            log.error(
+                "dask-llm job %s: %s (logged once; the job's other partitions here fail "
+                "without trying again)",
+                self.id[:8],
+                text,
+                exc_info=exc,
+            )
+        else:
+            log.debug("dask-llm job %s: %s (partition %d here)", self.id[:8], text, count)
+        return f"{text} ({count} partition(s) of this job here)"
 
     # -- the cache, which may fail without failing the job -------------------------------------
     def cache_get(self, keys: Sequence[str], stats: Any) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from dask_llm.chains.shipping import provide_keys
 from dask_llm.cluster.handle import JobHandle
 from dask_llm.core import where as _cluster
 from dask_llm.core.config import EnrichOptions
-from dask_llm.core.errors import BudgetExceeded, ChainError, JobStopped
+from dask_llm.core.errors import BudgetExceeded, ChainError, JobStopped, WorkerSetupError
 from dask_llm.core.usage import Usage
 from dask_llm.engine import job as jobs
 from dask_llm.engine.calls import MISSING, ChainCaller, PartitionStats
@@ -145,6 +145,7 @@ class PartitionRun:
             # partitions hold much of the job's remaining work is lent more (limits.coordinator).
             self.job.ledger.partition_began(len(pending))
             self._backlog = len(pending)
+            self._build(pending)
             await self._supervise(pending)
         finally:
             if self._backlog:
@@ -192,6 +193,22 @@ class PartitionRun:
             self.reported[i] = True
         if done_rows:
             self._report(len(done_rows), 0, Usage())
+
+    def _build(self, pending: list[int]) -> None:
+        """Build here, before any row runs, each chain the ``pending`` rows need (a factory,
+        a shipped recipe): one that cannot be built fails the partition once, with the
+        reason logged once per job and process, not once per row (``Job.cannot_build``)."""
+        for pc in self.plan.chains:
+            if all(self.done[pc.name][i] for i in pending):
+                continue
+            known = self.job.cannot_build(pc.name)
+            if known is not None:
+                raise WorkerSetupError(known)
+            try:
+                pc.chain.runnable  # noqa: B018  (built on first use, then kept)
+            # A factory is the user's code: whatever it raises, the chain is not there.
+            except Exception as exc:
+                raise WorkerSetupError(self.job.cannot_build(pc.name, exc)) from exc
 
     def _batches_hint(self) -> str:
         ids = self.batcher.batch_ids() if self.batcher is not None else []
@@ -289,9 +306,12 @@ class PartitionRun:
             for task in late:
                 task.cancel()
             await asyncio.gather(*live, return_exceptions=True)
-        for task in workers:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        # Every failed task's exception is read (asyncio logs a traceback for each one
+        # left unread); the first is raised.
+        failed = [t.exception() for t in workers if t.done() and not t.cancelled()]
+        for exc in failed:
+            if exc is not None:
+                raise exc
         stop = self.job.stopped
         if stop is not None and stop.kind in ("fatal", "budget", "quality"):
             for i in range(self.n):
