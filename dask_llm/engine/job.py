@@ -530,6 +530,26 @@ def resume_hint(summary: _progress.RunSummary | None, *, cached: bool | None = N
     )
 
 
+def batches_hint(ids: Sequence[str], *, cached: bool) -> str:
+    """For a stop's message: the batches still running at the provider, and what a rerun
+    does with them (re-attach only with ``batch=`` and the cache that recorded them)."""
+    if not ids:
+        return ""
+    cancel = f"dask_llm.cancel_batches({', '.join(repr(i) for i in ids)}) cancels them"
+    if not cached:
+        # Nothing recorded which line is in which batch: no rerun can find them.
+        return (
+            f"batches still running: {', '.join(ids)} (this job has no cache "
+            f"(cache=False), so a rerun cannot re-attach to them and pays for their "
+            f"lines again; {cancel}); "
+        )
+    return (
+        f"batches still running: {', '.join(ids)} (a rerun with batch= and the same "
+        f"cache re-attaches to them; an online rerun, or one with cache=False, pays for "
+        f"their lines again; {cancel}); "
+    )
+
+
 class _ComputeWatch(Callback):
     """Stops dask-llm jobs when a local Dask computation ends with an error or an interrupt.
 
@@ -577,4 +597,14 @@ def _unfinished_runs() -> None:
     """At exit, say how to resume runs that never finished (e.g. ``distributed`` + Ctrl-C)."""
     for job_id in _progress.active_jobs():
         summary = _progress.stop_run(job_id, "interrupted")
-        print(f"dask-llm: job {job_id[:8]} did not finish: {resume_hint(summary)}", file=sys.stderr)
+        # On distributed the workers that wait for the batches may say nothing more: name
+        # them from what they reported.
+        batches = (
+            batches_hint(summary.batches_in_flight, cached=summary.cache is not None)
+            if summary is not None
+            else ""
+        )
+        print(
+            f"dask-llm: job {job_id[:8]} did not finish: {batches}{resume_hint(summary)}",
+            file=sys.stderr,
+        )

@@ -88,6 +88,7 @@ class PartitionRun:
         self.seceded = False  # left the worker's thread pool for its tail (_cluster)
         self.batcher: Batcher | None = None
         self._backlog = 0  # rows of this partition still to run, as told to the ledger
+        self._batch_ids: list[str] = []  # batches in flight, as told to the client
 
     async def run(self) -> pd.DataFrame:
         self.reporter.started(
@@ -212,21 +213,7 @@ class PartitionRun:
 
     def _batches_hint(self) -> str:
         ids = self.batcher.batch_ids() if self.batcher is not None else []
-        if not ids:
-            return ""
-        cancel = f"dask_llm.cancel_batches({', '.join(repr(i) for i in ids)}) cancels them"
-        if self.job.cache is None:
-            # Nothing recorded which line is in which batch: no rerun can find them.
-            return (
-                f"batches still running: {', '.join(ids)} (this job has no cache "
-                f"(cache=False), so a rerun cannot re-attach to them and pays for their "
-                f"lines again; {cancel}); "
-            )
-        return (
-            f"batches still running: {', '.join(ids)} (a rerun with batch= and the same "
-            f"cache re-attaches to them; an online rerun, or one with cache=False, pays for "
-            f"their lines again; {cancel}); "
-        )
+        return jobs.batches_hint(ids, cached=self.job.cache is not None)
 
     async def _batch_row(self, i: int) -> None:
         assert self.batcher is not None
@@ -455,6 +442,11 @@ class PartitionRun:
             self._report(1, int(self.errors[i] is not None), self.row_usage[i])
 
     def _report(self, rows: int, failed: int, usage: Usage) -> None:
+        if self.batcher is not None:
+            ids = self.batcher.batch_ids()
+            if ids != self._batch_ids:  # the client names them after Ctrl-C
+                self._batch_ids = ids
+                self.reporter.batches(ids)
         now = self.stats.snapshot()
         (
             calls,
