@@ -32,6 +32,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import openai
 import pandas as pd
 
 from dask_llm.chains.columns import RowFailed, as_json, column, is_missing
@@ -79,6 +80,9 @@ class PartitionRun:
         self.errors: list[str | None] = [None] * self.n
         self.reported = [False] * self.n
         self.row_usage = [Usage() for _ in range(self.n)]
+        # Rows with a request that got no answer in time: if no answer was paid for the row,
+        # its usage is unknown (the provider may bill it, and never says): null, not zero.
+        self.unanswered = [False] * self.n
         self.stats = PartitionStats()
         self.callers: dict[str, ChainCaller] = {}
         self.reporter = job.reporter(partition, uuid.uuid4().hex)
@@ -360,6 +364,8 @@ class PartitionRun:
             spent = getattr(failure, "usage", None)
             if spent is not None:
                 self.row_usage[i].add(spent)
+            if _timed_out(failure.cause):
+                self.unanswered[i] = True
             self._fail(i, pc, failure)
             return False
 
@@ -494,16 +500,30 @@ class PartitionRun:
         columns: dict[str, list[Any]] = {**self.outputs, self.plan.error_column: self.errors}
         if self.plan.usage_columns is not None:
             tokens_in, tokens_out, cost = self.plan.usage_columns
-            rows = self.row_usage
-            columns[tokens_in] = [u.tokens_in for u in rows]
-            columns[tokens_out] = [u.tokens_out for u in rows]
-            columns[cost] = [u.cost_usd for u in rows]
+            rows = [
+                None if unanswered and not u.calls else u
+                for u, unanswered in zip(self.row_usage, self.unanswered, strict=True)
+            ]
+            columns[tokens_in] = [None if u is None else u.tokens_in for u in rows]
+            columns[tokens_out] = [None if u is None else u.tokens_out for u in rows]
+            columns[cost] = [None if u is None else u.cost_usd for u in rows]
         for col, dtype in self.plan.new_columns.items():
             values = columns[col]
             if col in self.plan.json_columns:
                 values = [as_json(v) for v in values]
             out[col] = column(values, dtype, self.df.index)
         return out
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    """Whether a chain call failed on a request that got no answer in time."""
+    for _ in range(10):
+        if exc is None:
+            return False
+        if isinstance(exc, openai.APITimeoutError):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def enrich_partition(
