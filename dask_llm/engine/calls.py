@@ -29,6 +29,8 @@ import openai
 from dask_llm.cache import make_key
 from dask_llm.chains.columns import RowFailed, normalize
 from dask_llm.chains.plan import PlannedChain
+from dask_llm.compiled import CompiledChain, compile_chain
+from dask_llm.compiled import enabled as compiled_enabled
 from dask_llm.core.errors import JobStopped
 from dask_llm.core.usage import Usage
 from dask_llm.engine.retry import call_with_retries, root_cause
@@ -107,12 +109,16 @@ class ChainCaller:
         self.legacy = pc.chain.legacy_fingerprint if self.memo is not None else None
         self._localize = localize
         self._local: tuple[Any, bool] | None = None
+        self._compiled: CompiledChain | None = None
 
     def _runnable(self) -> tuple[Any, bool]:
         """The chain with this loop's clients in it (built on the first call: a partition
         answered from the row memo opens none)."""
         if self._local is None:
             self._local = self._localize(self.pc.chain.runnable)
+            runnable, tapped = self._local
+            if tapped and self.job.options.compiled and compiled_enabled():
+                self._compiled = compile_chain(self.pc, runnable, self.job.compiled)
         return self._local
 
     # -- the row memo ---------------------------------------------------------------------------
@@ -154,6 +160,8 @@ class ChainCaller:
         job = self.job
         options = job.options
         runnable, tapped = self._runnable()
+        if self._compiled is not None:
+            runnable = self._compiled  # LangChain's path until proven, then its own
 
         def invoke(config: dict[str, Any] | None) -> Any:
             return runnable.ainvoke(inputs, config)
