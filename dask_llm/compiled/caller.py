@@ -93,7 +93,7 @@ def compile_chain(pc: PlannedChain, runnable: Any, verdicts: Verdicts) -> Compil
     except Exception as exc:
         shape = f"its objects could not be read ({type(exc).__name__}: {exc})"
     if isinstance(shape, str):
-        log.debug("dask-llm: chain %r takes LangChain's path: %s", pc.name, shape)
+        log.debug("dask-llm: chain %r is not compiled (LangChain's path): %s", pc.name, shape)
         return None
     return CompiledChain(pc, runnable, shape, verdicts)
 
@@ -192,6 +192,12 @@ class CompiledChain:
             difference = self._value_difference(capture, result)
             if difference is None:
                 self.proven += 1
+                if self.proven == PROOFS:
+                    log.debug(
+                        "dask-llm: chain %r takes the compiled path (%d calls proven equal)",
+                        self.pc.name,
+                        PROOFS,
+                    )
         self._judge(difference)
         return result
 
