@@ -38,6 +38,7 @@ class RequestTemplate:
     __slots__ = (
         "_after",
         "_before",
+        "_headers",
         "_messages",
         "extensions",
         "headers",
@@ -73,6 +74,9 @@ class RequestTemplate:
         self.headers = [
             (k, v) for k, v in captured.headers.multi_items() if k.lower() not in _DROP_HEADERS
         ]
+        # Built once: a request copies a headers object's list instead of normalizing
+        # each header again (a quarter of the cost of building the request).
+        self._headers = type(captured.headers)(self.headers)
         self.extensions = dict(captured.extensions)
         self.url = captured.url
         self.request_type = type(captured)
@@ -90,7 +94,7 @@ class RequestTemplate:
     def request(self, body: bytes) -> Any:
         """The HTTP request (the SDK's own request type, headers and timeout) for ``body``."""
         return self.request_type(
-            "POST", self.url, headers=self.headers, content=body, extensions=self.extensions
+            "POST", self.url, headers=self._headers, content=body, extensions=self.extensions
         )
 
     def headers_of(self, request: Any) -> list[tuple[str, str]]:

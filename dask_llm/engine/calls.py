@@ -105,7 +105,8 @@ class ChainCaller:
         self.pc = pc
         self.job = job
         self.stats = stats
-        self.memo = pc.chain.memo_fingerprint
+        # Without a cache there is no memo to read or write: no key to compute per row.
+        self.memo = pc.chain.memo_fingerprint if job.cache is not None else None
         self.legacy = pc.chain.legacy_fingerprint if self.memo is not None else None
         self._localize = localize
         self._local: tuple[Any, bool] | None = None

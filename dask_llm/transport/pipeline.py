@@ -285,7 +285,7 @@ class JobTransport:
             status, [(k, v) for k, v in headers.items() if k.lower() not in _DROP_HEADERS], data
         )
         if outcome.ok:
-            if key is not None:
+            if key is not None and job.cache is not None:
                 # Paid for: kept before anything after it (accounting, parsing) can fail.
                 job.cache_put(key, answer.to_cache(), self.stats)
             self._paid(outcome, worst, body)
