@@ -118,7 +118,10 @@ class ChainCaller:
         if self._local is None:
             self._local = self._localize(self.pc.chain.runnable)
             runnable, tapped = self._local
-            if tapped and self.job.options.compiled and compiled_enabled():
+            options = self.job.options
+            # Not with batch=: a batch's rows wait for each other, and a row waiting for
+            # the proof would hold the batch that the proof waits for.
+            if tapped and options.compiled and options.batch is None and compiled_enabled():
                 self._compiled = compile_chain(self.pc, runnable, self.job.compiled)
         return self._local
 
