@@ -221,6 +221,10 @@ def _model(step: Any) -> ChatOpenAI | str:
         return "the model has a LangChain cache"
     if step.streaming or (step.n or 1) != 1:
         return "the model streams or asks for several choices"
+    if getattr(step, "output_version", None) not in (None, "v0"):
+        return f"the model's output_version is {step.output_version!r}"
+    if getattr(step, "use_responses_api", None):
+        return "the model uses the Responses API"
     return step
 
 

@@ -42,6 +42,15 @@ Every request of those clients passes, in ``JobTransport``::
   does not resolve stops the job (``engine.job``); connection errors are re-raised
   naming the host and the cause.
 
+``JobTransport.exchange`` is every stage for one request, answered as an
+``Answer``: the compiled path (``dask_llm.compiled``) sends its own requests
+there. Around a chain call, a ``Capture`` records the requests LangChain
+sends and their answers (or, with ``abort``, records the first one and sends
+nothing), and a ``Replay`` answers a request of exactly the given body with
+an answer (or an exception) already had, passing no stage: how the compiled
+path learns a chain's request, proves itself, and hands LangChain an answer
+it does not read.
+
 The throttle wraps ``transport.pipeline`` of the httpx client: the one private
 attribute we touch; ``tests/test_transport`` fails loudly if the SDK moves it.
 """
