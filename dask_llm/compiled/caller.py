@@ -126,11 +126,6 @@ class CompiledChain:
         self._proving = 0  # proofs in flight
         self._changed: asyncio.Event | None = None  # set when a proof ends
 
-    @property
-    def ready(self) -> bool:
-        """Proven: calls take the compiled path."""
-        return self.proven >= PROOFS and not self.verdicts.fallen(self.pc.name)
-
     async def ainvoke(self, inputs: dict[str, Any], config: Any = None) -> Any:
         """The chain's result for ``inputs``, as LangChain's ``ainvoke`` would return it."""
         while True:
@@ -176,17 +171,21 @@ class CompiledChain:
 
     # -- prove ----------------------------------------------------------------------------------
     async def _prove(self, template: RequestTemplate, inputs: dict[str, Any], config: Any) -> Any:
-        ours = template.body(self.shape.format(inputs))
+        ours: bytes | str
+        try:
+            ours = template.body(self.shape.format(inputs))
+        except (KeyError, IndexError, ValueError) as exc:  # LangChain's prompt says what
+            ours = f"the prompt cannot be formatted here ({type(exc).__name__}: {exc})"
         capture = Capture()
         token = CAPTURE.set(capture)
         try:
             result = await self.runnable.ainvoke(inputs, config)
         except Exception:
-            CAPTURE.reset(token)
             if len(capture.requests) == 1:  # no answer to compare, but the bytes sent
                 self._judge(self._request_difference(template, ours, capture))
             raise
-        CAPTURE.reset(token)
+        finally:
+            CAPTURE.reset(token)
         difference = self._request_difference(template, ours, capture)
         if difference is None:
             difference = self._value_difference(capture, result)
@@ -206,8 +205,10 @@ class CompiledChain:
             self.verdicts.fall_back(self.pc.name, difference)
 
     def _request_difference(
-        self, template: RequestTemplate, ours: bytes, capture: Capture
+        self, template: RequestTemplate, ours: bytes | str, capture: Capture
     ) -> str | None:
+        if isinstance(ours, str):
+            return ours
         if len(capture.requests) != 1:
             return f"LangChain sent {len(capture.requests)} requests for one call"
         sent = capture.requests[0]
@@ -238,7 +239,10 @@ class CompiledChain:
 
     # -- call -----------------------------------------------------------------------------------
     async def _call(self, template: RequestTemplate, inputs: dict[str, Any]) -> Any:
-        body = template.body(self.shape.format(inputs))
+        try:
+            body = template.body(self.shape.format(inputs))
+        except (KeyError, IndexError, ValueError):  # LangChain's prompt raises its own error
+            return await self.runnable.ainvoke(inputs)
         try:
             answer = await template.transport.exchange(template.request(body))
         except Exception as exc:
