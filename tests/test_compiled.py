@@ -8,6 +8,7 @@ from typing import Any, TypedDict
 
 import pandas as pd
 import pytest
+from langchain_core.messages import AIMessage, SystemMessage
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser, StrOutputParser
 from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.prompts import ChatPromptTemplate
@@ -53,8 +54,21 @@ def _instructed(parser: Any) -> ChatPromptTemplate:
     return _prompt("Review: {description}\n\n" + instructions)
 
 
+def _few_shot() -> ChatPromptTemplate:
+    """Static messages (an AI answer among them), a template without fields, escaped braces."""
+    return ChatPromptTemplate.from_messages(
+        [
+            SystemMessage(content="You are a sommelier."),
+            ("human", "Summarise: {{crisp, dry}}"),
+            AIMessage(content="A crisp, dry wine."),
+            ("human", "Summarise: {description} ({description})"),
+        ]
+    )
+
+
 SHAPES: dict[str, Any] = {
     "prompt-model": lambda url: _prompt() | llm(url),
+    "few-shot": lambda url: _few_shot() | llm(url).with_structured_output(Summary),
     "str-parser": lambda url: _prompt() | llm(url) | StrOutputParser(),
     "bind": lambda url: (
         _prompt() | llm(url).bind(temperature=0.3, stop=["\n\n"]) | StrOutputParser()
@@ -83,6 +97,13 @@ SHAPES: dict[str, Any] = {
     "include-raw": lambda url: (
         _prompt() | llm(url).with_structured_output(Summary, include_raw=True)
     ),
+    "include-raw-function-calling": lambda url: (
+        _prompt()
+        | llm(url).with_structured_output(Summary, method="function_calling", include_raw=True)
+    ),
+    "include-raw-dict": lambda url: (
+        _prompt() | llm(url).with_structured_output(NOTE_SCHEMA, include_raw=True)
+    ),
     "pydantic-parser": lambda url: (
         _instructed(PydanticOutputParser(pydantic_object=Tasting))
         | llm(url)
@@ -94,7 +115,11 @@ SHAPES: dict[str, Any] = {
         | JsonOutputParser(pydantic_object=Tasting)
     ),
 }
-OUTPUTS: dict[str, Any] = {"include-raw": ["summary", "sentiment", "raw"]}
+OUTPUTS: dict[str, Any] = {
+    "include-raw": ["summary", "sentiment", "raw"],
+    "include-raw-function-calling": ["summary", "sentiment", "raw"],
+    "include-raw-dict": ["summary", "score", "raw"],
+}
 
 
 def _chain(shape: str, url: str, **wiring: Any) -> dask_llm.Chain:
