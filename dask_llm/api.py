@@ -81,6 +81,7 @@ class EnrichKwargs(TypedDict, total=False):
     batch: bool | BatchPolicy
     quality_gate: QualityGate | None
     service_tier: ServiceTier | None
+    compiled: bool
 
 
 class EstimateKwargs(TypedDict, total=False):
@@ -126,6 +127,7 @@ def enrich(
     batch: bool | BatchPolicy = False,
     quality_gate: QualityGate | None = None,
     service_tier: ServiceTier | None = None,
+    compiled: bool = True,
     timeout: Any = _UNSET,
     attempts: Any = _UNSET,
     retry_timeout: Any = _UNSET,
@@ -196,6 +198,11 @@ def enrich(
             "resource unavailable" answers are retried with backoff and do not slow the
             pacing); ``"default"`` sends them at list price; None (default): each model
             keeps its own ``service_tier=``. Not with ``batch=``. See docs/cost.md.
+        compiled: call ``prompt | ChatOpenAI`` chains (bound, with structured output,
+            with LangChain's parsers) without LangChain's runtime per call, once their
+            first calls on each partition are proven to send the same bytes and read
+            the same values (default True; ``DASK_LLM_COMPILED=0`` in the environment
+            turns it off too). Other chains take LangChain's path. See docs/compiled.md.
         timeout, attempts, retry_timeout: deprecated names of ``request_timeout`` and of
             ``retry=RetryPolicy(attempts=..., timeout=...)``; they warn and still work.
 
@@ -238,6 +245,7 @@ def enrich(
         batch=batch,
         quality_gate=quality_gate,
         service_tier=service_tier,
+        compiled=compiled,
     )
     if isinstance(frame, dd.DataFrame):
         client = _cluster.distributed_client()
@@ -283,6 +291,7 @@ def _configure(
     batch: bool | BatchPolicy,
     quality_gate: QualityGate | None,
     service_tier: ServiceTier | None,
+    compiled: bool = True,
 ) -> _Configured:
     """The plan, options and handle of one job: everything checked before anything is
     opened or sent."""
@@ -316,6 +325,7 @@ def _configure(
         batch=_batch_policy(batch),
         quality_gate=quality_gate,
         service_tier=service_tier,
+        compiled=bool(compiled),
     )
     _check_unseen_models(plan, options)
     handle = JobHandle(job=options.job, keys=_keys_to_ship(plan, ship_api_keys))

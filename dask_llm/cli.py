@@ -352,6 +352,13 @@ def _with_common(fn: Any) -> Any:
     help="Send every OpenAI request by Flex processing (Batch API prices, answers in "
     "seconds to minutes) or at list price (default: each model's own).",
 )
+@click.option(
+    "--compiled/--no-compiled",
+    default=True,
+    show_default=True,
+    help="Call prompt | ChatOpenAI chains without LangChain's runtime per call, once proven "
+    "equal on each partition's first calls (docs/compiled.md).",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 @click.option(
     "--report",
@@ -380,6 +387,7 @@ def enrich(
     batch_poll: float,
     batch_fallback: str,
     service_tier: str | None,
+    compiled: bool,
     progress: bool | None,
     report_path: str | None,
 ) -> None:
@@ -408,6 +416,7 @@ def enrich(
             if batch
             else False,
             service_tier=cast(ServiceTier | None, service_tier),  # a click.Choice of them
+            compiled=compiled,
         )
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None

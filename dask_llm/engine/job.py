@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from dask.callbacks import Callback
 
 from dask_llm.cluster import hub as _hub
+from dask_llm.compiled import Verdicts
 from dask_llm.core import where as _cluster
 from dask_llm.core.errors import ChainError, JobStopped
 from dask_llm.core.runtime import part
@@ -170,6 +171,8 @@ class Job:
             ledger=self.ledger,
         )
         self._largest_completion = 0
+        #: Chains of this job that fell back from the compiled path here, and why.
+        self.compiled = Verdicts()
         # The run record (``observe.record``): requests, rows, the quality gate; metrics read it.
         self.recorder = Recorder(
             prices=options.price_table,

@@ -42,6 +42,15 @@ Every request of those clients passes, in ``JobTransport``::
   does not resolve stops the job (``engine.job``); connection errors are re-raised
   naming the host and the cause.
 
+``JobTransport.exchange`` is every stage for one request, answered as an
+``Answer``: the compiled path (``dask_llm.compiled``) sends its own requests
+there. Around a chain call, a ``Capture`` records the requests LangChain
+sends and their answers (or, with ``abort``, records the first one and sends
+nothing), and a ``Replay`` answers a request of exactly the given body with
+an answer (or an exception) already had, passing no stage: how the compiled
+path learns a chain's request, proves itself, and hands LangChain an answer
+it does not read.
+
 The throttle wraps ``transport.pipeline`` of the httpx client: the one private
 attribute we touch; ``tests/test_transport`` fails loudly if the SDK moves it.
 """
@@ -97,6 +106,27 @@ class JobTransport:
         self.gated = _install_gate(inner)
 
     async def handle_async_request(self, request: Any) -> Any:
+        capture = CAPTURE.get()
+        if capture is not None and capture.abort:
+            capture.requests.append(request)
+            raise CaptureAbort("captured, not sent")
+        replay = REPLAY.get()
+        if replay is not None and request.method == "POST":
+            if request.content == replay.body:
+                if replay.error is not None:
+                    raise replay.error
+                assert replay.answer is not None
+                return _response(request, replay.answer)
+            replay.missed = True  # LangChain built another request: it goes the usual way
+        if capture is not None:
+            capture.requests.append(request)
+        answer = await self.exchange(request)
+        if capture is not None:
+            capture.answers.append(answer)
+        return _response(request, answer)
+
+    async def exchange(self, request: Any) -> Answer:
+        """Every stage for one request; the answer (the compiled path calls this directly)."""
         job = self.job
         job.check()
         attempt = current_attempt.get()
@@ -111,12 +141,12 @@ class JobTransport:
                 if attempt is not None:
                     attempt.keys.append(key)
                     attempt.cached += 1
-                return _response(request, cached)
+                return cached
         if not fresh and job.cache is None and key in self._answers:
             if attempt is not None:
                 attempt.keys.append(key)
                 attempt.cached += 1  # this partition paid for it already
-            return _response(request, self._answers[key])
+            return self._answers[key]
         # In batch mode this row waits (for its batch, or an identical request's): the
         # batcher counts it, to submit once nothing else can arrive.
         waiting = (
@@ -136,7 +166,7 @@ class JobTransport:
                     self._answers[key] = answer
         if attempt is not None and key is not None:
             attempt.keys.append(key)
-        return _response(request, answer)
+        return answer
 
     async def _send(
         self, request: Any, body: bytes, key: str | None, *, fresh: bool = False
@@ -264,7 +294,7 @@ class JobTransport:
             status, [(k, v) for k, v in headers.items() if k.lower() not in _DROP_HEADERS], data
         )
         if outcome.ok:
-            if key is not None:
+            if key is not None and job.cache is not None:
                 # Paid for: kept before anything after it (accounting, parsing) can fail.
                 job.cache_put(key, answer.to_cache(), self.stats)
             self._paid(outcome, worst, body)
@@ -283,6 +313,53 @@ class JobTransport:
 
     async def __aexit__(self, *args: Any) -> None:
         await self.inner.__aexit__(*args)
+
+
+class Capture:
+    """Requests (and their answers) of the chain call running in this context.
+
+    ``abort``: record the first request and raise ``CaptureAbort`` instead of
+    sending it (``compiled`` learns the SDK's request for a chain this way).
+    """
+
+    __slots__ = ("abort", "answers", "requests")
+
+    def __init__(self, *, abort: bool = False) -> None:
+        self.abort = abort
+        self.requests: list[Any] = []
+        self.answers: list[Answer] = []
+
+
+class CaptureAbort(Exception):
+    """Raised by the transport in place of sending a captured request."""
+
+
+class Replay:
+    """The answer (or the exception) a request with exactly this body gets, without a stage.
+
+    The compiled path hands an answer it did not parse to LangChain this way, so
+    that LangChain's own value or error comes of it; ``missed``: LangChain sent
+    another body.
+    """
+
+    __slots__ = ("answer", "body", "error", "missed")
+
+    def __init__(
+        self, body: bytes, answer: Answer | None, error: BaseException | None = None
+    ) -> None:
+        self.body = body
+        self.answer = answer
+        self.error = error
+        self.missed = False
+
+
+#: Set around a chain call whose requests are to be recorded (``Capture``) or replayed.
+CAPTURE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar(
+    "dask_llm_capture", default=None
+)
+REPLAY: contextvars.ContextVar[Replay | None] = contextvars.ContextVar(
+    "dask_llm_replay", default=None
+)
 
 
 class _Gate:
