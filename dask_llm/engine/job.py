@@ -248,7 +248,8 @@ class Job:
         """What a request may cost at most (``budget_usd``): see ``limits.coordinator``.
 
         Prompt tokens are at most the body's bytes (a token is at least a byte, and the
-        body holds every message); completion tokens at most ``max_tokens``, else 1.5x
+        body holds every message), each at the dearer of the input and cache write prices;
+        completion tokens at most ``max_tokens``, else 1.5x
         the largest completion seen (1,024 before any).
         """
         match = MODEL.search(body)
@@ -267,7 +268,8 @@ class Job:
             if limit
             else (1.5 * self._largest_completion if self._largest_completion else 1024)
         )
-        return cost_usd(price, len(body), completion)
+        # Every prompt token may be a cache write (Anthropic bills those above the input).
+        return cost_usd(price, len(body), completion, cache_write_tokens=len(body))
 
     def completion_seen(self, tokens: int) -> None:
         if tokens > self._largest_completion:

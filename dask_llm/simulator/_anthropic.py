@@ -375,6 +375,8 @@ async def _stream(
         ("message_start", {"type": "message_start", "message": start})
     ]
     for index, block in enumerate(body["content"]):
+        opened: dict[str, Any]
+        delta: dict[str, Any]
         if block["type"] == "text":
             opened = {"type": "text", "text": ""}
             delta = {"type": "text_delta", "text": block["text"]}

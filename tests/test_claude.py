@@ -1,0 +1,194 @@
+"""Claude chains (``ChatAnthropic``) get what OpenAI chains get (issue 26).
+
+Every test drives the simulator's ``/v1/messages`` through the real anthropic
+SDK and ``ChatAnthropic``: structured output by tool use, plain text and
+``| parser`` chains, the request cache, pacing to a told limit, the budget,
+the breaker, and a LocalCluster whose workers read ``ANTHROPIC_API_KEY`` from
+their own environment.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, Literal
+
+import cloudpickle
+import dask.dataframe as dd
+import distributed
+import pandas as pd
+import pytest
+from langchain_anthropic import ChatAnthropic
+from langchain_core.output_parsers import PydanticOutputParser, StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import Runnable
+from pydantic import BaseModel
+
+import dask_llm
+from dask_llm.core.usage import price_of
+from tests.helpers import requests
+
+MODEL = "claude-haiku-4-5"
+
+
+class Tasting(BaseModel):
+    grape: str
+    score: int
+    style: Literal["red", "white", "rose"]
+
+
+def claude(sim: Any, **kwargs: Any) -> ChatAnthropic:
+    kwargs.setdefault("model", MODEL)
+    kwargs.setdefault("max_tokens", 200)
+    return ChatAnthropic(base_url=sim.anthropic_base_url, **kwargs)
+
+
+def tasting_chain(sim: Any, **kwargs: Any) -> Runnable:
+    prompt = ChatPromptTemplate.from_template("Taste this wine: {description}")
+    return prompt | claude(sim, **kwargs).with_structured_output(Tasting)
+
+
+def text_chain(sim: Any) -> Runnable:
+    prompt = ChatPromptTemplate.from_template("One word for {description}")
+    return prompt | claude(sim) | StrOutputParser()
+
+
+def frame(n: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"description": [f"Review {i}: cassis, cedar and graphite" for i in range(n)]}
+    )
+
+
+def paid(sim: Any, model: str = MODEL) -> float:
+    """What the simulator was paid, at the price table's rates (no prompt caching here)."""
+    stats = sim.stats()
+    price = price_of(model)
+    assert price is not None
+    return (stats["prompt_tokens"] * price.input + stats["completion_tokens"] * price.output) / 1e6
+
+
+def check_answered(out: pd.DataFrame, sim: Any, rows: int) -> None:
+    assert out["llm_error"].isna().all(), out["llm_error"].dropna().head().tolist()
+    assert len(out) == rows
+    assert out["grape"].dtype == "string" and out["score"].dtype == "Int64"
+    assert set(out["style"]) <= {"red", "white", "rose"}
+    assert out["llm_input_tokens"].notna().all() and (out["llm_input_tokens"] > 0).all()
+    assert out["llm_output_tokens"].notna().all()
+    # Every row's cost is its tokens at Claude's prices; together, what the provider was paid.
+    price = price_of(MODEL)
+    assert price is not None
+    expected = (
+        out["llm_input_tokens"] * price.input + out["llm_output_tokens"] * price.output
+    ) / 1e6
+    pd.testing.assert_series_equal(out["llm_cost_usd"], expected, check_names=False, rtol=1e-9)
+    assert out["llm_cost_usd"].sum() == pytest.approx(paid(sim), rel=1e-9)
+
+
+def test_a_structured_claude_chain_on_threads_then_again_from_the_cache(sim: Any) -> None:
+    ddf = dd.from_pandas(frame(300), npartitions=4)
+    out = ddf.llm.enrich({"tasting": tasting_chain(sim)}).compute(scheduler="threads")
+    check_answered(out, sim, 300)
+    assert requests(sim) == 300
+    assert sim.stats()["duplicate_requests"] == 0
+
+    again = ddf.llm.enrich({"tasting": tasting_chain(sim)}).compute(scheduler="threads")
+    assert requests(sim) == 300  # a rerun sends nothing: the request cache answers it all
+    pd.testing.assert_frame_equal(
+        again.drop(columns=["llm_cost_usd", "llm_input_tokens", "llm_output_tokens"]),
+        out.drop(columns=["llm_cost_usd", "llm_input_tokens", "llm_output_tokens"]),
+    )
+    assert (again["llm_cost_usd"] == 0).all()  # served from the cache: nothing paid
+
+
+def test_a_structured_claude_chain_on_a_local_cluster(sim: Any, shared_cluster: Any) -> None:
+    ddf = dd.from_pandas(frame(300), npartitions=4)
+    with distributed.Client(shared_cluster) as client:
+        out = client.compute(ddf.llm.enrich({"tasting": tasting_chain(sim)})).result()
+        check_answered(out, sim, 300)
+        assert requests(sim) == 300
+        again = client.compute(ddf.llm.enrich({"tasting": tasting_chain(sim)})).result()
+    assert requests(sim) == 300
+    assert again["llm_error"].isna().all()
+
+
+def test_the_anthropic_key_is_not_in_the_task_graph(sim: Any) -> None:
+    key = os.environ["ANTHROPIC_API_KEY"]
+    explicit = tasting_chain(sim, api_key="sk-ant-explicit-SECRET")
+    for chain in (tasting_chain(sim), explicit):
+        out = dd.from_pandas(frame(10), npartitions=2).llm.enrich({"tasting": chain})
+        blob = cloudpickle.dumps(dict(out.__dask_graph__()))
+        assert key.encode() not in blob and b"SECRET" not in blob
+        assert pickle.loads(blob)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param("text", id="text"),
+        pytest.param("pydantic-parser", id="pydantic-parser"),
+    ],
+)
+def test_plain_text_and_parser_chains(sim: Any, shape: str) -> None:
+    if shape == "text":
+        chain = text_chain(sim)
+    else:
+        parser = PydanticOutputParser(pydantic_object=Tasting)
+        prompt = ChatPromptTemplate.from_template(
+            "Taste this wine: {description}\n{format}"
+        ).partial(format=parser.get_format_instructions())
+        chain = prompt | claude(sim) | parser
+    out = frame(40).llm.enrich({"answer": chain}, cache=False)
+    assert out["llm_error"].isna().all(), out["llm_error"].dropna().head().tolist()
+    column = "answer" if shape == "text" else "grape"
+    assert out[column].notna().all()
+    assert requests(sim) == 40
+    assert out["llm_cost_usd"].sum() == pytest.approx(paid(sim), rel=1e-9)
+
+
+def test_the_budget_stops_a_claude_job_at_its_bound(make_simulator: Any) -> None:
+    full = make_simulator()
+    frame(120).llm.enrich({"tasting": tasting_chain(full, max_tokens=60)}, cache=False)
+    budget = paid(full) / 2
+    sim = make_simulator(latency=0.02)
+    out = frame(120).llm.enrich(
+        {"tasting": tasting_chain(sim, max_tokens=60)}, cache=False, budget_usd=budget
+    )
+    spent = paid(sim)
+    assert spent <= budget * (1 + 1e-9)  # the stated bound
+    assert spent >= 0.7 * budget
+    stopped = out["llm_error"].dropna()
+    assert len(stopped) > 0 and stopped.str.contains("budget reached").all()
+
+
+def test_a_bad_key_stops_the_job_and_overload_is_retried(make_simulator: Any) -> None:
+    sim = make_simulator(api_key="the-right-key")
+    out = frame(50).llm.enrich({"tasting": tasting_chain(sim)}, cache=False)
+    errors = out["llm_error"]
+    sent = errors.str.contains("AuthenticationError")
+    # The breaker: rows whose turn came after the first 401 were not sent.
+    assert sent.any() and (sent | errors.str.contains("not sent: the provider refused")).all()
+    assert errors.str.contains("401").all()
+    assert requests(sim) == sent.sum() < 50  # a 401 is not retried
+
+    busy = make_simulator(overloaded=0.2, seed=1)
+    out = frame(50).llm.enrich(
+        {"tasting": tasting_chain(busy)},
+        cache=False,
+        retry=dask_llm.RetryPolicy(attempts=8, wait_initial=0.01, wait_max=0.05),
+    )
+    assert out["llm_error"].isna().all()
+    assert busy.stats()["faults"]["overloaded"] > 0
+
+
+@pytest.mark.slow
+def test_a_strict_limit_told_holds_with_few_429s(make_simulator: Any) -> None:
+    # 20 requests/s, Anthropic-style: a bucket of one second's requests, refilled continuously.
+    sim = make_simulator(rpm=1200, latency=0.05)
+    ddf = dd.from_pandas(frame(300), npartitions=4)
+    out = ddf.llm.enrich({"tasting": tasting_chain(sim)}, rpm=1200, cache=False).compute(
+        scheduler="threads"
+    )
+    assert out["llm_error"].isna().all()
+    stats = sim.stats()
+    assert stats["successes"] == 300
+    assert stats["rate_limited"] <= 0.005 * stats["requests"], stats["rate_limited"]
