@@ -100,14 +100,19 @@ def test_a_structured_claude_chain_on_threads_then_again_from_the_cache(sim: Any
     assert (again["llm_cost_usd"] == 0).all()  # served from the cache: nothing paid
 
 
-def test_a_structured_claude_chain_on_a_local_cluster(sim: Any, shared_cluster: Any) -> None:
-    ddf = dd.from_pandas(frame(300), npartitions=4)
+@pytest.mark.parametrize("rows", [40, pytest.param(300, marks=pytest.mark.slow)])
+def test_a_structured_claude_chain_on_a_local_cluster(
+    sim: Any, shared_cluster: Any, rows: int
+) -> None:
+    # Two worker processes: each rebuilds the model from its recipe, reading
+    # ANTHROPIC_API_KEY from its own environment, and opens its own clients per loop.
+    ddf = dd.from_pandas(frame(rows), npartitions=4)
     with distributed.Client(shared_cluster) as client:
         out = client.compute(ddf.llm.enrich({"tasting": tasting_chain(sim)})).result()
-        check_answered(out, sim, 300)
-        assert requests(sim) == 300
+        check_answered(out, sim, rows)
+        assert requests(sim) == rows
         again = client.compute(ddf.llm.enrich({"tasting": tasting_chain(sim)})).result()
-    assert requests(sim) == 300
+    assert requests(sim) == rows  # the rerun is answered by the cache
     assert again["llm_error"].isna().all()
 
 

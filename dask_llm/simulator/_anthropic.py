@@ -182,7 +182,8 @@ class MessagesAPI:
         return 200, body
 
     def answer_key(self, payload: dict[str, Any]) -> bytes:
-        canonical = _canonical(payload).encode()
+        """The seed of a body's answer: streamed or not, the same answer."""
+        canonical = _canonical({k: v for k, v in payload.items() if k != "stream"}).encode()
         return hashlib.blake2b(
             canonical, key=str(self.app.config.seed).encode()[:64] + b"claude", digest_size=16
         ).digest()
