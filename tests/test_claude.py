@@ -197,3 +197,18 @@ def test_a_strict_limit_told_holds_with_few_429s(make_simulator: Any) -> None:
     stats = sim.stats()
     assert stats["successes"] == 300
     assert stats["rate_limited"] <= 0.005 * stats["requests"], stats["rate_limited"]
+
+
+def test_estimate_prices_a_claude_chain(sim: Any) -> None:
+    estimate = frame(50).llm.estimate({"tasting": tasting_chain(sim, max_tokens=40)})
+    price = price_of(MODEL)
+    assert price is not None
+    assert estimate.cost_usd == pytest.approx(
+        (estimate.input_tokens * price.input + estimate.output_tokens * price.output) / 1e6
+    )
+    assert requests(sim) == 0
+
+
+def test_batch_is_refused_for_claude_until_its_batch_api_is_spoken(sim: Any) -> None:
+    with pytest.raises(ValueError, match=r"chain 'tasting': batch= is for OpenAI's Batch API"):
+        frame(5).llm.enrich({"tasting": tasting_chain(sim)}, batch=True)

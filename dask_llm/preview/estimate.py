@@ -38,13 +38,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
-from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm.cache import ResultCache, make_key, read_only
 from dask_llm.chains.columns import is_missing
 from dask_llm.chains.graph import find
 from dask_llm.chains.plan import Plan, PlannedChain
 from dask_llm.core.usage import PriceEntry, cost_usd, price_of
+from dask_llm.providers import provider_of
 
 _TEXT_OUTPUT_TOKENS = 150
 _FIELD_OUTPUT_TOKENS = 24
@@ -131,8 +131,13 @@ def token_counter() -> tuple[Any, str]:
 
 
 def _model_of(pc: PlannedChain) -> Any:
-    models = find(pc.chain.runnable, lambda x: isinstance(x, BaseChatOpenAI))
+    models = find(pc.chain.runnable, lambda x: provider_of(x) is not None)
     return models[0] if models else None
+
+
+def _model_name(model: Any) -> str | None:
+    provider = provider_of(model) if model is not None else None
+    return provider.model_name(model) if provider is not None else None
 
 
 def _schema_text(pc: PlannedChain) -> str:
@@ -246,7 +251,7 @@ def partition_counts(
                     key,
                     count(_render(pc, rendered)) + schema_tokens + 7,
                     out_tokens,
-                    getattr(model, "model_name", None),
+                    _model_name(model),
                 )
             )
     return pd.DataFrame(
