@@ -24,8 +24,9 @@ def client(sim: Any, **kwargs: Any) -> anthropic.Anthropic:
 
 
 def ask(c: anthropic.Anthropic, text: str = "Describe a Chilean red", **kwargs: Any) -> Any:
+    kwargs.setdefault("max_tokens", 200)
     return c.messages.with_raw_response.create(
-        model=MODEL, max_tokens=200, messages=[{"role": "user", "content": text}], **kwargs
+        model=MODEL, messages=[{"role": "user", "content": text}], **kwargs
     )
 
 
@@ -130,3 +131,70 @@ def test_a_stream_carries_the_same_answer(sim: Any) -> None:
             streamed = stream.get_final_message()
     assert streamed.content[0].text == whole.content[0].text  # type: ignore[union-attr]
     assert streamed.usage.output_tokens == whole.usage.output_tokens
+
+
+# -- the Message Batches API --------------------------------------------------------------------
+def batch_requests(n: int) -> list[Any]:
+    return [
+        {
+            "custom_id": f"r{i}",
+            "params": {
+                "model": MODEL,
+                "max_tokens": 50,
+                "messages": [{"role": "user", "content": f"Describe wine {i}"}],
+            },
+        }
+        for i in range(n)
+    ]
+
+
+def wait_ended(c: anthropic.Anthropic, batch_id: str) -> Any:
+    deadline = time.monotonic() + 10
+    while (batch := c.messages.batches.retrieve(batch_id)).processing_status != "ended":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return batch
+
+
+def test_a_message_batch_answers_as_the_online_endpoint(make_simulator: Any) -> None:
+    sim = make_simulator(batch_delay=0.1, batch_line_failure_rate=0.2, seed=2)
+    with client(sim) as c:
+        created = c.messages.batches.create(requests=batch_requests(10))
+        assert created.processing_status == "in_progress"
+        assert created.request_counts.processing == 10
+        batch = wait_ended(c, created.id)
+        assert batch.results_url and batch.ended_at is not None
+        results = {r.custom_id: r.result for r in c.messages.batches.results(batch.id)}
+        online = ask(c, "Describe wine 3", max_tokens=50).parse()
+        assert [b.id for b in c.messages.batches.list()] == [batch.id]
+    kinds = [r.type for r in results.values()]
+    assert kinds.count("errored") == batch.request_counts.errored >= 1
+    assert kinds.count("succeeded") == batch.request_counts.succeeded
+    if results["r3"].type == "succeeded":
+        assert results["r3"].message.content == online.content  # type: ignore[union-attr]
+        assert results["r3"].message.usage == online.usage  # type: ignore[union-attr]
+    stats = sim.stats()
+    assert stats["message_batches_created"] == 1 and stats["message_batch_requests"] == 10
+    assert stats["requests"] == 1  # the batch's lines are not online requests
+
+
+def test_a_cancelled_and_an_expired_batch(make_simulator: Any) -> None:
+    sim = make_simulator(batch_delay=1.0, batch_expire_after=0.2, batch_expire_count=1)
+    with client(sim) as c:
+        expiring = c.messages.batches.create(requests=batch_requests(10))
+        ended = wait_ended(c, expiring.id)
+        counts = ended.request_counts
+        assert counts.expired > 0 and counts.succeeded + counts.expired == 10
+        kinds = [r.result.type for r in c.messages.batches.results(expiring.id)]
+        assert kinds.count("expired") == counts.expired
+
+        cancelled = c.messages.batches.create(requests=batch_requests(10))
+        assert c.messages.batches.cancel(cancelled.id).processing_status == "canceling"
+        counts = wait_ended(c, cancelled.id).request_counts
+        assert counts.canceled > 0 and counts.succeeded + counts.canceled == 10
+    # The second batch resubmitted lines the first had answered: paid twice, and counted.
+    stats = sim.stats()
+    assert stats["message_batch_duplicates"] == min(
+        stats["message_batch_succeeded"] - ended.request_counts.succeeded,
+        ended.request_counts.succeeded,
+    )

@@ -34,6 +34,7 @@ from aiohttp import web
 
 from dask_llm.simulator import _answers as answers
 from dask_llm.simulator._anthropic import MessagesAPI
+from dask_llm.simulator._anthropic_batch import MessageBatches
 from dask_llm.simulator._batch import BatchAPI
 from dask_llm.simulator._config import SimulatorConfig
 from dask_llm.simulator._http import JSON, error, error_body, respond
@@ -185,6 +186,7 @@ class SimulatorApp:
         self._late_draw = bool(self._late_faults) or config.schema_violation > 0
         self.batches = BatchAPI(self)
         self.claude = MessagesAPI(self)
+        self.claude_batches = MessageBatches(self, self.claude)
 
     def _make_limiters(self) -> None:
         cfg = self.config
@@ -209,6 +211,7 @@ class SimulatorApp:
                 window.clear()
         self.batches.reset()
         self.claude.reset()
+        self.claude_batches.reset()
 
     def make_app(self) -> web.Application:
         self.started = time.monotonic()
@@ -219,6 +222,7 @@ class SimulatorApp:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         self.batches.add_routes(app.router)
+        self.claude_batches.add_routes(app.router)  # before /v1/messages: no clash either way
         self.claude.add_routes(app.router)
         app.router.add_get("/sim/stats", self.get_stats)
         app.router.add_post("/sim/reset", self.post_reset)
@@ -228,6 +232,7 @@ class SimulatorApp:
         """Everything ``/sim/stats`` reports; call on the event loop."""
         snapshot = self.stats.snapshot()
         snapshot.update(self.batches.counters(time.monotonic()))
+        snapshot.update(self.claude_batches.counters())
         return snapshot
 
     # -- small endpoints ----------------------------------------------------------------
