@@ -367,8 +367,9 @@ def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
             if is_routable(model):
                 if options.batch is not None and not _provider(model).batch:
                     raise ValueError(
-                        f"chain {pc.name!r}: batch= is for OpenAI's Batch API, and its model "
-                        f"{_model_label(model)} is {_provider(model).name}'s; drop batch="
+                        f"chain {pc.name!r}: batch= cannot hold for its model "
+                        f"{_model_label(model)}: dask-llm does not speak "
+                        f"{_provider(model).name}'s Batch API; drop batch="
                     )
                 continue
             unseen.append((pc.name, _model_label(model)))

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any, Literal
 
 import cloudpickle
@@ -26,7 +31,7 @@ from pydantic import BaseModel
 
 import dask_llm
 from dask_llm.core.usage import price_of
-from tests.helpers import requests
+from tests.helpers import ROOT, requests
 
 MODEL = "claude-haiku-4-5"
 
@@ -209,6 +214,117 @@ def test_estimate_prices_a_claude_chain(sim: Any) -> None:
     assert requests(sim) == 0
 
 
-def test_batch_is_refused_for_claude_until_its_batch_api_is_spoken(sim: Any) -> None:
-    with pytest.raises(ValueError, match=r"chain 'tasting': batch= is for OpenAI's Batch API"):
-        frame(5).llm.enrich({"tasting": tasting_chain(sim)}, batch=True)
+# -- the Message Batches API -------------------------------------------------------------------
+FAST = {"batch_delay": 0.3, "batch_cancel_delay": 0.05}
+POLL = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1)
+
+
+def batch_stats(sim: Any) -> dict[str, int]:
+    return {k: v for k, v in sim.stats().items() if k.startswith("message_batch")}
+
+
+def test_batch_goes_through_message_batches_at_half_the_price(make_simulator: Any) -> None:
+    sim = make_simulator(seed=3, **FAST)
+    ddf = dd.from_pandas(frame(30), npartitions=2)
+    batched = ddf.llm.enrich({"tasting": tasting_chain(sim)}, cache=False, batch=POLL).compute(
+        scheduler="threads"
+    )
+    assert requests(sim) == 0  # not one online request
+    stats = batch_stats(sim)
+    assert stats["message_batches_created"] == 2  # one per partition
+    assert stats["message_batch_requests"] == stats["message_batch_succeeded"] == 30
+    online = ddf.llm.enrich({"tasting": tasting_chain(sim)}, cache=False).compute(
+        scheduler="threads"
+    )
+    assert requests(sim) == 30
+    same = [c for c in batched.columns if c != "llm_cost_usd"]
+    pd.testing.assert_frame_equal(batched[same], online[same])
+    assert batched["llm_cost_usd"].sum() / online["llm_cost_usd"].sum() == pytest.approx(0.5)
+
+
+def test_an_expired_message_batch_keeps_its_done_lines_and_resubmits_the_rest(
+    make_simulator: Any,
+) -> None:
+    sim = make_simulator(batch_delay=1.0, batch_expire_after=0.3, batch_expire_count=1)
+    out = frame(20).llm.enrich({"tasting": tasting_chain(sim)}, cache=False, batch=POLL)
+    assert out["llm_error"].isna().all()
+    stats = batch_stats(sim)
+    assert stats["message_batches_created"] == 2
+    assert stats["message_batch_succeeded"] == 20  # each row paid once
+    assert stats["message_batch_duplicates"] == 0
+    assert 20 < stats["message_batch_requests"] < 40  # the second batch: what did not run
+
+
+def test_an_expired_message_batch_sends_the_rest_online_with_the_online_fallback(
+    make_simulator: Any,
+) -> None:
+    sim = make_simulator(batch_delay=1.0, batch_expire_after=0.3)
+    policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1, fallback="online")
+    out = frame(20).llm.enrich({"tasting": tasting_chain(sim)}, cache=False, batch=policy)
+    assert out["llm_error"].isna().all()
+    stats = batch_stats(sim)
+    assert stats["message_batches_created"] == 1
+    assert requests(sim) == 20 - stats["message_batch_succeeded"] > 0
+    # Online answers cost the online price, batch answers half: each row's cost says which.
+    price = dask_llm.PRICES[MODEL]
+    online = (out["llm_input_tokens"] * price.input + out["llm_output_tokens"] * price.output) / 1e6
+    share = (out["llm_cost_usd"] / online).round(6)
+    assert set(share) == {0.5, 1.0}
+    assert (share == 1.0).sum() == requests(sim)
+
+
+KILL_SCRIPT = """
+import sys
+import pandas as pd
+import dask_llm
+from tests.test_claude import frame, tasting_chain
+
+class Sim:
+    anthropic_base_url = sys.argv[1]
+
+policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1)
+frame(int(sys.argv[2])).llm.enrich(
+    {"tasting": tasting_chain(Sim())}, batch=policy, progress=False
+)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_while_a_message_batch_is_in_flight_then_rerun_pays_nothing_twice(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    rows = 12
+    sim = make_simulator(batch_delay=1.5, seed=5)
+    cache = tmp_path / "cache.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_LLM_CACHE": str(cache)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, sim.anthropic_base_url, str(rows)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while batch_stats(sim)["message_batches_created"] < 1:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.2)  # the batch's id is recorded in the cache right after its create call
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+    out = frame(rows).llm.enrich({"tasting": tasting_chain(sim)}, cache=cache, batch=POLL)
+    assert out["llm_error"].isna().all()
+    stats = batch_stats(sim)
+    assert stats["message_batches_created"] == 1  # the rerun re-attached to the killed run's
+    assert stats["message_batch_requests"] == stats["message_batch_succeeded"] == rows
+    assert stats["message_batch_duplicates"] == 0  # nothing paid twice
+    assert requests(sim) == 0
+    # Each row paid once, at the batch price, and reported by the run that read its answer.
+    price = price_of(MODEL, batch=True)
+    assert price is not None
+    expected = (
+        out["llm_input_tokens"] * price.input + out["llm_output_tokens"] * price.output
+    ) / 1e6
+    pd.testing.assert_series_equal(out["llm_cost_usd"], expected, check_names=False, rtol=1e-9)

@@ -24,11 +24,19 @@
   limits (with ``retry-after``): every such 429 is the quota's. Overload is
   529 ``overloaded_error``, retried and never fatal.
 * **Fatal.** 401, 403, 404, and the 400 "credit balance is too low".
+* **Message Batches API** (``/v1/messages/batches``), half price: requests go
+  in the create call itself (no file), results come as JSONL once the batch
+  has ended (``succeeded`` / ``errored`` / ``canceled`` / ``expired``). A
+  batch has no metadata to find it by: a crash between the create call and
+  recording its id (the length of that call) leaves a batch a rerun cannot
+  re-attach to, and its requests are sent again.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -39,7 +47,7 @@ from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT
 from dask_llm.core.outcome import Announced
 from dask_llm.core.usage import MODEL, Reported
 from dask_llm.limits.headers import positive_number
-from dask_llm.providers.base import Provider, error_of
+from dask_llm.providers.base import BatchClient, BatchState, Provider, error_of
 
 _INPUT: Final = re.compile(rb'"input_tokens"\s*:\s*(\d+)')
 _OUTPUT: Final = re.compile(rb'"output_tokens"\s*:\s*(\d+)')
@@ -48,6 +56,19 @@ _CACHE_WRITE: Final = re.compile(rb'"cache_creation_input_tokens"\s*:\s*(\d+)')
 _STOP_MAX_TOKENS: Final = re.compile(rb'"stop_reason"\s*:\s*"max_tokens"')
 _STOP_REFUSAL: Final = re.compile(rb'"stop_reason"\s*:\s*"refusal"')
 _HEADER: Final = "anthropic-ratelimit-"
+#: The HTTP status of an ``errored`` batch result, by its error's type.
+_ERROR_STATUS: Final = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+#: Message Batches' processing status in OpenAI's words (``BatchState``).
+_STATUS: Final = {"in_progress": "in_progress", "canceling": "cancelling"}
 
 
 class AnthropicProvider(Provider):
@@ -59,6 +80,8 @@ class AnthropicProvider(Provider):
     status_errors = (anthropic.APIStatusError,)
     connection_errors = (anthropic.APIConnectionError,)
     validation_errors = (anthropic.APIResponseValidationError,)
+    api_errors = (anthropic.APIError,)
+    batch = True
 
     def owns(self, model: Any) -> bool:
         return isinstance(model, ChatAnthropic)
@@ -141,3 +164,71 @@ class AnthropicProvider(Provider):
             return True
         _, message = error_of(body)
         return status == 400 and "credit balance" in message.lower()
+
+    def batch_group(self, request: Any) -> tuple[str, str]:
+        base = str(request.url).split("/v1/messages", 1)[0]
+        return base, request.headers.get("x-api-key", "")
+
+    def batch_client(self, base_url: str, api_key: str, *, completion_window: str) -> BatchClient:
+        return AnthropicBatches(base_url, api_key)
+
+
+class AnthropicBatches(BatchClient):
+    """Anthropic's Message Batches API through the anthropic SDK (its retries, 2, are on
+    except for ``create``, which is not idempotent)."""
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self.client = anthropic.AsyncAnthropic(
+            api_key=api_key or "none",
+            base_url=base_url,
+            max_retries=2,
+            http_client=anthropic.DefaultAioHttpClient(),
+        )
+
+    async def submit(
+        self, bodies: Mapping[str, bytes], *, job: str, stored: Callable[[str], None]
+    ) -> BatchState:
+        requests = []
+        for key, body in bodies.items():
+            params = json.loads(body)
+            params.pop("stream", None)  # a batch's requests are not streamed
+            requests.append({"custom_id": key, "params": params})
+        stored(f"msgbatch-request-{uuid.uuid4().hex}")  # nothing a rerun can look up
+        batch = await self.client.with_options(max_retries=0).messages.batches.create(
+            requests=requests  # type: ignore[arg-type]
+        )
+        return _state(batch)
+
+    async def find(self, ref: str) -> str | None:
+        return None  # a Message Batch carries nothing to find it by
+
+    async def retrieve(self, batch_id: str) -> BatchState:
+        return _state(await self.client.messages.batches.retrieve(batch_id))
+
+    async def cancel(self, batch_id: str) -> None:
+        await self.client.messages.batches.cancel(batch_id)
+
+    async def results(self, batch: BatchState) -> list[tuple[str, int, bytes]]:
+        out: list[tuple[str, int, bytes]] = []
+        async for line in await self.client.messages.batches.results(batch.id):
+            result = line.result
+            if result.type == "succeeded":
+                out.append((line.custom_id, 200, result.message.to_json(indent=None).encode()))
+            elif result.type == "errored":
+                error = result.error.model_dump(mode="json")
+                kind = (error.get("error") or {}).get("type", "api_error")
+                out.append(
+                    (line.custom_id, _ERROR_STATUS.get(kind, 500), json.dumps(error).encode())
+                )
+        return out
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _state(batch: Any) -> BatchState:
+    status = _STATUS.get(batch.processing_status)
+    if status is None:  # ended: how, its counts say
+        counts = batch.request_counts
+        status = "cancelled" if counts.canceled else "expired" if counts.expired else "completed"
+    return BatchState(str(batch.id), status, "", batch)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Protocol
 
 from dask_llm.core.outcome import Announced
@@ -37,6 +38,56 @@ from dask_llm.core.usage import Reported
 
 #: Statuses no retry can fix: bad key, no permission, no such model or endpoint.
 FATAL_STATUS: Final = frozenset({401, 403, 404})
+
+
+@dataclass(frozen=True, slots=True)
+class BatchState:
+    """A provider's batch as the batch sender sees it.
+
+    ``status`` in OpenAI's words, whatever the provider's: ``validating``,
+    ``in_progress``, ``finalizing``, ``cancelling``, then ``completed``,
+    ``failed`` (rejected at validation: ``failed_because`` says why),
+    ``expired`` or ``cancelled``. ``raw`` is the SDK's object, for ``results``.
+    """
+
+    id: str
+    status: str
+    failed_because: str = ""
+    raw: Any = None
+
+
+class BatchClient(ABC):
+    """One provider's Batch API, for one base URL and key (``Provider.batch_client``)."""
+
+    @abstractmethod
+    async def submit(
+        self, bodies: Mapping[str, bytes], *, job: str, stored: Callable[[str], None]
+    ) -> BatchState:
+        """Create a batch of the request ``bodies`` (by custom id).
+
+        ``stored(ref)`` is called once the requests are where a rerun can find them,
+        before the batch is created (OpenAI: the uploaded file's id); ``find(ref)``
+        then finds the batch made of them. A lost answer to the create call is looked
+        for, never created again.
+        """
+
+    @abstractmethod
+    async def find(self, ref: str) -> str | None:
+        """The id of the batch made of the requests ``submit`` stored as ``ref``, if any."""
+
+    @abstractmethod
+    async def retrieve(self, batch_id: str) -> BatchState: ...
+
+    @abstractmethod
+    async def cancel(self, batch_id: str) -> None: ...
+
+    @abstractmethod
+    async def results(self, batch: BatchState) -> list[tuple[str, int, bytes]]:
+        """(custom id, HTTP status, body) of each request an ended batch ran; requests it
+        never ran (expired, cancelled) are left out."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
 
 
 class StatusError(Protocol):
@@ -70,6 +121,8 @@ class Provider(ABC):
     status_errors: ClassVar[tuple[type[StatusError], ...]]
     connection_errors: ClassVar[tuple[type[ConnectionFailure], ...]]
     validation_errors: ClassVar[tuple[type[BaseException], ...]]
+    #: The root of the SDK's errors (any of the above, and more).
+    api_errors: ClassVar[tuple[type[Exception], ...]]
     #: Whether the job's batch sender speaks this provider's Batch API.
     batch: ClassVar[bool] = False
 
@@ -130,6 +183,15 @@ class Provider(ABC):
     def fatal(self, status: int, body: bytes) -> bool:
         """Whether an error answer means no request of the job can succeed."""
         return status in FATAL_STATUS
+
+    def batch_group(self, request: Any) -> tuple[str, str]:
+        """(base URL, API key) of a chat request: whose Batch API its batch line goes to."""
+        raise NotImplementedError(f"{self.name}: no Batch API")
+
+    def batch_client(self, base_url: str, api_key: str, *, completion_window: str) -> BatchClient:
+        """A client of the provider's Batch API (``batch`` is True); ``completion_window``
+        where the provider lets a batch choose it (OpenAI)."""
+        raise NotImplementedError(f"{self.name}: no Batch API")
 
 
 def error_of(data: bytes) -> tuple[str | None, str]:

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -30,7 +31,13 @@ from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT, FLEX_REQUEST_TIMEOUT
 from dask_llm.core.outcome import Announced
 from dask_llm.core.usage import MODEL, Reported
 from dask_llm.limits.headers import is_quota_429, positive_number
-from dask_llm.providers.base import Provider, error_code, error_of
+from dask_llm.providers.base import (
+    BatchClient,
+    BatchState,
+    Provider,
+    error_code,
+    error_of,
+)
 
 _PROMPT: Final = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION: Final = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
@@ -39,6 +46,8 @@ _CACHED: Final = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 _SERVICE_TIER: Final = re.compile(rb'"service_tier"\s*:\s*"([^"]+)"')
 _FINISH_LENGTH: Final = re.compile(rb'"finish_reason"\s*:\s*"length"')
 _REFUSAL: Final = re.compile(rb'"refusal"\s*:\s*"')
+#: The endpoint of the chat requests sent as batch lines.
+BATCH_ENDPOINT: Final = "/v1/chat/completions"
 
 
 class OpenAIProvider(Provider):
@@ -50,6 +59,7 @@ class OpenAIProvider(Provider):
     status_errors = (openai.APIStatusError,)
     connection_errors = (openai.APIConnectionError,)
     validation_errors = (openai.APIResponseValidationError,)
+    api_errors = (openai.APIError,)
     batch = True
 
     def owns(self, model: Any) -> bool:
@@ -139,3 +149,115 @@ class OpenAIProvider(Provider):
         return super().fatal(status, body) or (
             status == 429 and error_of(body)[0] == "insufficient_quota"
         )
+
+    def batch_group(self, request: Any) -> tuple[str, str]:
+        base = str(request.url).split("/chat/completions", 1)[0]
+        auth = request.headers.get("authorization", "")
+        return base, auth[7:] if auth.lower().startswith("bearer ") else auth
+
+    def batch_client(self, base_url: str, api_key: str, *, completion_window: str) -> BatchClient:
+        return OpenAIBatches(base_url, api_key, window=completion_window)
+
+
+class OpenAIBatches(BatchClient):
+    """OpenAI's Batch API: the requests as a JSONL file (``/v1/files``), then a batch of it.
+
+    The openai SDK's own retries (2) are on for these calls except ``batches.create``,
+    which is not idempotent (a lost answer to it is found by listing batches).
+    """
+
+    def __init__(self, base_url: str, api_key: str, *, window: str = "24h") -> None:
+        self.client = openai.AsyncOpenAI(
+            api_key=api_key or "none",
+            base_url=base_url,
+            max_retries=2,
+            http_client=openai.DefaultAioHttpClient(),
+        )
+        self.window = window
+
+    async def submit(
+        self, bodies: Mapping[str, bytes], *, job: str, stored: Callable[[str], None]
+    ) -> BatchState:
+        data = b"\n".join(
+            json.dumps(
+                {
+                    "custom_id": key,
+                    "method": "POST",
+                    "url": BATCH_ENDPOINT,
+                    "body": json.loads(body),
+                },
+                separators=(",", ":"),
+            ).encode()
+            for key, body in bodies.items()
+        )
+        uploaded = await self.client.files.create(
+            file=("dask-llm-batch.jsonl", data), purpose="batch"
+        )
+        stored(uploaded.id)
+        try:
+            batch = await self.client.with_options(
+                max_retries=0
+            ).batches.create(
+                input_file_id=uploaded.id,
+                endpoint=BATCH_ENDPOINT,
+                completion_window=self.window,  # type: ignore[arg-type]
+                metadata={"created_by": "dask-llm", "job": job[:512]},
+            )
+        except (openai.APIConnectionError, openai.InternalServerError):
+            found = await self.find(uploaded.id)
+            if found is None:
+                raise
+            return await self.retrieve(found)
+        return _state(batch)
+
+    async def find(self, ref: str) -> str | None:
+        async for batch in self.client.batches.list(limit=100):
+            if batch.input_file_id == ref:
+                return str(batch.id)
+        return None
+
+    async def retrieve(self, batch_id: str) -> BatchState:
+        return _state(await self.client.batches.retrieve(batch_id))
+
+    async def cancel(self, batch_id: str) -> None:
+        await self.client.batches.cancel(batch_id)
+
+    async def results(self, batch: BatchState) -> list[tuple[str, int, bytes]]:
+        out: list[tuple[str, int, bytes]] = []
+        for file_id in (batch.raw.output_file_id, batch.raw.error_file_id):
+            if not file_id:
+                continue
+            content = await self.client.files.content(file_id)
+            for raw in content.content.splitlines():
+                if not raw.strip():
+                    continue
+                record = json.loads(raw)
+                key = record.get("custom_id")
+                response = record.get("response")
+                if not isinstance(key, str) or not isinstance(response, dict):
+                    continue  # expired or cancelled: never ran
+                body = json.dumps(response.get("body") or {}).encode()
+                out.append((key, int(response.get("status_code", 500)), body))
+        return out
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _state(batch: Any) -> BatchState:
+    return BatchState(
+        str(batch.id),
+        str(batch.status),
+        _validation_errors(batch) if batch.status == "failed" else "",
+        batch,
+    )
+
+
+def _validation_errors(batch: Any) -> str:
+    errors = getattr(getattr(batch, "errors", None), "data", None) or []
+    parts = []
+    for error in errors[:5]:
+        where = f" line {error.line}" if getattr(error, "line", None) else ""
+        parts.append(f"{error.code}{where}: {error.message}")
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more if parts else "failed validation"

@@ -28,6 +28,7 @@ PROVIDERS: Final[tuple[Provider, ...]] = (OPENAI, *_ANTHROPIC)
 STATUS_ERRORS: Final = tuple(e for p in PROVIDERS for e in p.status_errors)
 CONNECTION_ERRORS: Final = tuple(e for p in PROVIDERS for e in p.connection_errors)
 VALIDATION_ERRORS: Final = tuple(e for p in PROVIDERS for e in p.validation_errors)
+API_ERRORS: Final = tuple(e for p in PROVIDERS for e in p.api_errors)
 
 
 def provider_of(model: Any) -> Provider | None:

@@ -172,7 +172,9 @@ class JobTransport:
         sent_at = job.recorder.request_started()  # run record: a line waits as long as its batch
         outcome = Outcome(status=None, batch=True)  # no answer (yet)
         try:
-            result = await self.batcher.answer(request, body, key, fresh=fresh)
+            result = await self.batcher.answer(
+                request, body, key, provider=self.provider, fresh=fresh
+            )
             if result is GO_ONLINE:
                 # The line came back unanswered: it goes online, and costs nothing.
                 outcome = Outcome(status=408, batch=True)
