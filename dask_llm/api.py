@@ -37,6 +37,7 @@ from dask_llm.core.config import (
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_RETRY,
     DEFAULT_SYNC_THREADS,
+    SERVICE_TIERS,
     BatchPolicy,
     EnrichOptions,
     Errors,
@@ -44,10 +45,12 @@ from dask_llm.core.config import (
     RetryPolicy,
     ServiceTier,
 )
+from dask_llm.core.errors import PromptCacheWarning
 from dask_llm.core.usage import USAGE_COLUMNS, PriceEntry, as_price, check_prices, price_of
 from dask_llm.engine.runner import enrich_partition
 from dask_llm.observe import progress as _progress
 from dask_llm.observe.progress import RunSummary
+from dask_llm.preview.caching import out_of_order
 from dask_llm.preview.estimate import Estimate, run_estimate
 from dask_llm.preview.pilot import Pilot, run_pilot
 from dask_llm.providers import Provider, is_routable, provider_of
@@ -89,6 +92,7 @@ class EstimateKwargs(TypedDict, total=False):
     cache: CacheArg
     prices: Mapping[str, PriceEntry] | None
     batch: bool
+    service_tier: ServiceTier | None
 
 
 # Where pandas and dask are typed (pandas-stubs), a checker resolves the frame's
@@ -205,6 +209,10 @@ def enrich(
             ``rpm``, ``tpm`` or ``batch`` for a chain whose chat model sends its own
             requests (not ChatOpenAI, or with its own ``http_async_client``), which
             also gets a ``UserWarning`` that its answers are not cached.
+
+    Warns:
+        PromptCacheWarning: a chain's prompt puts a row's values before a fixed block of
+            1,024 tokens or more, which no prompt cache can reuse in that order.
         TypeError: something that is not a chain.
     """
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
@@ -287,6 +295,7 @@ def _configure(
         usage_columns=_usage_columns(usage),
     )
     check_prices(prices)
+    _check_prompt_order(plan)
     store = open_cache(cache, default_path=default_cache_path())
     options = EnrichOptions(
         job=uuid.uuid4().hex,
@@ -409,6 +418,22 @@ def _provider(model: Any) -> Provider:
     provider = provider_of(model)
     assert provider is not None
     return provider
+
+
+def _check_prompt_order(plan: Plan) -> None:
+    """Say, once per chain, when its prompt puts a row's values before a fixed block long
+    enough to be cached: in that order no prompt cache can reuse it (``preview.caching``)."""
+    for found in out_of_order(plan):
+        warnings.warn(
+            f"dask-llm: chain {found.chain!r} puts a row's values before a fixed block of "
+            f"~{found.block_tokens:,} tokens, which no prompt cache can reuse in that order "
+            f"(cached now: {found.cached_now:,} tokens a call; with that block before the "
+            f"row's values: {found.cached_moved:,}). Put the fixed instruction first (a "
+            "system message, then the row) to pay the cached-input price for it; see "
+            "docs/cost.md",
+            PromptCacheWarning,
+            stacklevel=4,
+        )
 
 
 def _model_label(model: Any) -> str:
@@ -550,6 +575,7 @@ def estimate(
     prices: Mapping[str, PriceEntry] | None = None,
     budget_usd: float | None = None,
     batch: bool = False,
+    service_tier: ServiceTier | None = None,
 ) -> Estimate:
     """What ``enrich(frame, chains)`` would do, without any request: see ``Estimate``.
 
@@ -563,10 +589,21 @@ def estimate(
             would exceed it.
         batch: estimate for ``enrich(..., batch=True)``: cost at Batch API prices (the
             online cost is shown beside it) and no rate-limited wall time.
+        service_tier: as for ``enrich``: ``"flex"`` prices every OpenAI model's calls at
+            the Flex price (the list price is shown beside it); None: each model's own
+            ``service_tier`` (its field or ``.bind(service_tier=...)``).
+
+    The cost prices the share of each prompt a provider's prompt cache can serve (the
+    chain's fixed prefix, 1,024 tokens and more) at the cached-input price: see
+    docs/cost.md.
     """
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
         raise TypeError(f"estimate() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
     check_prices(prices)
+    if service_tier is not None and service_tier not in SERVICE_TIERS:
+        raise ValueError(f"service_tier= must be 'flex', 'default' or None, not {service_tier!r}")
+    if service_tier == "flex" and batch:
+        raise ValueError("service_tier='flex' and batch= are two ways to one price: choose one")
     plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
     store = open_cache(cache, default_path=default_cache_path())
     return run_estimate(
@@ -578,6 +615,7 @@ def estimate(
         prices=dict(prices or {}),
         budget_usd=budget_usd,
         batch=bool(batch),
+        service_tier=service_tier,
     )
 
 

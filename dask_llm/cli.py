@@ -513,6 +513,13 @@ def _atomic(path: str, overwrite: bool) -> Iterator[str]:
 
 @main.command()
 @_with_common
+@click.option(
+    "--service-tier",
+    type=click.Choice(list(SERVICE_TIERS)),
+    default=None,
+    help="Price every OpenAI request at Flex (the list price shown beside) or at list "
+    "price (default: each model's own).",
+)
 def estimate(
     inputs: tuple[str, ...],
     chains_ref: str,
@@ -523,6 +530,7 @@ def estimate(
     blocksize: int,
     batch: bool,
     budget_usd: float | None,
+    service_tier: str | None,
 ) -> None:
     """What enriching INPUT would cost and take, without sending a request."""
     frame = read_inputs(inputs, blocksize)
@@ -535,6 +543,7 @@ def estimate(
             cache=False if no_cache else (cache_path or True),
             batch=batch,
             budget_usd=budget_usd,
+            service_tier=cast(ServiceTier | None, service_tier),  # a click.Choice of them
         )
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -109,6 +109,14 @@ def cached_prefix(payload: dict[str, Any]) -> dict[str, Any] | None:
     return prefix if found else None
 
 
+def _is_tool_result(message: Any) -> bool:
+    """Whether a message gives back a tool's result (a user turn of ``tool_result`` blocks)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(
+        isinstance(b, dict) and b.get("type") == "tool_result" for b in content
+    )
+
+
 def rfc3339(seconds_from_now: float) -> str:
     """The UTC time ``seconds_from_now``, as Anthropic's ``*-reset`` headers give it."""
     when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds_from_now)
@@ -192,22 +200,28 @@ class MessagesAPI:
         """The message (without usage) and its output tokens."""
         messages = payload["messages"]
         text = answers.message_text(messages[-1])
-        echo = answers.prompt_words(answers.without_instructions(text))
+        asked = answers.last_user_text(messages)
+        echo = answers.prompt_words(asked or answers.without_instructions(text))
         tools = payload.get("tools") or []
         choice = payload.get("tool_choice") or {"type": "auto"}
         content: list[dict[str, Any]]
-        if tools and choice.get("type") != "none":
-            tool = tools[0]
-            if choice.get("type") == "tool":
-                tool = next((t for t in tools if t.get("name") == choice.get("name")), tool)
-            schema = tool.get("input_schema") or {}
-            instance = answers.schema_instance(schema, random.Random(digest), echo)
+        # After a tool's result, a model free to choose answers in words.
+        replied = _is_tool_result(messages[-1])
+        forced = choice.get("type") in ("tool", "any")
+        if tools and choice.get("type") != "none" and (forced or not replied):
+            named = {
+                t.get("name") or "tool": t.get("input_schema") or {}
+                for t in tools
+                if isinstance(t, dict)
+            }
+            wanted = choice.get("name") if choice.get("type") == "tool" else None
+            name, _, instance = answers.tool_call(named, wanted, asked, random.Random(digest), echo)
             produced = _encode(instance)
             content = [
                 {
                     "type": "tool_use",
                     "id": f"toolu_{digest.hex()[:24]}",
-                    "name": tool.get("name", "tool"),
+                    "name": name,
                     "input": instance,
                 }
             ]

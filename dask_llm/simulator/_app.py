@@ -581,19 +581,23 @@ class SimulatorApp:
         tools = payload.get("tools") or []
         choice = payload.get("tool_choice")
         response_format = payload.get("response_format") or {}
-        if tools and choice != "none":
-            tool = tools[0]
-            if isinstance(choice, dict):
-                wanted = (choice.get("function") or {}).get("name")
-                tool = next((t for t in tools if t.get("function", {}).get("name") == wanted), tool)
-            fn = tool.get("function", {})
-            schema = fn.get("parameters") or {}
-            arguments = json.dumps(answers.schema_instance(schema, random.Random(digest), echo))
+        asked = answers.last_user_text(messages)
+        # After a tool's result, a model free to choose answers in words.
+        replied = isinstance(messages[-1], dict) and messages[-1].get("role") == "tool"
+        if tools and choice != "none" and not (replied and choice in (None, "auto")):
+            functions = [t.get("function") or {} for t in tools if isinstance(t, dict)]
+            named = {f.get("name") or "tool": f.get("parameters") or {} for f in functions}
+            forced = choice.get("function") if isinstance(choice, dict) else None
+            wanted = forced.get("name") if isinstance(forced, dict) else None
+            name, schema, instance = answers.tool_call(
+                named, wanted, asked, random.Random(digest), echo
+            )
+            arguments = json.dumps(instance)
             message["tool_calls"] = [
                 {
                     "id": f"call_{digest.hex()[:24]}",
                     "type": "function",
-                    "function": {"name": fn.get("name", "tool"), "arguments": arguments},
+                    "function": {"name": name, "arguments": arguments},
                 }
             ]
             finish = "tool_calls"
@@ -607,6 +611,8 @@ class SimulatorApp:
             schema = answers.instructed_schema(messages, json_answer=json_answer)
             if schema is not None:
                 produced = json.dumps(answers.schema_instance(schema, random.Random(digest), echo))
+            elif json_answer and (keys := answers.PromptValues(asked).json_keys()):
+                produced = answers.keyed_json(keys, random.Random(digest), echo)
             elif json_answer:
                 produced = answers.json_object(random.Random(digest), echo)
             else:

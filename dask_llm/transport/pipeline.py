@@ -58,7 +58,7 @@ from typing import Any, cast
 
 import aiohttp
 from langchain_core.language_models import BaseChatModel
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableBinding
 
 from dask_llm.cache import request_key
 from dask_llm.chains.graph import find, rewrite
@@ -451,8 +451,9 @@ class LoopClients:
 
         ``timeout``: seconds per request; None keeps a model's own ``timeout=`` and
         gives the others ``DEFAULT_REQUEST_TIMEOUT`` (``FLEX_REQUEST_TIMEOUT`` for a
-        model that asks for Flex processing, as OpenAI advises). ``service_tier``:
-        set on every OpenAI model of the copy (None: each keeps its own; other providers
+        model that asks for Flex processing, itself or by ``.bind(service_tier=)``, as
+        OpenAI advises). ``service_tier``: set on every OpenAI model of the copy, and on
+        its bindings, whose keyword would win (None: each keeps its own; other providers
         have no such tier).
 
         Returns the copy and whether every chat model in it now sends through the
@@ -462,6 +463,15 @@ class LoopClients:
 
         def visit(obj: Any) -> Any:
             nonlocal untapped
+            if isinstance(obj, RunnableBinding) and provider_of(obj.bound) is OPENAI:
+                tier = service_tier or obj.kwargs.get("service_tier")
+                if tier is not None and tier != obj.kwargs.get("service_tier"):
+                    obj = obj.model_copy(update={"kwargs": {**obj.kwargs, "service_tier": tier}})
+                local = self._local_model(OPENAI, obj.bound, timeout=timeout, service_tier=tier)
+                if local is None:
+                    untapped = True
+                    return obj
+                return obj.model_copy(update={"bound": local})
             provider = provider_of(obj)
             if provider is not None:
                 local = self._local_model(provider, obj, timeout=timeout, service_tier=service_tier)
