@@ -75,8 +75,6 @@ class AnthropicProvider(Provider):
     """Anthropic's Messages API through langchain-anthropic's ``ChatAnthropic``."""
 
     name = "anthropic"
-    key_env = "ANTHROPIC_API_KEY"
-    key_field = "anthropic_api_key"
     status_errors = (anthropic.APIStatusError,)
     connection_errors = (anthropic.APIConnectionError,)
     validation_errors = (anthropic.APIResponseValidationError,)

@@ -9,7 +9,8 @@ chain's models. Only a few facts there depend on who answers, and a
 * **its models**: which LangChain chat models are its (``owns``), and how to
   give one a private async client on the loop running it, whose httpx
   transport the job wraps (``local_model``); the key is never shipped: each
-  process's SDK reads it from ``key_env``;
+  process's SDK reads it from its environment (the chains layer, below this
+  one, knows each model's key field: ``chains.shipping.KEY_ENV``);
 * **its requests**: which paths are chat requests (cached, batched:
   ``is_chat``), whether one asks for a cheaper tier (``is_flex``);
 * **its answers**: the usage a body reports (``read``: input, output, cache
@@ -112,10 +113,6 @@ class Provider(ABC):
 
     #: A short name, for messages ("openai", "anthropic").
     name: ClassVar[str]
-    #: The environment variable each process's SDK reads the API key from.
-    key_env: ClassVar[str]
-    #: The field of the provider's LangChain chat model that holds the key.
-    key_field: ClassVar[str]
     #: The SDK's exceptions for an error answer, for no answer (connection, timeout), and
     #: for an answer whose body did not parse.
     status_errors: ClassVar[tuple[type[StatusError], ...]]

@@ -54,8 +54,6 @@ class OpenAIProvider(Provider):
     """OpenAI's Chat Completions API through langchain-openai's ``BaseChatOpenAI``."""
 
     name = "openai"
-    key_env = "OPENAI_API_KEY"
-    key_field = "openai_api_key"
     status_errors = (openai.APIStatusError,)
     connection_errors = (openai.APIConnectionError,)
     validation_errors = (openai.APIResponseValidationError,)
