@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import anthropic
 import cloudpickle
 import dask.dataframe as dd
 import distributed
@@ -297,14 +298,7 @@ def test_sigkill_while_a_message_batch_is_in_flight_then_rerun_pays_nothing_twic
     rows = 12
     sim = make_simulator(batch_delay=1.5, seed=5)
     cache = tmp_path / "cache.sqlite"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_LLM_CACHE": str(cache)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, sim.anthropic_base_url, str(rows)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_claude_job(sim, cache, rows)
     deadline = time.monotonic() + 60
     while batch_stats(sim)["message_batches_created"] < 1:
         assert proc.poll() is None, proc.communicate()
@@ -328,3 +322,36 @@ def test_sigkill_while_a_message_batch_is_in_flight_then_rerun_pays_nothing_twic
         out["llm_input_tokens"] * price.input + out["llm_output_tokens"] * price.output
     ) / 1e6
     pd.testing.assert_series_equal(out["llm_cost_usd"], expected, check_names=False, rtol=1e-9)
+
+
+def start_claude_job(sim: Any, cache: Path, rows: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_LLM_CACHE": str(cache)}
+    return subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, sim.anthropic_base_url, str(rows)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_ctrl_c_names_the_message_batches_and_they_can_be_cancelled(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    sim = make_simulator(batch_delay=30.0, batch_cancel_delay=0.05)
+    proc = start_claude_job(sim, tmp_path / "cache.sqlite", 6)
+    deadline = time.monotonic() + 60
+    while batch_stats(sim)["message_batches_created"] < 1:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert "batches still running: msgbatch_" in err, err
+    batch_id = err.split("batches still running: ", 1)[1].split()[0].rstrip(",")
+    with anthropic.Anthropic(base_url=sim.anthropic_base_url, api_key="k") as client:
+        statuses = dask_llm.cancel_batches(batch_id, client=client)
+    assert statuses[batch_id] in ("cancelling", "cancelled")

@@ -80,6 +80,7 @@ class AnthropicProvider(Provider):
     validation_errors = (anthropic.APIResponseValidationError,)
     api_errors = (anthropic.APIError,)
     batch = True
+    batch_prefix = "msgbatch_"
 
     def owns(self, model: Any) -> bool:
         return isinstance(model, ChatAnthropic)
@@ -169,6 +170,20 @@ class AnthropicProvider(Provider):
 
     def batch_client(self, base_url: str, api_key: str, *, completion_window: str) -> BatchClient:
         return AnthropicBatches(base_url, api_key)
+
+    def cancel_batches(self, batch_ids: list[str], *, client: Any = None) -> dict[str, str]:
+        api = client if isinstance(client, anthropic.Anthropic) else anthropic.Anthropic()
+        statuses: dict[str, str] = {}
+        try:
+            for batch_id in batch_ids:
+                batch = api.messages.batches.retrieve(batch_id)
+                if batch.processing_status == "in_progress":
+                    batch = api.messages.batches.cancel(batch_id)
+                statuses[batch_id] = _state(batch).status
+        finally:
+            if api is not client:
+                api.close()
+        return statuses
 
 
 class AnthropicBatches(BatchClient):

@@ -122,6 +122,8 @@ class Provider(ABC):
     api_errors: ClassVar[tuple[type[Exception], ...]]
     #: Whether the job's batch sender speaks this provider's Batch API.
     batch: ClassVar[bool] = False
+    #: How the ids of its batches begin (``cancel_batches`` sends each id to its provider).
+    batch_prefix: ClassVar[str] = ""
 
     @abstractmethod
     def owns(self, model: Any) -> bool:
@@ -183,6 +185,12 @@ class Provider(ABC):
 
     def batch_group(self, request: Any) -> tuple[str, str]:
         """(base URL, API key) of a chat request: whose Batch API its batch line goes to."""
+        raise NotImplementedError(f"{self.name}: no Batch API")
+
+    def cancel_batches(self, batch_ids: list[str], *, client: Any = None) -> dict[str, str]:
+        """Cancel batches (from outside any job: ``dask_llm.cancel_batches``); each one's
+        status after it, in OpenAI's words. ``client``: the SDK's sync client to use, when it
+        is this provider's (default: one from the environment)."""
         raise NotImplementedError(f"{self.name}: no Batch API")
 
     def batch_client(self, base_url: str, api_key: str, *, completion_window: str) -> BatchClient:

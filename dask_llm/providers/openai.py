@@ -59,6 +59,7 @@ class OpenAIProvider(Provider):
     validation_errors = (openai.APIResponseValidationError,)
     api_errors = (openai.APIError,)
     batch = True
+    batch_prefix = "batch_"
 
     def owns(self, model: Any) -> bool:
         return isinstance(model, BaseChatOpenAI)
@@ -155,6 +156,25 @@ class OpenAIProvider(Provider):
 
     def batch_client(self, base_url: str, api_key: str, *, completion_window: str) -> BatchClient:
         return OpenAIBatches(base_url, api_key, window=completion_window)
+
+    def cancel_batches(self, batch_ids: list[str], *, client: Any = None) -> dict[str, str]:
+        return cancel_openai_batches(batch_ids, client)
+
+
+def cancel_openai_batches(batch_ids: list[str], client: Any = None) -> dict[str, str]:
+    """``Provider.cancel_batches`` of OpenAI's (sync: called outside any event loop)."""
+    api = client if isinstance(client, openai.OpenAI) else openai.OpenAI()
+    statuses: dict[str, str] = {}
+    try:
+        for batch_id in batch_ids:
+            batch = api.batches.retrieve(batch_id)
+            if batch.status not in ("completed", "failed", "expired", "cancelled", "cancelling"):
+                batch = api.batches.cancel(batch_id)
+            statuses[batch_id] = batch.status
+    finally:
+        if api is not client:
+            api.close()
+    return statuses
 
 
 class OpenAIBatches(BatchClient):

@@ -64,11 +64,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-import openai
-
 from dask_llm.core.config import BatchPolicy
 from dask_llm.providers.base import BatchClient, BatchState, Provider
-from dask_llm.providers.registry import API_ERRORS, STATUS_ERRORS
+from dask_llm.providers.registry import API_ERRORS, OPENAI, PROVIDERS, STATUS_ERRORS
 from dask_llm.transport.wire import Answer, fatal_reason
 
 log = logging.getLogger(__name__)
@@ -577,23 +575,25 @@ def policy_for_retries(policy: Any) -> Any:
     return dataclasses.replace(policy, wait_initial=0.0, wait_max=0.0, timeout=float("inf"))
 
 
-def cancel_batches(*batch_ids: str, client: openai.OpenAI | None = None) -> dict[str, str]:
+def cancel_batches(*batch_ids: str, client: Any = None) -> dict[str, str]:
     """Cancel batches a job submitted (their ids are in the interrupt message and the log).
 
-    ``client``: the ``openai.OpenAI`` to use (default: one from ``OPENAI_API_KEY`` and
-    ``OPENAI_BASE_URL``). Returns each batch's status after the cancel; a batch that
-    has already ended is left as it is. Lines a cancelled batch finished stay
-    answered: a rerun reads them and submits only the rest.
+    Each id goes to its provider's Batch API (OpenAI's ``batch_...``, Anthropic's
+    ``msgbatch_...``). ``client``: an ``openai.OpenAI`` or ``anthropic.Anthropic`` to use
+    for that provider's batches (default: one from the environment: ``OPENAI_API_KEY`` and
+    ``OPENAI_BASE_URL``, ``ANTHROPIC_API_KEY`` and ``ANTHROPIC_BASE_URL``). Returns each
+    batch's status after the cancel, in OpenAI's words; a batch that has already ended is
+    left as it is. Lines a cancelled batch finished stay answered: a rerun reads them and
+    submits only the rest.
     """
-    api = client or openai.OpenAI()
+    by_provider: dict[Provider, list[str]] = {}
+    ranked = sorted(
+        (p for p in PROVIDERS if p.batch), key=lambda p: len(p.batch_prefix), reverse=True
+    )
+    for batch_id in batch_ids:
+        owner = next((p for p in ranked if batch_id.startswith(p.batch_prefix)), OPENAI)
+        by_provider.setdefault(owner, []).append(batch_id)
     statuses: dict[str, str] = {}
-    try:
-        for batch_id in batch_ids:
-            batch = api.batches.retrieve(batch_id)
-            if batch.status not in _TERMINAL and batch.status != "cancelling":
-                batch = api.batches.cancel(batch_id)
-            statuses[batch_id] = batch.status
-    finally:
-        if client is None:
-            api.close()
-    return statuses
+    for provider, ids in by_provider.items():
+        statuses.update(provider.cancel_batches(ids, client=client))
+    return {batch_id: statuses[batch_id] for batch_id in batch_ids}
