@@ -11,6 +11,7 @@ import pytest
 from langchain_anthropic import ChatAnthropic
 from langchain_openai import ChatOpenAI
 
+import dask_llm.core.usage
 import dask_llm.providers
 from dask_llm.core.usage import price_of
 from dask_llm.providers import OPENAI, PROVIDERS, provider_of
@@ -137,3 +138,14 @@ def test_openai_reads_as_before() -> None:
     )
     assert reported.truncated and reported.refused
     assert OPENAI.announced({"x-ratelimit-limit-requests": "500"}) == (500, None)
+
+
+def test_caching_savings_count_the_premium_of_cache_writes() -> None:
+    price = price_of("claude-haiku-4-5")
+    assert price is not None
+    usage = dask_llm.core.usage.Usage()
+    usage.charge("claude-haiku-4-5", 3_000, 10, None, cached_tokens=1_000, cache_write_tokens=2_000)
+    # Reads saved 0.9 of the input price on 1,000 tokens; writes cost 0.25 more on 2,000.
+    assert usage.saved == pytest.approx((1_000 * 0.9 - 2_000 * 0.25) / 1e6)
+    expected = (1_000 * 0.10 + 2_000 * 1.25 + 10 * 5.0) / 1e6
+    assert usage.cost_usd == pytest.approx(expected)

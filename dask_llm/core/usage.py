@@ -329,7 +329,7 @@ class Usage:
             self.cost += cost_usd(
                 price, input_tokens, output_tokens, cached_tokens, cache_write_tokens
             )
-            self.saved += savings_usd(price, cached_tokens)
+            self.saved += savings_usd(price, cached_tokens, cache_write_tokens)
 
     def count(self, tier: Tier) -> None:
         """One more paid answer, served by ``tier``."""
@@ -350,10 +350,12 @@ class Usage:
         return None if self.unknown or self.unpriced else self.cost
 
 
-def savings_usd(price: Rates, cached_tokens: float) -> float:
-    """US dollars the prompt cache saved on ``cached_tokens`` at ``price``: the input price
-    they would have cost, less the cached-input price they did."""
-    return cached_tokens * (price.input - price.cached_input) / 1e6
+def savings_usd(price: Rates, cached_tokens: float, cache_write_tokens: float = 0) -> float:
+    """US dollars the prompt cache saved at ``price``: on ``cached_tokens``, the input price
+    they would have cost less the cached-input price they did; less what writing
+    ``cache_write_tokens`` to it cost above the input price (Anthropic's writes: 1.25x)."""
+    read = cached_tokens * (price.input - price.cached_input)
+    return (read - cache_write_tokens * (price.cache_write - price.input)) / 1e6
 
 
 class Attempt:
