@@ -20,7 +20,6 @@ import dask.dataframe as dd
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor as register_dask_accessor
 from langchain_core.language_models import BaseChatModel
-from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm.cache import ResultCache, check_cache, open_cache
 from dask_llm.chains.chain import Chain
@@ -54,6 +53,7 @@ from dask_llm.observe.progress import RunSummary
 from dask_llm.preview.caching import out_of_order
 from dask_llm.preview.estimate import Estimate, run_estimate
 from dask_llm.preview.pilot import Pilot, run_pilot
+from dask_llm.providers import Provider, is_routable, provider_of
 
 ChainsArg = Chain | Sequence[Any] | Mapping[str, Any] | Any
 CacheArg = bool | str | os.PathLike[str] | ResultCache | None
@@ -369,11 +369,12 @@ def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
     """Refuse, or say, what cannot hold for a chat model whose requests dask-llm does not see.
 
     The budget, pacing, the Batch API and the cache act on the requests of the job's
-    transport: those of ChatOpenAI models (and ``init_chat_model``'s configurable
-    ones) on clients dask-llm opens. Another chat model, or a ChatOpenAI given its own
-    ``http_async_client``, sends past all of them. What the user asked for
-    (``budget_usd``, ``rpm``, ``tpm``, ``batch``) is refused; the cache, on by
-    default, is said once not to keep that chain's answers.
+    transport: those of the known providers' models (``providers``: ChatOpenAI,
+    ChatAnthropic, and ``init_chat_model``'s configurable ones) on clients dask-llm
+    opens. Another chat model, or a ChatOpenAI given its own ``http_async_client``,
+    sends past all of them. What the user asked for (``budget_usd``, ``rpm``, ``tpm``,
+    ``batch``) is refused, and ``batch`` for a provider whose Batch API dask-llm does
+    not speak; the cache, on by default, is said once not to keep that chain's answers.
     """
     unseen: list[tuple[str, str]] = []
     for pc in plan.chains:
@@ -382,7 +383,13 @@ def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
         for model in find(pc.chain.runnable, lambda x: isinstance(x, BaseChatModel)):
             if is_configurable_model(model):
                 continue
-            if isinstance(model, BaseChatOpenAI) and model.http_async_client is None:
+            if is_routable(model):
+                if options.batch is not None and not _provider(model).batch:
+                    raise ValueError(
+                        f"chain {pc.name!r}: batch= cannot hold for its model "
+                        f"{_model_label(model)}: dask-llm does not speak "
+                        f"{_provider(model).name}'s Batch API; drop batch="
+                    )
                 continue
             unseen.append((pc.name, _model_label(model)))
     if not unseen:
@@ -401,19 +408,26 @@ def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
     if asked:
         raise ValueError(
             f"chain {chain!r}: {asked[0]}= cannot hold for its model {label}: dask-llm "
-            "budgets, paces and batches the requests of ChatOpenAI models on clients it "
-            "opens, and this model sends its own; drop the option, or use ChatOpenAI "
-            "(without http_async_client=)"
+            "budgets, paces and batches the requests of ChatOpenAI and ChatAnthropic models "
+            "on clients it opens, and this model sends its own; drop the option, or use "
+            "ChatOpenAI (without http_async_client=) or ChatAnthropic"
         )
     if options.cache is not None:
         where = ", ".join(f"chain {c!r} ({m})" for c, m in unseen)
         warnings.warn(
             f"dask-llm: the answers of {where} are not cached: dask-llm caches the requests "
-            "of ChatOpenAI models on clients it opens; a rerun pays for them again "
+            "of ChatOpenAI and ChatAnthropic models on clients it opens; a rerun pays for "
+            "them again "
             "(pass cache=False to say you know)",
             UserWarning,
             stacklevel=4,
         )
+
+
+def _provider(model: Any) -> Provider:
+    provider = provider_of(model)
+    assert provider is not None
+    return provider
 
 
 def _check_prompt_order(plan: Plan) -> None:
@@ -440,8 +454,8 @@ def _model_label(model: Any) -> str:
 def _check_prices(plan: Plan, options: EnrichOptions) -> None:
     """Under a budget every model needs a price: found now, not after the first request."""
     for pc in plan.chains:
-        models = find(pc.chain.runnable, lambda x: isinstance(x, BaseChatOpenAI))
-        names = [m.model_name for m in models]
+        models = find(pc.chain.runnable, lambda x: provider_of(x) is not None)
+        names = [_provider(m).model_name(m) for m in models]
         for conf in find(pc.chain.runnable, is_configurable_model):
             names.append(conf._default_config.get("model"))
         for name in names:
@@ -456,40 +470,38 @@ def _check_prices(plan: Plan, options: EnrichOptions) -> None:
 def _keys_to_ship(plan: Plan, ship: bool) -> tuple[tuple[str, str], ...]:
     """Explicit keys to send with the job, after checking where the workers are."""
     keys: dict[str, str] = {}
-    named: list[str] = []
+    named: list[tuple[str, str]] = []  # (chain, the variable its workers would read)
     for pc in plan.chains:
         if pc.chain.is_factory:
             continue  # a factory builds its model, key and all, in each process
         found = explicit_keys(pc.chain.runnable)
-        keys.update(found)
-        if found:
-            named.append(pc.name)
+        keys.update((ref, secret) for ref, (secret, _) in found.items())
+        named.extend((pc.name, env) for _, env in found.values())
     client = _cluster.distributed_client()
     if ship:
         remote = _cluster.remote_worker(client) if client is not None else None
         if remote is not None:
             raise ValueError(
                 f"ship_api_keys=True: a worker of this cluster runs on another host ({remote}); "
-                "keys are only sent to workers on this machine: set OPENAI_API_KEY in the "
-                "workers' environment instead"
+                "keys are only sent to workers on this machine: set OPENAI_API_KEY (or "
+                "ANTHROPIC_API_KEY) in the workers' environment instead"
             )
         return tuple(sorted(keys.items()))
-    if keys and client is not None:
-        missing = _cluster.workers_without(client, "OPENAI_API_KEY")
+    for chain, env in dict.fromkeys(named) if client is not None else ():
+        missing = _cluster.workers_without(client, env)
         if missing:
             # LangChain stores a key read from the environment as if it had been given:
-            # say where it came from (a key equal to OPENAI_API_KEY here is that one).
-            from_env = set(keys.values()) == {os.environ.get("OPENAI_API_KEY")}
+            # say where it came from (a key equal to the variable here is that one).
+            from_env = set(keys.values()) == {os.environ.get(env)}
             origin = (
-                "its model's key is this process's OPENAI_API_KEY"
+                f"its model's key is this process's {env}"
                 if from_env
                 else "its model has an explicit api_key"
             )
             raise ValueError(
-                f"chain {named[0]!r}: {origin}, which is not sent to "
-                f"workers, and {len(missing)} worker(s) have no OPENAI_API_KEY ({missing[0]}); "
-                "set it in their environment, or pass ship_api_keys=True (workers on this "
-                "machine only)"
+                f"chain {chain!r}: {origin}, which is not sent to workers, and "
+                f"{len(missing)} worker(s) have no {env} ({missing[0]}); set it in their "
+                "environment, or pass ship_api_keys=True (workers on this machine only)"
             )
     return ()
 

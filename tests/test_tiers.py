@@ -258,24 +258,29 @@ def test_a_model_with_its_own_client_is_priced_from_langchains_cached_tokens(sim
 def test_the_table_has_cached_input_prices() -> None:
     assert PRICES["gpt-4o-mini"] == Price(0.15, 0.60, cached_input=0.075)
     rates = price_of("gpt-4o-mini-2024-07-18")
-    assert rates == (0.15, 0.60, 0.075)
-    assert price_of("gpt-4o-mini", batch=True) == (0.075, 0.30, 0.0375)
-    assert price_of("gpt-4-turbo") == (10.0, 30.0, 10.0)  # no caching: input price
+    assert rates == (0.15, 0.60, 0.075, 0.15)  # OpenAI bills no cache writes: input price
+    assert price_of("gpt-4o-mini", batch=True) == (0.075, 0.30, 0.0375, 0.075)
+    assert price_of("gpt-4-turbo") == (10.0, 30.0, 10.0, 10.0)  # no caching: input price
 
 
 @pytest.mark.parametrize(
     ("entry", "rates", "batch"),
     [
-        pytest.param((1.0, 2.0), (1.0, 2.0, 1.0), (0.5, 1.0, 0.5), id="two-numbers"),
-        pytest.param((1.0, 2.0, 0.3, 0.6), (1.0, 2.0, 1.0), (0.3, 0.6, 0.3), id="four-numbers"),
+        pytest.param((1.0, 2.0), (1.0, 2.0, 1.0, 1.0), (0.5, 1.0, 0.5, 0.5), id="two-numbers"),
+        pytest.param(
+            (1.0, 2.0, 0.3, 0.6), (1.0, 2.0, 1.0, 1.0), (0.3, 0.6, 0.3, 0.3), id="four-numbers"
+        ),
         pytest.param(
             {"input": 1.0, "output": 2.0, "cached_input": 0.25},
-            (1.0, 2.0, 0.25),
-            (0.5, 1.0, 0.125),
+            (1.0, 2.0, 0.25, 1.0),
+            (0.5, 1.0, 0.125, 0.5),
             id="mapping",
         ),
         pytest.param(
-            Price(1.0, 2.0, cached_input=0.1), (1.0, 2.0, 0.1), (0.5, 1.0, 0.05), id="price"
+            Price(1.0, 2.0, cached_input=0.1),
+            (1.0, 2.0, 0.1, 1.0),
+            (0.5, 1.0, 0.05, 0.5),
+            id="price",
         ),
     ],
 )

@@ -24,8 +24,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import openai
-
 from dask_llm.cache import make_key
 from dask_llm.chains.columns import RowFailed, normalize
 from dask_llm.chains.plan import PlannedChain
@@ -35,6 +33,7 @@ from dask_llm.core.errors import JobStopped
 from dask_llm.core.usage import Usage
 from dask_llm.engine.retry import call_with_retries, root_cause
 from dask_llm.observe.record import ACTIVE
+from dask_llm.providers.registry import CONNECTION_ERRORS, STATUS_ERRORS
 from dask_llm.transport.batch import policy_for_retries
 from dask_llm.transport.wire import host_of
 
@@ -226,7 +225,7 @@ MISSING: Any = _Missing()
 def _failure(name: str, exc: BaseException, job: Any, usage: Usage) -> RowFailed:
     cause = root_cause(exc)
     if isinstance(cause, JobStopped) or (
-        job.stopped is not None and isinstance(exc, openai.APIConnectionError)
+        job.stopped is not None and isinstance(exc, CONNECTION_ERRORS)
     ):
         stop = job.stopped
         text = stop.text if stop is not None else str(cause)
@@ -242,12 +241,12 @@ def describe(exc: BaseException, limit: int = 500) -> str:
     """``Type: message`` on one line; API errors with status and code; connection errors with
     their cause."""
     name = type(exc).__name__
-    if isinstance(exc, openai.APIStatusError):
+    if isinstance(exc, STATUS_ERRORS):
         code = getattr(exc, "code", None)
         name = f"{name} ({exc.status_code}{f' {code}' if code else ''} from {host_of(exc.request)})"
         body = exc.body if isinstance(exc.body, dict) else {}
         text = str(body.get("message") or exc.message)
-    elif isinstance(exc, openai.APIConnectionError) and exc.__cause__ is not None:
+    elif isinstance(exc, CONNECTION_ERRORS) and exc.__cause__ is not None:
         text = f"{exc.message} {root_cause(exc)}"
     else:
         text = str(exc)

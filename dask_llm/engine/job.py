@@ -82,12 +82,13 @@ from dask_llm.compiled import Verdicts
 from dask_llm.core import where as _cluster
 from dask_llm.core.errors import ChainError, JobStopped
 from dask_llm.core.runtime import part
-from dask_llm.core.usage import MAX_TOKENS, MODEL, Tier, cost_usd, is_flex, price_of
+from dask_llm.core.usage import MAX_TOKENS, MODEL, Tier, cost_usd, price_of
 from dask_llm.limits.ledger import Ledger, even_share_hint, link_for
 from dask_llm.limits.pacer import Throttle
 from dask_llm.observe import metrics as _metrics
 from dask_llm.observe import progress as _progress
 from dask_llm.observe.record import Recorder
+from dask_llm.providers import PROVIDERS
 
 if TYPE_CHECKING:
     from dask_llm.cluster.handle import JobHandle
@@ -253,13 +254,15 @@ class Job:
         """What a request may cost at most (``budget_usd``): see ``limits.coordinator``.
 
         Prompt tokens are at most the body's bytes (a token is at least a byte, and the
-        body holds every message); completion tokens at most ``max_tokens``, else 1.5x
-        the largest completion seen (1,024 before any); at the price of the tier asked
-        (the Batch API's, Flex's for a body that asks for it, else the list price).
+        body holds every message), each at the dearer of the input and cache write prices;
+        completion tokens at most ``max_tokens``, else 1.5x the largest completion seen
+        (1,024 before any); at the price of the tier asked (the Batch API's, Flex's for a
+        body that asks for it, else the list price).
         """
         match = MODEL.search(body)
         model = match.group(1).decode() if match else None
-        tier: Tier = "batch" if batch else ("flex" if is_flex(body) else "default")
+        flex = any(provider.is_flex(body) for provider in PROVIDERS)
+        tier: Tier = "batch" if batch else ("flex" if flex else "default")
         price = price_of(model, self.options.price_table, tier=tier)
         if price is None:
             self.stop(
@@ -274,7 +277,8 @@ class Job:
             if limit
             else (1.5 * self._largest_completion if self._largest_completion else 1024)
         )
-        return cost_usd(price, len(body), completion)
+        # Every prompt token may be a cache write (Anthropic bills those above the input).
+        return cost_usd(price, len(body), completion, cache_write_tokens=len(body))
 
     def completion_seen(self, tokens: int) -> None:
         if tokens > self._largest_completion:

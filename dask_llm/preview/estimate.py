@@ -43,7 +43,6 @@ from typing import Any
 
 import pandas as pd
 from langchain_core.runnables import RunnableBinding
-from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm.cache import ResultCache, make_key, read_only
 from dask_llm.chains.columns import is_missing
@@ -53,6 +52,7 @@ from dask_llm.chains.prompt import schema_text
 from dask_llm.core.usage import PriceEntry, Tier, cost_usd, price_of, savings_usd
 from dask_llm.preview.caching import cached_per_call
 from dask_llm.preview.tokens import token_counter
+from dask_llm.providers import provider_of
 
 _TEXT_OUTPUT_TOKENS = 150
 _FIELD_OUTPUT_TOKENS = 24
@@ -136,8 +136,13 @@ class Estimate:
 
 
 def _model_of(pc: PlannedChain) -> Any:
-    models = find(pc.chain.runnable, lambda x: isinstance(x, BaseChatOpenAI))
+    models = find(pc.chain.runnable, lambda x: provider_of(x) is not None)
     return models[0] if models else None
+
+
+def _model_name(model: Any) -> str | None:
+    provider = provider_of(model) if model is not None else None
+    return provider.model_name(model) if provider is not None else None
 
 
 def _render(pc: PlannedChain, inputs: dict[str, Any]) -> str:
@@ -248,7 +253,7 @@ def partition_counts(
                     tokens,
                     min(cached, tokens),
                     out_tokens,
-                    getattr(model, "model_name", None),
+                    _model_name(model),
                     tier,
                 )
             )

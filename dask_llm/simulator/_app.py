@@ -33,6 +33,8 @@ from typing import Any
 from aiohttp import web
 
 from dask_llm.simulator import _answers as answers
+from dask_llm.simulator._anthropic import MessagesAPI
+from dask_llm.simulator._anthropic_batch import MessageBatches
 from dask_llm.simulator._batch import BatchAPI
 from dask_llm.simulator._config import SimulatorConfig
 from dask_llm.simulator._http import JSON, error, error_body, respond
@@ -183,6 +185,8 @@ class SimulatorApp:
         self._late_faults = tuple((name, p) for name, p in late if p > 0)
         self._late_draw = bool(self._late_faults) or config.schema_violation > 0
         self.batches = BatchAPI(self)
+        self.claude = MessagesAPI(self)
+        self.claude_batches = MessageBatches(self, self.claude)
 
     def _make_limiters(self) -> None:
         cfg = self.config
@@ -206,15 +210,20 @@ class SimulatorApp:
             if window is not None:
                 window.clear()
         self.batches.reset()
+        self.claude.reset()
+        self.claude_batches.reset()
 
     def make_app(self) -> web.Application:
         self.started = time.monotonic()
         self._make_limiters()
+        self.claude.make_limiters()
         self.stats.reset()  # the series starts with the server
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         self.batches.add_routes(app.router)
+        self.claude_batches.add_routes(app.router)  # before /v1/messages: no clash either way
+        self.claude.add_routes(app.router)
         app.router.add_get("/sim/stats", self.get_stats)
         app.router.add_post("/sim/reset", self.post_reset)
         return app
@@ -223,6 +232,7 @@ class SimulatorApp:
         """Everything ``/sim/stats`` reports; call on the event loop."""
         snapshot = self.stats.snapshot()
         snapshot.update(self.batches.counters(time.monotonic()))
+        snapshot.update(self.claude_batches.counters())
         return snapshot
 
     # -- small endpoints ----------------------------------------------------------------
