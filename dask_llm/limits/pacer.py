@@ -22,14 +22,18 @@ its tokens) and every response's status and headers.
   cover the spread of delays between our write and the provider's clock.
   The shares sum to at most the limit, so the job holds it over any sliding
   second as the provider stamps it.
-* **429s.** Only a *quota* 429 (rate-limit headers showing a spent quota,
-  or ``rate_limit_exceeded``) says the pace is too fast: starts are held
-  until its ``Retry-After``, and if more than 5% of the last 10 s of requests
-  met one, pacing slows by 5% (once per burst, recovering over 15 s). A 429
-  that is not the quota's (an overloaded server: no rate-limit headers, or
-  quota left) is only retried after its ``Retry-After``: it does not slow
-  the job, and its start is given back (``Pacer.refund``). (0.1 slowed on
-  every 429, so 5% of stray 429s halved a known limit.)
+* **429s.** Only a *quota* 429 (its rate-limit headers showing a spent
+  quota; or none on it, and the freshest headers of the job's other answers,
+  kept by the throttle's ``Headroom``, not showing room: see
+  ``limits.headers``) says the pace is too fast: starts are held until its
+  ``Retry-After``, and if more than 5% of the last 10 s of requests met one,
+  pacing slows by 5% (once per burst, recovering over 15 s). Any other 429 (a
+  busy server, a Flex request's "resource unavailable", a header-less 429
+  while the quota has room) and a 529 (overloaded) are only retried after
+  their ``Retry-After``: they do not slow the job, and their start is given
+  back (``Pacer.refund``). (0.1 slowed on every 429, so 5% of stray 429s
+  halved a known limit; until 2026-12-07 a header-less ``rate_limit_exceeded``
+  was always the quota's, and 5% of those held a job at 40%.)
 * **Adaptive concurrency** (AIMD, as TCP), while no rate is known: the number
   of requests in flight starts at ``initial_concurrency``, grows by one per
   success until the first quota 429 (slow start), then by ``1/limit`` per
@@ -58,10 +62,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dask_llm.limits.coordinator import MARGIN, RENEW_S
-from dask_llm.limits.headers import positive_number, retry_after
+from dask_llm.limits.headers import Headroom, positive_number, retry_after
 
 log = logging.getLogger(__name__)
 
+#: Statuses of answers the provider did not count against the quota (a 429 not the
+#: quota's, a 529 overloaded): their start is given back to the pacing.
+_NOT_COUNTED = frozenset({429, 529})
 _DECREASE = 0.5
 _RATE_BACKOFF = 0.95
 _RATE_RECOVERY_S = 15.0
@@ -419,6 +426,8 @@ class Throttle:
             initial=initial_concurrency, cap=max_concurrency, clock=clock
         )
         self.pacer = Pacer(rpm=rpm, tpm=tpm, ledger=ledger, clock=clock)
+        #: The freshest rate-limit headers of this job's answers here: how a 429 is read.
+        self.headroom = Headroom(clock=clock)
         self.clock = clock
         self._lock = threading.Lock()
         self._estimated = 0.0
@@ -501,7 +510,9 @@ class Throttle:
     ) -> None:
         """A request that started at ``started`` ended with ``status`` (None: no response).
 
-        ``quota``: for a 429, whether it said the quota is spent (``is_quota_429``).
+        ``quota``: for a 429, whether it said the quota is spent (``is_quota_429``, read
+        with ``headroom.room()`` before this call). A 429 that is not the quota's and a
+        529 (overloaded) give their start back: the provider counted neither.
         """
         with self._lock:
             if status == 429:
@@ -510,6 +521,7 @@ class Throttle:
                 self.latency = 0.8 * self.latency + 0.2 * max(0.0, self.clock() - started)
         if headers is not None:
             self.pacer.learn(headers)
+            self.headroom.saw(headers)
         if self.pacer.rates() != (None, None):
             self.concurrency.open_up()
         if status == 429 and quota:
@@ -518,7 +530,7 @@ class Throttle:
             if self.pacer.rates()[0] is None:
                 self.concurrency.on_overload(started)
             self.pacer.rejected(started, retry_after(headers))
-        elif status == 429:
+        elif status in _NOT_COUNTED:
             self.pacer.refund(started)
         elif status is not None and status < 400:
             self.concurrency.on_success()

@@ -245,7 +245,9 @@ class JobTransport:
             headers = response.headers
         finally:
             # The answer read once; every stage below acts on this outcome.
-            outcome = outcome_of(status, headers, data, request, flex=is_flex(body))
+            # A 429 without rate-limit headers is read against the freshest of the job's.
+            room = throttle.headroom.room() if status == 429 else None
+            outcome = outcome_of(status, headers, data, request, flex=is_flex(body), room=room)
             if outcome.fatal is not None:
                 # Before the slot is released: a request of another thread waiting for
                 # it must find the job stopped.

@@ -63,16 +63,6 @@ def error_of(data: bytes) -> tuple[str | None, str]:
     return (str(code) if code else None), str(error.get("message") or "")
 
 
-def error_code(data: bytes) -> str | None:
-    """The ``error.code`` of an error body, if any."""
-    try:
-        error = json.loads(data).get("error") or {}
-    except (ValueError, AttributeError):
-        return None
-    code = error.get("code") if isinstance(error, dict) else None
-    return str(code) if code else None
-
-
 def host_of(request: Any) -> str:
     """``host:port`` a request went to, for messages."""
     url = request.url
@@ -99,11 +89,14 @@ def outcome_of(
     *,
     batch: bool = False,
     flex: bool = False,
+    room: bool | None = None,
 ) -> Outcome:
     """Read an answer once (status None: none came): usage, cached tokens, the tier that
     served it, quota 429 or a Flex request's "resource unavailable", fatal or not.
 
-    ``flex``: the request asked for Flex processing (``core.usage.is_flex``).
+    ``flex``: the request asked for Flex processing (``core.usage.is_flex``). ``room``:
+    what the freshest rate-limit headers of the job's other answers say
+    (``limits.headers.Headroom.room()``), for a 429 that carries none of its own.
     """
     if status is None or status < 400:
         return read_outcome(status, headers, body, batch=batch, flex=flex)
@@ -113,6 +106,6 @@ def outcome_of(
         body,
         batch=batch,
         flex=flex,
-        quota=status == 429 and is_quota_429(headers, error_code(body)),
+        quota=status == 429 and is_quota_429(headers, error_of(body)[0], room=room),
         fatal=fatal_reason(status, body, request),
     )
