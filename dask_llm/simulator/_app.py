@@ -11,8 +11,8 @@ answer however the client serialized it: online, or as a line of a batch
 
 The order of checks on arrival, each answered at once without latency: 401
 (``api_key``), 400 (bad body), 404 (``models``), 400 context length, 429
-``insufficient_quota`` (billing), 403 ``forbidden`` and 429 ``spurious_429``
-(one draw), a Flex request's 429 ``resource_unavailable`` (a draw of its
+``insufficient_quota`` (billing), 403 ``forbidden``, 429 ``spurious_429`` and
+529 ``overloaded_529`` (one draw), a Flex request's 429 ``resource_unavailable`` (a draw of its
 own), then the quota: ``max_in_flight``, rpm, tpm (only these consume
 quota or count as ``rate_limited``). Then the prompt cache's reading, the
 answer, and the faults drawn after the latency (500, 503, hang, malformed
@@ -65,6 +65,17 @@ SPURIOUS_429 = error_body(
     type_="server_error",
     code="server_overloaded",
 )
+#: The issue-26 shape: a 429 that names the rate limit but carries no x-ratelimit-* headers,
+#: sent while the quota has room (third-party mocks, and some of OpenAI's own answers).
+RATE_LIMIT_429 = {
+    "error": {
+        "type": "rate_limit_error",
+        "code": "rate_limit_exceeded",
+        "message": "Rate limit exceeded.",
+    }
+}
+#: Anthropic's overload answer (HTTP 529): not the quota's.
+OVERLOADED_529 = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
 FLEX_UNAVAILABLE = error_body(
     "Resource unavailable: Flex processing has no capacity for this request now. Retry "
     "later, or send it at the default service tier.",
@@ -172,7 +183,9 @@ class SimulatorApp:
         self.prompt_cache = PromptCache(config.prompt_cache_ttl)
         self._make_limiters()
         self._billing = config.insufficient_quota or config.quota_after is not None
-        self._arrival_draw = config.forbidden > 0 or config.spurious_429 > 0
+        self._arrival_draw = (
+            config.forbidden > 0 or config.spurious_429 > 0 or config.overloaded_529 > 0
+        )
         late = (
             ("connection_reset", config.connection_reset),
             ("hang", config.hang),
@@ -414,6 +427,8 @@ class SimulatorApp:
                 return self._refuse(now, ("forbidden", 403, FORBIDDEN))
             if draw < cfg.forbidden + cfg.spurious_429:
                 return self._spurious(now)
+            if draw < cfg.forbidden + cfg.spurious_429 + cfg.overloaded_529:
+                return self._overloaded(now)
         flex = payload.get("service_tier") == "flex"
         if flex:
             stats.flex_requests += 1
@@ -540,12 +555,27 @@ class SimulatorApp:
         """A 429 that is not the quota's: no x-ratelimit-* headers, a fixed retry-after."""
         self.stats.fault("spurious_429", now)
         wait = self.config.spurious_retry_after
+        if self.config.spurious_429_shape == "rate_limit":
+            # As the issue's provider sends it: retry-after alone, whole seconds.
+            headers = {"x-request-id": self.request_id(), "retry-after": str(math.ceil(wait))}
+            return respond(429, RATE_LIMIT_429, headers)
         headers = {
             "x-request-id": self.request_id(),
             "retry-after": str(math.ceil(wait)),
             "retry-after-ms": str(round(wait * 1000)),
         }
         return respond(429, SPURIOUS_429, headers)
+
+    def _overloaded(self, now: float) -> web.Response:
+        """A 529 overloaded_error: no quota used, the spurious 429's retry-after."""
+        self.stats.fault("overloaded_529", now)
+        wait = self.config.spurious_retry_after
+        headers = {
+            "x-request-id": self.request_id(),
+            "retry-after": str(math.ceil(wait)),
+            "retry-after-ms": str(round(wait * 1000)),
+        }
+        return respond(529, OVERLOADED_529, headers)
 
     def _latency(self, digest: bytes, completion_tokens: int) -> float:
         cfg = self.config

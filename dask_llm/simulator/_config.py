@@ -6,11 +6,18 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 LIMIT_MODES = ("sliding", "fixed", "bucket")
+#: What a spurious 429 looks like (``spurious_429_shape``).
+SPURIOUS_SHAPES = ("overloaded", "rate_limit")
 
 
 def _option(default: Any, text: str) -> Any:
     """A setting with its default and its one-line help (``dask-llm simulate --help``)."""
     return field(default=default, metadata={"help": text})
+
+
+def _choice(default: str, text: str, choices: tuple[str, ...]) -> Any:
+    """A setting that takes one of ``choices`` (the command line offers exactly those)."""
+    return field(default=default, metadata={"help": text, "choices": choices})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +47,14 @@ class SimulatorConfig:
     ``malformed_json`` (a 200 whose body does not parse), ``connection_reset``,
     ``schema_violation`` (structured output missing a required field),
     ``forbidden`` (403), ``spurious_429`` (a 429 that is not the quota's: no
-    ``x-ratelimit-*`` headers, ``retry-after`` of ``spurious_retry_after``).
+    ``x-ratelimit-*`` headers, ``retry-after`` of ``spurious_retry_after``;
+    ``spurious_429_shape`` says which: ``"overloaded"``, OpenAI's
+    ``server_overloaded``, or ``"rate_limit"``, ``{"error": {"type":
+    "rate_limit_error", "code": "rate_limit_exceeded", "message": "Rate limit
+    exceeded."}}`` with ``retry-after`` alone, as third-party mocks and some of
+    OpenAI's own answers send while the quota has room), ``overloaded_529``
+    (a 529 ``overloaded_error``, as Anthropic sends, with the same
+    ``retry-after``; it consumes no quota either).
     ``insufficient_quota`` (every request) and ``quota_after`` (requests
     arriving once that many answers were sent) get OpenAI's billing 429.
     ``context_tokens``: prompts above it get 400 ``context_length_exceeded``.
@@ -93,6 +107,15 @@ class SimulatorConfig:
         0.0, "Probability of a 429 that is not the quota's (no x-ratelimit-* headers)."
     )
     spurious_retry_after: float = _option(1.0, "Seconds of retry-after sent with a spurious 429.")
+    spurious_429_shape: str = _choice(
+        "overloaded",
+        "Spurious 429s' shape: overloaded (server_overloaded) or rate_limit (rate_limit_exceeded, "
+        "retry-after alone); neither has x-ratelimit-* headers.",
+        SPURIOUS_SHAPES,
+    )
+    overloaded_529: float = _option(
+        0.0, "Probability of a 529 overloaded_error (not the quota's, retry-after as above)."
+    )
     insufficient_quota: bool = _option(False, "Answer every request with the billing 429.")
     quota_after: int | None = _option(
         None, "Billing 429 for requests arriving once this many answers were sent."
@@ -160,10 +183,16 @@ class SimulatorConfig:
             "spurious_429",
             "flex_unavailable",
             "batch_line_failure_rate",
+            "overloaded_529",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} is a probability: between 0 and 1, not {value}")
+        if self.spurious_429_shape not in SPURIOUS_SHAPES:
+            raise ValueError(
+                f"spurious_429_shape must be one of {', '.join(SPURIOUS_SHAPES)}, "
+                f"not {self.spurious_429_shape!r}"
+            )
         for name in ("rpm", "tpm", "max_in_flight", "context_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -46,6 +46,7 @@ FAULTS = (
     "insufficient_quota",
     "spurious_429",
     "flex_unavailable",
+    "overloaded_529",
 )
 
 SERIES_SECONDS = 3600
