@@ -331,6 +331,18 @@ def test_a_429_that_is_not_the_quotas_gives_its_start_back() -> None:
     assert t.pacer.reserve(1) == pytest.approx(second)
 
 
+def test_a_529_overloaded_gives_its_start_back_and_slows_nothing() -> None:
+    clock = Clock()
+    t = Throttle(max_concurrency=64, rpm=600, clock=clock)  # 10 in any 1.01 s
+    assert [t.pacer.admit(1) for _ in range(10)] == [0.0] * 10
+    assert t.pacer.admit(1) > 0
+    t.observe(clock.now, 529, {"retry-after": "1"})
+    assert t.pacer.admit(1) == 0.0  # given back
+    assert t.pacer.rates()[0] == pytest.approx(10 * (1 - MARGIN))  # no slow-down, no hold
+    t.observe(clock.now, 503, {"retry-after": "1"})
+    assert t.pacer.admit(1) > 0  # a 503 was counted: nothing given back
+
+
 def test_concurrency_slow_start_then_multiplicative_decrease() -> None:
     clock = Clock()
     c = Concurrency(initial=4, cap=100, clock=clock)

@@ -556,8 +556,9 @@ class SimulatorApp:
         self.stats.fault("spurious_429", now)
         wait = self.config.spurious_retry_after
         if self.config.spurious_429_shape == "rate_limit":
-            # As the provider sends it: retry-after alone, whole seconds.
-            headers = {"x-request-id": self.request_id(), "retry-after": str(math.ceil(wait))}
+            # As the provider sends it: retry-after alone ("1" by default; a
+            # fraction of a second as a decimal, which the openai SDK and dask-llm read).
+            headers = {"x-request-id": self.request_id(), "retry-after": f"{wait:g}"}
             return respond(429, RATE_LIMIT_429, headers)
         headers = {
             "x-request-id": self.request_id(),
