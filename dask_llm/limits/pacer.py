@@ -33,7 +33,7 @@ its tokens) and every response's status and headers.
   their ``Retry-After``: they do not slow the job, and their start is given
   back (``Pacer.refund``). (0.1 slowed on every 429, so 5% of stray 429s
   halved a known limit; until 2026-12-07 a header-less ``rate_limit_exceeded``
-  was always the quota's, and 5% of those held a job at 40%.)
+  was always the quota's, and 5% of those held a job at 37-39%.)
 * **Adaptive concurrency** (AIMD, as TCP), while no rate is known: the number
   of requests in flight starts at ``initial_concurrency``, grows by one per
   success until the first quota 429 (slow start), then by ``1/limit`` per
