@@ -1,7 +1,8 @@
 """Header-less ``rate_limit_exceeded`` 429s while the quota has room: read as the provider meant.
 
-The provider of issue 26: a bucket at 3,000 rpm (50 requests/s) refilled
-continuously (the simulator's ``--limit-mode bucket``), 0.5 s latency, and 5%
+The provider of issue 26: a bucket per key at 3,000 rpm (50 requests/s)
+refilled continuously (the simulator's ``--limit-mode bucket
+--limit-per-key``), 0.5 s latency, and 5%
 of requests answered, on arrival and without using quota, with
 
     429 {"error": {"type": "rate_limit_error", "code": "rate_limit_exceeded",
@@ -22,7 +23,7 @@ rule is kept in the package. Reported: successes/s over the whole run and
 sustained (the seconds between the first and the last with requests), as a
 share of the 50/s limit; target >= 90% sustained (45/s).
 
-Then the quota spent for real: another client shares the key, sending
+Then the quota spent for real: another client of the same key, sending
 ``--competitor`` requests/s (20) whatever it is answered, so the job (which
 learns 3,000 rpm from the headers) has about 30/s; the bucket answers quota
 429s whose headers say ``remaining: 0``, with the same 5% stray 429s on top.
@@ -82,7 +83,7 @@ def measure(url: str, code: str, args: argparse.Namespace, rpm: float | None) ->
 
 @contextlib.contextmanager
 def competitor(url: str, rate: float) -> Iterator[dict[str, int]]:
-    """Another client of the same key: ``rate`` requests/s, whatever the answers; yields its
+    """Another client of the job's key: ``rate`` requests/s, whatever the answers; yields its
     counts (final once the block has ended: it waits for its last answers)."""
     counts = {"sent": 0, "ok": 0, "quota_429": 0, "stray_429": 0}
     done = threading.Event()
@@ -100,7 +101,8 @@ def competitor(url: str, rate: float) -> Iterator[dict[str, int]]:
                 counts["quota_429" if quota else "stray_429"] += 1
 
     async def run() -> None:
-        headers = {"Authorization": "Bearer sk-other", "Content-Type": "application/json"}
+        key = os.environ["OPENAI_API_KEY"]  # the job's: the same bucket
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         async with aiohttp.ClientSession(headers=headers) as session:
             tasks: set[asyncio.Future[None]] = set()
             start = time.monotonic()
@@ -158,7 +160,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("OPENAI_API_KEY", "sk-benchmark")
-    sim = ["--latency", "0.5", "--rpm", str(RPM), "--limit-mode", "bucket", "--seed", "1"]
+    sim = ["--latency", "0.5", "--rpm", str(RPM), "--limit-mode", "bucket", "--limit-per-key"]
+    sim += ["--seed", "1"]
     sim += ["--spurious-429", str(args.stray), "--spurious-429-shape", "rate_limit"]
     rows: list[tuple[str, ...]] = []
     quota_rows: list[tuple[str, ...]] = []

@@ -83,6 +83,8 @@ FLEX_UNAVAILABLE = error_body(
     code="resource_unavailable",
 )
 
+#: The limiters of an account (or a key) with the kind each counts: requests, tokens.
+Windows = tuple[tuple[str, Limiter], ...]
 # A problem with a request: (fault counter, HTTP status, OpenAI error body).
 Problem = tuple[str, int, dict[str, Any]]
 
@@ -208,6 +210,29 @@ class SimulatorApp:
         self._windows = tuple(
             (kind, w) for kind, w in (("requests", self._requests), ("tokens", self._tokens)) if w
         )
+        # limit_per_key: each key's own (requests, tokens, windows), made on its first request.
+        self._keyed: dict[str, tuple[Limiter | None, Limiter | None, Windows]] = {}
+
+    def _limits_of(self, request: web.Request) -> tuple[Limiter | None, Limiter | None, Windows]:
+        """The limiters a request counts against: the account's, or (``limit_per_key``) its
+        key's. Bounded by the keys a test or benchmark uses."""
+        if not self.config.limit_per_key:
+            return self._requests, self._tokens, self._windows
+        key = request.headers.get("Authorization", "")
+        found = self._keyed.get(key)
+        if found is None:
+            cfg = self.config
+            requests, tokens = (
+                make_limiter(cfg.limit_mode, per_minute, cfg.limit_window, self.started)
+                if per_minute
+                else None
+                for per_minute in (cfg.rpm, cfg.tpm)
+            )
+            windows = tuple(
+                (kind, w) for kind, w in (("requests", requests), ("tokens", tokens)) if w
+            )
+            found = self._keyed[key] = (requests, tokens, windows)
+        return found
 
     def reset(self) -> None:
         """Clear stats, limits, files and batches (fixed slices stay aligned to the start)."""
@@ -218,6 +243,7 @@ class SimulatorApp:
         for window in (self._requests, self._tokens):
             if window is not None:
                 window.clear()
+        self._keyed.clear()
         self.batches.reset()
 
     def make_app(self) -> web.Application:
@@ -361,9 +387,9 @@ class SimulatorApp:
         return 200, with_usage(body, prompt_tokens, completion_tokens)
 
     # -- headers ------------------------------------------------------------------------
-    def _limit_headers(self, now: float) -> dict[str, str]:
+    def _limit_headers(self, now: float, windows: Windows | None = None) -> dict[str, str]:
         headers = {"x-request-id": self.request_id(), "openai-processing-ms": "1"}
-        for kind, window in self._windows:
+        for kind, window in self._windows if windows is None else windows:
             headers[f"x-ratelimit-limit-{kind}"] = str(window.per_minute)
             headers[f"x-ratelimit-remaining-{kind}"] = str(window.remaining(now))
             headers[f"x-ratelimit-reset-{kind}"] = duration(window.reset_after(now))
@@ -429,32 +455,34 @@ class SimulatorApp:
                 return self._spurious(now)
             if draw < cfg.forbidden + cfg.spurious_429 + cfg.overloaded_529:
                 return self._overloaded(now)
+        requests, tokens, windows = self._limits_of(request)
         flex = payload.get("service_tier") == "flex"
         if flex:
             stats.flex_requests += 1
             if cfg.flex_unavailable > 0 and self._flex.random() < cfg.flex_unavailable:
                 stats.fault("flex_unavailable", now)
-                headers = self._limit_headers(now)
+                headers = self._limit_headers(now, windows)
                 return respond(429, FLEX_UNAVAILABLE, headers)
 
         # Quota, checked on arrival as the provider does.
         if cfg.max_in_flight is not None and stats.in_flight > cfg.max_in_flight:
-            return self._too_many(now, 1.0, "requests", "Too many concurrent requests.")
+            return self._too_many(now, 1.0, "requests", "Too many concurrent requests.", windows)
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
-        if self._requests is not None:
-            wait = self._requests.try_take(now, 1)
+        if requests is not None:
+            wait = requests.try_take(now, 1)
             if wait:
                 return self._too_many(
                     now,
                     wait,
                     "requests",
                     f"Rate limit reached for {model} on requests per min (RPM): Limit {cfg.rpm}.",
+                    windows,
                 )
-        if self._tokens is not None:
+        if tokens is not None:
             cost = prompt_tokens + int(max_tokens or cfg.completion_tokens)
-            wait = self._tokens.try_take(now, cost)
+            wait = tokens.try_take(now, cost)
             if wait == math.inf:
-                window = self._tokens
+                window = tokens
                 return self._too_many(
                     now,
                     wait,
@@ -463,6 +491,7 @@ class SimulatorApp:
                     f"Requested {cost}. The input or output tokens must be reduced in order to "
                     f"run successfully. (The simulator allows {window.budget:g} tokens per "
                     f"{window.window:g} s window.)",
+                    windows,
                 )
             if wait:
                 return self._too_many(
@@ -471,6 +500,7 @@ class SimulatorApp:
                     "tokens",
                     f"Rate limit reached for {model} on tokens per min (TPM): "
                     f"Limit {cfg.tpm}, Requested {cost}.",
+                    windows,
                 )
 
         cached_tokens = self.prompt_cache.cached_tokens(model, payload, prompt_tokens, now)
@@ -508,7 +538,7 @@ class SimulatorApp:
             await asyncio.sleep(cfg.hang_seconds)
         if delay > 0:
             await asyncio.sleep(delay)
-        headers = self._limit_headers(time.monotonic())
+        headers = self._limit_headers(time.monotonic(), windows)
         if fault is not None:
             if fault == "connection_reset":
                 if request.transport is not None:
@@ -542,9 +572,11 @@ class SimulatorApp:
             headers=headers,
         )
 
-    def _too_many(self, now: float, wait: float, kind: str, message: str) -> web.Response:
+    def _too_many(
+        self, now: float, wait: float, kind: str, message: str, windows: Windows | None = None
+    ) -> web.Response:
         self.stats.limited(now)
-        headers = self._limit_headers(now)
+        headers = self._limit_headers(now, windows)
         if wait != math.inf:  # a request too large never fits: no point in retrying
             headers["retry-after"] = str(max(1, math.ceil(wait)))
             headers["retry-after-ms"] = str(max(1, round(wait * 1000)))

@@ -40,7 +40,9 @@ class SimulatorConfig:
     a second). A request's token cost is its prompt tokens plus ``max_tokens``
     (or ``completion_tokens`` when it sets none). ``max_in_flight`` caps
     concurrent requests. All excess gets HTTP 429 with ``x-ratelimit-*``
-    headers.
+    headers. ``limit_per_key``: each API key (its ``Authorization`` header)
+    gets rpm/tpm limiters of its own, as providers that limit per key do;
+    otherwise every key shares one, as OpenAI's organization limits.
 
     Faults, each drawn per request from a generator seeded with ``seed``:
     ``error_rate`` (HTTP 500), ``error_503``, ``hang`` (never answers),
@@ -95,6 +97,9 @@ class SimulatorConfig:
         "sliding", "How rpm/tpm windows are drawn: sliding, fixed slices, or a token bucket."
     )
     max_in_flight: int | None = _option(None, "Concurrent requests (429 beyond).")
+    limit_per_key: bool = _option(
+        False, "Each API key gets rpm/tpm limiters of its own (default: one for all keys)."
+    )
     error_rate: float = _option(0.0, "Probability of HTTP 500.")
     error_503: float = _option(0.0, "Probability of HTTP 503.")
     hang: float = _option(0.0, "Probability of never answering.")
