@@ -12,9 +12,10 @@ answer however the client serialized it: online, or as a line of a batch
 The order of checks on arrival, each answered at once without latency: 401
 (``api_key``), 400 (bad body), 404 (``models``), 400 context length, 429
 ``insufficient_quota`` (billing), 403 ``forbidden``, 429 ``spurious_429`` and
-529 ``overloaded_529`` (one draw), a Flex request's 429 ``resource_unavailable`` (a draw of its
-own), then the quota: ``max_in_flight``, rpm, tpm (only these consume
-quota or count as ``rate_limited``). Then the prompt cache's reading, the
+529 ``overloaded_529`` (one draw), a Flex request's 429
+``resource_unavailable`` (a draw of its own), then the quota:
+``max_in_flight``, rpm, tpm (the account's, or with ``limit_per_key`` the
+key's; only these consume quota or count as ``rate_limited``). Then the prompt cache's reading, the
 answer, and the faults drawn after the latency (500, 503, hang, malformed
 body, reset, schema violation).
 """
