@@ -20,7 +20,7 @@ after them send header-less ``rate_limit_exceeded`` 429s while the quota has
 room (users report OpenAI 429s without ``x-ratelimit-*`` headers, and 429s
 while their other answers showed the quota far from spent). Read as the quota
 spent, 5% of such 429s held a job at 37-39% of a 3,000 rpm bucket; read
-against the other answers, 94-95% (``benchmarks/stray_429.py``). A
+against the other answers, 94-96% (``benchmarks/stray_429.py``). A
 header-less 429 with no fresh reading, or while the last reading was near 0,
 is still the quota's: a provider that never sends headers keeps its AIMD
 signal, and a quota really spent still slows.
