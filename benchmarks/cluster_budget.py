@@ -134,7 +134,15 @@ def _warm() -> None:
 
 
 def run_job(url: str, code: str, args: argparse.Namespace, **config: Any) -> dict[str, Any]:
+    """One configuration of ``code`` against a freshly reset simulator, with its stats."""
     reset(url)
+    result = job_process(url, code, args, **config)
+    result.update(stats(url))
+    return result
+
+
+def job_process(url: str, code: str, args: argparse.Namespace, **config: Any) -> dict[str, Any]:
+    """Run one configuration of ``code`` in a process of its own; its wall, rows, failed."""
     # By path: with 0.1 first on the path, "benchmarks" is 0.1's package, without this file.
     cmd = [sys.executable, os.path.abspath(__file__), "--job", url]
     cmd += ["--rows", str(config.get("rows", args.rows))]
@@ -150,7 +158,6 @@ def run_job(url: str, code: str, args: argparse.Namespace, **config: Any) -> dic
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    result.update(stats(url))
     return result
 
 

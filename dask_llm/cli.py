@@ -72,7 +72,8 @@ def run() -> None:
 
 def _simulator_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """One option per ``SimulatorConfig`` field: its name, type, default and help, from the
-    field itself (``--model`` repeats, for ``models``; a ``bool`` is a flag)."""
+    field itself (``--model`` repeats, for ``models``; a ``bool`` is a flag; a field with
+    ``choices`` in its metadata, and ``limit_mode``, takes one of them)."""
     types = {"int": int, "float": float, "str": str}
     for spec in reversed(fields(SimulatorConfig)):
         help_text = spec.metadata.get("help")
@@ -81,10 +82,10 @@ def _simulator_options(command: Callable[..., Any]) -> Callable[..., Any]:
             option = click.option("--model", "models", multiple=True, help=help_text)
         elif base == "bool":
             option = click.option(f"--{spec.name.replace('_', '-')}", is_flag=True, help=help_text)
-        elif spec.name == "limit_mode":
+        elif spec.name == "limit_mode" or "choices" in spec.metadata:
             option = click.option(
-                "--limit-mode",
-                type=click.Choice(LIMIT_MODES),
+                f"--{spec.name.replace('_', '-')}",
+                type=click.Choice(spec.metadata.get("choices", LIMIT_MODES)),
                 default=spec.default,
                 show_default=True,
                 help=help_text,

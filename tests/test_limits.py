@@ -12,7 +12,7 @@ import pytest
 from dask_llm.core.config import RetryPolicy
 from dask_llm.engine.retry import classify
 from dask_llm.limits.coordinator import MARGIN
-from dask_llm.limits.headers import is_quota_429, retry_after
+from dask_llm.limits.headers import FRESH_S, Headroom, is_quota_429, retry_after
 from dask_llm.limits.pacer import (
     _RATE_BACKOFF,
     _RATE_RECOVERY_S,
@@ -232,36 +232,78 @@ def test_repeated_quota_429s_slow_the_pacer_once_per_burst_then_it_recovers() ->
     assert pacer.rates()[0] == pytest.approx(before)
 
 
+SPENT = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0"}
+LEFT = {"x-ratelimit-remaining-requests": "40", "x-ratelimit-remaining-tokens": "9000"}
+
+
 @pytest.mark.parametrize(
-    ("headers", "code", "quota"),
+    ("headers", "code", "room", "quota"),
     [
-        pytest.param(
-            {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0"},
-            "rate_limit_exceeded",
-            True,
-            id="requests-spent",
-        ),
+        # Its own headers decide, whatever the other answers said.
+        pytest.param(SPENT, "rate_limit_exceeded", True, True, id="requests-spent"),
         pytest.param(
             {"x-ratelimit-remaining-requests": "12", "x-ratelimit-remaining-tokens": "0"},
             None,
             True,
+            True,
             id="tokens-spent",
         ),
-        pytest.param(
-            {"x-ratelimit-remaining-requests": "40", "x-ratelimit-remaining-tokens": "9000"},
-            "rate_limit_exceeded",
-            False,
-            id="quota-left",
-        ),
-        pytest.param({"retry-after": "1"}, "server_overloaded", False, id="overloaded"),
-        pytest.param({"retry-after": "1"}, None, False, id="no-headers-no-code"),
-        pytest.param({}, "rate_limit_exceeded", True, id="no-headers-quota-code"),
+        pytest.param(LEFT, "rate_limit_exceeded", False, False, id="quota-left"),
+        # A busy server's code is never the quota's.
+        pytest.param({"retry-after": "1"}, "server_overloaded", None, False, id="overloaded"),
+        pytest.param({}, "resource_unavailable", False, False, id="flex-unavailable"),
+        pytest.param({}, "overloaded_error", None, False, id="anthropic-overloaded"),
+        pytest.param({}, "insufficient_quota", None, False, id="billing"),
+        # Header-less: the quota's unless the freshest other answers show room.
+        pytest.param({}, "rate_limit_exceeded", True, False, id="header-less-while-room"),
+        pytest.param({}, "rate_limit_exceeded", None, True, id="header-less-no-fresh-headers"),
+        pytest.param({}, "rate_limit_exceeded", False, True, id="header-less-fresh-near-0"),
+        pytest.param({"retry-after": "1"}, None, None, True, id="no-headers-no-code"),
+        pytest.param({"retry-after": "1"}, None, True, False, id="no-headers-no-code-room"),
     ],
 )
 def test_only_a_429_of_a_spent_quota_slows_the_job(
-    headers: dict[str, str], code: str | None, quota: bool
+    headers: dict[str, str], code: str | None, room: bool | None, quota: bool
 ) -> None:
-    assert is_quota_429(headers, code) is quota
+    assert is_quota_429(headers, code, room=room) is quota
+
+
+def test_headroom_reads_the_freshest_headers_for_a_second_and_a_half() -> None:
+    clock = Clock()
+    room = Headroom(clock=clock)
+    assert room.room() is None  # nothing seen yet
+    room.saw({"retry-after": "1"})  # no rate-limit headers: no reading
+    assert room.room() is None
+    room.saw({"x-ratelimit-limit-requests": "3000", "x-ratelimit-remaining-requests": "2950"})
+    assert room.room() is True
+    clock.now += FRESH_S
+    assert room.room() is True
+    clock.now += 0.01
+    assert room.room() is None  # stale: a bucket refilled continuously has moved on
+    # Room means above a second's worth of the limit (3000 rpm: 50), every kind.
+    room.saw({"x-ratelimit-limit-requests": "3000", "x-ratelimit-remaining-requests": "50"})
+    assert room.room() is False
+    room.saw({"x-ratelimit-limit-requests": "3000", "x-ratelimit-remaining-requests": "51"})
+    assert room.room() is True
+    room.saw({**LEFT, "x-ratelimit-limit-tokens": "600000"})  # 9000 < 10000 tokens a second
+    assert room.room() is False
+    room.saw(SPENT)  # a quota 429's own headers are a reading too
+    assert room.room() is False
+    room.saw({"x-ratelimit-remaining-requests": "3"})  # no limit given: above 0 is room
+    assert room.room() is True
+
+
+def test_a_throttle_keeps_the_headroom_of_its_answers() -> None:
+    """The reading belongs to the job's throttle (one per job per process), fed by observe."""
+    clock = Clock()
+    t = Throttle(max_concurrency=64, rpm=3000, clock=clock)
+    other = Throttle(max_concurrency=64, rpm=3000, clock=clock)
+    t.observe(
+        clock.now,
+        200,
+        {"x-ratelimit-limit-requests": "3000", "x-ratelimit-remaining-requests": "2950"},
+    )
+    assert t.headroom().room() is True and other.headroom().room() is None
 
 
 def test_a_429_that_is_not_the_quotas_does_not_touch_pacing_or_concurrency() -> None:
@@ -292,6 +334,18 @@ def test_a_429_that_is_not_the_quotas_gives_its_start_back() -> None:
     assert first == 0.0 and second is not None and second > 0
     t.observe(clock.now, 429, {}, quota=False)
     assert t.pacer.reserve(1) == pytest.approx(second)
+
+
+def test_a_529_overloaded_gives_its_start_back_and_slows_nothing() -> None:
+    clock = Clock()
+    t = Throttle(max_concurrency=64, rpm=600, clock=clock)  # 10 in any 1.01 s
+    assert [t.pacer.admit(1) for _ in range(10)] == [0.0] * 10
+    assert t.pacer.admit(1) > 0
+    t.observe(clock.now, 529, {"retry-after": "1"})
+    assert t.pacer.admit(1) == 0.0  # given back
+    assert t.pacer.rates()[0] == pytest.approx(10 * (1 - MARGIN))  # no slow-down, no hold
+    t.observe(clock.now, 503, {"retry-after": "1"})
+    assert t.pacer.admit(1) > 0  # a 503 was counted: nothing given back
 
 
 def test_concurrency_slow_start_then_multiplicative_decrease() -> None:

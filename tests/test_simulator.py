@@ -359,6 +359,10 @@ def test_config_validation() -> None:
         SimulatorConfig(error_rate=1.5)
     with pytest.raises(TypeError, match="unknown simulator option"):
         Simulator(latnecy=1)
+    with pytest.raises(ValueError, match="spurious_429_shape must be one of"):
+        SimulatorConfig(spurious_429_shape="teapot")
+    with pytest.raises(ValueError, match="overloaded is a probability"):
+        SimulatorConfig(overloaded=2.0)
 
 
 # -- CLI -----------------------------------------------------------------------------------

@@ -226,3 +226,23 @@ def test_a_request_too_large_for_the_tpm_window_is_refused_without_retry_after(
     assert "retry-after" not in err.response.headers
     assert err.response.headers["x-ratelimit-limit-tokens"] == "6000"
     assert ask(sim, max_tokens=50).parse().choices  # a request that fits still passes
+
+
+@pytest.mark.parametrize(("per_key", "refused"), [(False, 1), (True, 0)])
+def test_limits_are_the_accounts_or_each_keys(
+    make_simulator: Any, per_key: bool, refused: int
+) -> None:
+    sim = make_simulator(rpm=60, limit_mode="bucket", limit_per_key=per_key)  # one a second
+    mine = client(sim)
+    theirs = openai.OpenAI(base_url=sim.base_url, api_key="sk-another-key", max_retries=0)
+    with mine, theirs:
+        assert chat(mine).headers["x-ratelimit-remaining-requests"] == "0"
+        with contextlib.suppress(openai.RateLimitError):
+            # Its own bucket is full: the headers say so.
+            assert chat(theirs).headers["x-ratelimit-remaining-requests"] == "0"
+        with pytest.raises(openai.RateLimitError):
+            chat(mine, "again")  # the first key's bucket is empty either way
+    assert sim.stats()["rate_limited"] == 1 + refused
+    sim.reset()
+    with client(sim) as c:
+        chat(c)  # a reset fills every bucket again

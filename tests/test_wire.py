@@ -52,20 +52,32 @@ def test_an_answer_without_usage_or_price_has_no_cost_and_an_error_costs_nothing
 
 
 @pytest.mark.parametrize(
-    ("headers", "code", "quota"),
+    ("headers", "code", "room", "quota"),
     [
-        pytest.param({"x-ratelimit-remaining-requests": "0"}, None, True, id="headers-spent"),
-        pytest.param({"x-ratelimit-remaining-requests": "40"}, None, False, id="headers-room"),
-        pytest.param({}, "rate_limit_exceeded", True, id="no-headers-quota-code"),
-        pytest.param({}, None, False, id="no-headers-busy"),
+        pytest.param({"x-ratelimit-remaining-requests": "0"}, None, True, True, id="headers-spent"),
+        pytest.param(
+            {"x-ratelimit-remaining-requests": "40"}, None, None, False, id="headers-room"
+        ),
+        pytest.param({}, "rate_limit_exceeded", None, True, id="no-headers-quota-code"),
+        pytest.param({}, "rate_limit_exceeded", True, False, id="no-headers-while-room"),
+        pytest.param({}, "server_overloaded", None, False, id="no-headers-busy"),
+        pytest.param({}, None, None, True, id="no-headers-no-code"),
     ],
 )
 def test_a_429_is_read_as_the_quota_or_not(
-    headers: dict[str, str], code: str | None, quota: bool
+    headers: dict[str, str], code: str | None, room: bool | None, quota: bool
 ) -> None:
     error = body(error={"code": code, "message": "slow down"} if code else {"message": "busy"})
-    outcome = outcome_of(429, headers, error, REQUEST)
+    outcome = outcome_of(429, headers, error, REQUEST, room=room)
     assert outcome.quota is quota and outcome.fatal is None and not outcome.ok
+
+
+def test_the_error_type_counts_where_there_is_no_code() -> None:
+    """Anthropic's errors have a type and no code: ``overloaded_error`` is a busy server."""
+    error = body(type="error", error={"type": "overloaded_error", "message": "Overloaded"})
+    assert outcome_of(429, {}, error, REQUEST).quota is False
+    error = body(type="error", error={"type": "rate_limit_error", "message": "Slow down"})
+    assert outcome_of(429, {}, error, REQUEST).quota is True
 
 
 @pytest.mark.parametrize("status", [401, 403, 404])

@@ -22,14 +22,18 @@ its tokens) and every response's status and headers.
   cover the spread of delays between our write and the provider's clock.
   The shares sum to at most the limit, so the job holds it over any sliding
   second as the provider stamps it.
-* **429s.** Only a *quota* 429 (rate-limit headers showing a spent quota,
-  or ``rate_limit_exceeded``) says the pace is too fast: starts are held
-  until its ``Retry-After``, and if more than 5% of the last 10 s of requests
-  met one, pacing slows by 5% (once per burst, recovering over 15 s). A 429
-  that is not the quota's (an overloaded server: no rate-limit headers, or
-  quota left) is only retried after its ``Retry-After``: it does not slow
-  the job, and its start is given back (``Pacer.refund``). (0.1 slowed on
-  every 429, so 5% of stray 429s halved a known limit.)
+* **429s.** Only a *quota* 429 (its rate-limit headers showing a spent
+  quota; or none on it, and the freshest headers of the job's other answers,
+  kept by the throttle's ``Headroom``, not showing room: see
+  ``limits.headers``) says the pace is too fast: starts are held until its
+  ``Retry-After``, and if more than 5% of the last 10 s of requests met one,
+  pacing slows by 5% (once per burst, recovering over 15 s). Any other 429 (a
+  busy server, a Flex request's "resource unavailable", a header-less 429
+  while the quota has room) and a 529 (overloaded) are only retried after
+  their ``Retry-After``: they do not slow the job, and their start is given
+  back (``Pacer.refund``). (0.1 slowed on every 429, so 5% of stray 429s
+  halved a known limit; until 2026-12-07 a header-less ``rate_limit_exceeded``
+  was always the quota's, and 5% of those held a job at 37-39%.)
 * **Adaptive concurrency** (AIMD, as TCP), while no rate is known: the number
   of requests in flight starts at ``initial_concurrency``, grows by one per
   success until the first quota 429 (slow start), then by ``1/limit`` per
@@ -54,14 +58,17 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dask_llm.limits.coordinator import MARGIN, RENEW_S
-from dask_llm.limits.headers import retry_after
+from dask_llm.limits.headers import OPENAI_NAMES, Headroom, retry_after
 
 log = logging.getLogger(__name__)
 
+#: Statuses of answers the provider did not count against the quota (a 429 not the
+#: quota's, a 529 overloaded): their start is given back to the pacing.
+_NOT_COUNTED = frozenset({429, 529})
 _DECREASE = 0.5
 _RATE_BACKOFF = 0.95
 _RATE_RECOVERY_S = 15.0
@@ -418,6 +425,9 @@ class Throttle:
             initial=initial_concurrency, cap=max_concurrency, clock=clock
         )
         self.pacer = Pacer(rpm=rpm, tpm=tpm, ledger=ledger, clock=clock)
+        #: The freshest rate-limit headers of this job's answers here, one reading per
+        #: provider (by its header names): how a 429 is read.
+        self._headrooms: dict[tuple[tuple[str, str], ...], Headroom] = {}
         self.clock = clock
         self._lock = threading.Lock()
         self._estimated = 0.0
@@ -427,6 +437,16 @@ class Throttle:
         self.rate_limited = 0
         self.latency = 1.0  # seconds on the wire, moving average of successes
         self.rows = 0  # rows under way in this process, all partitions of the job
+
+    def headroom(self, names: Sequence[tuple[str, str]] = OPENAI_NAMES) -> Headroom:
+        """The freshest rate-limit reading of this job's answers that carry ``names``
+        ((remaining, limit) header pairs: one provider's), made on first use."""
+        key = tuple(names)
+        with self._lock:
+            found = self._headrooms.get(key)
+            if found is None:
+                found = self._headrooms[key] = Headroom(clock=self.clock, names=key)
+            return found
 
     def rows_started(self, delta: int) -> None:
         with self._lock:
@@ -498,11 +518,17 @@ class Throttle:
         *,
         quota: bool = True,
         announced: tuple[float | None, float | None] = (None, None),
+        remaining: Sequence[tuple[str, str]] = OPENAI_NAMES,
     ) -> None:
         """A request that started at ``started`` ended with ``status`` (None: no response).
 
-        ``quota``: for a 429, whether it said the quota is spent (``Provider.is_quota_429``).
+        ``quota``: for a 429, whether it said the quota is spent (``Provider.is_quota_429``,
+        read with the provider's ``headroom(...).room()`` before this call).
         ``announced``: the (rpm, tpm) its headers announce (``Provider.announced``).
+        ``remaining``: its provider's (remaining, limit) header pairs: the reading of
+        ``headroom(remaining)`` that its headers refresh.
+        A 429 that is not the quota's and a 529 (overloaded) give their start back:
+        the provider counted neither.
         """
         with self._lock:
             if status == 429:
@@ -510,6 +536,7 @@ class Throttle:
             elif status is not None and status < 400:
                 self.latency = 0.8 * self.latency + 0.2 * max(0.0, self.clock() - started)
         self.pacer.learn(*announced)
+        self.headroom(remaining).saw(headers)
         if self.pacer.rates() != (None, None):
             self.concurrency.open_up()
         if status == 429 and quota:
@@ -518,7 +545,7 @@ class Throttle:
             if self.pacer.rates()[0] is None:
                 self.concurrency.on_overload(started)
             self.pacer.rejected(started, retry_after(headers))
-        elif status == 429:
+        elif status in _NOT_COUNTED:
             self.pacer.refund(started)
         elif status is not None and status < 400:
             self.concurrency.on_success()

@@ -32,9 +32,10 @@ What is counted, and when (unix time of the process that sent the request):
 * ``in_flight``: the mean number of requests on the wire in the bucket
   (request-seconds over the bucket's width: exact, and additive across
   processes, unlike a sampled gauge).
-* ``rate_limited``: 429s of the quota (``x-ratelimit-*`` headers);
-  ``other_429``: 429s without them (overloaded, billing, a Flex request's
-  "resource unavailable", whose error kind is ``"429 unavailable"``); ``retries``: a chain
+* ``rate_limited``: 429s of the quota (``Outcome.quota``: see
+  ``limits.headers``); ``other_429``: every other 429 (overloaded, billing,
+  header-less while the quota had room, a Flex request's "resource
+  unavailable", whose error kind is ``"429 unavailable"``); ``retries``: a chain
   call's attempt after the first; ``errors``: every other non-2xx status and
   requests that got no answer, by kind (``"500"``, ``"503"``, ``"timeout"``,
   ``"connection"``, ``"cancelled"``...).

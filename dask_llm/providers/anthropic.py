@@ -46,7 +46,7 @@ from langchain_anthropic import ChatAnthropic
 from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT
 from dask_llm.core.outcome import Announced
 from dask_llm.core.usage import MODEL, Reported
-from dask_llm.limits.headers import positive_number
+from dask_llm.limits.headers import is_quota_429, positive_number
 from dask_llm.providers.base import BatchClient, BatchState, Provider, error_of
 
 _INPUT: Final = re.compile(rb'"input_tokens"\s*:\s*(\d+)')
@@ -154,9 +154,22 @@ class AnthropicProvider(Provider):
             tpm or positive_number(headers.get(f"{_HEADER}tokens-limit")),
         )
 
-    def is_quota_429(self, headers: Mapping[str, str] | None, body: bytes) -> bool:
+    remaining = tuple(
+        (f"{_HEADER}{kind}-remaining", f"{_HEADER}{kind}-limit")
+        for kind in ("requests", "input-tokens", "output-tokens")
+    )
+
+    def is_quota_429(
+        self, headers: Mapping[str, str] | None, body: bytes, *, room: bool | None = None
+    ) -> bool:
+        # Anthropic's own 429 carries its limit headers, and a bucket refilled continuously
+        # may show a little left on it: with them, a rate_limit_error is the quota's. A
+        # 429 without them (a gateway's, a mock's) is read by the shared rule, against the
+        # freshest headers. Its busy answer (overloaded_error) comes as a 529, not a 429.
         code, _ = error_of(body)
-        return code in (None, "rate_limit_error")
+        if headers is not None and any(name in headers for name, _ in self.remaining):
+            return code in (None, "rate_limit_error")
+        return is_quota_429(headers, code, room=room, remaining=())
 
     def fatal(self, status: int, body: bytes) -> bool:
         if super().fatal(status, body):

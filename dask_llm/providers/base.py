@@ -175,9 +175,19 @@ class Provider(ABC):
     def announced(self, headers: Mapping[str, str]) -> Announced:
         """The limits an answer's headers announce, per minute."""
 
+    #: (remaining, limit) header pairs its answers carry: what ``limits.headers.Headroom``
+    #: reads, for a 429 that carries none of its own.
+    remaining: tuple[tuple[str, str], ...] = ()
+
     @abstractmethod
-    def is_quota_429(self, headers: Mapping[str, str] | None, body: bytes) -> bool:
-        """Whether a 429 says the quota is spent (pace slower), not a busy server."""
+    def is_quota_429(
+        self, headers: Mapping[str, str] | None, body: bytes, *, room: bool | None = None
+    ) -> bool:
+        """Whether a 429 says the quota is spent (pace slower), not a busy server.
+
+        ``room``: what the freshest ``remaining`` headers of the job's other answers from
+        this provider say (``Headroom.room()``: True room, False near spent, None none).
+        """
 
     def fatal(self, status: int, body: bytes) -> bool:
         """Whether an error answer means no request of the job can succeed."""
@@ -214,12 +224,3 @@ def error_of(data: bytes) -> tuple[str | None, str]:
     code = error.get("code") or error.get("type")
     return (str(code) if code else None), str(error.get("message") or "")
 
-
-def error_code(data: bytes) -> str | None:
-    """The ``error.code`` of an error body (not its type), if any."""
-    try:
-        error = json.loads(data).get("error") or {}
-    except (ValueError, AttributeError):
-        return None
-    code = error.get("code") if isinstance(error, dict) else None
-    return str(code) if code else None

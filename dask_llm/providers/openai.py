@@ -30,12 +30,11 @@ from langchain_openai.chat_models.base import BaseChatOpenAI
 from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT, FLEX_REQUEST_TIMEOUT
 from dask_llm.core.outcome import Announced
 from dask_llm.core.usage import MODEL, Reported
-from dask_llm.limits.headers import is_quota_429, positive_number
+from dask_llm.limits.headers import OPENAI_NAMES, is_quota_429, positive_number
 from dask_llm.providers.base import (
     BatchClient,
     BatchState,
     Provider,
-    error_code,
     error_of,
 )
 
@@ -141,8 +140,12 @@ class OpenAIProvider(Provider):
             positive_number(headers.get("x-ratelimit-limit-tokens")),
         )
 
-    def is_quota_429(self, headers: Mapping[str, str] | None, body: bytes) -> bool:
-        return is_quota_429(headers, error_code(body))
+    remaining = OPENAI_NAMES
+
+    def is_quota_429(
+        self, headers: Mapping[str, str] | None, body: bytes, *, room: bool | None = None
+    ) -> bool:
+        return is_quota_429(headers, error_of(body)[0], room=room)
 
     def fatal(self, status: int, body: bytes) -> bool:
         return super().fatal(status, body) or (

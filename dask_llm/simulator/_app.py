@@ -11,10 +11,11 @@ answer however the client serialized it: online, or as a line of a batch
 
 The order of checks on arrival, each answered at once without latency: 401
 (``api_key``), 400 (bad body), 404 (``models``), 400 context length, 429
-``insufficient_quota`` (billing), 403 ``forbidden`` and 429 ``spurious_429``
-(one draw), a Flex request's 429 ``resource_unavailable`` (a draw of its
-own), then the quota: ``max_in_flight``, rpm, tpm (only these consume
-quota or count as ``rate_limited``). Then the prompt cache's reading, the
+``insufficient_quota`` (billing), 403 ``forbidden``, 429 ``spurious_429`` and
+529 ``overloaded`` (one draw), a Flex request's 429
+``resource_unavailable`` (a draw of its own), then the quota:
+``max_in_flight``, rpm, tpm (the account's, or with ``limit_per_key`` the
+key's; only these consume quota or count as ``rate_limited``). Then the prompt cache's reading, the
 answer, and the faults drawn after the latency (500, 503, hang, malformed
 body, reset, schema violation).
 """
@@ -67,6 +68,17 @@ SPURIOUS_429 = error_body(
     type_="server_error",
     code="server_overloaded",
 )
+#: The issue-26 shape: a 429 that names the rate limit but carries no x-ratelimit-* headers,
+#: sent while the quota has room (third-party mocks, and some of OpenAI's own answers).
+RATE_LIMIT_429 = {
+    "error": {
+        "type": "rate_limit_error",
+        "code": "rate_limit_exceeded",
+        "message": "Rate limit exceeded.",
+    }
+}
+#: Anthropic's overload answer (HTTP 529): not the quota's.
+OVERLOADED_529 = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
 FLEX_UNAVAILABLE = error_body(
     "Resource unavailable: Flex processing has no capacity for this request now. Retry "
     "later, or send it at the default service tier.",
@@ -74,6 +86,8 @@ FLEX_UNAVAILABLE = error_body(
     code="resource_unavailable",
 )
 
+#: The limiters of an account (or a key) with the kind each counts: requests, tokens.
+Windows = tuple[tuple[str, Limiter], ...]
 # A problem with a request: (fault counter, HTTP status, OpenAI error body).
 Problem = tuple[str, int, dict[str, Any]]
 
@@ -174,7 +188,9 @@ class SimulatorApp:
         self.prompt_cache = PromptCache(config.prompt_cache_ttl)
         self._make_limiters()
         self._billing = config.insufficient_quota or config.quota_after is not None
-        self._arrival_draw = config.forbidden > 0 or config.spurious_429 > 0
+        self._arrival_draw = (
+            config.forbidden > 0 or config.spurious_429 > 0 or config.overloaded > 0
+        )
         late = (
             ("connection_reset", config.connection_reset),
             ("hang", config.hang),
@@ -199,6 +215,29 @@ class SimulatorApp:
         self._windows = tuple(
             (kind, w) for kind, w in (("requests", self._requests), ("tokens", self._tokens)) if w
         )
+        # limit_per_key: each key's own (requests, tokens, windows), made on its first request.
+        self._keyed: dict[str, tuple[Limiter | None, Limiter | None, Windows]] = {}
+
+    def _limits_of(self, request: web.Request) -> tuple[Limiter | None, Limiter | None, Windows]:
+        """The limiters a request counts against: the account's, or (``limit_per_key``) its
+        key's. Bounded by the keys a test or benchmark uses."""
+        if not self.config.limit_per_key:
+            return self._requests, self._tokens, self._windows
+        key = request.headers.get("Authorization", "")
+        found = self._keyed.get(key)
+        if found is None:
+            cfg = self.config
+            requests, tokens = (
+                make_limiter(cfg.limit_mode, per_minute, cfg.limit_window, self.started)
+                if per_minute
+                else None
+                for per_minute in (cfg.rpm, cfg.tpm)
+            )
+            windows = tuple(
+                (kind, w) for kind, w in (("requests", requests), ("tokens", tokens)) if w
+            )
+            found = self._keyed[key] = (requests, tokens, windows)
+        return found
 
     def reset(self) -> None:
         """Clear stats, limits, files and batches (fixed slices stay aligned to the start)."""
@@ -209,6 +248,7 @@ class SimulatorApp:
         for window in (self._requests, self._tokens):
             if window is not None:
                 window.clear()
+        self._keyed.clear()
         self.batches.reset()
         self.claude.reset()
         self.claude_batches.reset()
@@ -358,9 +398,9 @@ class SimulatorApp:
         return 200, with_usage(body, prompt_tokens, completion_tokens)
 
     # -- headers ------------------------------------------------------------------------
-    def _limit_headers(self, now: float) -> dict[str, str]:
+    def _limit_headers(self, now: float, windows: Windows | None = None) -> dict[str, str]:
         headers = {"x-request-id": self.request_id(), "openai-processing-ms": "1"}
-        for kind, window in self._windows:
+        for kind, window in self._windows if windows is None else windows:
             headers[f"x-ratelimit-limit-{kind}"] = str(window.per_minute)
             headers[f"x-ratelimit-remaining-{kind}"] = str(window.remaining(now))
             headers[f"x-ratelimit-reset-{kind}"] = duration(window.reset_after(now))
@@ -424,32 +464,36 @@ class SimulatorApp:
                 return self._refuse(now, ("forbidden", 403, FORBIDDEN))
             if draw < cfg.forbidden + cfg.spurious_429:
                 return self._spurious(now)
+            if draw < cfg.forbidden + cfg.spurious_429 + cfg.overloaded:
+                return self._overloaded(now)
+        requests, tokens, windows = self._limits_of(request)
         flex = payload.get("service_tier") == "flex"
         if flex:
             stats.flex_requests += 1
             if cfg.flex_unavailable > 0 and self._flex.random() < cfg.flex_unavailable:
                 stats.fault("flex_unavailable", now)
-                headers = self._limit_headers(now)
+                headers = self._limit_headers(now, windows)
                 return respond(429, FLEX_UNAVAILABLE, headers)
 
         # Quota, checked on arrival as the provider does.
         if cfg.max_in_flight is not None and stats.in_flight > cfg.max_in_flight:
-            return self._too_many(now, 1.0, "requests", "Too many concurrent requests.")
+            return self._too_many(now, 1.0, "requests", "Too many concurrent requests.", windows)
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
-        if self._requests is not None:
-            wait = self._requests.try_take(now, 1)
+        if requests is not None:
+            wait = requests.try_take(now, 1)
             if wait:
                 return self._too_many(
                     now,
                     wait,
                     "requests",
                     f"Rate limit reached for {model} on requests per min (RPM): Limit {cfg.rpm}.",
+                    windows,
                 )
-        if self._tokens is not None:
+        if tokens is not None:
             cost = prompt_tokens + int(max_tokens or cfg.completion_tokens)
-            wait = self._tokens.try_take(now, cost)
+            wait = tokens.try_take(now, cost)
             if wait == math.inf:
-                window = self._tokens
+                window = tokens
                 return self._too_many(
                     now,
                     wait,
@@ -458,6 +502,7 @@ class SimulatorApp:
                     f"Requested {cost}. The input or output tokens must be reduced in order to "
                     f"run successfully. (The simulator allows {window.budget:g} tokens per "
                     f"{window.window:g} s window.)",
+                    windows,
                 )
             if wait:
                 return self._too_many(
@@ -466,6 +511,7 @@ class SimulatorApp:
                     "tokens",
                     f"Rate limit reached for {model} on tokens per min (TPM): "
                     f"Limit {cfg.tpm}, Requested {cost}.",
+                    windows,
                 )
 
         cached_tokens = self.prompt_cache.cached_tokens(model, payload, prompt_tokens, now)
@@ -503,7 +549,7 @@ class SimulatorApp:
             await asyncio.sleep(cfg.hang_seconds)
         if delay > 0:
             await asyncio.sleep(delay)
-        headers = self._limit_headers(time.monotonic())
+        headers = self._limit_headers(time.monotonic(), windows)
         if fault is not None:
             if fault == "connection_reset":
                 if request.transport is not None:
@@ -537,9 +583,11 @@ class SimulatorApp:
             headers=headers,
         )
 
-    def _too_many(self, now: float, wait: float, kind: str, message: str) -> web.Response:
+    def _too_many(
+        self, now: float, wait: float, kind: str, message: str, windows: Windows | None = None
+    ) -> web.Response:
         self.stats.limited(now)
-        headers = self._limit_headers(now)
+        headers = self._limit_headers(now, windows)
         if wait != math.inf:  # a request too large never fits: no point in retrying
             headers["retry-after"] = str(max(1, math.ceil(wait)))
             headers["retry-after-ms"] = str(max(1, round(wait * 1000)))
@@ -550,12 +598,28 @@ class SimulatorApp:
         """A 429 that is not the quota's: no x-ratelimit-* headers, a fixed retry-after."""
         self.stats.fault("spurious_429", now)
         wait = self.config.spurious_retry_after
+        if self.config.spurious_429_shape == "rate_limit":
+            # As the issue's provider sends it: retry-after alone ("1" by default; a
+            # fraction of a second as a decimal, which the openai SDK and dask-llm read).
+            headers = {"x-request-id": self.request_id(), "retry-after": f"{wait:g}"}
+            return respond(429, RATE_LIMIT_429, headers)
         headers = {
             "x-request-id": self.request_id(),
             "retry-after": str(math.ceil(wait)),
             "retry-after-ms": str(round(wait * 1000)),
         }
         return respond(429, SPURIOUS_429, headers)
+
+    def _overloaded(self, now: float) -> web.Response:
+        """A 529 overloaded_error: no quota used, the spurious 429's retry-after."""
+        self.stats.fault("overloaded", now)
+        wait = self.config.spurious_retry_after
+        headers = {
+            "x-request-id": self.request_id(),
+            "retry-after": str(math.ceil(wait)),
+            "retry-after-ms": str(round(wait * 1000)),
+        }
+        return respond(529, OVERLOADED_529, headers)
 
     def _latency(self, digest: bytes, completion_tokens: int) -> float:
         cfg = self.config

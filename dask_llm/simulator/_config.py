@@ -6,11 +6,18 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 LIMIT_MODES = ("sliding", "fixed", "bucket")
+#: What a spurious 429 looks like (``spurious_429_shape``).
+SPURIOUS_SHAPES = ("overloaded", "rate_limit")
 
 
 def _option(default: Any, text: str) -> Any:
     """A setting with its default and its one-line help (``dask-llm simulate --help``)."""
     return field(default=default, metadata={"help": text})
+
+
+def _choice(default: str, text: str, choices: tuple[str, ...]) -> Any:
+    """A setting that takes one of ``choices`` (the command line offers exactly those)."""
+    return field(default=default, metadata={"help": text, "choices": choices})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,14 +40,23 @@ class SimulatorConfig:
     a second). A request's token cost is its prompt tokens plus ``max_tokens``
     (or ``completion_tokens`` when it sets none). ``max_in_flight`` caps
     concurrent requests. All excess gets HTTP 429 with ``x-ratelimit-*``
-    headers.
+    headers. ``limit_per_key``: each API key (its ``Authorization`` header)
+    gets rpm/tpm limiters of its own, as providers that limit per key do;
+    otherwise every key shares one, as OpenAI's organization limits.
 
     Faults, each drawn per request from a generator seeded with ``seed``:
     ``error_rate`` (HTTP 500), ``error_503``, ``hang`` (never answers),
     ``malformed_json`` (a 200 whose body does not parse), ``connection_reset``,
     ``schema_violation`` (structured output missing a required field),
     ``forbidden`` (403), ``spurious_429`` (a 429 that is not the quota's: no
-    ``x-ratelimit-*`` headers, ``retry-after`` of ``spurious_retry_after``).
+    ``x-ratelimit-*`` headers, ``retry-after`` of ``spurious_retry_after``;
+    ``spurious_429_shape`` says which: ``"overloaded"``, OpenAI's
+    ``server_overloaded``, or ``"rate_limit"``, ``{"error": {"type":
+    "rate_limit_error", "code": "rate_limit_exceeded", "message": "Rate limit
+    exceeded."}}`` with ``retry-after`` alone, as third-party mocks and some of
+    OpenAI's own answers send while the quota has room), ``overloaded``
+    (a 529 ``overloaded_error``, as Anthropic sends, with the same
+    ``retry-after``, on either API; it consumes no quota either).
     ``insufficient_quota`` (every request) and ``quota_after`` (requests
     arriving once that many answers were sent) get OpenAI's billing 429.
     ``context_tokens``: prompts above it get 400 ``context_length_exceeded``.
@@ -85,6 +101,9 @@ class SimulatorConfig:
         "sliding", "How rpm/tpm windows are drawn: sliding, fixed slices, or a token bucket."
     )
     max_in_flight: int | None = _option(None, "Concurrent requests (429 beyond).")
+    limit_per_key: bool = _option(
+        False, "Each API key gets rpm/tpm limiters of its own (default: one for all keys)."
+    )
     error_rate: float = _option(0.0, "Probability of HTTP 500.")
     error_503: float = _option(0.0, "Probability of HTTP 503.")
     hang: float = _option(0.0, "Probability of never answering.")
@@ -97,6 +116,12 @@ class SimulatorConfig:
         0.0, "Probability of a 429 that is not the quota's (no x-ratelimit-* headers)."
     )
     spurious_retry_after: float = _option(1.0, "Seconds of retry-after sent with a spurious 429.")
+    spurious_429_shape: str = _choice(
+        "overloaded",
+        "Spurious 429s' shape: overloaded (server_overloaded) or rate_limit (rate_limit_exceeded, "
+        "retry-after alone); neither has x-ratelimit-* headers.",
+        SPURIOUS_SHAPES,
+    )
     insufficient_quota: bool = _option(False, "Answer every request with the billing 429.")
     quota_after: int | None = _option(
         None, "Billing 429 for requests arriving once this many answers were sent."
@@ -132,7 +157,9 @@ class SimulatorConfig:
     output_tpm: int | None = _option(
         None, "Output tokens per minute of /v1/messages (Anthropic's OTPM; 429 beyond)."
     )
-    overloaded: float = _option(0.0, "Probability of Anthropic's 529 overloaded_error.")
+    overloaded: float = _option(
+        0.0, "Probability of a 529 overloaded_error, Anthropic's overload answer (either API)."
+    )
     batch_max_bytes: int = _option(200 * 1024 * 1024, "Largest batch input file, in bytes.")
 
     def __post_init__(self) -> None:
@@ -173,6 +200,11 @@ class SimulatorConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} is a probability: between 0 and 1, not {value}")
+        if self.spurious_429_shape not in SPURIOUS_SHAPES:
+            raise ValueError(
+                f"spurious_429_shape must be one of {', '.join(SPURIOUS_SHAPES)}, "
+                f"not {self.spurious_429_shape!r}"
+            )
         for name in ("rpm", "tpm", "output_tpm", "max_in_flight", "context_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:

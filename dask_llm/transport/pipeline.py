@@ -289,6 +289,9 @@ class JobTransport:
             headers = response.headers
         finally:
             # The answer read once; every stage below acts on this outcome.
+            # A 429 without rate-limit headers is read against the freshest of the job's
+            # answers from the same provider.
+            headroom = throttle.headroom(self.provider.remaining)
             outcome = outcome_of(
                 status,
                 headers,
@@ -296,6 +299,7 @@ class JobTransport:
                 request,
                 provider=self.provider,
                 flex=self.provider.is_flex(body),
+                room=headroom.room() if status == 429 else None,
             )
             if outcome.fatal is not None:
                 # Before the slot is released: a request of another thread waiting for
@@ -303,7 +307,12 @@ class JobTransport:
                 job.fatal_answer(outcome.fatal, body)
             job.recorder.request_finished(sent_at, outcome)
             throttle.observe(
-                started, status, headers, quota=outcome.quota, announced=outcome.announced
+                started,
+                status,
+                headers,
+                quota=outcome.quota,
+                announced=outcome.announced,
+                remaining=self.provider.remaining,
             )
             if outcome.ok:
                 throttle.record_estimate(estimate)

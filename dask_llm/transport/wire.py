@@ -76,12 +76,16 @@ def outcome_of(
     provider: Provider = OPENAI,
     batch: bool = False,
     flex: bool = False,
+    room: bool | None = None,
 ) -> Outcome:
     """Read an answer once (status None: none came), as its ``provider`` means it: usage
     (cache reads and writes), the tier that served it, the limits its headers announce,
     a quota 429 or a Flex request's "resource unavailable", fatal or not.
 
-    ``flex``: the request asked for Flex processing (``Provider.is_flex``).
+    ``flex``: the request asked for Flex processing (``Provider.is_flex``). ``room``:
+    what the freshest rate-limit headers of the job's other answers from this
+    provider say (``limits.headers.Headroom.room()``), for a 429 that carries none
+    of its own.
     """
     announced = provider.announced(headers) if headers is not None else NOTHING_ANNOUNCED
     if status is None:
@@ -103,6 +107,6 @@ def outcome_of(
         announced=announced,
         batch=batch,
         flex=flex,
-        quota=status == 429 and provider.is_quota_429(headers, body),
+        quota=status == 429 and provider.is_quota_429(headers, body, room=room),
         fatal=fatal_reason(status, body, request, provider),
     )
