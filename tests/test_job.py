@@ -102,7 +102,9 @@ def test_ctrl_c_stops_the_job_and_the_rerun_pays_only_for_what_is_missing(
     rows = 150
     result = interrupt(sim, scheduler, cache, rows=rows)
     assert result["returncode"] != 0, result["stderr"]
-    assert result["exit_s"] < 5.0, result["stderr"]
+    # Its 2 s grace, and the process's exit; loose, as a busy machine slows both (5.1 s
+    # was seen with the suite running on both cores).
+    assert result["exit_s"] < 15.0, result["stderr"]
     assert sim.stats()["successes"] == result["paid"]  # nothing sent after the exit
     assert "Run the same job again to resume" in result["stderr"]
     paid_before = result["paid"]
@@ -124,7 +126,9 @@ def test_ctrl_c_while_the_process_pool_starts_stops_it_too(
     rows = 150
     result = interrupt(sim, "processes", tmp_path / "cache.sqlite", rows=rows, after=1.0)
     assert result["returncode"] != 0, result["stderr"]
-    assert result["exit_s"] < 8.0, result["stderr"]  # a child takes ~3 s to start here
+    # A child takes ~3 s to start on a quiet machine, 20 s was seen on a busy one; the
+    # defect ran the submitted tasks to the end (40 s), which ``paid`` below also catches.
+    assert result["exit_s"] < 30.0, result["stderr"]
     assert result["paid"] < rows // 2, result["stderr"]  # not the job's 2 x 150 calls
     assert sim.stats()["successes"] == result["paid"]  # nothing sent after the exit
 
