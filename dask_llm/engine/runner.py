@@ -225,7 +225,7 @@ class PartitionRun:
             return
         queue = iter(pending)
         remaining = len(pending)
-        cap = min(remaining, self.options.max_concurrency)
+        cap = min(remaining, self.job.throttle.concurrency.cap)
         workers: set[asyncio.Task[None]] = set()
         throttle = self.job.throttle
 
