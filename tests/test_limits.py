@@ -532,3 +532,15 @@ def test_auto_max_concurrency_is_half_the_open_file_limit() -> None:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft != resource.RLIM_INFINITY:
             assert cap == max(64, min(AUTO_MAX_CONCURRENCY, soft // 2))
+
+
+def test_the_loops_lag_is_not_latency_to_size_concurrency_by() -> None:
+    """A process short of CPU sees answers late by its loop's lag: more rows would not help."""
+    clock = Clock()
+    t = Throttle(max_concurrency=None, rpm=60_000, clock=clock)
+    answered(t, clock, 1.0)
+    for _ in range(100):
+        t.loop_lag(0.4)
+    clock.now += 2 * FOLLOW_S
+    t.row_target()
+    assert t.concurrency.limit == pytest.approx(980 * 0.6 * HEADROOM + SPARE, abs=2)

@@ -231,6 +231,7 @@ class PartitionRun:
         # tier), looking at each of them every 20 ms cost more than the rows' own work.
         ended: list[asyncio.Task[None]] = []
         throttle = self.job.throttle
+        loop = asyncio.get_running_loop()
 
         def spawn(coro: Any) -> None:
             task = asyncio.create_task(coro)
@@ -283,7 +284,11 @@ class PartitionRun:
                 room = min(cap - len(workers), throttle.row_target() - throttle.rows)
                 for _ in range(min(_ADMIT_AT_ONCE, room, remaining)):
                     spawn(worker())
+                slept = loop.time()
                 await asyncio.sleep(_ADMIT_EVERY_S)
+                # How late this loop comes round (a process short of CPU): the
+                # throttle takes it off the latency it sizes concurrency by.
+                throttle.loop_lag(loop.time() - slept - _ADMIT_EVERY_S)
         except asyncio.CancelledError:
             # asyncio.run cancels us on Ctrl-C (when this loop runs in the main thread).
             self.job.stop("interrupted", "interrupted (KeyboardInterrupt)")
