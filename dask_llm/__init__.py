@@ -15,6 +15,7 @@ from dask_llm.core.errors import (
     ChainError,
     DaskLLMError,
     JobStopped,
+    PromptCacheWarning,
     WorkerSetupError,
 )
 from dask_llm.core.usage import BATCH_DISCOUNT, PRICES, PRICES_AS_OF, Price
@@ -40,6 +41,7 @@ __all__ = [
     "PandasLLMAccessor",
     "Pilot",
     "Price",
+    "PromptCacheWarning",
     "QualityGate",
     "RetryPolicy",
     "RunRecord",

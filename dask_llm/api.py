@@ -20,7 +20,6 @@ import dask.dataframe as dd
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor as register_dask_accessor
 from langchain_core.language_models import BaseChatModel
-from langchain_openai.chat_models.base import BaseChatOpenAI
 
 from dask_llm.cache import ResultCache, check_cache, open_cache
 from dask_llm.chains.chain import Chain
@@ -38,6 +37,7 @@ from dask_llm.core.config import (
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_RETRY,
     DEFAULT_SYNC_THREADS,
+    SERVICE_TIERS,
     BatchPolicy,
     EnrichOptions,
     Errors,
@@ -45,12 +45,15 @@ from dask_llm.core.config import (
     RetryPolicy,
     ServiceTier,
 )
+from dask_llm.core.errors import PromptCacheWarning
 from dask_llm.core.usage import USAGE_COLUMNS, PriceEntry, as_price, check_prices, price_of
 from dask_llm.engine.runner import enrich_partition
 from dask_llm.observe import progress as _progress
 from dask_llm.observe.progress import RunSummary
+from dask_llm.preview.caching import out_of_order
 from dask_llm.preview.estimate import Estimate, run_estimate
 from dask_llm.preview.pilot import Pilot, run_pilot
+from dask_llm.providers import Provider, is_routable, provider_of
 
 ChainsArg = Chain | Sequence[Any] | Mapping[str, Any] | Any
 CacheArg = bool | str | os.PathLike[str] | ResultCache | None
@@ -78,6 +81,7 @@ class EnrichKwargs(TypedDict, total=False):
     batch: bool | BatchPolicy
     quality_gate: QualityGate | None
     service_tier: ServiceTier | None
+    compiled: bool
 
 
 class EstimateKwargs(TypedDict, total=False):
@@ -89,6 +93,7 @@ class EstimateKwargs(TypedDict, total=False):
     cache: CacheArg
     prices: Mapping[str, PriceEntry] | None
     batch: bool
+    service_tier: ServiceTier | None
 
 
 # Where pandas and dask are typed (pandas-stubs), a checker resolves the frame's
@@ -122,6 +127,7 @@ def enrich(
     batch: bool | BatchPolicy = False,
     quality_gate: QualityGate | None = None,
     service_tier: ServiceTier | None = None,
+    compiled: bool = True,
     timeout: Any = _UNSET,
     attempts: Any = _UNSET,
     retry_timeout: Any = _UNSET,
@@ -196,6 +202,11 @@ def enrich(
             "resource unavailable" answers are retried with backoff and do not slow the
             pacing); ``"default"`` sends them at list price; None (default): each model
             keeps its own ``service_tier=``. Not with ``batch=``. See docs/cost.md.
+        compiled: call ``prompt | ChatOpenAI`` chains (bound, with structured output,
+            with LangChain's parsers) without LangChain's runtime per call, once their
+            first calls on each partition are proven to send the same bytes and read
+            the same values (default True; ``DASK_LLM_COMPILED=0`` in the environment
+            turns it off too). Other chains take LangChain's path. See docs/compiled.md.
         timeout, attempts, retry_timeout: deprecated names of ``request_timeout`` and of
             ``retry=RetryPolicy(attempts=..., timeout=...)``; they warn and still work.
 
@@ -209,6 +220,10 @@ def enrich(
             ``rpm``, ``tpm`` or ``batch`` for a chain whose chat model sends its own
             requests (not ChatOpenAI, or with its own ``http_async_client``), which
             also gets a ``UserWarning`` that its answers are not cached.
+
+    Warns:
+        PromptCacheWarning: a chain's prompt puts a row's values before a fixed block of
+            1,024 tokens or more, which no prompt cache can reuse in that order.
         TypeError: something that is not a chain.
     """
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
@@ -234,6 +249,7 @@ def enrich(
         batch=batch,
         quality_gate=quality_gate,
         service_tier=service_tier,
+        compiled=compiled,
     )
     if isinstance(frame, dd.DataFrame):
         client = _cluster.distributed_client()
@@ -279,6 +295,7 @@ def _configure(
     batch: bool | BatchPolicy,
     quality_gate: QualityGate | None,
     service_tier: ServiceTier | None,
+    compiled: bool = True,
 ) -> _Configured:
     """The plan, options and handle of one job: everything checked before anything is
     opened or sent."""
@@ -291,6 +308,7 @@ def _configure(
         usage_columns=_usage_columns(usage),
     )
     check_prices(prices)
+    _check_prompt_order(plan)
     store = open_cache(cache, default_path=default_cache_path())
     options = EnrichOptions(
         job=uuid.uuid4().hex,
@@ -311,6 +329,7 @@ def _configure(
         batch=_batch_policy(batch),
         quality_gate=quality_gate,
         service_tier=service_tier,
+        compiled=bool(compiled),
     )
     _check_unseen_models(plan, options)
     handle = JobHandle(job=options.job, keys=_keys_to_ship(plan, ship_api_keys))
@@ -354,11 +373,12 @@ def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
     """Refuse, or say, what cannot hold for a chat model whose requests dask-llm does not see.
 
     The budget, pacing, the Batch API and the cache act on the requests of the job's
-    transport: those of ChatOpenAI models (and ``init_chat_model``'s configurable
-    ones) on clients dask-llm opens. Another chat model, or a ChatOpenAI given its own
-    ``http_async_client``, sends past all of them. What the user asked for
-    (``budget_usd``, ``rpm``, ``tpm``, ``batch``) is refused; the cache, on by
-    default, is said once not to keep that chain's answers.
+    transport: those of the known providers' models (``providers``: ChatOpenAI,
+    ChatAnthropic, and ``init_chat_model``'s configurable ones) on clients dask-llm
+    opens. Another chat model, or a ChatOpenAI given its own ``http_async_client``,
+    sends past all of them. What the user asked for (``budget_usd``, ``rpm``, ``tpm``,
+    ``batch``) is refused, and ``batch`` for a provider whose Batch API dask-llm does
+    not speak; the cache, on by default, is said once not to keep that chain's answers.
     """
     unseen: list[tuple[str, str]] = []
     for pc in plan.chains:
@@ -367,7 +387,13 @@ def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
         for model in find(pc.chain.runnable, lambda x: isinstance(x, BaseChatModel)):
             if is_configurable_model(model):
                 continue
-            if isinstance(model, BaseChatOpenAI) and model.http_async_client is None:
+            if is_routable(model):
+                if options.batch is not None and not _provider(model).batch:
+                    raise ValueError(
+                        f"chain {pc.name!r}: batch= cannot hold for its model "
+                        f"{_model_label(model)}: dask-llm does not speak "
+                        f"{_provider(model).name}'s Batch API; drop batch="
+                    )
                 continue
             unseen.append((pc.name, _model_label(model)))
     if not unseen:
@@ -386,17 +412,40 @@ def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
     if asked:
         raise ValueError(
             f"chain {chain!r}: {asked[0]}= cannot hold for its model {label}: dask-llm "
-            "budgets, paces and batches the requests of ChatOpenAI models on clients it "
-            "opens, and this model sends its own; drop the option, or use ChatOpenAI "
-            "(without http_async_client=)"
+            "budgets, paces and batches the requests of ChatOpenAI and ChatAnthropic models "
+            "on clients it opens, and this model sends its own; drop the option, or use "
+            "ChatOpenAI (without http_async_client=) or ChatAnthropic"
         )
     if options.cache is not None:
         where = ", ".join(f"chain {c!r} ({m})" for c, m in unseen)
         warnings.warn(
             f"dask-llm: the answers of {where} are not cached: dask-llm caches the requests "
-            "of ChatOpenAI models on clients it opens; a rerun pays for them again "
+            "of ChatOpenAI and ChatAnthropic models on clients it opens; a rerun pays for "
+            "them again "
             "(pass cache=False to say you know)",
             UserWarning,
+            stacklevel=4,
+        )
+
+
+def _provider(model: Any) -> Provider:
+    provider = provider_of(model)
+    assert provider is not None
+    return provider
+
+
+def _check_prompt_order(plan: Plan) -> None:
+    """Say, once per chain, when its prompt puts a row's values before a fixed block long
+    enough to be cached: in that order no prompt cache can reuse it (``preview.caching``)."""
+    for found in out_of_order(plan):
+        warnings.warn(
+            f"dask-llm: chain {found.chain!r} puts a row's values before a fixed block of "
+            f"~{found.block_tokens:,} tokens, which no prompt cache can reuse in that order "
+            f"(cached now: {found.cached_now:,} tokens a call; with that block before the "
+            f"row's values: {found.cached_moved:,}). Put the fixed instruction first (a "
+            "system message, then the row) to pay the cached-input price for it; see "
+            "docs/cost.md",
+            PromptCacheWarning,
             stacklevel=4,
         )
 
@@ -409,8 +458,8 @@ def _model_label(model: Any) -> str:
 def _check_prices(plan: Plan, options: EnrichOptions) -> None:
     """Under a budget every model needs a price: found now, not after the first request."""
     for pc in plan.chains:
-        models = find(pc.chain.runnable, lambda x: isinstance(x, BaseChatOpenAI))
-        names = [m.model_name for m in models]
+        models = find(pc.chain.runnable, lambda x: provider_of(x) is not None)
+        names = [_provider(m).model_name(m) for m in models]
         for conf in find(pc.chain.runnable, is_configurable_model):
             names.append(conf._default_config.get("model"))
         for name in names:
@@ -425,40 +474,38 @@ def _check_prices(plan: Plan, options: EnrichOptions) -> None:
 def _keys_to_ship(plan: Plan, ship: bool) -> tuple[tuple[str, str], ...]:
     """Explicit keys to send with the job, after checking where the workers are."""
     keys: dict[str, str] = {}
-    named: list[str] = []
+    named: list[tuple[str, str]] = []  # (chain, the variable its workers would read)
     for pc in plan.chains:
         if pc.chain.is_factory:
             continue  # a factory builds its model, key and all, in each process
         found = explicit_keys(pc.chain.runnable)
-        keys.update(found)
-        if found:
-            named.append(pc.name)
+        keys.update((ref, secret) for ref, (secret, _) in found.items())
+        named.extend((pc.name, env) for _, env in found.values())
     client = _cluster.distributed_client()
     if ship:
         remote = _cluster.remote_worker(client) if client is not None else None
         if remote is not None:
             raise ValueError(
                 f"ship_api_keys=True: a worker of this cluster runs on another host ({remote}); "
-                "keys are only sent to workers on this machine: set OPENAI_API_KEY in the "
-                "workers' environment instead"
+                "keys are only sent to workers on this machine: set OPENAI_API_KEY (or "
+                "ANTHROPIC_API_KEY) in the workers' environment instead"
             )
         return tuple(sorted(keys.items()))
-    if keys and client is not None:
-        missing = _cluster.workers_without(client, "OPENAI_API_KEY")
+    for chain, env in dict.fromkeys(named) if client is not None else ():
+        missing = _cluster.workers_without(client, env)
         if missing:
             # LangChain stores a key read from the environment as if it had been given:
-            # say where it came from (a key equal to OPENAI_API_KEY here is that one).
-            from_env = set(keys.values()) == {os.environ.get("OPENAI_API_KEY")}
+            # say where it came from (a key equal to the variable here is that one).
+            from_env = set(keys.values()) == {os.environ.get(env)}
             origin = (
-                "its model's key is this process's OPENAI_API_KEY"
+                f"its model's key is this process's {env}"
                 if from_env
                 else "its model has an explicit api_key"
             )
             raise ValueError(
-                f"chain {named[0]!r}: {origin}, which is not sent to "
-                f"workers, and {len(missing)} worker(s) have no OPENAI_API_KEY ({missing[0]}); "
-                "set it in their environment, or pass ship_api_keys=True (workers on this "
-                "machine only)"
+                f"chain {chain!r}: {origin}, which is not sent to workers, and "
+                f"{len(missing)} worker(s) have no {env} ({missing[0]}); set it in their "
+                "environment, or pass ship_api_keys=True (workers on this machine only)"
             )
     return ()
 
@@ -542,6 +589,7 @@ def estimate(
     prices: Mapping[str, PriceEntry] | None = None,
     budget_usd: float | None = None,
     batch: bool = False,
+    service_tier: ServiceTier | None = None,
 ) -> Estimate:
     """What ``enrich(frame, chains)`` would do, without any request: see ``Estimate``.
 
@@ -555,10 +603,21 @@ def estimate(
             would exceed it.
         batch: estimate for ``enrich(..., batch=True)``: cost at Batch API prices (the
             online cost is shown beside it) and no rate-limited wall time.
+        service_tier: as for ``enrich``: ``"flex"`` prices every OpenAI model's calls at
+            the Flex price (the list price is shown beside it); None: each model's own
+            ``service_tier`` (its field or ``.bind(service_tier=...)``).
+
+    The cost prices the share of each prompt a provider's prompt cache can serve (the
+    chain's fixed prefix, 1,024 tokens and more) at the cached-input price: see
+    docs/cost.md.
     """
     if not isinstance(frame, dd.DataFrame | pd.DataFrame):
         raise TypeError(f"estimate() takes a Dask or pandas DataFrame, not {type(frame).__name__}")
     check_prices(prices)
+    if service_tier is not None and service_tier not in SERVICE_TIERS:
+        raise ValueError(f"service_tier= must be 'flex', 'default' or None, not {service_tier!r}")
+    if service_tier == "flex" and batch:
+        raise ValueError("service_tier='flex' and batch= are two ways to one price: choose one")
     plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
     store = open_cache(cache, default_path=default_cache_path())
     return run_estimate(
@@ -570,6 +629,7 @@ def estimate(
         prices=dict(prices or {}),
         budget_usd=budget_usd,
         batch=bool(batch),
+        service_tier=service_tier,
     )
 
 

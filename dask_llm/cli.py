@@ -352,6 +352,13 @@ def _with_common(fn: Any) -> Any:
     help="Send every OpenAI request by Flex processing (Batch API prices, answers in "
     "seconds to minutes) or at list price (default: each model's own).",
 )
+@click.option(
+    "--compiled/--no-compiled",
+    default=True,
+    show_default=True,
+    help="Call prompt | ChatOpenAI chains without LangChain's runtime per call, once proven "
+    "equal on each partition's first calls (docs/compiled.md).",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 @click.option(
     "--report",
@@ -380,6 +387,7 @@ def enrich(
     batch_poll: float,
     batch_fallback: str,
     service_tier: str | None,
+    compiled: bool,
     progress: bool | None,
     report_path: str | None,
 ) -> None:
@@ -408,6 +416,7 @@ def enrich(
             if batch
             else False,
             service_tier=cast(ServiceTier | None, service_tier),  # a click.Choice of them
+            compiled=compiled,
         )
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -513,6 +522,13 @@ def _atomic(path: str, overwrite: bool) -> Iterator[str]:
 
 @main.command()
 @_with_common
+@click.option(
+    "--service-tier",
+    type=click.Choice(list(SERVICE_TIERS)),
+    default=None,
+    help="Price every OpenAI request at Flex (the list price shown beside) or at list "
+    "price (default: each model's own).",
+)
 def estimate(
     inputs: tuple[str, ...],
     chains_ref: str,
@@ -523,6 +539,7 @@ def estimate(
     blocksize: int,
     batch: bool,
     budget_usd: float | None,
+    service_tier: str | None,
 ) -> None:
     """What enriching INPUT would cost and take, without sending a request."""
     frame = read_inputs(inputs, blocksize)
@@ -535,6 +552,7 @@ def estimate(
             cache=False if no_cache else (cache_path or True),
             batch=batch,
             budget_usd=budget_usd,
+            service_tier=cast(ServiceTier | None, service_tier),  # a click.Choice of them
         )
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None

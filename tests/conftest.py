@@ -18,6 +18,10 @@ import pytest
 API_KEY = "sk-test-dask-llm-SECRET-0123456789"
 os.environ["OPENAI_API_KEY"] = API_KEY
 os.environ.pop("OPENAI_BASE_URL", None)
+ANTHROPIC_KEY = "sk-ant-test-dask-llm-SECRET-9876543210"
+os.environ["ANTHROPIC_API_KEY"] = ANTHROPIC_KEY
+for _name in ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_URL"):
+    os.environ.pop(_name, None)
 
 import distributed  # noqa: E402
 

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import pandas as pd
 import pytest
 
 import dask_llm
+from dask_llm.core import runtime
+from dask_llm.observe import progress as _progress
 from tests.chains import fake_chat_chain, summary_chain, wine_chains
 from tests.helpers import ROOT, requests
 from tests.helpers import reviews as frame
@@ -279,6 +282,77 @@ def test_ctrl_c_says_only_what_a_rerun_will_do_with_the_batches(
     batch_id = err.split("batches still running: ", 1)[1].split()[0].rstrip(",")
     dask_llm.cancel_batches(batch_id, client=client)
     client.close()
+
+
+LOCAL_CLUSTER_SCRIPT = """
+import sys
+import dask.dataframe as dd
+import distributed
+import dask_llm
+from tests.chains import wine_chains
+from tests.helpers import local_cluster, reviews
+
+if __name__ == "__main__":
+    url, rows = sys.argv[1], int(sys.argv[2])
+    policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1)
+    with local_cluster(n_workers=1, threads_per_worker=2) as cluster, distributed.Client(cluster):
+        ddf = dd.from_pandas(reviews(rows), npartitions=2)
+        ddf.llm.enrich(wine_chains(url), batch=policy, progress=False).compute()
+    print("finished", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_local_cluster_names_the_batches_in_flight(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    # Issue 28: on a LocalCluster the batches waited for in a worker process, whose
+    # stop message never reached the terminal: Ctrl-C named no batch.
+    sim = make_simulator(batch_delay=30.0, **FAST)
+    script = tmp_path / "job.py"  # a file: the cluster's worker processes import __main__
+    script.write_text(LOCAL_CLUSTER_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_LLM_CACHE": str(tmp_path / "c.sqlite")}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), sim.base_url, "6"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(sim, proc, "batches_created", 2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    client = openai.OpenAI(base_url=sim.base_url, api_key="sk-any")
+    ids = sorted(batch.id for batch in client.batches.list())
+    assert len(ids) == 2
+    assert f"batches still running: {', '.join(ids)} (a rerun with batch=" in err, err
+    statuses = dask_llm.cancel_batches(*ids, client=client)
+    assert set(statuses.values()) <= {"cancelling", "cancelled"}
+    client.close()
+
+
+def test_the_client_knows_which_batches_are_in_flight(make_simulator: Any) -> None:
+    sim = make_simulator(batch_delay=1.0, **FAST)
+    ddf = dd.from_pandas(frame(8), npartitions=2)
+    seen: set[str] = set()
+    job = threading.Thread(
+        target=lambda: ddf.llm.enrich(
+            summary_only(sim.base_url), cache=False, batch=POLL, progress=False
+        ).compute(num_workers=2)
+    )
+    job.start()
+    while job.is_alive():
+        for run in list(runtime.part(_progress.Runs).active.values()):
+            seen.update(run.summary.batches_in_flight)
+        time.sleep(0.05)
+    job.join()
+    client = openai.OpenAI(base_url=sim.base_url, api_key="sk-any")
+    assert seen == {batch.id for batch in client.batches.list()} and len(seen) == 2
+    client.close()
+    summary = dask_llm.last_run()
+    assert summary is not None and summary.batches == 2
+    assert summary.batches_in_flight == ()  # all read
 
 
 def test_progress_shows_batches_by_status_while_they_run(make_simulator: Any) -> None:

@@ -166,6 +166,16 @@ def test_estimate_sends_nothing(sim: Any, workdir: Path) -> None:
     assert sim.stats()["requests"] == 0
 
 
+def test_estimate_by_flex(
+    sim: Any, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["estimate", "reviews-*.csv", "--chains", "chains.py:chains", "--no-cache"]
+    result = run_here([*args, "--service-tier", "flex"], sim.base_url, workdir, monkeypatch, capsys)
+    assert result.returncode == 0, result.stderr
+    assert "30 rows -> 30 calls" in result.stdout and "with Flex (list price: $" in result.stdout
+    assert sim.stats()["requests"] == 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

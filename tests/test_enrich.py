@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
+import logging
 import threading
 import time
 from typing import Any
@@ -238,6 +240,43 @@ def test_factory_chains_are_built_on_the_worker(sim: Any, reviews: pd.DataFrame)
         ]
     )
     assert out.compute(scheduler="processes")["llm_error"].isna().all()
+
+
+@pytest.mark.parametrize("kind", ["pandas", "dask"])
+def test_a_factory_that_fails_where_it_runs_is_reported_once_per_job(
+    sim: Any, reviews: pd.DataFrame, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 28: a factory failing on workers flooded the log with ~20 tracebacks, one per
+    row task whose exception nobody read, and ran again for every row."""
+    calls: list[int] = []
+
+    def no_credentials_here() -> Any:
+        calls.append(1)
+        raise RuntimeError("no credentials here")
+
+    chain = dask_llm.Chain.from_factory(
+        no_credentials_here, inputs={"description": "description"}, outputs="note", name="s"
+    )
+    data: Any = dd.from_pandas(reviews, npartitions=4) if kind == "dask" else reviews
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(dask_llm.WorkerSetupError, match="chain 's' cannot be built") as info:
+            out = data.llm.enrich([chain], cache=False)
+            if kind == "dask":
+                out.compute(scheduler="threads")
+        gc.collect()  # asyncio logs an unread task exception when the task is collected
+    assert isinstance(info.value.__cause__, RuntimeError) or kind == "dask"
+    assert "RuntimeError: no credentials here" in str(info.value)
+    # At most twice here (its fingerprint, the prompt-order check: a failure is not kept
+    # on the chain), then once where it runs: not once per row, nor per partition.
+    assert 1 <= len(calls) <= 3
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+    assert "chain 's' cannot be built" in tracebacks[0].getMessage()
+    assert requests_of(sim) == 0
+
+
+def requests_of(sim: Any) -> int:
+    return int(sim.stats()["requests"])
 
 
 def test_a_function_with_defaults_is_a_row_function_not_a_factory() -> None:

@@ -340,7 +340,9 @@ def test_a_fatal_answer_that_repeats_after_successes_stops_the_job(make_simulato
     )
     assert requests(sim) < 120  # then what was in flight, and the repeats
     not_sent = result["llm_error"].str.contains("not sent: the provider refused", na=False)
-    assert not_sent.sum() > 200
+    # The rest was on the wire at the stop: 6-14 rows on LangChain's path, 40-56 on the
+    # compiled path, which sends about 4x as fast at zero latency.
+    assert not_sent.sum() > 150
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from dask_llm.limits.pacer import (
     Throttle,
     auto_max_concurrency,
 )
+from dask_llm.providers import OPENAI
 
 if sys.platform != "win32":
     import resource
@@ -202,11 +203,15 @@ def test_the_pacer_spends_the_leased_rate_and_says_when_it_waits() -> None:
 def test_pacer_learns_the_limit_from_headers_and_keeps_the_lower_one() -> None:
     clock = Clock()
     pacer = Pacer(clock=clock)
-    pacer.learn({"x-ratelimit-limit-requests": "3000", "x-ratelimit-limit-tokens": "bogus"})
+    pacer.learn(
+        *OPENAI.announced(
+            {"x-ratelimit-limit-requests": "3000", "x-ratelimit-limit-tokens": "bogus"}
+        )
+    )
     assert pacer.rates()[0] == pytest.approx(50 * (1 - MARGIN))
     assert pacer.rates()[1] is None
     given = Pacer(rpm=600, clock=clock)
-    given.learn({"x-ratelimit-limit-requests": "3000"})
+    given.learn(*OPENAI.announced({"x-ratelimit-limit-requests": "3000"}))
     assert given.rates()[0] == pytest.approx(10 * (1 - MARGIN))
 
 
@@ -392,7 +397,7 @@ def test_throttle_cuts_concurrency_on_429_only_when_the_rate_is_unknown() -> Non
     t.observe(clock.now, 429, {"retry-after": "1"})
     assert t.rate_limited == 1 and t.concurrency.limit == 8
     paced = Throttle(max_concurrency=64, initial_concurrency=16, clock=clock)
-    paced.observe(clock.now, 200, {"x-ratelimit-limit-requests": "3000"})
+    paced.observe(clock.now, 200, {}, announced=(3000, None))
     assert paced.concurrency.limit == 64  # pacing governs: concurrency opens to the cap
     paced.observe(clock.now, 429, {"retry-after-ms": "20"})
     assert paced.rate_limited == 1 and paced.concurrency.limit == 64
@@ -499,7 +504,7 @@ def test_without_a_rate_auto_concurrency_adapts_up_to_256_then_follows_a_learned
     assert t.concurrency.limit == UNPACED_MAX_CONCURRENCY == 256
     assert t.concurrency.cap > 256  # the hard cap under "auto" is the open-file limit's
     clock.now += 2 * FOLLOW_S
-    t.observe(clock.now - 1.0, 200, {"x-ratelimit-limit-requests": "60000"})
+    t.observe(clock.now - 1.0, 200, {}, announced=(60_000, None))
     assert t.concurrency.limit == int(980 * 1.0 * HEADROOM + SPARE)
 
 

@@ -170,3 +170,106 @@ def test_stream_chunks_on_the_wire(sim: Simulator, include_usage: bool) -> None:
     else:
         assert all(c.usage is None and c.choices for c in chunks)
     assert chunks[0].choices[0].delta.content
+
+
+# -- values the prompt names ---------------------------------------------------------------
+def _tool(name: str, properties: dict[str, Any]) -> dict[str, Any]:
+    schema = {"type": "object", "properties": properties, "required": list(properties)}
+    return {"type": "function", "function": {"name": name, "parameters": schema}}
+
+
+def _call(sim: Simulator, text: str, *tools: dict[str, Any], **body: Any) -> Any:
+    with openai.OpenAI(base_url=sim.base_url, api_key="k", max_retries=0) as c:
+        return c.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=body.pop("messages", [{"role": "user", "content": text}]),
+            tools=list(tools),  # type: ignore[arg-type]
+            **body,
+        ).choices[0]
+
+
+NUMBERS = _tool(
+    "price_case",
+    {
+        "bottles": {"type": "integer", "exclusiveMinimum": 0, "maximum": 24},
+        "price": {"type": "number", "minimum": 0},
+        "vintage": {"anyOf": [{"type": "integer", "minimum": 1900}, {"type": "null"}]},
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "Price a case of 12 bottles at 18.5 each, vintage 2019.",
+            {"bottles": 12, "price": 18.5, "vintage": 2019},
+            id="in-order",
+        ),
+        pytest.param(
+            "Vintage 2019: price 18.5 for 12 bottles.",
+            {"bottles": 12, "price": 18.5, "vintage": 2019},
+            id="next-to-their-names",
+        ),
+        pytest.param(
+            "Price 40 bottles, or 12, at 18.5",  # 40 is over the maximum of bottles
+            {"bottles": 12, "price": 40},
+            id="within-bounds",
+        ),
+        pytest.param(
+            "price_case(bottles=6, price=30, vintage=2001)",
+            {"bottles": 6, "price": 30, "vintage": 2001},
+            id="named",
+        ),
+    ],
+)
+def test_tool_arguments_take_the_numbers_the_prompt_names(
+    sim: Simulator, text: str, expected: dict[str, Any]
+) -> None:
+    args = json.loads(_call(sim, text, NUMBERS).message.tool_calls[0].function.arguments)
+    assert {k: args[k] for k in expected} == expected
+
+
+def test_tool_arguments_take_quoted_strings_and_enum_words(sim: Simulator) -> None:
+    tool = _tool(
+        "add_customer",
+        {
+            "name": {"type": "string"},
+            "note": {"type": "string"},
+            "tier": {"type": "string", "enum": ["bronze", "silver", "gold"]},
+        },
+    )
+    text = "Add a gold customer named '你好啊集团' with the note \"ships to Lyon\"; don't wait."
+    args = json.loads(_call(sim, text, tool).message.tool_calls[0].function.arguments)
+    assert args == {"name": "你好啊集团", "note": "ships to Lyon", "tier": "gold"}
+
+
+def test_the_tool_the_prompt_names_is_called(sim: Simulator) -> None:
+    other = _tool("get_weather", {"location": {"type": "string"}})
+    choice = _call(sim, "Use price_case for 3 bottles.", other, NUMBERS, tool_choice="required")
+    call = choice.message.tool_calls[0]
+    assert (
+        call.function.name == "price_case" and json.loads(call.function.arguments)["bottles"] == 3
+    )
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    named = _call(sim, "Use price_case.", other, NUMBERS, tool_choice=forced)
+    assert named.message.tool_calls[0].function.name == "get_weather"
+
+
+def test_after_a_tool_result_the_answer_is_words_unless_a_tool_is_forced(sim: Simulator) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "price_case", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "Price 2 bottles."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "36 euros"},
+    ]
+    free = _call(sim, "", NUMBERS, messages=messages)
+    assert free.finish_reason == "stop" and free.message.content
+    forced = _call(sim, "", NUMBERS, messages=messages, tool_choice="required")
+    assert forced.finish_reason == "tool_calls"
+
+
+def test_json_mode_answers_with_the_keys_the_prompt_names(sim: Simulator) -> None:
+    chain = llm(sim).bind(response_format={"type": "json_object"})
+    text = "Tell me about a Fiano. Return JSON with 'grape' and 'region' keys, nothing else."
+    assert set(json.loads(str(chain.invoke(text).content))) == {"grape", "region"}

@@ -17,6 +17,7 @@ from dask_llm.core.usage import price_of
 from tests.chains import llm, summary_chain
 
 PROMPT = ChatPromptTemplate.from_template("Describe {description}")
+USAGE = ("llm_input_tokens", "llm_output_tokens", "llm_cost_usd")
 ROWS = pd.DataFrame({"description": [f"Review {i}: plum and tobacco" for i in range(8)]})
 
 
@@ -81,6 +82,37 @@ def test_answers_from_the_cache_cost_nothing_in_this_run(sim: Any, tmp_path: Any
     assert set(tokens_in) == {0} and set(tokens_out) == {0} and set(cost) == {0.0}
     summary = dask_llm.last_run()
     assert summary is not None and summary.cache_hits == len(ROWS) and summary.calls == 0
+
+
+def test_a_row_that_got_no_answer_in_time_has_null_usage(make_simulator: Any) -> None:
+    """Issue 28: a timed-out row said 0 tokens and $0, as if an answer had cost nothing; a
+    request that timed out may be billed, and no provider reports what it cost."""
+    hanging = make_simulator(hang=1.0, hang_seconds=1.0)
+    answering = make_simulator()
+    too_short = make_simulator(context_tokens=5)  # a 400: never billed, exactly 0
+    chains = {
+        "late": PROMPT | llm(hanging.base_url) | StrOutputParser(),
+        "refused": PROMPT | llm(too_short.base_url) | StrOutputParser(),
+    }
+    options: dict[str, Any] = {
+        "cache": False,
+        "request_timeout": 0.2,
+        "retry": dask_llm.RetryPolicy(attempts=2, wait_initial=0.01, wait_max=0.02),
+    }
+    rows = ROWS.head(3)
+    late = rows.llm.enrich({"late": chains["late"]}, **options)
+    assert late["llm_error"].str.contains("Timeout").all()
+    assert late[list(USAGE)].isna().all().all()  # unknown: null, not a guessed zero
+    refused = rows.llm.enrich({"refused": chains["refused"]}, **options)
+    assert refused["llm_error"].str.contains("400").all()
+    assert usage_of(refused) == ([0, 0, 0], [0, 0, 0], [0.0, 0.0, 0.0])  # exact: not billed
+    # A row with a paid answer shows what was paid, beside the chain that timed out.
+    both = rows.llm.enrich(
+        {"late": chains["late"], "ok": PROMPT | llm(answering.base_url) | StrOutputParser()},
+        **options,
+    )
+    assert both["llm_error"].str.contains("late: ").all()
+    assert (both["llm_input_tokens"] > 0).all() and (both["llm_cost_usd"] > 0).all()
 
 
 @pytest.mark.slow

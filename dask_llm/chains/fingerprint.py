@@ -58,6 +58,8 @@ _IGNORED_FIELDS = CLIENT_FIELDS | frozenset(
         "api_key",
         "openai_organization",
         "openai_proxy",
+        "anthropic_proxy",
+        "default_request_timeout",
         "callbacks",
         "callback_manager",
         "verbose",

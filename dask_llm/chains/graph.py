@@ -18,8 +18,8 @@ from typing import Any
 import pydantic
 from langchain_core.runnables import Runnable
 
-#: Fields of an OpenAI chat model that hold transport objects or the API key: never
-#: part of a fingerprint, never shipped to a worker (rebuilt there from its environment).
+#: Fields of an OpenAI or Anthropic chat model that hold transport objects or the API key:
+#: never part of a fingerprint, never shipped to a worker (rebuilt there from its environment).
 CLIENT_FIELDS = frozenset(
     {
         "client",
@@ -29,6 +29,7 @@ CLIENT_FIELDS = frozenset(
         "http_client",
         "http_async_client",
         "openai_api_key",
+        "anthropic_api_key",
     }
 )
 

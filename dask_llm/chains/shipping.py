@@ -1,11 +1,13 @@
 """Shipping chains to worker processes without their clients or secrets.
 
 ``ChatOpenAI`` cannot be pickled (its HTTP clients hold ``_thread.RLock``s),
-and even if it could, its API key would travel inside the task graph. So a
-chain is pickled as a *recipe*: the runnable graph with every OpenAI model
-replaced by its class and the constructor fields the user set, minus clients
-and secrets. The worker rebuilds the model, which reads its key from the
-worker's own environment (``OPENAI_API_KEY``), as any process would.
+nor can a ``ChatAnthropic`` that has built its clients, and even if they
+could, the API key would travel inside the task graph. So a chain is
+pickled as a *recipe*: the runnable graph with every OpenAI and Anthropic
+model (a chat model with one of ``KEY_FIELDS``) replaced by its class and
+the constructor fields the user set, minus clients and secrets. The worker
+rebuilds the model, which reads its key from the worker's own environment
+(``OPENAI_API_KEY``, ``ANTHROPIC_API_KEY``), as any process would.
 
 Chains that are not plain data (a model created inside a closure, a custom
 client) ship through a factory instead: ``Chain.from_factory(make_chain)``;
@@ -25,16 +27,32 @@ handles; we only take the model objects out of its way.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import cloudpickle
-from langchain_openai.chat_models.base import BaseChatOpenAI
+from langchain_core.language_models import BaseChatModel
 
 from dask_llm.chains.graph import CLIENT_FIELDS, find, rewrite
 from dask_llm.chains.outputs import is_configurable_model
 from dask_llm.core.errors import WorkerSetupError
 from dask_llm.core.runtime import part
+
+#: The field that holds the API key of each kind of chat model shipped as a recipe, and the
+#: environment variable its SDK reads the key from in each process: OpenAI's
+#: (``BaseChatOpenAI``) and Anthropic's (``ChatAnthropic``). The chains layer sits below
+#: ``providers``; a new provider whose model holds a key adds its line here.
+KEY_ENV = {"openai_api_key": "OPENAI_API_KEY", "anthropic_api_key": "ANTHROPIC_API_KEY"}
+KEY_FIELDS = tuple(KEY_ENV)
+
+
+def key_field(obj: Any) -> str | None:
+    """The API key's field of a chat model shipped as a recipe; None for any other object."""
+    if not isinstance(obj, BaseChatModel):
+        return None
+    fields = type(obj).model_fields
+    return next((name for name in KEY_FIELDS if name in fields), None)
 
 
 class ModelRecipe:
@@ -65,9 +83,9 @@ class ModelRecipe:
         # The model's own validation (a missing key, a bad field): reported as what it is.
         except Exception as exc:
             hint = (
-                " The API key is never shipped to workers: set OPENAI_API_KEY in the"
-                " workers' environment, or pass enrich(..., ship_api_keys=True) when the"
-                " workers run on this machine."
+                " The API key is never shipped to workers: set OPENAI_API_KEY (or"
+                " ANTHROPIC_API_KEY) in the workers' environment, or pass"
+                " enrich(..., ship_api_keys=True) when the workers run on this machine."
                 if self.had_key
                 else ""
             )
@@ -77,8 +95,11 @@ class ModelRecipe:
             ) from None
 
 
-def _recipe(model: Any) -> ModelRecipe:
-    if model.http_async_client is not None or model.http_client is not None:
+def _recipe(model: Any, field: str) -> ModelRecipe:
+    if (
+        getattr(model, "http_async_client", None) is not None
+        or getattr(model, "http_client", None) is not None
+    ):
         raise TypeError(
             f"{type(model).__name__} has its own http client, which cannot be sent to "
             "other processes; build the chain in each process: Chain.from_factory(make_chain)"
@@ -86,8 +107,8 @@ def _recipe(model: Any) -> ModelRecipe:
     fields = {
         name: getattr(model, name) for name in model.model_fields_set if name not in CLIENT_FIELDS
     }
-    key = getattr(model, "openai_api_key", None)
-    explicit = key is not None and "openai_api_key" in model.model_fields_set
+    key = getattr(model, field, None)
+    explicit = is_explicit(model, field)
     return ModelRecipe(
         type(model), fields, had_key=key is not None, key_ref=key_ref(key) if explicit else None
     )
@@ -98,20 +119,39 @@ class ShippedKeys(dict[str, str]):
     process's ``core.runtime``, one entry per distinct key."""
 
 
+def is_explicit(model: Any, field: str) -> bool:
+    """Whether the user gave ``model`` its key (not read from this process's environment).
+
+    ChatAnthropic stores a key it read from ``ANTHROPIC_API_KEY`` as if it had been
+    given: a key equal to that variable here counts as read from it (each worker reads
+    its own). ChatOpenAI does not (its key is a default, outside ``model_fields_set``).
+    """
+    key = getattr(model, field, None)
+    if key is None or field not in model.model_fields_set:
+        return False
+    if field == "anthropic_api_key":
+        secret = key.get_secret_value() if hasattr(key, "get_secret_value") else str(key)
+        return bool(secret) and secret != os.environ.get(KEY_ENV[field])
+    return True
+
+
 def key_ref(key: Any) -> str:
     """A name for a key that does not reveal it (the first 16 hex of its sha256)."""
     secret = key.get_secret_value() if hasattr(key, "get_secret_value") else str(key)
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
 
-def explicit_keys(runnable: Any) -> dict[str, str]:
-    """The explicit ``api_key=`` of every OpenAI model in ``runnable``, by key_ref."""
-    keys: dict[str, str] = {}
-    for model in find(runnable, lambda x: isinstance(x, BaseChatOpenAI)):
-        key = getattr(model, "openai_api_key", None)
-        if key is not None and "openai_api_key" in model.model_fields_set:
+def explicit_keys(runnable: Any) -> dict[str, tuple[str, str]]:
+    """The explicit ``api_key=`` of every OpenAI and Anthropic model in ``runnable``, by
+    key_ref: (the key, the environment variable workers would read otherwise)."""
+    keys: dict[str, tuple[str, str]] = {}
+    for model in find(runnable, lambda x: key_field(x) is not None):
+        field = key_field(model)
+        assert field is not None
+        key = getattr(model, field, None)
+        if key is not None and is_explicit(model, field):
             secret = key.get_secret_value() if hasattr(key, "get_secret_value") else str(key)
-            keys[key_ref(key)] = secret
+            keys[key_ref(key)] = (secret, KEY_ENV[field])
     return keys
 
 
@@ -120,7 +160,7 @@ def provide_keys(keys: Iterable[tuple[str, str]]) -> None:
     part(ShippedKeys).update(keys)
 
 
-_SECRET_CONFIG = frozenset({"api_key", "openai_api_key"})
+_SECRET_CONFIG = frozenset({"api_key", *KEY_FIELDS})
 
 
 class ConfigurableRecipe:
@@ -144,11 +184,12 @@ class ConfigurableRecipe:
 
 
 def dumps(runnable: Any) -> bytes:
-    """Pickle ``runnable`` with its OpenAI models turned into recipes."""
+    """Pickle ``runnable`` with its OpenAI and Anthropic models turned into recipes."""
 
     def visit(obj: Any) -> Any:
-        if isinstance(obj, BaseChatOpenAI):
-            return _recipe(obj)
+        field = key_field(obj)
+        if field is not None:
+            return _recipe(obj, field)
         if is_configurable_model(obj):
             return ConfigurableRecipe(obj)
         return NotImplemented

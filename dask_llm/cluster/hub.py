@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 _KEEP_STOPS_S = 600.0
 
+
 # -- runs and stop signals, in the client --------------------------------------------------------
 class Hub:
     """The job hub's state in this process (a part of the process's ``core.runtime``).

@@ -95,4 +95,3 @@ def _in_loop(client: Any) -> bool:
     except RuntimeError:
         return False
     return running is getattr(client.loop, "asyncio_loop", None)
-

@@ -237,6 +237,8 @@ class EnrichOptions:
     quality_gate: QualityGate | None = None
     #: Set on every OpenAI model of the job (None: each model keeps its own).
     service_tier: ServiceTier | None = None
+    #: Compiled calls for the chains that have them (``dask_llm.compiled``).
+    compiled: bool = True
 
     def __post_init__(self) -> None:
         if self.max_concurrency is not None and self.max_concurrency < 1:

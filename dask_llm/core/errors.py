@@ -6,6 +6,11 @@
     ├── BudgetExceeded           the job's budget_usd was reached (errors="raise")
     └── WorkerSetupError         a chain could not be rebuilt on a worker
 
+And one warning, about a job that will pay more than it needs to:
+
+    UserWarning
+    └── PromptCacheWarning       a chain's prompt keeps a long fixed block out of the cache
+
 Misuse of arguments (a missing column, an unknown option) raises plain
 ``ValueError`` / ``TypeError`` at ``enrich()`` time, before any request.
 """
@@ -64,3 +69,8 @@ class BudgetExceeded(DaskLLMError):
 
 class WorkerSetupError(DaskLLMError):
     """A chain could not be rebuilt where it runs (e.g. no API key in the worker's environment)."""
+
+
+class PromptCacheWarning(UserWarning):
+    """A chain's prompt puts a row's values before a fixed block long enough to be cached
+    (``enrich`` warns, naming the chain): in that order no prompt cache can reuse it."""

@@ -18,15 +18,25 @@ billed, retried with backoff, and no reason to pace slower).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
-from dask_llm.core.usage import PriceEntry, Tier, cost_usd, price_of, read_usage
+from dask_llm.core.usage import PriceEntry, Reported, Tier, cost_usd, price_of
 
-_FINISH_LENGTH: Final = re.compile(rb'"finish_reason"\s*:\s*"length"')
-_REFUSAL: Final = re.compile(rb'"refusal"\s*:\s*"')
+#: What an answer that reported no usage reads as.
+NOTHING_REPORTED: Final = Reported(None, None, None, None, None)
+
+
+class Announced(NamedTuple):
+    """The limits an answer's headers announce, per minute (None: not said)."""
+
+    rpm: float | None = None
+    tpm: float | None = None
+
+
+#: What an answer without limit headers announces.
+NOTHING_ANNOUNCED: Final = Announced()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +58,10 @@ class Outcome:
     completion_tokens: int | None = None
     #: Prompt tokens read from the provider's prompt cache (of ``prompt_tokens``).
     cached_tokens: int | None = None
+    #: Prompt tokens written to the provider's prompt cache (of ``prompt_tokens``).
+    cache_write_tokens: int | None = None
+    #: The limits its headers announce (the throttle learns them).
+    announced: Announced = NOTHING_ANNOUNCED
     #: How the answer was served, for its price.
     tier: Tier = "default"
     #: A Flex request's 429 "resource unavailable": not the quota, not billed.
@@ -73,7 +87,11 @@ class Outcome:
         if price is None:
             return None
         return cost_usd(
-            price, self.prompt_tokens, self.completion_tokens or 0, self.cached_tokens or 0
+            price,
+            self.prompt_tokens,
+            self.completion_tokens or 0,
+            self.cached_tokens or 0,
+            self.cache_write_tokens or 0,
         )
 
 
@@ -82,13 +100,16 @@ def read_outcome(
     headers: Mapping[str, str] | None,
     body: bytes,
     *,
+    reported: Reported = NOTHING_REPORTED,
+    announced: Announced = NOTHING_ANNOUNCED,
     batch: bool = False,
     flex: bool = False,
     quota: bool = False,
     fatal: str | None = None,
 ) -> Outcome:
-    """The ``Outcome`` of an answer whose quota and fatal readings are known (the
-    transport's ``outcome_of`` reads those from the provider's headers and error body).
+    """The ``Outcome`` of an answer whose readings are known: its usage (``reported``), the
+    limits its headers announce, and for an error whether it is the quota's or fatal (the
+    transport's ``outcome_of`` has the answer's provider read them).
 
     ``flex``: the request asked for Flex processing.
     """
@@ -103,9 +124,9 @@ def read_outcome(
             quota=quota,
             unavailable=flex and status == 429 and not quota and fatal is None,
             fatal=fatal,
+            announced=announced,
         )
-    usage = read_usage(body)
-    served = usage.service_tier  # the answer's word beats the request's
+    served = reported.service_tier  # the answer's word beats the request's
     flex_served = served == "flex" if served is not None else flex
     tier: Tier = "batch" if batch else "flex" if flex_served else "default"
     return Outcome(
@@ -114,10 +135,12 @@ def read_outcome(
         body=body,
         batch=batch,
         tier=tier,
-        model=usage.model,
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        cached_tokens=usage.cached_tokens,
-        truncated=_FINISH_LENGTH.search(body) is not None,
-        refused=_REFUSAL.search(body) is not None,
+        model=reported.model,
+        prompt_tokens=reported.prompt_tokens,
+        completion_tokens=reported.completion_tokens,
+        cached_tokens=reported.cached_tokens,
+        cache_write_tokens=reported.cache_write_tokens,
+        truncated=reported.truncated,
+        refused=reported.refused,
+        announced=announced,
     )

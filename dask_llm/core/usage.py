@@ -16,10 +16,12 @@ transport; LangChain's when none did and every answer carried
 row, never a guessed zero. Answers served from the cache cost nothing in
 this run.
 
-Prices are US dollars per million tokens, as OpenAI lists them: input,
-cached input (prompt tokens OpenAI read from its prompt cache,
-``usage.prompt_tokens_details.cached_tokens``) and output, for standard
-(online, non-Flex) use. The Batch API and Flex processing are billed at
+Prices are US dollars per million tokens, as the providers list them: input,
+cached input (prompt tokens read from the provider's prompt cache: OpenAI's
+``usage.prompt_tokens_details.cached_tokens``, Anthropic's
+``cache_read_input_tokens``), cache writes (Anthropic's
+``cache_creation_input_tokens``, billed above the input price) and output,
+for standard (online, non-Flex) use. The Batch API and Flex processing are billed at
 their own prices (half, for every model here, unless an entry says
 otherwise); a tier's cached input costs its input price times the model's
 cached share (``cached_input / input``). They change: the table says when
@@ -42,6 +44,8 @@ from typing import Any, Final, Literal, NamedTuple
 from langchain_core.callbacks import BaseCallbackHandler
 
 PRICES_AS_OF = "2025-08-07"
+#: When the Claude entries of ``PRICES`` were taken (Anthropic's price list).
+CLAUDE_PRICES_AS_OF = "2025-10-15"
 
 #: The Batch API's price as a share of the online price, for entries without their own.
 BATCH_DISCOUNT: Final = 0.5
@@ -58,7 +62,9 @@ class Price:
 
     ``input`` and ``output`` are the online (list) prices. ``cached_input`` is
     what a prompt token read from the provider's prompt cache costs (None: the
-    input price, as for a model without prompt caching). ``batch_*`` are the
+    input price, as for a model without prompt caching); ``cache_write`` what a
+    prompt token written to it costs (Anthropic's 5-minute cache writes; None:
+    the input price, as OpenAI's automatic caching bills them). ``batch_*`` are the
     Batch API's (None: ``BATCH_DISCOUNT`` of the online price); ``flex_*`` are
     Flex processing's (None: the Batch API's, as OpenAI bills Flex).
     """
@@ -70,19 +76,22 @@ class Price:
     batch_output: float | None = None
     flex_input: float | None = None
     flex_output: float | None = None
+    cache_write: float | None = None
 
     def rates(self, tier: Tier = "default") -> Rates:
         """The (input, output, cached input) prices of answers served by ``tier``."""
         cached = self.input if self.cached_input is None else self.cached_input
+        written = self.input if self.cache_write is None else self.cache_write
         if tier == "default":
-            return Rates(self.input, self.output, cached)
+            return Rates(self.input, self.output, cached, written)
         batch_in = self.input * BATCH_DISCOUNT if self.batch_input is None else self.batch_input
         batch_out = self.output * BATCH_DISCOUNT if self.batch_output is None else self.batch_output
         if tier == "flex":
             batch_in = batch_in if self.flex_input is None else self.flex_input
             batch_out = batch_out if self.flex_output is None else self.flex_output
         share = cached / self.input if self.input else 1.0
-        return Rates(batch_in, batch_out, batch_in * share)
+        write_share = written / self.input if self.input else 1.0
+        return Rates(batch_in, batch_out, batch_in * share, batch_in * write_share)
 
 
 class Rates(NamedTuple):
@@ -91,10 +100,12 @@ class Rates(NamedTuple):
     input: float
     output: float
     cached_input: float
+    cache_write: float
 
 
-#: model -> ``Price`` (input, output, cached input; USD per 1M tokens), as OpenAI lists them
-#: on ``PRICES_AS_OF``. Read-only: pass ``prices=`` to change it.
+#: model -> ``Price`` (input, output, cached input, cache write; USD per 1M tokens), as OpenAI
+#: lists them on ``PRICES_AS_OF`` and Anthropic on ``CLAUDE_PRICES_AS_OF`` (5-minute cache
+#: writes at 1.25x the input price, cache reads at 0.1x). Read-only: pass ``prices=``.
 PRICES: Mapping[str, Price] = MappingProxyType(
     {
         "gpt-5": Price(1.25, 10.00, cached_input=0.125),
@@ -109,10 +120,19 @@ PRICES: Mapping[str, Price] = MappingProxyType(
         "o4-mini": Price(1.10, 4.40, cached_input=0.275),
         "gpt-4-turbo": Price(10.00, 30.00),  # no prompt caching
         "gpt-3.5-turbo": Price(0.50, 1.50),  # no prompt caching
+        "claude-opus-4-1": Price(15.00, 75.00, cached_input=1.50, cache_write=18.75),
+        "claude-opus-4": Price(15.00, 75.00, cached_input=1.50, cache_write=18.75),
+        "claude-sonnet-4-5": Price(3.00, 15.00, cached_input=0.30, cache_write=3.75),
+        "claude-sonnet-4": Price(3.00, 15.00, cached_input=0.30, cache_write=3.75),
+        "claude-3-7-sonnet": Price(3.00, 15.00, cached_input=0.30, cache_write=3.75),
+        "claude-haiku-4-5": Price(1.00, 5.00, cached_input=0.10, cache_write=1.25),
+        "claude-3-5-haiku": Price(0.80, 4.00, cached_input=0.08, cache_write=1.00),
+        "claude-3-haiku": Price(0.25, 1.25, cached_input=0.03, cache_write=0.30),
     }
 )
 
-_DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+#: A dated snapshot's suffix (OpenAI's ``-2024-07-18``, Anthropic's ``-20250929``) or an alias's.
+_DATED = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 _FIELDS: Final = tuple(f.name for f in fields(Price))
 _SHAPES = (
     "numbers, US dollars per million tokens: (input, output), (input, output, batch_input, "
@@ -203,15 +223,22 @@ def cost_usd(
     input_tokens: float,
     output_tokens: float,
     cached_tokens: float = 0,
+    cache_write_tokens: float = 0,
 ) -> float:
     """US dollars for ``input_tokens`` (of which ``cached_tokens`` were read from the prompt
-    cache) and ``output_tokens`` at ``price`` (``price_of``: USD per million tokens, input,
-    output, then cached input). The one cost formula of dask-llm: the budget's worst case,
-    the settled cost, the run record, the row's cost and the estimate."""
+    cache and ``cache_write_tokens`` written to it) and ``output_tokens`` at ``price``
+    (``price_of``: USD per million tokens, input, output, then cached input and cache write).
+    The one cost formula of dask-llm: the budget's worst case, the settled cost, the run
+    record, the row's cost and the estimate."""
     cached = min(cached_tokens, input_tokens) if cached_tokens else 0
+    written = min(cache_write_tokens, input_tokens - cached) if cache_write_tokens else 0
     cached_rate = price[2] if len(price) > 2 else price[0]
+    write_rate = price[3] if len(price) > 3 else price[0]
     return (
-        (input_tokens - cached) * price[0] + cached * cached_rate + output_tokens * price[1]
+        (input_tokens - cached - written) * price[0]
+        + cached * cached_rate
+        + written * write_rate
+        + output_tokens * price[1]
     ) / 1e6
 
 
@@ -230,7 +257,8 @@ def _price_entry(model: str | None, prices: Mapping[str, PriceEntry] | None) -> 
 class Usage:
     """Tokens and cost of one or more calls; ``unknown`` when some usage was never reported.
 
-    ``cached_tokens`` (of ``input_tokens``) were read from the provider's prompt cache;
+    ``cached_tokens`` (of ``input_tokens``) were read from the provider's prompt cache,
+    ``cache_write_tokens`` (of ``input_tokens``) written to it (Anthropic bills them apart);
     ``saved`` is what that cache saved, in US dollars, against paying them as input.
     ``flex_calls`` and ``batch_calls`` of the ``calls`` were served by Flex processing
     and by the Batch API; the others at list price.
@@ -238,6 +266,7 @@ class Usage:
 
     __slots__ = (
         "batch_calls",
+        "cache_write_tokens",
         "cached_tokens",
         "calls",
         "cost",
@@ -253,6 +282,7 @@ class Usage:
         self.input_tokens = 0
         self.output_tokens = 0
         self.cached_tokens = 0
+        self.cache_write_tokens = 0
         self.cost = 0.0
         self.saved = 0.0
         self.unpriced = False  # some tokens came from a model without a price
@@ -265,6 +295,7 @@ class Usage:
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.cached_tokens += other.cached_tokens
+        self.cache_write_tokens += other.cache_write_tokens
         self.cost += other.cost
         self.saved += other.saved
         self.unpriced = self.unpriced or other.unpriced
@@ -282,6 +313,7 @@ class Usage:
         *,
         batch: bool = False,
         cached_tokens: int = 0,
+        cache_write_tokens: int = 0,
         tier: Tier = "default",
     ) -> None:
         tier = "batch" if batch else tier
@@ -289,12 +321,15 @@ class Usage:
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
         self.cached_tokens += cached_tokens
+        self.cache_write_tokens += cache_write_tokens
         price = price_of(model, prices, tier=tier)
         if price is None:
             self.unpriced = True
         else:
-            self.cost += cost_usd(price, input_tokens, output_tokens, cached_tokens)
-            self.saved += savings_usd(price, cached_tokens)
+            self.cost += cost_usd(
+                price, input_tokens, output_tokens, cached_tokens, cache_write_tokens
+            )
+            self.saved += savings_usd(price, cached_tokens, cache_write_tokens)
 
     def count(self, tier: Tier) -> None:
         """One more paid answer, served by ``tier``."""
@@ -315,10 +350,12 @@ class Usage:
         return None if self.unknown or self.unpriced else self.cost
 
 
-def savings_usd(price: Rates, cached_tokens: float) -> float:
-    """US dollars the prompt cache saved on ``cached_tokens`` at ``price``: the input price
-    they would have cost, less the cached-input price they did."""
-    return cached_tokens * (price.input - price.cached_input) / 1e6
+def savings_usd(price: Rates, cached_tokens: float, cache_write_tokens: float = 0) -> float:
+    """US dollars the prompt cache saved at ``price``: on ``cached_tokens``, the input price
+    they would have cost less the cached-input price they did; less what writing
+    ``cache_write_tokens`` to it cost above the input price (Anthropic's writes: 1.25x)."""
+    read = cached_tokens * (price.input - price.cached_input)
+    return (read - cache_write_tokens * (price.cache_write - price.input)) / 1e6
 
 
 class Attempt:
@@ -342,6 +379,7 @@ class Attempt:
         *,
         batch: bool = False,
         cached_tokens: int | None = None,
+        cache_write_tokens: int | None = None,
         tier: Tier = "default",
     ) -> None:
         self.paid_answers += 1
@@ -356,6 +394,7 @@ class Attempt:
                 self.prices,
                 batch=batch,
                 cached_tokens=cached_tokens or 0,
+                cache_write_tokens=cache_write_tokens or 0,
                 tier=tier,
             )
 
@@ -365,11 +404,6 @@ current_attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar
     "dask_llm_attempt", default=None
 )
 
-_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-_CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
-#: The ``service_tier`` of a request or answer body (JSON).
-SERVICE_TIER: Final = re.compile(rb'"service_tier"\s*:\s*"([^"]+)"')
 #: The ``model`` of a request or answer body (JSON).
 MODEL: Final = re.compile(rb'"model"\s*:\s*"([^"]+)"')
 #: A request body's ``max_tokens`` / ``max_completion_tokens``.
@@ -377,46 +411,23 @@ MAX_TOKENS: Final = re.compile(rb'"max(?:_completion)?_tokens"\s*:\s*(\d+)')
 
 
 class Reported(NamedTuple):
-    """What an answer body says about its usage (``read_usage``)."""
+    """What an answer body says about its usage, as its provider reads it
+    (``providers.base.Provider.read``). Input tokens are the whole prompt, cache reads and
+    writes included, whatever the provider's own field counts."""
 
     model: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
-    #: Prompt tokens read from the prompt cache (``prompt_tokens_details.cached_tokens``).
+    #: Prompt tokens read from the prompt cache.
     cached_tokens: int | None
     #: The tier that served it (``service_tier``: ``"default"``, ``"flex"``...), if it says.
     service_tier: str | None
-
-
-def read_usage(body: bytes) -> Reported:
-    """Model, prompt, completion and cached tokens, and service tier of a Chat Completions
-    body (JSON or SSE).
-
-    The last ``usage`` in the body counts (a stream sends it in its final chunk);
-    None where the body reports none.
-    """
-    prompt = _PROMPT.findall(body)
-    model = MODEL.search(body)
-    name = model.group(1).decode() if model else None
-    tier = SERVICE_TIER.findall(body)
-    served = tier[-1].decode() if tier else None
-    if not prompt:
-        return Reported(name, None, None, None, served)
-    completion = _COMPLETION.findall(body)
-    cached = _CACHED.findall(body)
-    return Reported(
-        name,
-        int(prompt[-1]),
-        int(completion[-1]) if completion else 0,
-        int(cached[-1]) if cached else 0,
-        served,
-    )
-
-
-def is_flex(body: bytes) -> bool:
-    """Whether a request body asks for Flex processing (``"service_tier": "flex"``)."""
-    match = SERVICE_TIER.search(body)
-    return match is not None and match.group(1) == b"flex"
+    #: Prompt tokens written to the prompt cache (billed at ``Price.cache_write``).
+    cache_write_tokens: int | None = None
+    #: Cut at the request's ``max_tokens``.
+    truncated: bool = False
+    #: The model refused to answer.
+    refused: bool = False
 
 
 class UsageCallback(BaseCallbackHandler):
@@ -428,7 +439,7 @@ class UsageCallback(BaseCallbackHandler):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.answers = 0
-        self.reported: list[tuple[str | None, int, int, int, Tier]] = []
+        self.reported: list[tuple[str | None, int, int, int, int, Tier]] = []
         self.unreported = 0
 
     def on_llm_end(self, response: Any, **kwargs: Any) -> None:
@@ -453,6 +464,7 @@ class UsageCallback(BaseCallbackHandler):
                                 int(meta.get("input_tokens", 0)),
                                 int(meta.get("output_tokens", 0)),
                                 int(cached or 0),
+                                int(details.get("cache_creation") or 0),
                                 tier,
                             )
                         )
@@ -471,9 +483,15 @@ def settle(attempt: Attempt, callback: UsageCallback | None) -> Usage:
         return usage
     result = Usage()
     if seen_on_wire == 0 and callback.unreported == 0:
-        for model, prompt, completion, cached, tier in callback.reported:
+        for model, prompt, completion, cached, written, tier in callback.reported:
             result.charge(
-                model, prompt, completion, attempt.prices, cached_tokens=cached, tier=tier
+                model,
+                prompt,
+                completion,
+                attempt.prices,
+                cached_tokens=cached,
+                cache_write_tokens=written,
+                tier=tier,
             )
     else:
         result.add(usage)

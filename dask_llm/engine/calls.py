@@ -24,15 +24,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import openai
-
 from dask_llm.cache import make_key
 from dask_llm.chains.columns import RowFailed, normalize
 from dask_llm.chains.plan import PlannedChain
+from dask_llm.compiled import CompiledChain, compile_chain
+from dask_llm.compiled import enabled as compiled_enabled
 from dask_llm.core.errors import JobStopped
 from dask_llm.core.usage import Usage
 from dask_llm.engine.retry import call_with_retries, root_cause
 from dask_llm.observe.record import ACTIVE
+from dask_llm.providers.registry import CONNECTION_ERRORS, STATUS_ERRORS
 from dask_llm.transport.batch import policy_for_retries
 from dask_llm.transport.wire import host_of
 
@@ -103,16 +104,24 @@ class ChainCaller:
         self.pc = pc
         self.job = job
         self.stats = stats
-        self.memo = pc.chain.memo_fingerprint
+        # Without a cache there is no memo to read or write: no key to compute per row.
+        self.memo = pc.chain.memo_fingerprint if job.cache is not None else None
         self.legacy = pc.chain.legacy_fingerprint if self.memo is not None else None
         self._localize = localize
         self._local: tuple[Any, bool] | None = None
+        self._compiled: CompiledChain | None = None
 
     def _runnable(self) -> tuple[Any, bool]:
         """The chain with this loop's clients in it (built on the first call: a partition
         answered from the row memo opens none)."""
         if self._local is None:
             self._local = self._localize(self.pc.chain.runnable)
+            runnable, tapped = self._local
+            options = self.job.options
+            # Not with batch=: a batch's rows wait for each other, and a row waiting for
+            # the proof would hold the batch that the proof waits for.
+            if tapped and options.compiled and options.batch is None and compiled_enabled():
+                self._compiled = compile_chain(self.pc, runnable, self.job.compiled)
         return self._local
 
     # -- the row memo ---------------------------------------------------------------------------
@@ -154,6 +163,8 @@ class ChainCaller:
         job = self.job
         options = job.options
         runnable, tapped = self._runnable()
+        if self._compiled is not None:
+            runnable = self._compiled  # LangChain's path until proven, then its own
 
         def invoke(config: dict[str, Any] | None) -> Any:
             return runnable.ainvoke(inputs, config)
@@ -214,7 +225,7 @@ MISSING: Any = _Missing()
 def _failure(name: str, exc: BaseException, job: Any, usage: Usage) -> RowFailed:
     cause = root_cause(exc)
     if isinstance(cause, JobStopped) or (
-        job.stopped is not None and isinstance(exc, openai.APIConnectionError)
+        job.stopped is not None and isinstance(exc, CONNECTION_ERRORS)
     ):
         stop = job.stopped
         text = stop.text if stop is not None else str(cause)
@@ -230,12 +241,12 @@ def describe(exc: BaseException, limit: int = 500) -> str:
     """``Type: message`` on one line; API errors with status and code; connection errors with
     their cause."""
     name = type(exc).__name__
-    if isinstance(exc, openai.APIStatusError):
+    if isinstance(exc, STATUS_ERRORS):
         code = getattr(exc, "code", None)
         name = f"{name} ({exc.status_code}{f' {code}' if code else ''} from {host_of(exc.request)})"
         body = exc.body if isinstance(exc.body, dict) else {}
         text = str(body.get("message") or exc.message)
-    elif isinstance(exc, openai.APIConnectionError) and exc.__cause__ is not None:
+    elif isinstance(exc, CONNECTION_ERRORS) and exc.__cause__ is not None:
         text = f"{exc.message} {root_cause(exc)}"
     else:
         text = str(exc)

@@ -78,15 +78,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from dask.callbacks import Callback
 
 from dask_llm.cluster import hub as _hub
+from dask_llm.compiled import Verdicts
 from dask_llm.core import where as _cluster
 from dask_llm.core.errors import ChainError, JobStopped
 from dask_llm.core.runtime import part
-from dask_llm.core.usage import MAX_TOKENS, MODEL, cost_usd, price_of
+from dask_llm.core.usage import MAX_TOKENS, MODEL, Tier, cost_usd, price_of
 from dask_llm.limits.ledger import Ledger, even_share_hint, link_for
 from dask_llm.limits.pacer import Throttle
 from dask_llm.observe import metrics as _metrics
 from dask_llm.observe import progress as _progress
 from dask_llm.observe.record import Recorder
+from dask_llm.providers import PROVIDERS
 
 if TYPE_CHECKING:
     from dask_llm.cluster.handle import JobHandle
@@ -140,6 +142,8 @@ class Job:
         self._idle_since = time.monotonic()
         self._last_poll = 0.0
         self._cache_warned = False
+        #: Chains that could not be built here: (why, partitions that failed for it).
+        self._unbuilt: dict[str, tuple[str, int]] = {}
         self.worker = _cluster.distributed_worker()
         self.hub: _hub.HubClient | None = None
         if (
@@ -168,6 +172,8 @@ class Job:
             ledger=self.ledger,
         )
         self._largest_completion = 0
+        #: Chains of this job that fell back from the compiled path here, and why.
+        self.compiled = Verdicts()
         # The run record (``observe.record``): requests, rows, the quality gate; metrics read it.
         self.recorder = Recorder(
             prices=options.price_table,
@@ -248,12 +254,16 @@ class Job:
         """What a request may cost at most (``budget_usd``): see ``limits.coordinator``.
 
         Prompt tokens are at most the body's bytes (a token is at least a byte, and the
-        body holds every message); completion tokens at most ``max_tokens``, else 1.5x
-        the largest completion seen (1,024 before any).
+        body holds every message), each at the dearer of the input and cache write prices;
+        completion tokens at most ``max_tokens``, else 1.5x the largest completion seen
+        (1,024 before any); at the price of the tier asked (the Batch API's, Flex's for a
+        body that asks for it, else the list price).
         """
         match = MODEL.search(body)
         model = match.group(1).decode() if match else None
-        price = price_of(model, self.options.price_table, batch=batch)
+        flex = any(provider.is_flex(body) for provider in PROVIDERS)
+        tier: Tier = "batch" if batch else ("flex" if flex else "default")
+        price = price_of(model, self.options.price_table, tier=tier)
         if price is None:
             self.stop(
                 "budget",
@@ -267,7 +277,8 @@ class Job:
             if limit
             else (1.5 * self._largest_completion if self._largest_completion else 1024)
         )
-        return cost_usd(price, len(body), completion)
+        # Every prompt token may be a cache write (Anthropic bills those above the input).
+        return cost_usd(price, len(body), completion, cache_write_tokens=len(body))
 
     def completion_seen(self, tokens: int) -> None:
         if tokens > self._largest_completion:
@@ -312,6 +323,40 @@ class Job:
 
     def connection_ok(self) -> None:
         self._refused = 0
+
+    # -- chains that cannot be built here ---------------------------------------------------------
+    def cannot_build(self, chain: str, exc: BaseException | None = None) -> str | None:
+        """Why ``chain`` cannot be built in this process (None: not known to fail).
+
+        With ``exc`` (its factory or recipe just failed), that is recorded and logged
+        with its traceback, once per job and process; each later partition of the job
+        that meets it here counts it and fails at once, without building it again.
+        """
+        with self._lock:
+            known = self._unbuilt.get(chain)
+            if known is None and exc is None:
+                return None
+            if known is None:
+                assert exc is not None
+                text = (
+                    f"chain {chain!r} cannot be built in this process: {type(exc).__name__}: {exc}"
+                )
+                self._unbuilt[chain] = (text, 1)
+            else:
+                text, count = known
+                self._unbuilt[chain] = (text, count + 1)
+        count = self._unbuilt[chain][1]
+        if count == 1:
+            log.error(
+                "dask-llm job %s: %s (logged once; the job's other partitions here fail "
+                "without trying again)",
+                self.id[:8],
+                text,
+                exc_info=exc,
+            )
+        else:
+            log.debug("dask-llm job %s: %s (partition %d here)", self.id[:8], text, count)
+        return f"{text} ({count} partition(s) of this job here)"
 
     # -- the cache, which may fail without failing the job -------------------------------------
     def cache_get(self, keys: Sequence[str], stats: Any) -> dict[str, Any]:
@@ -492,6 +537,26 @@ def resume_hint(summary: _progress.RunSummary | None, *, cached: bool | None = N
     )
 
 
+def batches_hint(ids: Sequence[str], *, cached: bool) -> str:
+    """For a stop's message: the batches still running at the provider, and what a rerun
+    does with them (re-attach only with ``batch=`` and the cache that recorded them)."""
+    if not ids:
+        return ""
+    cancel = f"dask_llm.cancel_batches({', '.join(repr(i) for i in ids)}) cancels them"
+    if not cached:
+        # Nothing recorded which line is in which batch: no rerun can find them.
+        return (
+            f"batches still running: {', '.join(ids)} (this job has no cache "
+            f"(cache=False), so a rerun cannot re-attach to them and pays for their "
+            f"lines again; {cancel}); "
+        )
+    return (
+        f"batches still running: {', '.join(ids)} (a rerun with batch= and the same "
+        f"cache re-attaches to them; an online rerun, or one with cache=False, pays for "
+        f"their lines again; {cancel}); "
+    )
+
+
 class _ComputeWatch(Callback):
     """Stops dask-llm jobs when a local Dask computation ends with an error or an interrupt.
 
@@ -539,4 +604,14 @@ def _unfinished_runs() -> None:
     """At exit, say how to resume runs that never finished (e.g. ``distributed`` + Ctrl-C)."""
     for job_id in _progress.active_jobs():
         summary = _progress.stop_run(job_id, "interrupted")
-        print(f"dask-llm: job {job_id[:8]} did not finish: {resume_hint(summary)}", file=sys.stderr)
+        # On distributed the workers that wait for the batches may say nothing more: name
+        # them from what they reported.
+        batches = (
+            batches_hint(summary.batches_in_flight, cached=summary.cache is not None)
+            if summary is not None
+            else ""
+        )
+        print(
+            f"dask-llm: job {job_id[:8]} did not finish: {batches}{resume_hint(summary)}",
+            file=sys.stderr,
+        )

@@ -32,6 +32,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import openai
 import pandas as pd
 
 from dask_llm.chains.columns import RowFailed, as_json, column, is_missing
@@ -40,7 +41,7 @@ from dask_llm.chains.shipping import provide_keys
 from dask_llm.cluster.handle import JobHandle
 from dask_llm.core import where as _cluster
 from dask_llm.core.config import EnrichOptions
-from dask_llm.core.errors import BudgetExceeded, ChainError, JobStopped
+from dask_llm.core.errors import BudgetExceeded, ChainError, JobStopped, WorkerSetupError
 from dask_llm.core.usage import Usage
 from dask_llm.engine import job as jobs
 from dask_llm.engine.calls import MISSING, ChainCaller, PartitionStats
@@ -79,6 +80,9 @@ class PartitionRun:
         self.errors: list[str | None] = [None] * self.n
         self.reported = [False] * self.n
         self.row_usage = [Usage() for _ in range(self.n)]
+        # Rows with a request that got no answer in time: if no answer was paid for the row,
+        # its usage is unknown (the provider may bill it, and never says): null, not zero.
+        self.unanswered = [False] * self.n
         self.stats = PartitionStats()
         self.callers: dict[str, ChainCaller] = {}
         self.reporter = job.reporter(partition, uuid.uuid4().hex)
@@ -88,6 +92,7 @@ class PartitionRun:
         self.seceded = False  # left the worker's thread pool for its tail (_cluster)
         self.batcher: Batcher | None = None
         self._backlog = 0  # rows of this partition still to run, as told to the ledger
+        self._batch_ids: list[str] = []  # batches in flight, as told to the client
 
     async def run(self) -> pd.DataFrame:
         self.reporter.started(
@@ -145,6 +150,7 @@ class PartitionRun:
             # partitions hold much of the job's remaining work is lent more (limits.coordinator).
             self.job.ledger.partition_began(len(pending))
             self._backlog = len(pending)
+            self._build(pending)
             await self._supervise(pending)
         finally:
             if self._backlog:
@@ -193,23 +199,25 @@ class PartitionRun:
         if done_rows:
             self._report(len(done_rows), 0, Usage())
 
+    def _build(self, pending: list[int]) -> None:
+        """Build here, before any row runs, each chain the ``pending`` rows need (a factory,
+        a shipped recipe): one that cannot be built fails the partition once, with the
+        reason logged once per job and process, not once per row (``Job.cannot_build``)."""
+        for pc in self.plan.chains:
+            if all(self.done[pc.name][i] for i in pending):
+                continue
+            known = self.job.cannot_build(pc.name)
+            if known is not None:
+                raise WorkerSetupError(known)
+            try:
+                pc.chain.runnable  # noqa: B018  (built on first use, then kept)
+            # A factory is the user's code: whatever it raises, the chain is not there.
+            except Exception as exc:
+                raise WorkerSetupError(self.job.cannot_build(pc.name, exc)) from exc
+
     def _batches_hint(self) -> str:
         ids = self.batcher.batch_ids() if self.batcher is not None else []
-        if not ids:
-            return ""
-        cancel = f"dask_llm.cancel_batches({', '.join(repr(i) for i in ids)}) cancels them"
-        if self.job.cache is None:
-            # Nothing recorded which line is in which batch: no rerun can find them.
-            return (
-                f"batches still running: {', '.join(ids)} (this job has no cache "
-                f"(cache=False), so a rerun cannot re-attach to them and pays for their "
-                f"lines again; {cancel}); "
-            )
-        return (
-            f"batches still running: {', '.join(ids)} (a rerun with batch= and the same "
-            f"cache re-attaches to them; an online rerun, or one with cache=False, pays for "
-            f"their lines again; {cancel}); "
-        )
+        return jobs.batches_hint(ids, cached=self.job.cache is not None)
 
     async def _batch_row(self, i: int) -> None:
         assert self.batcher is not None
@@ -303,9 +311,12 @@ class PartitionRun:
             for task in late:
                 task.cancel()
             await asyncio.gather(*live, return_exceptions=True)
-        for task in workers:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        # Every failed task's exception is read (asyncio logs a traceback for each one
+        # left unread); the first is raised.
+        failed = [t.exception() for t in workers if t.done() and not t.cancelled()]
+        for exc in failed:
+            if exc is not None:
+                raise exc
         stop = self.job.stopped
         if stop is not None and stop.kind in ("fatal", "budget", "quality"):
             for i in range(self.n):
@@ -367,6 +378,8 @@ class PartitionRun:
             spent = getattr(failure, "usage", None)
             if spent is not None:
                 self.row_usage[i].add(spent)
+            if _timed_out(failure.cause):
+                self.unanswered[i] = True
             self._fail(i, pc, failure)
             return False
 
@@ -449,6 +462,11 @@ class PartitionRun:
             self._report(1, int(self.errors[i] is not None), self.row_usage[i])
 
     def _report(self, rows: int, failed: int, usage: Usage) -> None:
+        if self.batcher is not None:
+            ids = self.batcher.batch_ids()
+            if ids != self._batch_ids:  # the client names them after Ctrl-C
+                self._batch_ids = ids
+                self.reporter.batches(ids)
         now = self.stats.snapshot()
         (
             calls,
@@ -496,16 +514,30 @@ class PartitionRun:
         columns: dict[str, list[Any]] = {**self.outputs, self.plan.error_column: self.errors}
         if self.plan.usage_columns is not None:
             tokens_in, tokens_out, cost = self.plan.usage_columns
-            rows = self.row_usage
-            columns[tokens_in] = [u.tokens_in for u in rows]
-            columns[tokens_out] = [u.tokens_out for u in rows]
-            columns[cost] = [u.cost_usd for u in rows]
+            rows = [
+                None if unanswered and not u.calls else u
+                for u, unanswered in zip(self.row_usage, self.unanswered, strict=True)
+            ]
+            columns[tokens_in] = [None if u is None else u.tokens_in for u in rows]
+            columns[tokens_out] = [None if u is None else u.tokens_out for u in rows]
+            columns[cost] = [None if u is None else u.cost_usd for u in rows]
         for col, dtype in self.plan.new_columns.items():
             values = columns[col]
             if col in self.plan.json_columns:
                 values = [as_json(v) for v in values]
             out[col] = column(values, dtype, self.df.index)
         return out
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    """Whether a chain call failed on a request that got no answer in time."""
+    for _ in range(10):
+        if exc is None:
+            return False
+        if isinstance(exc, openai.APITimeoutError):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def enrich_partition(

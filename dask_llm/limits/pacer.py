@@ -8,7 +8,7 @@ the transport (``transport.pipeline``), so it sees every request's body (to esti
 its tokens) and every response's status and headers.
 
 * **Pacing.** The job's ``rpm``/``tpm`` (told, or learned from the
-  provider's ``x-ratelimit-limit-*`` headers) are held by the job's ledger
+  provider's headers, as ``Provider.announced`` reads them) are held by the job's ledger
   (``limits.coordinator``), which lends each process a rate according to its
   demand; ``Pacer`` spends this process's rate. Two rules, both needed:
   starts are booked no closer than ``1 / rate`` apart (GCRA from the last
@@ -81,11 +81,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dask_llm.core.config import UNPACED_MAX_CONCURRENCY
+from dask_llm.limits.coordinator import MARGIN, RENEW_S
+from dask_llm.limits.headers import retry_after
 
 if sys.platform != "win32":
     import resource
-from dask_llm.limits.coordinator import MARGIN, RENEW_S
-from dask_llm.limits.headers import positive_number, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -304,10 +304,9 @@ class Pacer:
         if self.ledger is not None:
             self.ledger.waiting()
 
-    def learn(self, headers: Mapping[str, str]) -> None:
-        """Take the provider's limits from ``x-ratelimit-limit-*`` response headers."""
-        rpm = positive_number(headers.get("x-ratelimit-limit-requests"))
-        tpm = positive_number(headers.get("x-ratelimit-limit-tokens"))
+    def learn(self, rpm: float | None, tpm: float | None) -> None:
+        """Take the limits (per minute) an answer's headers announce, as its provider reads
+        them (``Provider.announced``)."""
         if not (rpm or tpm):
             return
         if (rpm and rpm != self.learned_rpm) or (tpm and tpm != self.learned_tpm):
@@ -579,10 +578,12 @@ class Throttle:
         headers: Mapping[str, str] | None,
         *,
         quota: bool = True,
+        announced: tuple[float | None, float | None] = (None, None),
     ) -> None:
         """A request that started at ``started`` ended with ``status`` (None: no response).
 
-        ``quota``: for a 429, whether it said the quota is spent (``is_quota_429``).
+        ``quota``: for a 429, whether it said the quota is spent (``Provider.is_quota_429``).
+        ``announced``: the (rpm, tpm) its headers announce (``Provider.announced``).
         """
         now = self.clock()
         with self._lock:
@@ -591,8 +592,7 @@ class Throttle:
             elif status is not None and status < 400:
                 self.latency = 0.8 * self.latency + 0.2 * max(0.0, now - started)
                 self._answered = True
-        if headers is not None:
-            self.pacer.learn(headers)
+        self.pacer.learn(*announced)
         if now - self._followed >= FOLLOW_S:
             self._follow(now)  # a rate learned from these headers governs at once
         if status == 429 and quota:

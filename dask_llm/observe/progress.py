@@ -2,7 +2,9 @@
 
 Every partition reports the same three events: ``start`` (its row count),
 ``counts`` (what it did since the last report, twice a second and at the
-end) and ``done``. They reach the process that called ``compute`` (the
+end) and ``done``; in batch mode also ``batches``, the ids of its batches in
+flight whenever they change, so that the client can name them after Ctrl-C
+whichever process waits for them. They reach the process that called ``compute`` (the
 client) by the shortest way there is:
 
 * synchronous and threaded schedulers, the pandas accessor: a direct call;
@@ -99,6 +101,9 @@ class RunSummary:
     batches_validating: int = 0
     batches_in_progress: int = 0
     batches_finalizing: int = 0
+    #: Ids of the batches submitted and not yet read, as the client last heard: after an
+    #: interrupt, those still running at the provider (``dask_llm.cancel_batches``).
+    batches_in_flight: tuple[str, ...] = ()
     cost_usd: float | None = 0.0
     budget_usd: float | None = None
     wall_s: float = 0.0
@@ -256,6 +261,7 @@ class RunProgress:
         # partition -> (attempt, rows it has, rows done, failed rows)
         self._parts: dict[int, list[Any]] = {}
         self._done: set[int] = set()
+        self._in_flight: dict[int, tuple[str, ...]] = {}  # partition -> its batches
         self._cost_known = True
         self.finished = False
         self.bar: Any = None
@@ -279,6 +285,10 @@ class RunProgress:
                 self._add(part, attempt, event.get("counts") or {})
                 if event.get("record") and self.summary.record is not None:
                     self.summary.record.merge(event["record"])
+            elif kind == "batches":
+                self._in_flight[part] = tuple(event.get("ids") or ())
+                ids = {i for batch_ids in self._in_flight.values() for i in batch_ids}
+                self.summary.batches_in_flight = tuple(sorted(ids))
             elif kind == "done":
                 state = self._parts.get(part)
                 if state is not None and state[0] == attempt:
@@ -516,6 +526,11 @@ class Reporter:
             counts, self._counts = self._counts, {}
             self._emit({"kind": "counts", "counts": counts, "record": record})
         self._last = time.monotonic()
+
+    def batches(self, ids: list[str]) -> None:
+        """The partition's batches in flight are now ``ids`` (sent at once: they change
+        when a batch is submitted or read)."""
+        self._emit({"kind": "batches", "ids": ids})
 
     def done(self) -> None:
         self.flush()

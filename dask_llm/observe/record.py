@@ -372,11 +372,12 @@ class Recorder:
         status = outcome.status
         prompt, completion = outcome.prompt_tokens, outcome.completion_tokens
         cached = outcome.cached_tokens or 0
+        written = outcome.cache_write_tokens or 0
         cost = outcome.cost(self._prices) if ok else None
         saved = 0.0
-        if ok and cached:
+        if ok and (cached or written):
             price = price_of(outcome.model, self._prices, tier=outcome.tier)
-            saved = savings_usd(price, cached) if price is not None else 0.0
+            saved = savings_usd(price, cached, written) if price is not None else 0.0
         truncated, refused = outcome.truncated, outcome.refused
         # Called from the transport's ``finally``: the exception under way, if any.
         if ok:

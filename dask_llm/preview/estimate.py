@@ -20,35 +20,42 @@
   Outputs of upstream chains are stood in for by text of their expected length.
 * **expected output tokens**: the model's ``max_tokens`` if set, else 24 per
   field of a structured output, else 150 for text.
-* **cost** from the price table (shown to 4 significant digits), and the
+* **cached input tokens**: what the provider's prompt cache can serve of
+  each call's prompt, from the chain's fixed prefix (``preview.caching``):
+  the cacheable part of it (1,024 tokens and more, in steps of 128) on every
+  call of the chain but its first. Priced at the cached-input price; at most
+  what caching gives (the provider's cache is best effort).
+* **cost** from the price table (shown to 4 significant digits), each call
+  at the price of the tier it would be sent by: Flex for a model that asks
+  for it (``service_tier="flex"`` on ``estimate``, as on ``enrich``; the
+  model's own field, or its ``.bind(service_tier=...)``), the Batch API's
+  with ``batch=True``, else the list price, which is shown beside; and the
   **projected wall time** at the
   given ``rpm``/``tpm``: the larger of calls / rpm and tokens / tpm.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
-from langchain_openai.chat_models.base import BaseChatOpenAI
+from langchain_core.runnables import RunnableBinding
 
 from dask_llm.cache import ResultCache, make_key, read_only
 from dask_llm.chains.columns import is_missing
 from dask_llm.chains.graph import find
 from dask_llm.chains.plan import Plan, PlannedChain
-from dask_llm.core.usage import PriceEntry, cost_usd, price_of
+from dask_llm.chains.prompt import schema_text
+from dask_llm.core.usage import PriceEntry, Tier, cost_usd, price_of, savings_usd
+from dask_llm.preview.caching import cached_per_call
+from dask_llm.preview.tokens import token_counter
+from dask_llm.providers import provider_of
 
 _TEXT_OUTPUT_TOKENS = 150
 _FIELD_OUTPUT_TOKENS = 24
-_O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 
 
 @dataclass
@@ -66,16 +73,29 @@ class Estimate:
     budget_usd: float | None = None
     #: Estimated for the Batch API (``cost_usd`` at batch prices, no wall time).
     batch: bool = False
-    #: The cost online and through the Batch API (None where a model has no price).
+    #: The cost online (Flex where asked) and through the Batch API (None where a model
+    #: has no price).
     online_cost_usd: float | None = None
     batch_cost_usd: float | None = None
     #: Partitions of the frame: batch waits overlap only where they run at once.
     partitions: int = 1
+    #: Input tokens (of ``input_tokens``) the prompt cache can serve, and what that saves
+    #: against paying them as input (``preview.caching``: at most).
+    cached_tokens: int = 0
+    caching_saved_usd: float | None = None
+    #: Calls sent by Flex processing; the cost of every call online at list price.
+    flex_calls: int = 0
+    list_price_cost_usd: float | None = None
 
     def __str__(self) -> str:
         cost = "unknown" if self.cost_usd is None else f"${significant(self.cost_usd)}"
         if self.batch and self.online_cost_usd is not None:
             cost += f" with the Batch API (online: ${significant(self.online_cost_usd)})"
+        elif self.flex_calls and self.list_price_cost_usd is not None:
+            some = "" if self.flex_calls == self.calls else f" for {self.flex_calls:,} calls"
+            cost += f" with Flex{some} (list price: ${significant(self.list_price_cost_usd)})"
+        if self.cached_tokens and self.caching_saved_usd:
+            cost += f", ${significant(self.caching_saved_usd)} less for the prompt cache"
         if self.batch:
             wall = "within the batch window per round (one per dependent chain level)"
             if self.partitions > 1:
@@ -94,9 +114,14 @@ class Estimate:
         return (
             f"{self.rows:,} rows -> {self.calls:,} calls "
             f"({', '.join(f'{k}: {v:,}' for k, v in self.calls_by_chain.items())}); "
-            f"~{self.input_tokens:,} input + ~{self.output_tokens:,} output tokens "
+            f"~{self.input_tokens:,} input{self._cached()} + ~{self.output_tokens:,} output tokens "
             f"({self.tokenizer}); cost ~{cost}; wall time ~{wall}"
         ) + self._over_budget()
+
+    def _cached(self) -> str:
+        if not self.cached_tokens:
+            return ""
+        return f" (~{self.cached_tokens:,} from the prompt cache)"
 
     def _over_budget(self) -> str:
         if self.budget_usd is None or self.cost_usd is None or self.cost_usd <= self.budget_usd:
@@ -110,40 +135,14 @@ class Estimate:
         return asdict(self)
 
 
-def token_counter() -> tuple[Any, str]:
-    """(count(text) -> int, name): tiktoken's o200k_base if cached locally, else chars / 4."""
-    heuristic = (lambda text: (len(text) + 3) // 4), "heuristic: 4 characters a token"
-    try:
-        import tiktoken
-    except ImportError:
-        return heuristic
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get(
-        "DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    )
-    cached = os.path.join(cache_dir, hashlib.sha1(_O200K_URL.encode()).hexdigest())
-    if not cache_dir or not os.path.exists(cached):
-        return heuristic  # tiktoken would try to download it: not here
-    try:
-        enc = tiktoken.get_encoding("o200k_base")
-    except Exception:  # a broken cache file: fall back rather than fetch
-        return heuristic
-    return (lambda text: len(enc.encode(text, disallowed_special=()))), "tiktoken o200k_base"
-
-
 def _model_of(pc: PlannedChain) -> Any:
-    models = find(pc.chain.runnable, lambda x: isinstance(x, BaseChatOpenAI))
+    models = find(pc.chain.runnable, lambda x: provider_of(x) is not None)
     return models[0] if models else None
 
 
-def _schema_text(pc: PlannedChain) -> str:
-    """The structured-output schema sent with each request (counted as prompt tokens)."""
-    texts = []
-    for binding in find(pc.chain.runnable, lambda x: hasattr(x, "kwargs") and hasattr(x, "bound")):
-        for key in ("tools", "response_format"):
-            if key in binding.kwargs:
-                with contextlib.suppress(TypeError):
-                    texts.append(json.dumps(binding.kwargs[key], default=str))
-    return "".join(texts)
+def _model_name(model: Any) -> str | None:
+    provider = provider_of(model) if model is not None else None
+    return provider.model_name(model) if provider is not None else None
 
 
 def _render(pc: PlannedChain, inputs: dict[str, Any]) -> str:
@@ -172,8 +171,12 @@ def partition_counts(
     plan: Plan,
     cache: ResultCache | None,
     partition_info: dict[str, Any] | None = None,
+    *,
+    service_tier: str | None = None,
 ) -> pd.DataFrame:
-    """One row per (row, chain) that would be called: its dedup key and token counts.
+    """One row per (row, chain) that would be called: its dedup key, token counts (of its
+    input tokens, ``cached_tokens`` a prompt cache can serve: ``preview.caching``), model
+    and the tier it would be sent by (``service_tier``: every model's, as ``enrich``'s).
 
     Chains are taken in dependency order, as the engine's memo pass does: a
     chain whose answer is in the cache's row memo costs nothing, and its cached
@@ -185,13 +188,15 @@ def partition_counts(
     part = int((partition_info or {}).get("number", 0))
     n = len(df)
     columns = {c: df[c].tolist() for pc in plan.chains for c, p in pc.sources.values() if p is None}
-    records: list[tuple[str, str, int, int, Any]] = []
+    records: list[tuple[str, str, int, int, int, Any, str]] = []
     call_keys: dict[str, list[str | None]] = {}  # None: skipped for that row
     known: dict[str, list[Any]] = {}  # cached outputs (dicts of fields, or the value)
     for pc in plan.chains:
         model = _model_of(pc)
         out_tokens = expected_output_tokens(pc, model)
-        schema_tokens = count(_schema_text(pc))
+        schema_tokens = count(schema_text(pc.chain.runnable))
+        cached = cached_per_call(pc, count)
+        tier = tier_of(pc, model, service_tier)
         memo, legacy = pc.chain.memo_fingerprint, pc.chain.legacy_fingerprint
         keys: list[str | None] = [None] * n
         values: list[Any] = [MISSING] * n
@@ -240,18 +245,44 @@ def partition_counts(
                 **given,
                 **{v: stand_in for v, (_, p) in pc.sources.items() if p is not None},
             }
+            tokens = count(_render(pc, rendered)) + schema_tokens + 7
             records.append(
                 (
                     pc.name,
                     key,
-                    count(_render(pc, rendered)) + schema_tokens + 7,
+                    tokens,
+                    min(cached, tokens),
                     out_tokens,
-                    getattr(model, "model_name", None),
+                    _model_name(model),
+                    tier,
                 )
             )
-    return pd.DataFrame(
-        records, columns=["chain", "key", "input_tokens", "output_tokens", "model"]
-    ).astype({"input_tokens": "int64", "output_tokens": "int64", "model": object})
+    return pd.DataFrame(records, columns=list(_COUNTS)).astype(_COUNTS)
+
+
+_COUNTS: dict[str, Any] = {
+    "chain": object,
+    "key": object,
+    "input_tokens": "int64",
+    "cached_tokens": "int64",
+    "output_tokens": "int64",
+    "model": object,
+    "tier": object,
+}
+
+
+def tier_of(pc: PlannedChain, model: Any, service_tier: str | None) -> Tier:
+    """The tier ``pc``'s requests are sent by: ``service_tier`` when given (``enrich``
+    sets it on every model), else the chain's ``.bind(service_tier=...)``, else the
+    model's own ``service_tier``. Only Flex has a price of its own online."""
+    asked = service_tier
+    if asked is None:
+        bound = find(
+            pc.chain.runnable,
+            lambda x: isinstance(x, RunnableBinding) and "service_tier" in x.kwargs,
+        )
+        asked = bound[0].kwargs["service_tier"] if bound else getattr(model, "service_tier", None)
+    return "flex" if asked == "flex" else "default"
 
 
 class _Missing:
@@ -314,6 +345,7 @@ def run_estimate(
     prices: Mapping[str, PriceEntry],
     budget_usd: float | None = None,
     batch: bool = False,
+    service_tier: str | None = None,
 ) -> Estimate:
     """``estimate()``'s work: counts per partition (read-only cache), then the summary."""
     import dask
@@ -322,11 +354,14 @@ def run_estimate(
     store = read_only(cache)
     try:
         if isinstance(frame, dd.DataFrame):
-            meta = partition_counts(frame._meta, plan, None)
-            counts_lazy = frame.map_partitions(partition_counts, plan, store, meta=meta)
+            meta = partition_counts(frame._meta, plan, None, service_tier=service_tier)
+            counts_lazy = frame.map_partitions(
+                partition_counts, plan, store, service_tier=service_tier, meta=meta
+            )
             counts, rows = dask.compute(counts_lazy, frame.map_partitions(len).sum())
         else:
-            counts, rows = partition_counts(frame, plan, store), len(frame)
+            counts = partition_counts(frame, plan, store, service_tier=service_tier)
+            rows = len(frame)
     finally:
         if store is not None:
             store.close()
@@ -357,12 +392,15 @@ def summarize(
     prices: Mapping[str, PriceEntry] | None,
     batch: bool = False,
 ) -> Estimate:
-    unique = counts.drop_duplicates(subset=["chain", "key"])
+    unique = counts.drop_duplicates(subset=["chain", "key"]).reset_index(drop=True)
+    # The first call of each chain writes its prefix to the prompt cache; the rest read it.
+    unique.loc[~unique["chain"].duplicated(), "cached_tokens"] = 0
     by_chain = unique.groupby("chain").size().to_dict()
     input_tokens = int(unique["input_tokens"].sum())
     output_tokens = int(unique["output_tokens"].sum())
-    cost = _cost(unique, prices, batch=False)
-    batch_cost = _cost(unique, prices, batch=True)
+    cost, saved = _cost(unique, prices, tier=None)
+    batch_cost, batch_saved = _cost(unique, prices, tier="batch")
+    list_cost, _ = _cost(unique, prices, tier="default")
     calls = len(unique)
     waits = []
     if rpm:
@@ -382,16 +420,24 @@ def summarize(
         batch=batch,
         online_cost_usd=cost,
         batch_cost_usd=batch_cost,
+        cached_tokens=int(unique["cached_tokens"].sum()),
+        caching_saved_usd=batch_saved if batch else saved,
+        flex_calls=0 if batch else int((unique["tier"] == "flex").sum()),
+        list_price_cost_usd=list_cost,
     )
 
 
 def _cost(
-    unique: pd.DataFrame, prices: Mapping[str, PriceEntry] | None, *, batch: bool
-) -> float | None:
-    cost = 0.0
-    for model, group in unique.groupby("model", dropna=False):
-        price = price_of(model if isinstance(model, str) else None, prices, batch=batch)
+    unique: pd.DataFrame, prices: Mapping[str, PriceEntry] | None, *, tier: Tier | None
+) -> tuple[float | None, float | None]:
+    """(cost, what the prompt cache saved) in US dollars, each call at ``tier`` (None: the
+    tier it would be sent by); (None, None) when a model has no price."""
+    cost = saved = 0.0
+    for (model, asked), group in unique.groupby(["model", "tier"], dropna=False):
+        price = price_of(model if isinstance(model, str) else None, prices, tier=tier or asked)
         if price is None:
-            return None
-        cost += cost_usd(price, group["input_tokens"].sum(), group["output_tokens"].sum())
-    return float(cost)
+            return None, None
+        cached = int(group["cached_tokens"].sum())
+        cost += cost_usd(price, group["input_tokens"].sum(), group["output_tokens"].sum(), cached)
+        saved += savings_usd(price, cached)
+    return float(cost), float(saved)

@@ -17,7 +17,14 @@ costs the whole job's money at 130,000. Two guards:
   429s, errors and retries take turns too) and tokens / tpm, at the limits
   given or those the provider announced; without either, at the pilot's own pace. The
   pilot's answers go to the cache like any run's: the full job does not pay
-  for them again.
+  for them again. Its cost is what the provider billed the sample: prompt
+  tokens read from the provider's prompt cache at the cached-input price, Flex
+  answers at the Flex price (``enrich(service_tier="flex")``, or a model that
+  asks for it), so the projection carries the cached share and the tier the
+  pilot measured (``Pilot.cached_share``, ``Pilot.flex_share``). A sample's
+  first calls write the prompt cache that later calls read: a short pilot
+  under-states the share a long job gets, and ``estimate()`` projects it
+  from the chain's fixed prefix.
 * **``enrich(..., quality_gate=QualityGate(...))``** checks the same rates as
   rows finish, once ``min_rows`` rows have finished in a process, and stops
   the job (stop kind ``quality``, ``engine.job``) when one crosses its threshold:
@@ -81,6 +88,10 @@ class Pilot:
     #: Rows that failed before any request (the pilot stopped: budget, a fatal answer):
     #: left out of the projection, which is made from the rows that were sent.
     unsent_rows: int = 0
+    #: Of the pilot's prompt tokens, the share read from the provider's prompt cache; of its
+    #: paid answers, the share served by Flex processing.
+    cached_share: float = 0.0
+    flex_share: float = 0.0
     run: RunSummary | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
@@ -102,9 +113,20 @@ class Pilot:
             f"pilot of {self.sample_rows:,} of {self.rows:,} rows: errors {self.error_rate:.1%}, "
             f"truncated {self.truncation_rate:.1%}, refusals {self.refusal_rate:.1%}, "
             f"parse failures {self.parse_failure_rate:.1%}; {self.calls_per_row:.2f} calls/row, "
-            f"{self.input_tokens_per_call:,.0f} + {self.output_tokens_per_call:,.0f} tokens/call; "
-            f"pilot cost {money(self.cost_usd)}; full job ~{cost}, ~{wall}"
+            f"{self.input_tokens_per_call:,.0f} + {self.output_tokens_per_call:,.0f} tokens/call"
+            f"{self._cached()}; pilot cost {money(self.cost_usd)}{self._flex()}; "
+            f"full job ~{cost}, ~{wall}"
         ) + self._unsent()
+
+    def _cached(self) -> str:
+        if not self.cached_share:
+            return ""
+        return f" ({self.cached_share:.0%} of input tokens from the prompt cache)"
+
+    def _flex(self) -> str:
+        if not self.flex_share:
+            return ""
+        return " (Flex)" if self.flex_share == 1 else f" ({self.flex_share:.0%} by Flex)"
 
     def _unsent(self) -> str:
         if not self.unsent_rows:
@@ -195,6 +217,8 @@ def project(run: RunSummary, *, rows: int, wall_s: float, tpm: float | None) -> 
     tokens_in = sum(c.input_tokens for c in record.chains.values())
     tokens_out = sum(c.output_tokens for c in record.chains.values())
     unpriced = sum(c.unpriced for c in record.chains.values())
+    cached = sum(c.cached_tokens for c in record.chains.values())
+    flex = sum(c.flex for c in record.chains.values())
     sent_rows = r.n - r.cached - r.unsent
     paid_rows = max(1, sent_rows)
 
@@ -257,6 +281,8 @@ def project(run: RunSummary, *, rows: int, wall_s: float, tpm: float | None) -> 
         paced_by=paced_by,
         cached_rows=r.cached,
         unsent_rows=r.unsent,
+        cached_share=rate(cached, tokens_in),
+        flex_share=rate(flex, answers),
         run=run,
     )
 

@@ -13,6 +13,15 @@ a JSON instance that conforms to the JSON schema below." and the schema in a
 ``` fence) in any message, or, when the answer is JSON anyway (``json_object``
 mode, or a prompt that mentions JSON), any fenced JSON object that looks like
 a schema (has ``properties``).
+
+Tool calls and JSON answers also take what the last user message names, as a model
+would: a tool's arguments are an instance of its parameters' schema whose fields take
+the prompt's values where they fit (``name=value``; a number or quoted string next to a
+word of the field's name; else the next unused number within the field's bounds or
+quoted string; an enum option the prompt mentions), so "What is magic_function(3)?"
+calls it with 3; the tool called is the one ``tool_choice`` or else the prompt names; a
+JSON answer without a schema, asked for "'setup' and 'punchline' keys", has those keys.
+Only answers of prompts that name such values differ from the seed's draw.
 """
 
 from __future__ import annotations
@@ -258,3 +267,209 @@ def instructed_schema(messages: list[Any], *, json_answer: bool) -> dict[str, An
             ):
                 return schema
     return None
+
+
+# -- values the prompt names ---------------------------------------------------------------
+# A model asked "What is the value of magic_function(3)?" calls the tool with 3, and one asked
+# to "create a customer named '你好啊集团'" passes that name: tool-call arguments take the values
+# the last user message names, where they fit a parameter (its type, bounds, enum), and are
+# drawn from the seed elsewhere. The same for the keys a JSON answer is asked to have.
+_QUOTED = re.compile(r"""(?<!\w)(?:'([^'\n]+?)'|"([^"\n]+?)"|“([^”\n]+?)”|「([^」\n]+?)」)(?!\w)""")
+_NUMBER = re.compile(r"(?<![\w.\-])-?\d+(?:\.\d+)?(?!\w)")
+_KEYWORDS = re.compile(r"\b(?:keys?|fields?|properties|attributes)\b", re.IGNORECASE)
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_NAME_PARTS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
+# What may stand between a parameter's word and its value: "vintage 2019", "price: 18.5",
+# "named 'Ana'", "a price of 12".
+_BETWEEN = re.compile(r"[\s:=]*(?:(?:is|of|at|to|as|be|was)\s+)?", re.IGNORECASE)
+
+
+class PromptValues:
+    """The quoted strings and numbers of a prompt, each with its offset."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.quoted = [
+            (m.start(), m.end(), next(g for g in m.groups() if g is not None))
+            for m in _QUOTED.finditer(text)
+        ]
+        inside = {k for a, b, _ in self.quoted for k in range(a, b)}
+        self.numbers = [
+            (m.start(), m.end(), m.group())
+            for m in _NUMBER.finditer(text)
+            if m.start() not in inside
+        ]
+
+    def named(self, field: str) -> tuple[range, str] | None:
+        """The value written after ``field=`` or ``field:`` (quotes removed), and where."""
+        value = rf"""\b{re.escape(field)}\s*[=:]\s*(?:'([^'\n]*)'|"([^"\n]*)"|([^\s,;)'"]+))"""
+        match = re.search(value, self.text)
+        if match is None:
+            return None
+        return range(match.start(), match.end()), next(g for g in match.groups() if g is not None)
+
+    def near(self, field: str, values: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+        """Those of ``values`` right after a word of ``field``'s name ("bottles 12", "named
+        'Ana'") or right before one ("12 bottles")."""
+        parts = [w.lower() for w in _NAME_PARTS.findall(field) if len(w) >= 3]
+        if not parts:
+            return []
+        words = re.compile(rf"\b(?:{'|'.join(map(re.escape, parts))})\w*", re.IGNORECASE)
+        found = []
+        for m in words.finditer(self.text):
+            for value in values:
+                start, end, _ = value
+                after = start >= m.end() and _BETWEEN.fullmatch(self.text, m.end(), start)
+                before = end <= m.start() and not self.text[end : m.start()].strip()
+                if after or before:
+                    found.append(value)
+        return found
+
+    def json_keys(self) -> list[str]:
+        """Keys a prompt asks a JSON answer for: "as a JSON with 'setup' and 'punchline' keys"."""
+        if not _KEYWORDS.search(self.text):
+            return []
+        return list(dict.fromkeys(q for _, _, q in self.quoted if _IDENTIFIER.fullmatch(q)))
+
+
+def _resolved(schema: dict[str, Any], defs: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """``schema`` with a ``$ref`` followed, the first non-null ``anyOf``/``oneOf`` taken."""
+    while depth < 12:
+        depth += 1
+        if "$ref" in schema:
+            schema = defs.get(schema["$ref"].rsplit("/", 1)[-1], {})
+            continue
+        options = schema.get("anyOf") or schema.get("oneOf")
+        if options:
+            schema = next((o for o in options if o.get("type") != "null"), options[0])
+            continue
+        break
+    return schema
+
+
+def _in_bounds(value: float, s: dict[str, Any]) -> bool:
+    return not (
+        ("minimum" in s and value < s["minimum"])
+        or ("maximum" in s and value > s["maximum"])
+        or ("exclusiveMinimum" in s and value <= s["exclusiveMinimum"])
+        or ("exclusiveMaximum" in s and value >= s["exclusiveMaximum"])
+    )
+
+
+def _fit(raw: str, s: dict[str, Any]) -> tuple[bool, Any]:
+    """``raw`` as a value of the (resolved) field schema ``s``, or ``(False, None)``."""
+    kind = s.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None)
+    if "enum" in s:
+        for option in s["enum"]:
+            if str(option).lower() == raw.lower():
+                return True, option
+        return False, None
+    if kind in ("integer", "number"):
+        try:
+            number: float = int(raw) if kind == "integer" else float(raw)
+        except ValueError:
+            return False, None
+        if kind == "number" and number == int(number) and "." not in raw:
+            number = int(number)
+        return _in_bounds(number, s), number
+    if kind == "boolean":
+        lowered = raw.lower()
+        return lowered in ("true", "false"), lowered == "true"
+    plain = kind is None and not {"properties", "items"} & s.keys()
+    if (kind == "string" or plain) and "format" not in s:
+        fits = len(raw) >= int(s.get("minLength", 0)) and len(raw) <= int(
+            s.get("maxLength", len(raw))
+        )
+        return fits, raw
+    return False, None
+
+
+def fill_from_prompt(instance: Any, schema: dict[str, Any], text: str) -> Any:
+    """``instance`` (of ``schema``) with the values ``text`` names in the fields they fit.
+
+    A field written out (``a=3``, ``city: Paris``) takes its value; else a value next to a
+    word of the field's name ("12 bottles", "vintage 2019", "named 'Ana'"); else, in the
+    order of the fields, a numeric field takes the first unused number of the text that fits
+    its bounds and a string field the first unused quoted string; an enum field takes an
+    option the text mentions. Fields nothing fits keep what the seed drew. Only top-level
+    fields of an object are filled.
+    """
+    if not isinstance(instance, dict) or not text:
+        return instance
+    defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    props = _resolved(schema, defs).get("properties") or {}
+    values = PromptValues(text)
+    filled = dict(instance)
+    fields = {name: _resolved(sub, defs) for name, sub in props.items()}
+    used: set[int] = set()
+
+    def take(name: str, candidates: list[tuple[int, int, str]]) -> bool:
+        for start, _, raw in candidates:
+            if start in used:
+                continue
+            ok, value = _fit(raw, fields[name])
+            if ok:
+                filled[name] = value
+                used.add(start)
+                return True
+        return False
+
+    def pool(s: dict[str, Any]) -> list[tuple[int, int, str]]:
+        return values.numbers if s.get("type") in ("integer", "number") else values.quoted
+
+    pending = []
+    for name, s in fields.items():
+        named = values.named(name)
+        ok, value = _fit(named[1], s) if named is not None else (False, None)
+        if ok and named is not None:
+            filled[name] = value
+            used.update(named[0])
+        elif "enum" in s:
+            words = set(re.findall(r"[\w-]+", text.lower()))
+            options = [o for o in s["enum"] if str(o).lower() in words]
+            if options:
+                filled[name] = options[0]
+        elif not take(name, values.near(name, pool(s))):
+            pending.append(name)
+    for name in pending:
+        take(name, pool(fields[name]))
+    return filled
+
+
+def tool_call(
+    tools: dict[str, dict[str, Any]],
+    wanted: str | None,
+    text: str,
+    rng: random.Random,
+    echo: list[str],
+) -> tuple[str, dict[str, Any], Any]:
+    """A call of one of ``tools`` (name -> parameters' JSON schema): its name, the schema and
+    the arguments.
+
+    The tool is ``wanted`` (what ``tool_choice`` names), else one whose name ``text`` has,
+    else the first; its arguments an instance of its schema with the values ``text`` names
+    (``fill_from_prompt``). Provider-neutral: OpenAI's and Anthropic's tool shapes map to it.
+    """
+    name = next(iter(tools), "tool")
+    if wanted in tools:
+        name = wanted
+    else:
+        name = next((t for t in tools if re.search(rf"\b{re.escape(t)}\b", text)), name)
+    schema = tools.get(name) or {}
+    return name, schema, fill_from_prompt(schema_instance(schema, rng, echo), schema, text)
+
+
+def last_user_text(messages: list[Any]) -> str:
+    """The text of the last user message (what a model answers), without format instructions."""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return without_instructions(message_text(message))
+    return ""
+
+
+def keyed_json(keys: list[str], rng: random.Random, echo: list[str]) -> str:
+    """A JSON object with exactly ``keys``, each a short text."""
+    schema = {"type": "object", "properties": {k: {"type": "string"} for k in keys}}
+    return json.dumps(schema_instance(schema, rng, echo))

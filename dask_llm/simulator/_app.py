@@ -33,6 +33,8 @@ from typing import Any
 from aiohttp import web
 
 from dask_llm.simulator import _answers as answers
+from dask_llm.simulator._anthropic import MessagesAPI
+from dask_llm.simulator._anthropic_batch import MessageBatches
 from dask_llm.simulator._batch import BatchAPI
 from dask_llm.simulator._config import SimulatorConfig
 from dask_llm.simulator._http import JSON, error, error_body, respond
@@ -183,6 +185,8 @@ class SimulatorApp:
         self._late_faults = tuple((name, p) for name, p in late if p > 0)
         self._late_draw = bool(self._late_faults) or config.schema_violation > 0
         self.batches = BatchAPI(self)
+        self.claude = MessagesAPI(self)
+        self.claude_batches = MessageBatches(self, self.claude)
 
     def _make_limiters(self) -> None:
         cfg = self.config
@@ -206,15 +210,20 @@ class SimulatorApp:
             if window is not None:
                 window.clear()
         self.batches.reset()
+        self.claude.reset()
+        self.claude_batches.reset()
 
     def make_app(self) -> web.Application:
         self.started = time.monotonic()
         self._make_limiters()
+        self.claude.make_limiters()
         self.stats.reset()  # the series starts with the server
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         self.batches.add_routes(app.router)
+        self.claude_batches.add_routes(app.router)  # before /v1/messages: no clash either way
+        self.claude.add_routes(app.router)
         app.router.add_get("/sim/stats", self.get_stats)
         app.router.add_post("/sim/reset", self.post_reset)
         return app
@@ -223,6 +232,7 @@ class SimulatorApp:
         """Everything ``/sim/stats`` reports; call on the event loop."""
         snapshot = self.stats.snapshot()
         snapshot.update(self.batches.counters(time.monotonic()))
+        snapshot.update(self.claude_batches.counters())
         return snapshot
 
     # -- small endpoints ----------------------------------------------------------------
@@ -571,19 +581,23 @@ class SimulatorApp:
         tools = payload.get("tools") or []
         choice = payload.get("tool_choice")
         response_format = payload.get("response_format") or {}
-        if tools and choice != "none":
-            tool = tools[0]
-            if isinstance(choice, dict):
-                wanted = (choice.get("function") or {}).get("name")
-                tool = next((t for t in tools if t.get("function", {}).get("name") == wanted), tool)
-            fn = tool.get("function", {})
-            schema = fn.get("parameters") or {}
-            arguments = json.dumps(answers.schema_instance(schema, random.Random(digest), echo))
+        asked = answers.last_user_text(messages)
+        # After a tool's result, a model free to choose answers in words.
+        replied = isinstance(messages[-1], dict) and messages[-1].get("role") == "tool"
+        if tools and choice != "none" and not (replied and choice in (None, "auto")):
+            functions = [t.get("function") or {} for t in tools if isinstance(t, dict)]
+            named = {f.get("name") or "tool": f.get("parameters") or {} for f in functions}
+            forced = choice.get("function") if isinstance(choice, dict) else None
+            wanted = forced.get("name") if isinstance(forced, dict) else None
+            name, schema, instance = answers.tool_call(
+                named, wanted, asked, random.Random(digest), echo
+            )
+            arguments = json.dumps(instance)
             message["tool_calls"] = [
                 {
                     "id": f"call_{digest.hex()[:24]}",
                     "type": "function",
-                    "function": {"name": fn.get("name", "tool"), "arguments": arguments},
+                    "function": {"name": name, "arguments": arguments},
                 }
             ]
             finish = "tool_calls"
@@ -597,6 +611,8 @@ class SimulatorApp:
             schema = answers.instructed_schema(messages, json_answer=json_answer)
             if schema is not None:
                 produced = json.dumps(answers.schema_instance(schema, random.Random(digest), echo))
+            elif json_answer and (keys := answers.PromptValues(asked).json_keys()):
+                produced = answers.keyed_json(keys, random.Random(digest), echo)
             elif json_answer:
                 produced = answers.json_object(random.Random(digest), echo)
             else:

@@ -47,6 +47,10 @@ class SimulatorConfig:
     ``api_key``: when set, any other key gets 401. ``models``: when set, other
     models get 404 ``model_not_found``.
 
+    Anthropic's Messages API (``/v1/messages``, see ``_anthropic``) has the same
+    answers, ``rpm`` and ``tpm`` (input tokens) and ``output_tpm`` as token
+    buckets, and ``overloaded`` (529 ``overloaded_error``).
+
     Flex processing (requests with ``service_tier="flex"``, echoed in the
     answer): ``flex_slowdown`` multiplies their latency; ``flex_unavailable``
     answers that share of them, on arrival, with OpenAI's 429 "resource
@@ -125,6 +129,10 @@ class SimulatorConfig:
         0.0, "Probability that a batch line is answered with a 500 (in the error file)."
     )
     batch_max_lines: int = _option(50_000, "Most requests in a batch file.")
+    output_tpm: int | None = _option(
+        None, "Output tokens per minute of /v1/messages (Anthropic's OTPM; 429 beyond)."
+    )
+    overloaded: float = _option(0.0, "Probability of Anthropic's 529 overloaded_error.")
     batch_max_bytes: int = _option(200 * 1024 * 1024, "Largest batch input file, in bytes.")
 
     def __post_init__(self) -> None:
@@ -160,11 +168,12 @@ class SimulatorConfig:
             "spurious_429",
             "flex_unavailable",
             "batch_line_failure_rate",
+            "overloaded",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} is a probability: between 0 and 1, not {value}")
-        for name in ("rpm", "tpm", "max_in_flight", "context_tokens"):
+        for name in ("rpm", "tpm", "output_tpm", "max_in_flight", "context_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, or None for no limit")

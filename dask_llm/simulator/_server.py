@@ -59,6 +59,12 @@ class Simulator:
         """``http://HOST:PORT/v1``: what ``base_url=`` of an OpenAI client takes."""
         return f"http://{self.host}:{self.port}/v1"
 
+    @property
+    def anthropic_base_url(self) -> str:
+        """``http://HOST:PORT``: what ``base_url=`` of ``ChatAnthropic`` (and the anthropic SDK,
+        which adds ``/v1/messages``) takes."""
+        return f"http://{self.host}:{self.port}"
+
     def start(self) -> Simulator:
         if self._thread is not None:
             raise RuntimeError("the simulator is already running")

@@ -46,6 +46,7 @@ FAULTS = (
     "insufficient_quota",
     "spurious_429",
     "flex_unavailable",
+    "overloaded",
 )
 
 SERIES_SECONDS = 3600

@@ -1,13 +1,14 @@
-"""Batch API mode: the requests the chains would send online, sent as OpenAI batches.
+"""Batch API mode: the requests the chains would send online, sent as the provider's batches.
 
 ``enrich(chains, batch=True)`` runs the chains unchanged. Each chat-completion
 request they make reaches the job's transport (``transport.pipeline``) as online; in
 batch mode the transport hands it to this partition's ``Batcher`` and waits.
 When every row of the partition is waiting (on a batch line, or on an
 identical request another partition has in a batch), the waiting requests
-are written as JSONL lines (``custom_id`` = the request's cache key), uploaded
-(``/v1/files``) and submitted (``/v1/batches``), split to stay within the
-API's limits (50,000 lines, 200 MB per file). A watcher polls each batch
+are submitted as a batch of the provider's Batch API (``custom_id`` = the
+request's cache key; ``providers.base.BatchClient``: OpenAI's ``/v1/files``
+and ``/v1/batches``, Anthropic's ``/v1/messages/batches``), split to stay
+within the API's limits (``BatchPolicy.max_lines``, ``max_bytes``). A watcher polls each batch
 with backoff; when it ends, its output and error files are read, each answer
 enters the result cache, and each waiting request is answered with its line
 as if it had come online, so the chain's own parsers, structured output,
@@ -42,11 +43,11 @@ takes to cancel; lines of a cancel still under way at the deadline go online
 the provider rejects at validation stops the job with its errors named:
 every other line would be rejected alike.
 
-Why the openai SDK for the files and batches endpoints: it is already the
-transport of every chat model here and knows the multipart upload and the
-objects' shapes; its own retries (2) are on for these calls except
-``batches.create``, which is not idempotent (a lost answer to it is found
-by listing batches, not by creating another).
+Each provider's SDK speaks its own Batch API (``providers``): it is already
+the transport of its chat models and knows the objects' shapes; its own
+retries (2) are on for these calls except the create call, which is not
+idempotent (a lost answer to it is found by listing batches, where the
+provider allows it, not by creating another).
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-import openai
-
 from dask_llm.core.config import BatchPolicy
+from dask_llm.providers.base import BatchClient, BatchState, Provider
+from dask_llm.providers.registry import API_ERRORS, OPENAI, PROVIDERS, STATUS_ERRORS
 from dask_llm.transport.wire import Answer, fatal_reason
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ log = logging.getLogger(__name__)
 #: The row (of this partition) whose chains run in this context; set by the runner.
 ROW: contextvars.ContextVar[int | None] = contextvars.ContextVar("dask_llm_row", default=None)
 
-_ENDPOINT: Final = "/v1/chat/completions"
+#: Whose Batch API a line goes to: (provider, base URL, API key).
+Group = tuple[Provider, str, str]
 _GAUGES: Final = {
     "validating": "batches_validating",
     "in_progress": "batches_in_progress",
@@ -102,7 +104,7 @@ GO_ONLINE: Final = GoOnline()
 class _Line:
     __slots__ = ("body", "future", "group", "key", "reattached")
 
-    def __init__(self, key: str, body: bytes, group: tuple[str, str], future: Any) -> None:
+    def __init__(self, key: str, body: bytes, group: Group, future: Any) -> None:
         self.key = key
         self.body = body
         self.group = group
@@ -124,7 +126,7 @@ class Batcher:
         self._blocked_rows = 0
         self._check_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+        self._clients: dict[Group, BatchClient] = {}
         self._watching: dict[str, dict[str, list[_Line]]] = {}
         self.in_flight: dict[str, str] = {}  # batch id -> last status seen
         self._first_submit: float | None = None
@@ -256,8 +258,11 @@ class Batcher:
             # A line of another partition may settle too: look again a lease later.
             self._retry_later(_RESERVE_RETRY_S)
 
-    async def answer(self, request: Any, body: bytes, key: str, *, fresh: bool = False) -> Any:
-        """The answer to ``request`` from a batch (an ``Answer``), or ``GO_ONLINE``.
+    async def answer(
+        self, request: Any, body: bytes, key: str, *, provider: Provider, fresh: bool = False
+    ) -> Any:
+        """The answer to ``request`` (to ``provider``) from a batch (an ``Answer``), or
+        ``GO_ONLINE``.
 
         ``fresh``: asked again (its cached answer did not parse): a line of its own,
         never re-attached.
@@ -266,7 +271,8 @@ class Batcher:
             return GO_ONLINE
         loop = asyncio.get_running_loop()
         custom_id = f"{key}.{uuid.uuid4().hex[:8]}" if fresh else key
-        line = _Line(custom_id, body, _group(request), loop.create_future())
+        base, api_key = provider.batch_group(request)
+        line = _Line(custom_id, body, (provider, base, api_key), loop.create_future())
         batch_id = None if fresh else await self._registered(line)
         if batch_id is not None:
             self._watch_line(batch_id, line)
@@ -292,15 +298,14 @@ class Batcher:
         if isinstance(entry, dict) and isinstance(entry.get("batch"), str):
             batch_id = str(entry["batch"])
             return None if batch_id in self._read_batches else batch_id
-        client = self._client(line.group)
         try:
-            async for batch in client.batches.list(limit=100):
-                if batch.input_file_id == file_id:
-                    job.cache_put(f"batchfile:{file_id}", {"batch": batch.id}, self.stats)
-                    return str(batch.id)
-        except openai.APIError as exc:
+            found_id = await self._client(line.group).find(file_id)
+        except API_ERRORS as exc:
             log.warning("dask-llm: could not list batches to re-attach (%s)", exc)
-        return None  # uploaded, never submitted: submit again
+            return None
+        if found_id is not None:
+            job.cache_put(f"batchfile:{file_id}", {"batch": found_id}, self.stats)
+        return found_id  # None: stored, never submitted: submit again
 
     def _watch_line(self, batch_id: str, line: _Line) -> None:
         line.reattached = True
@@ -315,7 +320,7 @@ class Batcher:
 
     # -- submitting -----------------------------------------------------------------------------
     async def _submit(self, lines: list[_Line]) -> None:
-        groups: dict[tuple[str, str], list[_Line]] = {}
+        groups: dict[Group, list[_Line]] = {}
         for line in lines:
             groups.setdefault(line.group, []).append(line)
         for group, members in groups.items():
@@ -327,29 +332,25 @@ class Batcher:
                 except Exception as exc:
                     self._fail_lines(chunk, exc)
 
-    async def _submit_one(self, group: tuple[str, str], chunk: list[_Line]) -> None:
+    async def _submit_one(self, group: Group, chunk: list[_Line]) -> None:
         self.job.check()
         by_key: dict[str, list[_Line]] = {}
         for line in chunk:
             by_key.setdefault(line.key, []).append(line)
-        data = b"\n".join(
-            json.dumps(
-                {
-                    "custom_id": key,
-                    "method": "POST",
-                    "url": _ENDPOINT,
-                    "body": json.loads(members[0].body),
-                },
-                separators=(",", ":"),
-            ).encode()
-            for key, members in by_key.items()
+
+        def stored(ref: str) -> None:
+            for key in by_key:
+                self.job.cache_put(f"batchline:{key}", {"file": ref}, self.stats)
+            refs.append(ref)
+
+        refs: list[str] = []
+        batch = await self._client(group).submit(
+            {key: members[0].body for key, members in by_key.items()},
+            job=str(self.job.options.job),
+            stored=stored,
         )
-        client = self._client(group)
-        uploaded = await client.files.create(file=("dask-llm-batch.jsonl", data), purpose="batch")
-        for key in by_key:
-            self.job.cache_put(f"batchline:{key}", {"file": uploaded.id}, self.stats)
-        batch = await self._create(client, uploaded.id)
-        self.job.cache_put(f"batchfile:{uploaded.id}", {"batch": batch.id}, self.stats)
+        for ref in refs:
+            self.job.cache_put(f"batchfile:{ref}", {"batch": batch.id}, self.stats)
         if self._first_submit is None:
             self._first_submit = time.monotonic()
         self.stats.batches += 1
@@ -358,31 +359,14 @@ class Batcher:
         self._watching[batch.id] = by_key
         self._spawn(self._watch(batch.id, group))
 
-    async def _create(self, client: openai.AsyncOpenAI, file_id: str) -> Any:
-        """``batches.create`` once: a lost answer is looked for, not created again."""
-        try:
-            return await client.with_options(
-                max_retries=0
-            ).batches.create(
-                input_file_id=file_id,
-                endpoint=_ENDPOINT,
-                completion_window=self.policy.completion_window,  # type: ignore[arg-type]
-                metadata={"created_by": "dask-llm", "job": str(self.job.options.job)[:512]},
-            )
-        except (openai.APIConnectionError, openai.InternalServerError):
-            async for batch in client.batches.list(limit=100):
-                if batch.input_file_id == file_id:
-                    return batch
-            raise
-
     # -- watching -------------------------------------------------------------------------------
-    async def _watch(self, batch_id: str, group: tuple[str, str]) -> None:
+    async def _watch(self, batch_id: str, group: Group) -> None:
         client = self._client(group)
         delay = self.policy.poll_initial
         cancelled = False
         try:
             while True:
-                batch = await client.batches.retrieve(batch_id)
+                batch = await client.retrieve(batch_id)
                 if self.in_flight.get(batch_id) != batch.status:
                     self._status(batch_id, batch.status)
                 if batch.status in _TERMINAL:
@@ -390,7 +374,7 @@ class Batcher:
                 if not cancelled and self._past(self._cancel_at()):
                     self._online = True
                     log.info("dask-llm: deadline near, cancelling batch %s", batch_id)
-                    await client.batches.cancel(batch_id)
+                    await client.cancel(batch_id)
                     cancelled = True
                 if cancelled and self._past(self._deadline_at()):
                     self._give_up(batch_id, batch.status)
@@ -455,7 +439,7 @@ class Batcher:
         for members in lines.values():
             _resolve(members, GO_ONLINE)
 
-    async def _read(self, client: openai.AsyncOpenAI, batch: Any) -> None:
+    async def _read(self, client: BatchClient, batch: BatchState) -> None:
         lines = self._watching.get(batch.id, {})
         earlier = all(line.reattached for members in lines.values() for line in members)
         if batch.status == "failed" and earlier:
@@ -465,7 +449,7 @@ class Batcher:
             self._read_batches.add(batch.id)
             return
         if batch.status == "failed":
-            text = _validation_errors(batch)
+            text = batch.failed_because
             self.job.fatal_answer(f"the provider rejected batch {batch.id} ({text})")
             body = json.dumps(
                 {"error": {"code": "batch_failed", "message": f"batch {batch.id}: {text}"}}
@@ -474,32 +458,18 @@ class Batcher:
                 _resolve(members, Answer.json(400, body))
             return
         answered: set[str] = set()
-        for file_id in (batch.output_file_id, batch.error_file_id):
-            if not file_id:
-                continue
-            content = await client.files.content(file_id)
-            for raw in content.content.splitlines():
-                if not raw.strip():
-                    continue
-                record = json.loads(raw)
-                key = record.get("custom_id")
-                response = record.get("response")
-                if not isinstance(key, str) or not isinstance(response, dict):
-                    continue  # expired or cancelled: never ran
-                answer = Answer.json(
-                    int(response.get("status_code", 500)),
-                    json.dumps(response.get("body") or {}).encode(),
-                )
-                if answer.status < 400:
-                    self.job.cache_put(key.split(".")[0], answer.to_cache(), self.stats)
-                    self.stats.batch_lines += 1
-                answered.add(key)
-                members = lines.get(key) or []
-                if members:
-                    if answer.status >= 400 and self._go_online():
-                        _resolve(members, GO_ONLINE)
-                    else:
-                        _resolve(members, answer)
+        for key, status, body in await client.results(batch):
+            answer = Answer.json(status, body)
+            if answer.status < 400:
+                self.job.cache_put(key.split(".")[0], answer.to_cache(), self.stats)
+                self.stats.batch_lines += 1
+            answered.add(key)
+            members = lines.get(key) or []
+            if members:
+                if answer.status >= 400 and self._go_online():
+                    _resolve(members, GO_ONLINE)
+                else:
+                    _resolve(members, answer)
         for key, members in lines.items():
             if key in answered:
                 continue
@@ -526,9 +496,10 @@ class Batcher:
 
     def _fail_lines(self, lines: list[_Line], exc: Exception) -> None:
         answer = None
-        if isinstance(exc, openai.APIStatusError):
+        if isinstance(exc, STATUS_ERRORS) and lines:
             answer = Answer.json(exc.status_code, exc.response.content)
-            reason = fatal_reason(exc.status_code, exc.response.content, exc.request)
+            provider = lines[0].group[0]
+            reason = fatal_reason(exc.status_code, exc.response.content, exc.request, provider)
             if reason is not None:
                 self.job.fatal_answer(reason)
         for line in lines:
@@ -540,16 +511,12 @@ class Batcher:
                 line.future.set_exception(exc)
 
     # -- clients ----------------------------------------------------------------------------------
-    def _client(self, group: tuple[str, str]) -> openai.AsyncOpenAI:
+    def _client(self, group: Group) -> BatchClient:
         client = self._clients.get(group)
         if client is None:
-            base_url, auth = group
-            key = auth[7:] if auth.lower().startswith("bearer ") else auth
-            client = openai.AsyncOpenAI(
-                api_key=key or "none",
-                base_url=base_url,
-                max_retries=2,
-                http_client=openai.DefaultAioHttpClient(),
+            provider, base_url, api_key = group
+            client = provider.batch_client(
+                base_url, api_key, completion_window=self.policy.completion_window
             )
             self._clients[group] = client
         return client
@@ -572,13 +539,6 @@ class Batcher:
 
 def _blocked(state: list[int]) -> bool:
     return state[1] > 0 and state[1] >= state[0]
-
-
-def _group(request: Any) -> tuple[str, str]:
-    """(base URL, authorization) of a chat-completion request: the batch endpoint's client."""
-    url = str(request.url)
-    base = url.split("/chat/completions", 1)[0]
-    return base, request.headers.get("authorization", "")
 
 
 def _chunks(lines: list[_Line], max_lines: int, max_bytes: int) -> Iterator[list[_Line]]:
@@ -605,19 +565,9 @@ def _resolve(members: list[_Line], value: Any) -> None:
             line.future.set_result(value)
 
 
-def _expired_body(batch: Any) -> bytes:
+def _expired_body(batch: BatchState) -> bytes:
     message = f"batch {batch.id} ended {batch.status} before this line ran"
     return json.dumps({"error": {"code": "batch_expired", "message": message}}).encode()
-
-
-def _validation_errors(batch: Any) -> str:
-    errors = getattr(getattr(batch, "errors", None), "data", None) or []
-    parts = []
-    for error in errors[:5]:
-        where = f" line {error.line}" if getattr(error, "line", None) else ""
-        parts.append(f"{error.code}{where}: {error.message}")
-    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
-    return "; ".join(parts) + more if parts else "failed validation"
 
 
 def policy_for_retries(policy: Any) -> Any:
@@ -625,23 +575,25 @@ def policy_for_retries(policy: Any) -> Any:
     return dataclasses.replace(policy, wait_initial=0.0, wait_max=0.0, timeout=float("inf"))
 
 
-def cancel_batches(*batch_ids: str, client: openai.OpenAI | None = None) -> dict[str, str]:
+def cancel_batches(*batch_ids: str, client: Any = None) -> dict[str, str]:
     """Cancel batches a job submitted (their ids are in the interrupt message and the log).
 
-    ``client``: the ``openai.OpenAI`` to use (default: one from ``OPENAI_API_KEY`` and
-    ``OPENAI_BASE_URL``). Returns each batch's status after the cancel; a batch that
-    has already ended is left as it is. Lines a cancelled batch finished stay
-    answered: a rerun reads them and submits only the rest.
+    Each id goes to its provider's Batch API (OpenAI's ``batch_...``, Anthropic's
+    ``msgbatch_...``). ``client``: an ``openai.OpenAI`` or ``anthropic.Anthropic`` to use
+    for that provider's batches (default: one from the environment: ``OPENAI_API_KEY`` and
+    ``OPENAI_BASE_URL``, ``ANTHROPIC_API_KEY`` and ``ANTHROPIC_BASE_URL``). Returns each
+    batch's status after the cancel, in OpenAI's words; a batch that has already ended is
+    left as it is. Lines a cancelled batch finished stay answered: a rerun reads them and
+    submits only the rest.
     """
-    api = client or openai.OpenAI()
+    by_provider: dict[Provider, list[str]] = {}
+    ranked = sorted(
+        (p for p in PROVIDERS if p.batch), key=lambda p: len(p.batch_prefix), reverse=True
+    )
+    for batch_id in batch_ids:
+        owner = next((p for p in ranked if batch_id.startswith(p.batch_prefix)), OPENAI)
+        by_provider.setdefault(owner, []).append(batch_id)
     statuses: dict[str, str] = {}
-    try:
-        for batch_id in batch_ids:
-            batch = api.batches.retrieve(batch_id)
-            if batch.status not in _TERMINAL and batch.status != "cancelling":
-                batch = api.batches.cancel(batch_id)
-            statuses[batch_id] = batch.status
-    finally:
-        if client is None:
-            api.close()
-    return statuses
+    for provider, ids in by_provider.items():
+        statuses.update(provider.cancel_batches(ids, client=client))
+    return {batch_id: statuses[batch_id] for batch_id in batch_ids}

@@ -21,7 +21,6 @@ from dask_llm.core.runtime import part
 T = TypeVar("T")
 
 
-
 class InFlight:
     """Calls on the wire now, by key (a part of the process's ``core.runtime``): an entry
     lives from its call's start to its end, so the size is the calls in flight."""

@@ -1,18 +1,19 @@
 """Per-event-loop HTTP clients for the models inside a chain, and the stages every request passes.
 
 An async HTTP client belongs to the event loop it first ran on.
-langchain-openai caches one default async client per base URL for the whole
-process, so a chain used on one loop and then on another fails with
-``RuntimeError: Event loop is closed``, and the user's own
-``asyncio.run(chain.ainvoke(...))`` breaks once our loop has touched that
-shared client. So each partition's loop gets private copies of the chain's
-OpenAI models, with an ``AsyncOpenAI`` of its own built by ``with_options``
-(same key, base URL, headers, organization) on the aiohttp transport
-(``openai.DefaultAioHttpClient``, measured 1.8x the calls/s of httpx here),
-SDK retries off (dask-llm retries, one layer only), closed when the loop
-ends. The user's model objects and clients are never touched. A model given
-its own ``http_async_client`` by the user keeps it: that client is the
-user's choice, and its requests pass none of the stages below.
+langchain-openai and langchain-anthropic cache one default async client per
+base URL for the whole process, so a chain used on one loop and then on
+another fails with ``RuntimeError: Event loop is closed``, and the user's
+own ``asyncio.run(chain.ainvoke(...))`` breaks once our loop has touched
+that shared client. So each partition's loop gets private copies of the
+chain's models (of every provider in ``providers``), each with an SDK
+client of its own (same key, base URL, headers) on the SDK's aiohttp
+transport, SDK retries off (dask-llm retries, one layer only), closed when
+the loop ends: ``Provider.local_model`` builds it, and the job's
+``JobTransport`` wraps its transport. The user's model objects and clients
+are never touched. A model given its own ``http_async_client`` by the user
+keeps it: that client is the user's choice, and its requests pass none of
+the stages below.
 
 Every request of those clients passes, in ``JobTransport``::
 
@@ -42,6 +43,15 @@ Every request of those clients passes, in ``JobTransport``::
   does not resolve stops the job (``engine.job``); connection errors are re-raised
   naming the host and the cause.
 
+``JobTransport.exchange`` is every stage for one request, answered as an
+``Answer``: the compiled path (``dask_llm.compiled``) sends its own requests
+there. Around a chain call, a ``Capture`` records the requests LangChain
+sends and their answers (or, with ``abort``, records the first one and sends
+nothing), and a ``Replay`` answers a request of exactly the given body with
+an answer (or an exception) already had, passing no stage: how the compiled
+path learns a chain's request, proves itself, and hands LangChain an answer
+it does not read.
+
 The throttle wraps ``transport.pipeline`` of the httpx client: the one private
 attribute we touch; ``tests/test_transport`` fails loudly if the SDK moves it.
 """
@@ -56,19 +66,17 @@ import socket
 from typing import Any, cast
 
 import aiohttp
-import openai
 from langchain_core.language_models import BaseChatModel
-from langchain_core.runnables import Runnable
-from langchain_openai.chat_models.base import BaseChatOpenAI
+from langchain_core.runnables import Runnable, RunnableBinding
 
 from dask_llm.cache import request_key
 from dask_llm.chains.graph import find, rewrite
 from dask_llm.chains.outputs import is_configurable_model
-from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT, FLEX_REQUEST_TIMEOUT
 from dask_llm.core.errors import JobStopped
 from dask_llm.core.outcome import Outcome
-from dask_llm.core.usage import MAX_TOKENS, current_attempt, is_flex
+from dask_llm.core.usage import MAX_TOKENS, current_attempt
 from dask_llm.limits.coordinator import RENEW_S
+from dask_llm.providers import OPENAI, Provider, provider_of
 from dask_llm.transport import dedup as dedup
 from dask_llm.transport.batch import GO_ONLINE, Batcher
 from dask_llm.transport.wire import Answer, host_of, outcome_of
@@ -83,11 +91,21 @@ _NO_SUCH_NAME = frozenset(
 class JobTransport:
     """An httpx async transport: the job's stages around the SDK's own transport."""
 
-    def __init__(self, inner: Any, job: Any, stats: Any, batcher: Batcher | None = None) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        job: Any,
+        stats: Any,
+        batcher: Batcher | None = None,
+        *,
+        provider: Provider = OPENAI,
+    ) -> None:
         self.inner = inner
         self.job = job
         self.stats = stats
-        self.batcher = batcher
+        self.provider = provider
+        # The Batch API, for the providers whose batches the batch sender speaks.
+        self.batcher = batcher if provider.batch else None
         # Without a cache (cache=False), this partition's answers, so that a repeat of
         # a request answers from them as the cache would (and as estimate() counts);
         # they go with the partition's loop.
@@ -97,6 +115,27 @@ class JobTransport:
         self.gated = _install_gate(inner)
 
     async def handle_async_request(self, request: Any) -> Any:
+        capture = CAPTURE.get()
+        if capture is not None and capture.abort:
+            capture.requests.append(request)
+            raise CaptureAbort("captured, not sent")
+        replay = REPLAY.get()
+        if replay is not None and request.method == "POST":
+            if request.content == replay.body:
+                if replay.error is not None:
+                    raise replay.error
+                assert replay.answer is not None
+                return _response(request, replay.answer)
+            replay.missed = True  # LangChain built another request: it goes the usual way
+        if capture is not None:
+            capture.requests.append(request)
+        answer = await self.exchange(request)
+        if capture is not None:
+            capture.answers.append(answer)
+        return _response(request, answer)
+
+    async def exchange(self, request: Any) -> Answer:
+        """Every stage for one request; the answer (the compiled path calls this directly)."""
         job = self.job
         job.check()
         attempt = current_attempt.get()
@@ -111,17 +150,17 @@ class JobTransport:
                 if attempt is not None:
                     attempt.keys.append(key)
                     attempt.cached += 1
-                return _response(request, cached)
+                return cached
         if not fresh and job.cache is None and key in self._answers:
             if attempt is not None:
                 attempt.keys.append(key)
                 attempt.cached += 1  # this partition paid for it already
-            return _response(request, self._answers[key])
+            return self._answers[key]
         # In batch mode this row waits (for its batch, or an identical request's): the
         # batcher counts it, to submit once nothing else can arrive.
         waiting = (
             self.batcher.waiting()
-            if self.batcher is not None and _is_chat(request)
+            if self.batcher is not None and self._is_chat(request)
             else contextlib.nullcontext()
         )
         with waiting:
@@ -136,12 +175,12 @@ class JobTransport:
                     self._answers[key] = answer
         if attempt is not None and key is not None:
             attempt.keys.append(key)
-        return _response(request, answer)
+        return answer
 
     async def _send(
         self, request: Any, body: bytes, key: str | None, *, fresh: bool = False
     ) -> Answer:
-        if self.batcher is not None and key is not None and _is_chat(request):
+        if self.batcher is not None and key is not None and self._is_chat(request):
             answer = await self._send_batch(request, body, key, fresh=fresh)
             if answer is not None:
                 return answer
@@ -163,13 +202,17 @@ class JobTransport:
         sent_at = job.recorder.request_started()  # run record: a line waits as long as its batch
         outcome = Outcome(status=None, batch=True)  # no answer (yet)
         try:
-            result = await self.batcher.answer(request, body, key, fresh=fresh)
+            result = await self.batcher.answer(
+                request, body, key, provider=self.provider, fresh=fresh
+            )
             if result is GO_ONLINE:
                 # The line came back unanswered: it goes online, and costs nothing.
                 outcome = Outcome(status=408, batch=True)
                 return None
             answer = cast(Answer, result)
-            outcome = outcome_of(answer.status, None, answer.body, request, batch=True)
+            outcome = outcome_of(
+                answer.status, None, answer.body, request, provider=self.provider, batch=True
+            )
             if outcome.fatal is not None:
                 job.fatal_answer(outcome.fatal, body)
             if outcome.ok:
@@ -199,6 +242,7 @@ class JobTransport:
                 outcome.completion_tokens,
                 batch=outcome.batch,
                 cached_tokens=outcome.cached_tokens,
+                cache_write_tokens=outcome.cache_write_tokens,
                 tier=outcome.tier,
             )
         if worst:
@@ -245,13 +289,22 @@ class JobTransport:
             headers = response.headers
         finally:
             # The answer read once; every stage below acts on this outcome.
-            outcome = outcome_of(status, headers, data, request, flex=is_flex(body))
+            outcome = outcome_of(
+                status,
+                headers,
+                data,
+                request,
+                provider=self.provider,
+                flex=self.provider.is_flex(body),
+            )
             if outcome.fatal is not None:
                 # Before the slot is released: a request of another thread waiting for
                 # it must find the job stopped.
                 job.fatal_answer(outcome.fatal, body)
             job.recorder.request_finished(sent_at, outcome)
-            throttle.observe(started, status, headers, quota=outcome.quota)
+            throttle.observe(
+                started, status, headers, quota=outcome.quota, announced=outcome.announced
+            )
             if outcome.ok:
                 throttle.record_estimate(estimate)
             throttle.release()
@@ -264,7 +317,7 @@ class JobTransport:
             status, [(k, v) for k, v in headers.items() if k.lower() not in _DROP_HEADERS], data
         )
         if outcome.ok:
-            if key is not None:
+            if key is not None and job.cache is not None:
                 # Paid for: kept before anything after it (accounting, parsing) can fail.
                 job.cache_put(key, answer.to_cache(), self.stats)
             self._paid(outcome, worst, body)
@@ -273,6 +326,9 @@ class JobTransport:
         elif status == 429:
             self.stats.rate_limited += 1
         return answer
+
+    def _is_chat(self, request: Any) -> bool:
+        return request.method == "POST" and self.provider.is_chat(request.url.path)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -283,6 +339,53 @@ class JobTransport:
 
     async def __aexit__(self, *args: Any) -> None:
         await self.inner.__aexit__(*args)
+
+
+class Capture:
+    """Requests (and their answers) of the chain call running in this context.
+
+    ``abort``: record the first request and raise ``CaptureAbort`` instead of
+    sending it (``compiled`` learns the SDK's request for a chain this way).
+    """
+
+    __slots__ = ("abort", "answers", "requests")
+
+    def __init__(self, *, abort: bool = False) -> None:
+        self.abort = abort
+        self.requests: list[Any] = []
+        self.answers: list[Answer] = []
+
+
+class CaptureAbort(Exception):
+    """Raised by the transport in place of sending a captured request."""
+
+
+class Replay:
+    """The answer (or the exception) a request with exactly this body gets, without a stage.
+
+    The compiled path hands an answer it did not parse to LangChain this way, so
+    that LangChain's own value or error comes of it; ``missed``: LangChain sent
+    another body.
+    """
+
+    __slots__ = ("answer", "body", "error", "missed")
+
+    def __init__(
+        self, body: bytes, answer: Answer | None, error: BaseException | None = None
+    ) -> None:
+        self.body = body
+        self.answer = answer
+        self.error = error
+        self.missed = False
+
+
+#: Set around a chain call whose requests are to be recorded (``Capture``) or replayed.
+CAPTURE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar(
+    "dask_llm_capture", default=None
+)
+REPLAY: contextvars.ContextVar[Replay | None] = contextvars.ContextVar(
+    "dask_llm_replay", default=None
+)
 
 
 class _Gate:
@@ -365,10 +468,6 @@ def _response(request: Any, answer: Answer) -> Any:
     )
 
 
-def _is_chat(request: Any) -> bool:
-    return request.method == "POST" and request.url.path.endswith("/chat/completions")
-
-
 class ConnectionFailed(ConnectionError):
     """A request could not reach the provider; says which host and why."""
 
@@ -417,7 +516,7 @@ class LoopClients:
     __slots__ = ("_batcher", "_clients", "_job", "_stats")
 
     def __init__(self, job: Any = None, stats: Any = None, batcher: Batcher | None = None) -> None:
-        self._clients: list[openai.AsyncOpenAI] = []
+        self._clients: list[tuple[Provider, Any]] = []
         self._job = job
         self._stats = stats
         self._batcher = batcher
@@ -425,12 +524,14 @@ class LoopClients:
     def localize(
         self, runnable: Any, *, timeout: float | None = None, service_tier: str | None = None
     ) -> tuple[Any, bool]:
-        """A copy of ``runnable`` whose OpenAI models use clients owned by this loop.
+        """A copy of ``runnable`` whose chat models use clients owned by this loop.
 
         ``timeout``: seconds per request; None keeps a model's own ``timeout=`` and
         gives the others ``DEFAULT_REQUEST_TIMEOUT`` (``FLEX_REQUEST_TIMEOUT`` for a
-        model that asks for Flex processing, as OpenAI advises). ``service_tier``:
-        set on every OpenAI model of the copy (None: each keeps its own).
+        model that asks for Flex processing, itself or by ``.bind(service_tier=)``, as
+        OpenAI advises). ``service_tier``: set on every OpenAI model of the copy, and on
+        its bindings, whose keyword would win (None: each keeps its own; other providers
+        have no such tier).
 
         Returns the copy and whether every chat model in it now sends through the
         job's transport (if not, usage is read from LangChain's callbacks instead).
@@ -439,8 +540,18 @@ class LoopClients:
 
         def visit(obj: Any) -> Any:
             nonlocal untapped
-            if isinstance(obj, BaseChatOpenAI):
-                local = self._local_model(obj, timeout=timeout, service_tier=service_tier)
+            if isinstance(obj, RunnableBinding) and provider_of(obj.bound) is OPENAI:
+                tier = service_tier or obj.kwargs.get("service_tier")
+                if tier is not None and tier != obj.kwargs.get("service_tier"):
+                    obj = obj.model_copy(update={"kwargs": {**obj.kwargs, "service_tier": tier}})
+                local = self._local_model(OPENAI, obj.bound, timeout=timeout, service_tier=tier)
+                if local is None:
+                    untapped = True
+                    return obj
+                return obj.model_copy(update={"bound": local})
+            provider = provider_of(obj)
+            if provider is not None:
+                local = self._local_model(provider, obj, timeout=timeout, service_tier=service_tier)
                 if local is None:  # the user's own client: only the tier is set on a copy
                     untapped = True
                     if service_tier is None or obj.service_tier == service_tier:
@@ -460,38 +571,27 @@ class LoopClients:
         return local, not untapped
 
     def _local_model(
-        self, model: Any, *, timeout: float | None, service_tier: str | None
+        self, provider: Provider, model: Any, *, timeout: float | None, service_tier: str | None
     ) -> Any | None:
-        """The loop's copy of an OpenAI ``model``; None when its requests cannot pass the
-        job's transport (it has the user's own client): then it is used as it is."""
-        root = model.root_async_client
-        if root is None or model.http_async_client is not None:
+        """The loop's copy of ``model``; None when its requests cannot pass the job's
+        transport (it has the user's own client): then it is used as it is."""
+
+        def wrap(inner: Any) -> Any:
+            if self._job is None:
+                return inner
+            return JobTransport(inner, self._job, self._stats, self._batcher, provider=provider)
+
+        built = provider.local_model(model, wrap=wrap, timeout=timeout, service_tier=service_tier)
+        if built is None:
             return None
-        update: dict[str, Any] = {}
-        if service_tier is not None and model.service_tier != service_tier:
-            update["service_tier"] = service_tier
-        flex = (service_tier or model.service_tier) == "flex"
-        # The SDK's aiohttp client allows 1,000 connections: above any sane concurrency.
-        http = openai.DefaultAioHttpClient()
-        if self._job is not None:
-            http._transport = cast(
-                Any, JobTransport(http._transport, self._job, self._stats, self._batcher)
-            )
-        options: dict[str, Any] = {"http_client": http, "max_retries": 0}
-        if timeout is not None:
-            options["timeout"] = timeout
-        elif "request_timeout" not in model.model_fields_set:
-            # The SDK's own is 600 s; OpenAI advises 15 minutes for Flex.
-            options["timeout"] = FLEX_REQUEST_TIMEOUT if flex else DEFAULT_REQUEST_TIMEOUT
-        client = root.with_options(**options)
-        self._clients.append(client)
-        update.update(root_async_client=client, async_client=client.chat.completions)
-        return model.model_copy(update=update)
+        local, client = built
+        self._clients.append((provider, client))
+        return local
 
     async def aclose(self) -> None:
         clients, self._clients = self._clients, []
-        for client in clients:
-            await client.close()
+        for provider, client in clients:
+            await provider.close(client)
 
 
 class LocalConfigurable(Runnable[Any, Any]):

@@ -3,23 +3,21 @@
 The one place that reads an HTTP answer's bytes for what they say about the
 job, shared by the online sender (``transport.pipeline``) and the Batch API sender
 (``transport.batch``): ``Answer`` (status, headers, body: what the cache keeps and
-identical requests share), the provider's error code, whether an answer is
-*fatal* (no retry can fix it: a bad key, a missing model, a spent account)
-and, from all of that, the answer's ``Outcome`` (``outcome_of``), read once
-and handed to every stage. Neither sender imports the other.
+identical requests share), and from its status, headers and body, as its
+provider (``providers``) reads them (usage, limits, a quota 429, whether it
+is *fatal*: no retry can fix it, a bad key, a missing model, a spent
+account), the answer's ``Outcome`` (``outcome_of``), read once and handed
+to every stage. Neither sender imports the other.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any
 
-from dask_llm.core.outcome import Outcome, read_outcome
-from dask_llm.limits.headers import is_quota_429
-
-#: Statuses no retry can fix: bad key, no permission, no such model or endpoint.
-FATAL_STATUS: Final = frozenset({401, 403, 404})
+from dask_llm.core.outcome import NOTHING_ANNOUNCED, Outcome, read_outcome
+from dask_llm.providers import OPENAI, Provider
+from dask_llm.providers.base import error_of
 
 
 class Answer:
@@ -51,44 +49,22 @@ class Answer:
         )
 
 
-def error_of(data: bytes) -> tuple[str | None, str]:
-    """(code or type, message) of an error body; (None, "") when it has neither."""
-    try:
-        error = json.loads(data).get("error") or {}
-    except (ValueError, AttributeError):
-        return None, ""
-    if not isinstance(error, dict):
-        return None, ""
-    code = error.get("code") or error.get("type")
-    return (str(code) if code else None), str(error.get("message") or "")
-
-
-def error_code(data: bytes) -> str | None:
-    """The ``error.code`` of an error body, if any."""
-    try:
-        error = json.loads(data).get("error") or {}
-    except (ValueError, AttributeError):
-        return None
-    code = error.get("code") if isinstance(error, dict) else None
-    return str(code) if code else None
-
-
 def host_of(request: Any) -> str:
     """``host:port`` a request went to, for messages."""
     url = request.url
     return f"{url.host}:{url.port}" if url.port else str(url.host)
 
 
-def fatal_reason(status: int, data: bytes, request: Any) -> str | None:
-    """Why an answer means no request of the job can succeed (401, 403, 404,
-    ``insufficient_quota``), in words for ``llm_error``; None for any other answer."""
+def fatal_reason(status: int, data: bytes, request: Any, provider: Provider = OPENAI) -> str | None:
+    """Why an answer means no request of the job can succeed (``Provider.fatal``: 401, 403,
+    404, a spent account), in words for ``llm_error``; None for any other answer."""
+    if not provider.fatal(status, data):
+        return None
     code, message = error_of(data)
-    if status in FATAL_STATUS or (status == 429 and code == "insufficient_quota"):
-        text = f"HTTP {status}{f' {code}' if code else ''} from {host_of(request)}"
-        if message:
-            text += f": {message[:300]}"
-        return f"the provider refused the job ({text}); no request was sent after it"
-    return None
+    text = f"HTTP {status}{f' {code}' if code else ''} from {host_of(request)}"
+    if message:
+        text += f": {message[:300]}"
+    return f"the provider refused the job ({text}); no request was sent after it"
 
 
 def outcome_of(
@@ -97,22 +73,36 @@ def outcome_of(
     body: bytes,
     request: Any,
     *,
+    provider: Provider = OPENAI,
     batch: bool = False,
     flex: bool = False,
 ) -> Outcome:
-    """Read an answer once (status None: none came): usage, cached tokens, the tier that
-    served it, quota 429 or a Flex request's "resource unavailable", fatal or not.
+    """Read an answer once (status None: none came), as its ``provider`` means it: usage
+    (cache reads and writes), the tier that served it, the limits its headers announce,
+    a quota 429 or a Flex request's "resource unavailable", fatal or not.
 
-    ``flex``: the request asked for Flex processing (``core.usage.is_flex``).
+    ``flex``: the request asked for Flex processing (``Provider.is_flex``).
     """
-    if status is None or status < 400:
+    announced = provider.announced(headers) if headers is not None else NOTHING_ANNOUNCED
+    if status is None:
         return read_outcome(status, headers, body, batch=batch, flex=flex)
+    if status < 400:
+        return read_outcome(
+            status,
+            headers,
+            body,
+            reported=provider.read(body),
+            announced=announced,
+            batch=batch,
+            flex=flex,
+        )
     return read_outcome(
         status,
         headers,
         body,
+        announced=announced,
         batch=batch,
         flex=flex,
-        quota=status == 429 and is_quota_429(headers, error_code(body)),
-        fatal=fatal_reason(status, body, request),
+        quota=status == 429 and provider.is_quota_429(headers, body),
+        fatal=fatal_reason(status, body, request, provider),
     )
