@@ -64,7 +64,7 @@ _UNSET: Any = object()
 class EnrichKwargs(TypedDict, total=False):
     """The keyword options of ``enrich`` (see its docstring), for typed accessors."""
 
-    max_concurrency: int
+    max_concurrency: int | None
     rpm: float | None
     tpm: float | None
     budget_usd: float | None
@@ -110,7 +110,7 @@ def enrich(
     frame: dd.DataFrame | pd.DataFrame,
     chains: ChainsArg,
     *,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_concurrency: int | None = DEFAULT_MAX_CONCURRENCY,
     rpm: float | None = None,
     tpm: float | None = None,
     budget_usd: float | None = None,
@@ -139,8 +139,12 @@ def enrich(
             (nothing is called until it is computed); a pandas frame is enriched now.
         chains: a ``Chain``, a list of them, or ``{name: runnable}``.
         max_concurrency: hard cap on HTTP requests in flight per process (shared by the
-            partitions running in it). Below it, concurrency adapts on its own: it grows
-            while responses are clean and halves on a 429.
+            partitions running in it). Default (None): automatic. With a known rate
+            (``rpm``/``tpm`` told, or learned from the provider's headers), the process
+            keeps what its share of the rate needs on the wire: share x observed latency,
+            with headroom (a 30,000 rpm tier at 2 s per call needs 1,000 in flight).
+            Without one, at most 256, adapting on its own below that: it grows while
+            responses are clean and halves on a 429. See docs/rate-limits.md.
         rpm: requests per minute for the whole job, across all processes and workers.
             Default: what the provider announces in its ``x-ratelimit-*`` headers.
         tpm: tokens per minute for the whole job, likewise.
@@ -274,7 +278,7 @@ def _configure(
     frame: dd.DataFrame | pd.DataFrame,
     chains: ChainsArg,
     *,
-    max_concurrency: int,
+    max_concurrency: int | None,
     rpm: float | None,
     tpm: float | None,
     budget_usd: float | None,

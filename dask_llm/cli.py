@@ -309,8 +309,8 @@ def _with_common(fn: Any) -> Any:
     "--max-concurrency",
     type=click.IntRange(min=1),
     default=DEFAULT_MAX_CONCURRENCY,
-    show_default=True,
-    help="Requests in flight per worker process (hard cap).",
+    help="Requests in flight per worker process, at most (default: what the rate needs, "
+    "its share x latency; 256 while no rate is known).",
 )
 @click.option(
     "--attempts",
@@ -378,7 +378,7 @@ def enrich(
     cache_path: str | None,
     no_cache: bool,
     errors: str,
-    max_concurrency: int,
+    max_concurrency: int | None,
     attempts: int,
     retry_timeout: float,
     request_timeout: float | None,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import itertools
+import sys
 import time
 
 import pytest
 
-from dask_llm.core.config import RetryPolicy
+from dask_llm.core.config import UNPACED_MAX_CONCURRENCY, RetryPolicy
 from dask_llm.engine.retry import classify
 from dask_llm.limits.coordinator import MARGIN
 from dask_llm.limits.headers import FRESH_S, Headroom, is_quota_429, retry_after
@@ -17,12 +18,20 @@ from dask_llm.limits.pacer import (
     _RATE_BACKOFF,
     _RATE_RECOVERY_S,
     ADMIT_WINDOW_S,
+    AUTO_MAX_CONCURRENCY,
     CATCH_UP_S,
+    FOLLOW_S,
+    HEADROOM,
+    SPARE,
     Concurrency,
     Pacer,
     Throttle,
+    auto_max_concurrency,
 )
 from dask_llm.providers import OPENAI
+
+if sys.platform != "win32":
+    import resource
 
 
 class Clock:
@@ -510,3 +519,87 @@ def test_retry_after_reads_a_future_http_date() -> None:
 )
 def test_classify_plain_exceptions(exc: BaseException, kind: str | None) -> None:
     assert classify(exc) == kind
+
+
+# -- concurrency that follows the rate (max_concurrency=None) --------------------------------------
+def answered(t: Throttle, clock: Clock, latency: float, n: int = 1) -> None:
+    """``n`` requests that took ``latency`` seconds came back 200."""
+    for _ in range(n):
+        t.observe(clock.now - latency, 200, None)
+
+
+def test_a_known_rate_keeps_rate_x_latency_in_flight_past_256() -> None:
+    """Little's law: 980 requests/s at 1 s each need 980 on the wire, not a fixed 256."""
+    clock = Clock()
+    t = Throttle(max_concurrency=None, rpm=60_000, clock=clock)  # 980/s after the margin
+    answered(t, clock, 1.0)
+    assert t.concurrency.limit == int(980 * 1.0 * HEADROOM + SPARE)
+    assert sum(t.concurrency.try_acquire() for _ in range(2_000)) == t.concurrency.limit > 256
+    # Slower answers: more in flight (the moving mean follows them).
+    answered(t, clock, 3.0, n=40)
+    clock.now += 2 * FOLLOW_S
+    t.row_target()
+    assert t.concurrency.limit == pytest.approx(980 * 3.0 * HEADROOM + SPARE, rel=0.01)
+
+
+def test_an_explicit_max_concurrency_caps_what_the_rate_would_want() -> None:
+    clock = Clock()
+    t = Throttle(max_concurrency=300, rpm=60_000, clock=clock)
+    answered(t, clock, 1.0)
+    assert t.concurrency.limit == 300
+    assert sum(t.concurrency.try_acquire() for _ in range(2_000)) == 300
+    assert t.row_target() == 300
+
+
+def test_without_a_rate_auto_concurrency_adapts_up_to_256_then_follows_a_learned_rate() -> None:
+    clock = Clock()
+    t = Throttle(max_concurrency=None, initial_concurrency=16, clock=clock)
+    answered(t, clock, 1.0, n=1_000)
+    assert t.concurrency.limit == UNPACED_MAX_CONCURRENCY == 256
+    assert t.concurrency.cap > 256  # the hard cap under "auto" is the open-file limit's
+    clock.now += 2 * FOLLOW_S
+    t.observe(clock.now - 1.0, 200, {}, announced=(60_000, None))
+    assert t.concurrency.limit == int(980 * 1.0 * HEADROOM + SPARE)
+
+
+def test_concurrency_follows_the_processes_share_down_as_well_as_up() -> None:
+    clock = Clock()
+    t = Throttle(max_concurrency=None, rpm=60_000, clock=clock)
+    answered(t, clock, 1.0)
+    t.pacer.rpm = 6_000  # a smaller share of the job's limit
+    clock.now += 2 * FOLLOW_S
+    t.row_target()
+    assert t.concurrency.limit == int(98 * 1.0 * HEADROOM + SPARE)
+    assert t.row_target() == int(2 * 98 * 1.0) + 8
+
+
+def test_before_the_first_answer_latency_is_at_least_the_wait_for_it() -> None:
+    """A provider slower than the 1 s guess does not stall the job's start."""
+    clock = Clock()
+    t = Throttle(max_concurrency=None, rpm=6_000, clock=clock)  # 98/s
+    t.row_target()  # the first reading: the guess, 1 s
+    assert t.concurrency.limit == int(98 * 1.0 * HEADROOM + SPARE)
+    clock.now += 5.0  # no answer yet
+    t.row_target()
+    assert t.concurrency.limit == int(98 * 5.0 * HEADROOM + SPARE)
+
+
+def test_auto_max_concurrency_is_half_the_open_file_limit() -> None:
+    cap = auto_max_concurrency()
+    assert 64 <= cap <= AUTO_MAX_CONCURRENCY
+    if sys.platform != "win32":
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY:
+            assert cap == max(64, min(AUTO_MAX_CONCURRENCY, soft // 2))
+
+
+def test_the_loops_lag_is_not_latency_to_size_concurrency_by() -> None:
+    """A process short of CPU sees answers late by its loop's lag: more rows would not help."""
+    clock = Clock()
+    t = Throttle(max_concurrency=None, rpm=60_000, clock=clock)
+    answered(t, clock, 1.0)
+    for _ in range(100):
+        t.loop_lag(0.4)
+    clock.now += 2 * FOLLOW_S
+    t.row_target()
+    assert t.concurrency.limit == pytest.approx(980 * 0.6 * HEADROOM + SPARE, abs=2)

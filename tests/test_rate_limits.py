@@ -116,3 +116,23 @@ def test_pacing_is_refused_for_a_chat_model_dask_llm_does_not_see(option: dict[s
         reviews(30).llm.enrich(
             [dask_llm.Chain(fake_chat_chain(), name="fake")], cache=False, **option
         )
+
+
+def test_requests_in_flight_follow_rate_x_latency_past_256(external_simulator: Any) -> None:
+    """A known rate of 9,800 requests/s at 3 s a call wants ~29,000 in flight: all 320 rows
+    go out together, where a fixed cap of 256 held the rest for a round trip."""
+    sim = external_simulator("--latency", "3")
+    out = frame(320).llm.enrich({"word": text_chain(sim.base_url)}, rpm=600_000, cache=False)
+    assert out["llm_error"].isna().all()
+    stats = sim.stats()
+    assert stats["requests"] == 320
+    assert stats["peak_in_flight"] > 256
+
+
+def test_an_explicit_max_concurrency_caps_requests_in_flight(make_simulator: Any) -> None:
+    sim = make_simulator(latency=0.2)
+    out = frame(120).llm.enrich(
+        {"word": text_chain(sim.base_url)}, rpm=600_000, max_concurrency=40, cache=False
+    )
+    assert out["llm_error"].isna().all()
+    assert 0 < sim.stats()["peak_in_flight"] <= 40

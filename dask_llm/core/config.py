@@ -24,8 +24,12 @@ if TYPE_CHECKING:
     from dask_llm.cache import ResultCache
     from dask_llm.observe.record import ChainCounts, RowCounts
 
-#: Requests in flight per process, at most.
-DEFAULT_MAX_CONCURRENCY: Final = 256
+#: Requests in flight per process, at most: None for "auto" (``limits.pacer``): with a
+#: known rate, what the process's share of it keeps on the wire (rate x latency, with
+#: headroom); without one, ``UNPACED_MAX_CONCURRENCY``.
+DEFAULT_MAX_CONCURRENCY: Final = None
+#: Requests in flight per process while no rate is known (told or learned), under "auto".
+UNPACED_MAX_CONCURRENCY: Final = 256
 #: Requests in flight per process at the start, before the limit is known.
 DEFAULT_INITIAL_CONCURRENCY: Final = 16
 #: Seconds one HTTP request may take, unless the model sets its own ``timeout``.
@@ -212,7 +216,7 @@ class EnrichOptions:
     """Options of one ``enrich`` job (see ``enrich`` for their meaning)."""
 
     job: str
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    max_concurrency: int | None = DEFAULT_MAX_CONCURRENCY
     initial_concurrency: int = DEFAULT_INITIAL_CONCURRENCY
     rpm: float | None = None
     tpm: float | None = None
@@ -237,8 +241,11 @@ class EnrichOptions:
     compiled: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency= must be >= 1, not {self.max_concurrency}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(
+                f"max_concurrency= must be >= 1, or None to follow the rate, "
+                f"not {self.max_concurrency}"
+            )
         if self.errors not in ("column", "raise"):
             raise ValueError(f"errors= must be 'column' or 'raise', not {self.errors!r}")
         if self.request_timeout is not None and self.request_timeout <= 0:

@@ -233,9 +233,18 @@ class PartitionRun:
             return
         queue = iter(pending)
         remaining = len(pending)
-        cap = min(remaining, self.options.max_concurrency)
+        cap = min(remaining, self.job.throttle.concurrency.cap)
         workers: set[asyncio.Task[None]] = set()
+        # Workers that ended, told by their tasks: with a thousand under way (a fast
+        # tier), looking at each of them every 20 ms cost more than the rows' own work.
+        ended: list[asyncio.Task[None]] = []
         throttle = self.job.throttle
+        loop = asyncio.get_running_loop()
+
+        def spawn(coro: Any) -> None:
+            task = asyncio.create_task(coro)
+            task.add_done_callback(ended.append)
+            workers.add(task)
 
         async def worker() -> None:
             nonlocal remaining
@@ -254,7 +263,7 @@ class PartitionRun:
             # counted from here, so the batcher never submits before all have begun.
             for i in pending:
                 self.batcher.row_admitted(i)
-                workers.add(asyncio.create_task(self._batch_row(i)))
+                spawn(self._batch_row(i))
             remaining = 0
         try:
             # Rows are admitted a few at a time: each admitted row does a few ms of
@@ -263,7 +272,8 @@ class PartitionRun:
             while True:
                 if self.job.poll(self.task_key) is not None:
                     break
-                for task in [t for t in workers if t.done()]:
+                while ended:
+                    task = ended.pop()
                     workers.discard(task)
                     if not task.cancelled() and task.exception() is not None:
                         # Not a row's failure (those are in llm_error) but the partition's:
@@ -281,8 +291,12 @@ class PartitionRun:
                 # The target is the process's (all its partitions share the pipe).
                 room = min(cap - len(workers), throttle.row_target() - throttle.rows)
                 for _ in range(min(_ADMIT_AT_ONCE, room, remaining)):
-                    workers.add(asyncio.create_task(worker()))
+                    spawn(worker())
+                slept = loop.time()
                 await asyncio.sleep(_ADMIT_EVERY_S)
+                # How late this loop comes round (a process short of CPU): the
+                # throttle takes it off the latency it sizes concurrency by.
+                throttle.loop_lag(loop.time() - slept - _ADMIT_EVERY_S)
         except asyncio.CancelledError:
             # asyncio.run cancels us on Ctrl-C (when this loop runs in the main thread).
             self.job.stop("interrupted", "interrupted (KeyboardInterrupt)")
