@@ -468,6 +468,19 @@ def _fails(part: pd.DataFrame) -> pd.DataFrame:
     raise ZeroDivisionError("the user's own bug")
 
 
+def _quiet(sim: Any, *, for_s: float = 0.3, timeout: float = 30.0) -> None:
+    """Until nothing has been in flight at ``sim`` for ``for_s`` seconds."""
+    deadline = time.monotonic() + timeout
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        if sim.stats()["in_flight"]:
+            since = time.monotonic()
+        elif time.monotonic() - since >= for_s:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the simulator never went quiet")
+
+
 @pytest.mark.parametrize(
     "how",
     [
@@ -492,6 +505,7 @@ def test_a_stopped_dask_computation_does_not_stop_a_later_pandas_job(
         )
         with pytest.raises(dask_llm.ChainError):
             out.compute(scheduler="threads")
+    _quiet(sim)  # the stopped job's requests still on the wire are not the new job's
     sim.reset()
     result = frame(10).llm.enrich([dask_llm.Chain(summary_chain(sim.base_url), name="s")])
     assert result["llm_error"].isna().all(), result["llm_error"].iloc[0]
