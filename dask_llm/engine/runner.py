@@ -291,6 +291,11 @@ class PartitionRun:
         await self._wind_down(workers)
 
     async def _wind_down(self, workers: set[asyncio.Task[None]]) -> None:
+        stop = self.job.stopped
+        if self.batcher is not None and stop is not None and stop.kind in ("budget", "quality"):
+            # Not Ctrl-C (its batches are named, and a rerun re-attaches): what they
+            # finished is read and cached, the rest never runs (transport.batch).
+            await self.batcher.cancel_in_flight()
         live = [t for t in workers if not t.done()]
         if live:
             _, late = await asyncio.wait(live, timeout=jobs.STOP_GRACE_S)
