@@ -33,7 +33,7 @@ SIM = {
     "batch_finalize_delay": 0.05,
 }
 #: What the planner is told (a little above what the simulator does: a margin).
-KNOWN = {"batch_turnaround": 3.0, "flex_latency": 1.5, "latency": 0.3}
+KNOWN = {"batch_turnaround": 4.0, "flex_latency": 1.5, "latency": 0.3}
 
 
 def chains(url: str) -> list[Any]:
@@ -72,7 +72,7 @@ def test_a_deadline_the_batch_api_meets_goes_by_batch(make_simulator: Any) -> No
 @pytest.mark.slow  # about 4 s
 def test_a_deadline_only_flex_meets_goes_online_by_flex(make_simulator: Any) -> None:
     sim = make_simulator(**SIM)
-    _, share, spare = run(sim, 5.2)
+    _, share, spare = run(sim, 6.8)
     assert spare > 0
     assert sim.stats()["batch_lines_submitted"] == 0
     assert requests(sim) == ROWS
@@ -110,8 +110,8 @@ def test_estimate_shows_the_plan_and_its_cost(sim: Any) -> None:
     ("seconds", "tier", "flex"),
     [
         pytest.param(12.0, "batch", 1.0, id="batch"),
-        pytest.param(5.2, "flex", 1.0, id="flex"),
-        pytest.param(3.4, "flex", 0.2, id="part-list-price"),
+        pytest.param(6.8, "flex", 1.0, id="flex"),
+        pytest.param(3.4, "flex", 0.65, id="part-list-price"),
     ],
 )
 def test_the_plan(seconds: float, tier: str, flex: float) -> None:
@@ -126,7 +126,7 @@ def test_the_cut_off_leaves_the_cancel_and_the_online_tail() -> None:
     # 1 h must end before its cancel begins, 600 s before the cut-off.
     deadline = Deadline(at=10_000.0, batch_turnaround=3600)
     plan = plan_tiers(deadline, now=0.0, requests=1_000, rounds=2, rate_per_s=10.0)
-    assert plan.batch_s == pytest.approx(10_000 - 10 - 100 - 20)
+    assert plan.batch_s == pytest.approx(10_000 - 20 - 100 - 20)
     assert plan.batch_s is not None and plan.batch_s - 600 >= 2 * 3600
     late = plan_tiers(deadline, now=2_200.0, requests=1_000, rounds=2, rate_per_s=10.0)
     assert late.batch_s is None  # two rounds of an hour no longer fit

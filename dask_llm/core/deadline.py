@@ -11,9 +11,9 @@ still finish in time:
    cancelled at a cut-off (``BatchPolicy.deadline`` rules, below) early enough
    that whatever they have not finished can still go online, at list-price
    speed, by the deadline. The cut-off is ``deadline - tail``, with ``tail``
-   the time the job's requests take online at its rate (``latency + requests /
-   rate + rounds x latency``: the pacing waits for its first answers before it
-   sends at the full rate); the batch's own cancel is started ``min(cut-off / 4,
+   the time the job's requests take online at its rate (``2 x latency +
+   requests / rate + rounds x latency``: the pacing waits for its first two
+   answers before it sends at the full rate); the batch's own cancel is started ``min(cut-off / 4,
    600)`` seconds before the cut-off (``transport.batch``: OpenAI takes up to
    10 minutes to cancel, and lines a cancel finished are read only once it is
    done). The bound: lines go online by the cut-off, and are back by the
@@ -48,6 +48,9 @@ BATCH_WINDOW_S: Final = 24 * 3600.0
 #: (the same rule as ``BatchPolicy(deadline=)``).
 CANCEL_SHARE: Final = 0.25
 CANCEL_MAX_S: Final = 600.0
+#: Answers the pacing waits for at the start before it sends at the full rate (measured
+#: against the simulator: its first requests go one after another until two are back).
+WARMUP_ANSWERS: Final = 2
 
 Tier = Literal["batch", "flex", "default"]
 
@@ -121,7 +124,8 @@ class TierPlan:
     ``flex_until``: the epoch time after which online requests go at list price;
     ``flex_share``: the share of online requests expected to go by Flex (if all
     went online); ``finish_s``: seconds from ``now`` the plan expects to finish in;
-    ``meets``: whether that is by the deadline.
+    ``meets``: whether that is by the deadline; ``flex_first``: the first requests (the
+    pacing's warm-up) may go by Flex too.
     """
 
     deadline: Deadline
@@ -131,6 +135,7 @@ class TierPlan:
     flex_share: float
     finish_s: float
     meets: bool
+    flex_first: bool = True
 
     @property
     def tier(self) -> Tier:
@@ -180,10 +185,10 @@ def plan_tiers(
     left = deadline.at - now
     rounds = max(1, rounds)
     rate = max(rate_per_s, 1e-9)
-    # The pacing sends a few requests and waits for their answers (to learn the limits)
-    # before it sends at the full rate: one answer's time before the rest go out.
+    # The pacing sends its first requests one after another (WARMUP_ANSWERS) before it
+    # sends at the full rate.
     send_s = requests / rate
-    list_tail = deadline.latency + send_s + rounds * deadline.latency
+    list_tail = WARMUP_ANSWERS * deadline.latency + send_s + rounds * deadline.latency
     flex_s = _flex_seconds(deadline, flex_latency)
     flex_until = deadline.at - flex_s - (rounds - 1) * deadline.latency
     # Batch: every round done before its cancel begins, and the tail still fits after.
@@ -201,10 +206,18 @@ def plan_tiers(
                 meets=True,
             )
     # Online: requests go out evenly at the rate; those sent by flex_until go by Flex.
-    flex_window = max(0.0, flex_until - now - flex_s)  # after the first Flex answers
+    # After the first answers: by Flex when all of it can go by Flex, else at list price.
+    all_flex_window = flex_until - now - WARMUP_ANSWERS * flex_s
+    flex_first = send_s <= all_flex_window
+    flex_window = (
+        all_flex_window
+        if flex_first
+        else max(0.0, flex_until - now - WARMUP_ANSWERS * deadline.latency)
+    )
     flex_share = 1.0 if send_s <= flex_window else (flex_window / send_s if send_s else 1.0)
     # All by Flex: the last one sent, then its Flex answer; else the last sent at list price.
-    all_flex = flex_s + send_s + flex_s + (rounds - 1) * deadline.latency
+    warmup = WARMUP_ANSWERS * (flex_s if flex_first else deadline.latency)
+    all_flex = warmup + send_s + flex_s + (rounds - 1) * deadline.latency
     finish = all_flex if flex_share >= 1.0 else list_tail
     return TierPlan(
         deadline=deadline,
@@ -214,6 +227,7 @@ def plan_tiers(
         flex_share=flex_share,
         finish_s=finish,
         meets=finish <= left,
+        flex_first=flex_first,
     )
 
 
@@ -236,7 +250,10 @@ class TierChooser:
 
     A request goes by Flex while its answer, at the Flex latency assumed or measured
     here (the larger), plus its row's later rounds at list price, is back by the
-    deadline; after that at list price.
+    deadline; after that at list price. Until its first answers are back here
+    (``WARMUP_ANSWERS``), the pacing sends one request after another: by Flex that wait
+    is Flex's latency, which only a plan with room for all of it by Flex can afford; any
+    other plan asks those first requests at list price.
     """
 
     def __init__(self, deadline: Deadline, *, rounds: int) -> None:
@@ -245,25 +262,31 @@ class TierChooser:
         self._lock = threading.Lock()
         self._flex_seconds = 0.0
         self._flex_answers = 0
+        self._answered = 0  # answers back here: WARMUP_ANSWERS, and the pacing has warmed up
+        self._flex_first = True  # the last plan has room for a warm-up by Flex
 
     def tier(self, now: float | None = None) -> Tier:
         now = time.time() if now is None else now
         with self._lock:
+            if self._answered < WARMUP_ANSWERS and not self._flex_first:
+                return "default"
             measured = self._flex_seconds / self._flex_answers if self._flex_answers else None
         flex_s = _flex_seconds(self.deadline, measured)
         latest = self.deadline.at - flex_s - (self.rounds - 1) * self.deadline.latency
         return "flex" if now <= latest else "default"
 
-    def observe(self, seconds: float) -> None:
-        """A Flex answer took ``seconds`` (from its send to its answer)."""
+    def observe(self, seconds: float, *, flex: bool) -> None:
+        """An answer (``flex``: by Flex) took ``seconds``, from its send to its answer."""
         with self._lock:
-            self._flex_seconds += seconds
-            self._flex_answers += 1
+            self._answered += 1
+            if flex:
+                self._flex_seconds += seconds
+                self._flex_answers += 1
 
     def plan(self, *, now: float, requests: int, rate_per_s: float) -> TierPlan:
         with self._lock:
             measured = self._flex_seconds / self._flex_answers if self._flex_answers else None
-        return plan_tiers(
+        plan = plan_tiers(
             self.deadline,
             now=now,
             requests=requests,
@@ -271,6 +294,9 @@ class TierChooser:
             rate_per_s=rate_per_s,
             flex_latency=measured,
         )
+        with self._lock:
+            self._flex_first = plan.batch_s is not None or plan.flex_first
+        return plan
 
 
 __all__ = ["Deadline", "TierChooser", "TierPlan", "plan_tiers", "rate_of"]

@@ -297,8 +297,8 @@ class JobTransport:
                     _GATE.reset(gate)
             status = response.status_code
             headers = response.headers
-            if by_flex and status == 200 and tiers is not None:
-                tiers.observe(time.monotonic() - sent_mono)
+            if status == 200 and tiers is not None:
+                tiers.observe(time.monotonic() - sent_mono, flex=by_flex)
         finally:
             # The answer read once; every stage below acts on this outcome.
             outcome = outcome_of(
