@@ -67,6 +67,9 @@ def test_a_deadline_the_batch_api_meets_goes_by_batch(make_simulator: Any) -> No
     assert share == pytest.approx(0.5)
     summary = dask_llm.last_run()
     assert summary is not None and summary.batch_calls == ROWS
+    assert summary.record is not None
+    counts = summary.record.chains["summarize"]
+    assert counts.batch_cost_usd == pytest.approx(counts.cost_usd)
 
 
 @pytest.mark.slow  # about 4 s
@@ -91,6 +94,11 @@ def test_a_tight_deadline_pays_list_price_for_what_cannot_wait_for_flex(
     summary = dask_llm.last_run()
     assert summary is not None and 0 < summary.flex_calls < ROWS
     assert 0.5 < share < 1.0
+    # The run record (and its report) say what each tier cost.
+    assert summary.record is not None
+    counts = summary.record.chains["summarize"]
+    assert counts.flex == summary.flex_calls and counts.batch_cost_usd == 0
+    assert 0 < counts.flex_cost_usd < counts.cost_usd
     assert share == pytest.approx(
         (0.5 * summary.flex_calls + (ROWS - summary.flex_calls)) / ROWS, rel=0.05
     )
