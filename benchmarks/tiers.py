@@ -15,6 +15,13 @@ Two workloads against the simulator in its own process:
    computed from the simulator's own token counts (prompt, cached,
    completion) within 0.1%; beside it, what the cost column said before
    cached tokens had a price (every prompt token at the input price).
+3. **Deadlines.** Wine rows x 2 dependent chains, 2 partitions, once at list
+   price (its wall time W), then with three deadlines against a simulator
+   whose batches take ``--batch-delay`` seconds: one the Batch API can meet
+   (4 W + 3 batch turnarounds: all by batch, ~0.50x), one only Flex can meet
+   (W + 4 Flex latencies + 2 s: online by Flex, ~0.50x) and one that needs list
+   price for part (W + 1 s: between 0.50x and 1.0x). Each run's wall time is
+   printed against its deadline, and its cost against list price.
 
     python -m benchmarks.tiers --input ../shared/data/wine_reviews_sample.csv
 """
@@ -220,6 +227,80 @@ def caching_table(args: argparse.Namespace, frame: pd.DataFrame) -> str:
     return intro + "\n\n" + table(rows, header)
 
 
+def deadline_table(args: argparse.Namespace, frame: pd.DataFrame) -> str:
+    flex_latency = args.latency * args.deadline_flex_slowdown
+    turnaround = args.batch_delay + 0.2  # validating and finalizing 0.1 s each
+    sim = (
+        *("--latency", str(args.latency), "--rpm", str(int(args.rpm)), "--seed", "3"),
+        *("--flex-unavailable", str(args.unavailable)),
+        *("--flex-slowdown", str(args.deadline_flex_slowdown)),
+        *("--batch-delay", str(args.batch_delay)),
+    )
+    partitions = 2  # a local scheduler's batch waits overlap only as many as its threads
+    with simulator_process(*sim, priority=True) as url:
+        listed = run(url, frame, make_chains(MODEL, url), partitions, rpm=args.rpm)
+        wall = listed["wall"]
+        print(f"  list price: {wall:.1f} s", flush=True)
+        cases = (
+            ("Batch API can meet", 4 * wall + 3 * turnaround),
+            ("only Flex can meet", wall + 4 * flex_latency + 2.0),
+            ("needs list price for part", wall + 1.0),
+        )
+        runs = []
+        for name, seconds in cases:
+            deadline = dask_llm.Deadline(
+                at=time.time() + 1.5 + seconds,  # run() lets the window drain 1.5 s first
+                batch_turnaround=turnaround + 1.0,  # what was measured, with a margin
+                flex_latency=1.2 * flex_latency,
+                latency=1.5 * args.latency,
+                flex_unavailable=args.unavailable,
+            )
+            chains = make_chains(MODEL, url)
+            r = run(url, frame, chains, partitions, rpm=args.rpm, deadline=deadline)
+            r["spare"] = deadline.at - time.time()
+            print(f"  {name}: {r['wall']:.1f} s of {seconds:.1f} s", flush=True)
+            runs.append((name, seconds, r))
+    rows = [
+        (
+            "list price (no deadline)",
+            "-",
+            f"{wall:.1f}",
+            "-",
+            f"0 / 0 / {listed['summary'].calls}",
+            f"${listed['cost']:.4f}",
+            "1.00x",
+        )
+    ]
+    for name, seconds, r in runs:
+        s = r["summary"]
+        rows.append(
+            (
+                name,
+                f"{seconds:.1f}",
+                f"{r['wall']:.1f}",
+                f"{r['spare']:.1f}",
+                f"{s.batch_calls} / {s.flex_calls} / {s.list_price_calls}",
+                f"${r['cost']:.4f}",
+                f"{r['cost'] / listed['cost']:.2f}x",
+            )
+        )
+    header = (
+        "run",
+        "deadline s",
+        "wall s",
+        "spare s",
+        "answers by batch / flex / list",
+        "cost",
+        "vs list",
+    )
+    intro = (
+        f"{len(frame)} rows x 2 chains, {partitions} partitions, {args.latency} s latency "
+        f"(flex x{args.deadline_flex_slowdown}), rpm {args.rpm:.0f}, batches of "
+        f"{args.batch_delay} s, {args.unavailable:.0%} of Flex requests unavailable"
+    )
+    return intro + "\n\n" + table(rows, header)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", default=None, help="wine reviews CSV (default: the demo data)")
@@ -231,7 +312,10 @@ def main() -> None:
     parser.add_argument("--cache-latency", type=float, default=0.05)
     parser.add_argument("--flex-slowdown", type=float, default=3.0)
     parser.add_argument("--unavailable", type=float, default=0.10)
-    parser.add_argument("--only", choices=["flex", "caching"], default=None)
+    parser.add_argument("--deadline-rows", type=int, default=200)
+    parser.add_argument("--batch-delay", type=float, default=5.0)
+    parser.add_argument("--deadline-flex-slowdown", type=float, default=10.0)
+    parser.add_argument("--only", choices=["flex", "caching", "deadline"], default=None)
     args = parser.parse_args()
     load_avg = os.getloadavg()
     parts = []
@@ -239,6 +323,8 @@ def main() -> None:
         parts.append(flex_table(args, load(args.input, args.rows)))
     if args.only in (None, "caching"):
         parts.append(caching_table(args, load(args.input, args.cache_rows)))
+    if args.only in (None, "deadline"):
+        parts.append(deadline_table(args, load(args.input, args.deadline_rows)))
     print()
     print("\n\n".join(parts))
     print(f"\nload average at start {load_avg[0]:.1f}, at end {os.getloadavg()[0]:.1f}")

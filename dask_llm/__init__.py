@@ -10,6 +10,7 @@ import logging
 from dask_llm.api import DaskLLMAccessor, PandasLLMAccessor, enrich, estimate, pilot
 from dask_llm.chains.chain import Chain
 from dask_llm.core.config import BatchPolicy, QualityGate, RetryPolicy
+from dask_llm.core.deadline import Deadline
 from dask_llm.core.errors import (
     BudgetExceeded,
     ChainError,
@@ -36,6 +37,7 @@ __all__ = [
     "ChainError",
     "DaskLLMAccessor",
     "DaskLLMError",
+    "Deadline",
     "Estimate",
     "JobStopped",
     "PandasLLMAccessor",

@@ -8,6 +8,7 @@ The accessors only store the frame (Dask's ``__getattr__`` would swallow an
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import inspect
 import os
 import uuid
@@ -45,6 +46,7 @@ from dask_llm.core.config import (
     RetryPolicy,
     ServiceTier,
 )
+from dask_llm.core.deadline import Deadline
 from dask_llm.core.errors import PromptCacheWarning
 from dask_llm.core.usage import USAGE_COLUMNS, PriceEntry, as_price, check_prices, price_of
 from dask_llm.engine.runner import enrich_partition
@@ -57,6 +59,7 @@ from dask_llm.providers import Provider, is_routable, provider_of
 
 ChainsArg = Chain | Sequence[Any] | Mapping[str, Any] | Any
 CacheArg = bool | str | os.PathLike[str] | ResultCache | None
+DeadlineArg = float | datetime.timedelta | datetime.datetime | Deadline | None
 
 _UNSET: Any = object()
 
@@ -82,6 +85,7 @@ class EnrichKwargs(TypedDict, total=False):
     quality_gate: QualityGate | None
     service_tier: ServiceTier | None
     compiled: bool
+    deadline: DeadlineArg
 
 
 class EstimateKwargs(TypedDict, total=False):
@@ -94,6 +98,7 @@ class EstimateKwargs(TypedDict, total=False):
     prices: Mapping[str, PriceEntry] | None
     batch: bool
     service_tier: ServiceTier | None
+    deadline: DeadlineArg
 
 
 # Where pandas and dask are typed (pandas-stubs), a checker resolves the frame's
@@ -128,6 +133,7 @@ def enrich(
     quality_gate: QualityGate | None = None,
     service_tier: ServiceTier | None = None,
     compiled: bool = True,
+    deadline: DeadlineArg = None,
     timeout: Any = _UNSET,
     attempts: Any = _UNSET,
     retry_timeout: Any = _UNSET,
@@ -202,6 +208,12 @@ def enrich(
             "resource unavailable" answers are retried with backoff and do not slow the
             pacing); ``"default"`` sends them at list price; None (default): each model
             keeps its own ``service_tier=``. Not with ``batch=``. See docs/cost.md.
+        deadline: finish by then at the least cost (seconds from now, a ``timedelta``,
+            an aware ``datetime``, or a ``dask_llm.Deadline`` saying what to assume of
+            each tier): the Batch API when there is room for it, cancelled at a cut-off
+            that leaves time for the rest online; online by Flex while its answers come
+            back in time; list price for what cannot wait for Flex. Not with ``batch=``
+            or ``service_tier=``. See docs/cost.md.
         compiled: call ``prompt | ChatOpenAI`` chains (bound, with structured output,
             with LangChain's parsers) without LangChain's runtime per call, once their
             first calls on each partition are proven to send the same bytes and read
@@ -250,6 +262,7 @@ def enrich(
         quality_gate=quality_gate,
         service_tier=service_tier,
         compiled=compiled,
+        deadline=deadline,
     )
     if isinstance(frame, dd.DataFrame):
         client = _cluster.distributed_client()
@@ -296,6 +309,7 @@ def _configure(
     quality_gate: QualityGate | None,
     service_tier: ServiceTier | None,
     compiled: bool = True,
+    deadline: DeadlineArg = None,
 ) -> _Configured:
     """The plan, options and handle of one job: everything checked before anything is
     opened or sent."""
@@ -330,6 +344,7 @@ def _configure(
         quality_gate=quality_gate,
         service_tier=service_tier,
         compiled=bool(compiled),
+        deadline=None if deadline is None else Deadline.of(deadline),
     )
     _check_unseen_models(plan, options)
     handle = JobHandle(job=options.job, keys=_keys_to_ship(plan, ship_api_keys))
@@ -590,6 +605,7 @@ def estimate(
     budget_usd: float | None = None,
     batch: bool = False,
     service_tier: ServiceTier | None = None,
+    deadline: DeadlineArg = None,
 ) -> Estimate:
     """What ``enrich(frame, chains)`` would do, without any request: see ``Estimate``.
 
@@ -606,6 +622,9 @@ def estimate(
         service_tier: as for ``enrich``: ``"flex"`` prices every OpenAI model's calls at
             the Flex price (the list price is shown beside it); None: each model's own
             ``service_tier`` (its field or ``.bind(service_tier=...)``).
+        deadline: as for ``enrich``: the estimate shows the plan across the tiers (Batch
+            API, Flex, list price) and its cost (``deadline_plan``); not with ``batch=``
+            or ``service_tier=``.
 
     The cost prices the share of each prompt a provider's prompt cache can serve (the
     chain's fixed prefix, 1,024 tokens and more) at the cached-input price: see
@@ -618,6 +637,11 @@ def estimate(
         raise ValueError(f"service_tier= must be 'flex', 'default' or None, not {service_tier!r}")
     if service_tier == "flex" and batch:
         raise ValueError("service_tier='flex' and batch= are two ways to one price: choose one")
+    if deadline is not None and (batch or service_tier is not None):
+        raise ValueError(
+            "deadline= chooses among the Batch API, Flex and list price itself: "
+            "leave out batch= and service_tier="
+        )
     plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
     store = open_cache(cache, default_path=default_cache_path())
     return run_estimate(
@@ -630,6 +654,7 @@ def estimate(
         budget_usd=budget_usd,
         batch=bool(batch),
         service_tier=service_tier,
+        deadline=None if deadline is None else Deadline.of(deadline),
     )
 
 

@@ -67,6 +67,14 @@ class Plan:
         self.new_columns[error_column] = text_dtype
 
     @property
+    def rounds(self) -> int:
+        """Dependent levels of the chains: a chain runs once the chains it reads are done."""
+        depth: dict[str, int] = {}
+        for pc in self.chains:  # in dependency order
+            depth[pc.name] = 1 + max((depth.get(d, 0) for d in pc.deps), default=0)
+        return max(depth.values(), default=1)
+
+    @property
     def is_path(self) -> bool:
         """True when each chain depends on nothing or on the one before it only."""
         return all(

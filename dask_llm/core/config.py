@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from dask_llm.core.deadline import Deadline
 from dask_llm.core.usage import Price, check_prices
 
 if TYPE_CHECKING:
@@ -239,6 +240,8 @@ class EnrichOptions:
     service_tier: ServiceTier | None = None
     #: Compiled calls for the chains that have them (``dask_llm.compiled``).
     compiled: bool = True
+    #: Finish by then at the least cost, choosing the tiers (``core.deadline``).
+    deadline: Deadline | None = None
 
     def __post_init__(self) -> None:
         if self.max_concurrency is not None and self.max_concurrency < 1:
@@ -272,6 +275,11 @@ class EnrichOptions:
             raise ValueError(
                 "service_tier='flex' and batch= are two ways to the Batch API's price: "
                 "choose one (Flex answers online in seconds to minutes; a batch within its window)"
+            )
+        if self.deadline is not None and (self.batch is not None or self.service_tier):
+            raise ValueError(
+                "deadline= chooses among the Batch API, Flex and list price itself: "
+                "leave out batch= and service_tier="
             )
         check_prices(dict(self.prices))
 

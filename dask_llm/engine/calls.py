@@ -29,6 +29,7 @@ from dask_llm.chains.columns import RowFailed, normalize
 from dask_llm.chains.plan import PlannedChain
 from dask_llm.compiled import CompiledChain, compile_chain
 from dask_llm.compiled import enabled as compiled_enabled
+from dask_llm.core.config import BatchPolicy
 from dask_llm.core.errors import JobStopped
 from dask_llm.core.usage import Usage
 from dask_llm.engine.retry import call_with_retries, root_cause
@@ -100,10 +101,14 @@ class ChainCaller:
         *,
         job: Any,
         stats: PartitionStats,
+        batch: BatchPolicy | None = None,
     ) -> None:
         self.pc = pc
         self.job = job
         self.stats = stats
+        #: This partition's Batch API policy (None: online); ``deadline=`` chooses it per
+        #: partition, so it is not always the job's ``batch=``.
+        self.batch = batch
         # Without a cache there is no memo to read or write: no key to compute per row.
         self.memo = pc.chain.memo_fingerprint if job.cache is not None else None
         self.legacy = pc.chain.legacy_fingerprint if self.memo is not None else None
@@ -120,7 +125,7 @@ class ChainCaller:
             options = self.job.options
             # Not with batch=: a batch's rows wait for each other, and a row waiting for
             # the proof would hold the batch that the proof waits for.
-            if tapped and options.compiled and options.batch is None and compiled_enabled():
+            if tapped and options.compiled and self.batch is None and compiled_enabled():
                 self._compiled = compile_chain(self.pc, runnable, self.job.compiled)
         return self._local
 
@@ -170,7 +175,7 @@ class ChainCaller:
             return runnable.ainvoke(inputs, config)
 
         policy = options.retry
-        if options.batch is not None:
+        if self.batch is not None:
             if not tapped:
                 raise RowFailed(
                     f"{self.pc.name}: batch=True needs every chat model of the chain to be a "

@@ -80,6 +80,7 @@ from dask.callbacks import Callback
 from dask_llm.cluster import hub as _hub
 from dask_llm.compiled import Verdicts
 from dask_llm.core import where as _cluster
+from dask_llm.core.deadline import TierChooser
 from dask_llm.core.errors import ChainError, JobStopped
 from dask_llm.core.runtime import part
 from dask_llm.core.usage import MAX_TOKENS, MODEL, Tier, cost_usd, price_of
@@ -172,6 +173,8 @@ class Job:
             ledger=self.ledger,
         )
         self._largest_completion = 0
+        #: With ``deadline=``: the tier of each online request (``core.deadline``).
+        self._tiers: TierChooser | None = None
         #: Chains of this job that fell back from the compiled path here, and why.
         self.compiled = Verdicts()
         # The run record (``observe.record``): requests, rows, the quality gate; metrics read it.
@@ -283,6 +286,17 @@ class Job:
     def completion_seen(self, tokens: int) -> None:
         if tokens > self._largest_completion:
             self._largest_completion = tokens
+
+    # -- the deadline ------------------------------------------------------------------------
+    def tiers(self, rounds: int = 1) -> TierChooser | None:
+        """The job's tier chooser here (None: no ``deadline=``); made by the first partition."""
+        deadline = self.options.deadline
+        if deadline is None:
+            return None
+        with self._lock:
+            if self._tiers is None:
+                self._tiers = TierChooser(deadline, rounds=rounds)
+            return self._tiers
 
     # -- the fatal breaker --------------------------------------------------------------------
     def fatal_answer(self, description: str, body: bytes = b"") -> None:

@@ -27,7 +27,9 @@ provider answer, returns its rows with the reason in ``llm_error``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -40,7 +42,8 @@ from dask_llm.chains.plan import Plan, PlannedChain
 from dask_llm.chains.shipping import provide_keys
 from dask_llm.cluster.handle import JobHandle
 from dask_llm.core import where as _cluster
-from dask_llm.core.config import EnrichOptions
+from dask_llm.core.config import BatchPolicy, EnrichOptions
+from dask_llm.core.deadline import rate_of
 from dask_llm.core.errors import BudgetExceeded, ChainError, JobStopped, WorkerSetupError
 from dask_llm.core.usage import Usage
 from dask_llm.engine import job as jobs
@@ -49,6 +52,8 @@ from dask_llm.engine.loop import run_sync
 from dask_llm.transport import sdk as _sdk
 from dask_llm.transport.batch import ROW, Batcher
 from dask_llm.transport.pipeline import LoopClients
+
+log = logging.getLogger(__name__)
 
 _ADMIT_EVERY_S = 0.02
 _ADMIT_AT_ONCE = 8
@@ -126,6 +131,8 @@ class PartitionRun:
             ThreadPoolExecutor(self.options.sync_threads, thread_name_prefix="dask-llm-sync")
         )
         policy = self.options.batch
+        if self.options.deadline is not None:
+            policy = self._deadline_policy()
         if policy is not None:
             self.batcher = Batcher(
                 self.job, self.stats, policy, on_progress=lambda: self._report(0, 0, Usage())
@@ -143,7 +150,9 @@ class PartitionRun:
 
         try:
             for pc in self.plan.chains:
-                self.callers[pc.name] = ChainCaller(pc, localize, job=self.job, stats=self.stats)
+                self.callers[pc.name] = ChainCaller(
+                    pc, localize, job=self.job, stats=self.stats, batch=policy
+                )
             self._memo_pass()
             pending = [i for i in range(self.n) if not self._row_complete(i)]
             # What is left of this partition, for the job's ledger: a process whose
@@ -214,6 +223,29 @@ class PartitionRun:
             # A factory is the user's code: whatever it raises, the chain is not there.
             except Exception as exc:
                 raise WorkerSetupError(self.job.cannot_build(pc.name, exc)) from exc
+
+    def _deadline_policy(self) -> BatchPolicy | None:
+        """With ``deadline=``: this partition's plan (``core.deadline``), made as it starts;
+        the Batch API, cut off in time, or None (online: the transport picks each tier)."""
+        options = self.options
+        deadline = options.deadline
+        chooser = self.job.tiers(self.plan.rounds)
+        assert deadline is not None and chooser is not None
+        plan = chooser.plan(
+            now=time.time(),
+            requests=self.n * len(self.plan.chains) * options.partitions,
+            rate_per_s=rate_of(deadline, rpm=options.rpm, max_concurrency=options.max_concurrency),
+        )
+        log.info("dask-llm: %s", plan.describe())
+        if plan.batch_s is None:
+            return None
+        turnaround = deadline.batch_turnaround
+        return BatchPolicy(
+            poll_initial=min(5.0, max(0.05, turnaround / 20)),
+            poll_max=min(60.0, max(0.1, turnaround / 5)),
+            deadline=plan.batch_s,
+            fallback="online",
+        )
 
     def _batches_hint(self) -> str:
         ids = self.batcher.batch_ids() if self.batcher is not None else []
@@ -305,6 +337,11 @@ class PartitionRun:
         await self._wind_down(workers)
 
     async def _wind_down(self, workers: set[asyncio.Task[None]]) -> None:
+        stop = self.job.stopped
+        if self.batcher is not None and stop is not None and stop.kind in ("budget", "quality"):
+            # Not Ctrl-C (its batches are named, and a rerun re-attaches): what they
+            # finished is read and cached, the rest never runs (transport.batch).
+            await self.batcher.cancel_in_flight()
         live = [t for t in workers if not t.done()]
         if live:
             _, late = await asyncio.wait(live, timeout=jobs.STOP_GRACE_S)

@@ -140,10 +140,12 @@ class ChainCounts:
 
     __slots__ = (
         "batch",
+        "batch_cost_usd",
         "cached_tokens",
         "calls",
         "cost_usd",
         "flex",
+        "flex_cost_usd",
         "input_tokens",
         "latency",
         "ok",
@@ -161,6 +163,8 @@ class ChainCounts:
         self.ok = 0  # 2xx answers
         self.flex = 0  # 2xx answers served by Flex processing
         self.batch = 0  # 2xx answers served by the Batch API
+        self.flex_cost_usd = 0.0  # what the Flex answers cost (of ``cost_usd``)
+        self.batch_cost_usd = 0.0  # what the Batch API's answers cost (of ``cost_usd``)
         self.unavailable = 0  # Flex requests answered 429 "resource unavailable"
         self.cached_tokens = 0  # prompt tokens read from the provider's prompt cache
         self.saved_usd = 0.0  # what the prompt cache saved
@@ -424,6 +428,10 @@ class Recorder:
                         counts.unpriced += 1
                     else:
                         counts.cost_usd += cost
+                        if outcome.tier == "flex":
+                            counts.flex_cost_usd += cost
+                        elif outcome.tier == "batch":
+                            counts.batch_cost_usd += cost
             if ok:
                 row[_IN] += prompt or 0
                 row[_OUT] += completion or 0

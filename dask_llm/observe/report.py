@@ -211,6 +211,8 @@ def _chain_table(record: RunRecord) -> str:
             f"<td>{seconds(c.percentile(99))}</td><td>{c.input_tokens:,}</td>"
             f"<td>{c.cached_tokens:,}</td><td>{c.output_tokens:,}</td><td>{cost}</td>"
             f"<td>${c.saved_usd:,.4f}</td><td>{c.flex:,} / {c.batch:,} / {c.unavailable:,}</td>"
+            f"<td>${c.flex_cost_usd:,.4f} / ${c.batch_cost_usd:,.4f} / "
+            f"${c.cost_usd - c.flex_cost_usd - c.batch_cost_usd:,.4f}</td>"
             f"<td>{c.truncated:,}</td>"
             f"<td>{c.refused:,}</td><td>{c.parse_failures:,}</td></tr>"
         )
@@ -218,6 +220,7 @@ def _chain_table(record: RunRecord) -> str:
         '<tr><th class="l">chain</th><th>requests</th><th>answers</th><th>p50</th><th>p90</th>'
         "<th>p99</th><th>input tokens</th><th>of them cached</th><th>output tokens</th>"
         "<th>cost</th><th>caching saved</th><th>by Flex / batch / Flex unavailable</th>"
+        "<th>cost by Flex / batch / list price</th>"
         "<th>truncated</th><th>refused</th><th>parse failures</th></tr>"
     )
     return f"<h2>Chains</h2><table>{head}{''.join(rows)}</table>"

@@ -37,6 +37,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -49,6 +50,8 @@ from dask_llm.chains.columns import is_missing
 from dask_llm.chains.graph import find
 from dask_llm.chains.plan import Plan, PlannedChain
 from dask_llm.chains.prompt import schema_text
+from dask_llm.core.config import DEFAULT_MAX_CONCURRENCY
+from dask_llm.core.deadline import Deadline, TierPlan, plan_tiers, rate_of
 from dask_llm.core.usage import PriceEntry, Tier, cost_usd, price_of, savings_usd
 from dask_llm.preview.caching import cached_per_call
 from dask_llm.preview.tokens import token_counter
@@ -86,6 +89,9 @@ class Estimate:
     #: Calls sent by Flex processing; the cost of every call online at list price.
     flex_calls: int = 0
     list_price_cost_usd: float | None = None
+    #: With ``deadline=``: the plan across the tiers (``core.deadline``), and ``cost_usd`` is
+    #: its cost (the Flex price taken as the Batch API's, as in ``PRICES``).
+    deadline_plan: TierPlan | None = None
 
     def __str__(self) -> str:
         cost = "unknown" if self.cost_usd is None else f"${significant(self.cost_usd)}"
@@ -96,6 +102,8 @@ class Estimate:
             cost += f" with Flex{some} (list price: ${significant(self.list_price_cost_usd)})"
         if self.cached_tokens and self.caching_saved_usd:
             cost += f", ${significant(self.caching_saved_usd)} less for the prompt cache"
+        if self.deadline_plan is not None:
+            cost += f"; {self.deadline_plan.describe()}"
         if self.batch:
             wall = "within the batch window per round (one per dependent chain level)"
             if self.partitions > 1:
@@ -346,6 +354,7 @@ def run_estimate(
     budget_usd: float | None = None,
     batch: bool = False,
     service_tier: str | None = None,
+    deadline: Deadline | None = None,
 ) -> Estimate:
     """``estimate()``'s work: counts per partition (read-only cache), then the summary."""
     import dask
@@ -370,6 +379,19 @@ def run_estimate(
     )
     estimate.budget_usd = budget_usd
     estimate.partitions = int(getattr(frame, "npartitions", 1))
+    if deadline is not None:
+        tiers = plan_tiers(
+            deadline,
+            now=time.time(),
+            requests=estimate.calls,
+            rounds=plan.rounds,
+            rate_per_s=rate_of(deadline, rpm=rpm, max_concurrency=DEFAULT_MAX_CONCURRENCY),
+        )
+        estimate.deadline_plan = tiers
+        online, cheap = estimate.cost_usd, estimate.batch_cost_usd
+        if online is not None and cheap is not None:
+            share = 1.0 if tiers.batch_s is not None else tiers.flex_share
+            estimate.cost_usd = share * cheap + (1.0 - share) * online
     return estimate
 
 

@@ -30,6 +30,15 @@ and re-attaches to its batch (still running, or finished and not yet read)
 instead of submitting it again. Without a cache (``cache=False``) there is
 nothing to re-attach to.
 
+**A stop for the budget or the quality gate** cancels the partition's batches
+in flight (``cancel_in_flight``), each through its own provider's client: nobody
+wants their answers at a price the budget refused, or from a job the gate judged
+broken. The watchers then poll every ``poll_initial`` and read what each batch
+finished once its cancel is done (cached: a rerun pays only for the rest),
+waiting at most ``STOP_CANCEL_WAIT_S``: a cancel still under way then is named
+as on Ctrl-C. Ctrl-C does not cancel: the user may want them, and a rerun
+re-attaches to them.
+
 **Partial results.** Lines that failed (an error status) and lines a batch
 never ran (expired, cancelled) are answered with a retryable error
 (408 ``batch_expired``), so the job's retry policy resubmits them in the
@@ -65,6 +74,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from dask_llm.core.config import BatchPolicy
+from dask_llm.core.errors import JobStopped
 from dask_llm.providers.base import BatchClient, BatchState, Provider
 from dask_llm.providers.registry import API_ERRORS, OPENAI, PROVIDERS, STATUS_ERRORS
 from dask_llm.transport.wire import Answer, fatal_reason
@@ -90,6 +100,10 @@ CANCEL_SHARE: Final = 0.25
 CANCEL_MAX_S: Final = 600.0
 #: How often lines waiting for the budget look again when none of this partition's settle.
 _RESERVE_RETRY_S: Final = 0.25
+#: How long a job stopped by its budget or quality gate waits for the provider to cancel
+#: its batches, to read and cache what they finished; a cancel still under way then is
+#: named as on Ctrl-C (a rerun with the same cache re-attaches and reads it).
+STOP_CANCEL_WAIT_S: Final = 60.0
 
 
 class GoOnline:
@@ -131,6 +145,9 @@ class Batcher:
         self.in_flight: dict[str, str] = {}  # batch id -> last status seen
         self._first_submit: float | None = None
         self._online = False  # cancelling for the deadline: everything goes online
+        self._stopping = False  # the job stopped (budget, quality): cancelling, nothing new
+        self._wake = asyncio.Event()  # set: the watchers look at their batches now
+        self._groups: dict[str, Group] = {}  # batch id -> whose Batch API it is in
         self._read_batches: set[str] = set()  # ended and read: never re-attached to
         # Lines waiting to reserve their worst case (budget_usd=): (worst case, its future).
         self._reservations: deque[tuple[Callable[[], float], asyncio.Future[float | None]]] = (
@@ -312,6 +329,7 @@ class Batcher:
         lines = self._watching.get(batch_id)
         if lines is None:
             self._watching[batch_id] = {line.key: [line]}
+            self._groups[batch_id] = line.group
             self.stats.batches += 1  # this run's batches: submitted or re-attached to
             log.info("dask-llm: re-attaching to batch %s", batch_id)
             self._spawn(self._watch(batch_id, line.group))
@@ -357,6 +375,7 @@ class Batcher:
         self._status(batch.id, batch.status)
         log.info("dask-llm: submitted batch %s (%d lines)", batch.id, len(by_key))
         self._watching[batch.id] = by_key
+        self._groups[batch.id] = group
         self._spawn(self._watch(batch.id, group))
 
     # -- watching -------------------------------------------------------------------------------
@@ -382,7 +401,11 @@ class Batcher:
                 next_event = self._deadline_at() if cancelled else self._cancel_at()
                 if next_event is not None:
                     delay = min(delay, max(0.0, next_event - time.monotonic()) + 0.01)
-                await asyncio.sleep(delay)
+                if self._stopping:  # cancelled: its finished lines are read as soon as it ends
+                    await asyncio.sleep(self.policy.poll_initial)
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
                 delay = min(max(delay, self.policy.poll_initial) * 1.5, self.policy.poll_max)
             await self._read(client, batch)
         except asyncio.CancelledError:
@@ -393,6 +416,7 @@ class Batcher:
             self._fail_lines(lines, exc)
         finally:
             self._watching.pop(batch_id, None)
+            self._groups.pop(batch_id, None)
             self._status(batch_id, None)
 
     def _status(self, batch_id: str, status: str | None) -> None:
@@ -473,7 +497,9 @@ class Batcher:
         for key, members in lines.items():
             if key in answered:
                 continue
-            if all(line.reattached for line in members):
+            if self._stopping:  # never ran: the row says why the job stopped
+                _resolve_stopped(members, self.job)
+            elif all(line.reattached for line in members):
                 # An earlier run's batch that never ran it (expired, cancelled): not
                 # an attempt of this run, so it joins this run's next batch.
                 self._resubmit(members)
@@ -524,6 +550,27 @@ class Batcher:
     def batch_ids(self) -> list[str]:
         return sorted(self.in_flight)
 
+    async def cancel_in_flight(self, *, wait_s: float = STOP_CANCEL_WAIT_S) -> None:
+        """The job stopped for its budget or quality gate: cancel this partition's batches.
+
+        Each goes to its own provider's Batch API; the watchers then look every
+        ``poll_initial`` and read what each batch finished once its cancel is done
+        (cached: a rerun pays nothing twice). Waits at most ``wait_s``: batches still
+        cancelling then stay in ``batch_ids()``, named in the stop's message.
+        """
+        self._stopping = True
+        ids = [i for i in self.batch_ids() if i in self._groups]
+        for batch_id in ids:
+            try:
+                await self._client(self._groups[batch_id]).cancel(batch_id)
+                log.info("dask-llm: the job stopped, cancelled batch %s", batch_id)
+            except API_ERRORS as exc:  # ended meanwhile (the watcher reads it), or unreachable
+                log.warning("dask-llm: could not cancel batch %s (%s)", batch_id, exc)
+        self._wake.set()
+        watchers = [t for t in self._tasks if not t.done()]
+        if watchers:
+            await asyncio.wait(watchers, timeout=wait_s)
+
     async def aclose(self) -> None:
         if self._check_handle is not None:
             self._check_handle.cancel()
@@ -563,6 +610,15 @@ def _resolve(members: list[_Line], value: Any) -> None:
     for line in members:
         if not line.future.done():
             line.future.set_result(value)
+
+
+def _resolve_stopped(members: list[_Line], job: Any) -> None:
+    try:
+        job.check()
+    except JobStopped as exc:
+        for line in members:
+            if not line.future.done():
+                line.future.set_exception(exc)
 
 
 def _expired_body(batch: BatchState) -> bytes:

@@ -62,7 +62,9 @@ import asyncio
 import contextlib
 import contextvars
 import importlib
+import json
 import socket
+import time
 from typing import Any, cast
 
 import aiohttp
@@ -72,6 +74,7 @@ from langchain_core.runnables import Runnable, RunnableBinding
 from dask_llm.cache import request_key
 from dask_llm.chains.graph import find, rewrite
 from dask_llm.chains.outputs import is_configurable_model
+from dask_llm.core.config import FLEX_REQUEST_TIMEOUT
 from dask_llm.core.errors import JobStopped
 from dask_llm.core.outcome import Outcome
 from dask_llm.core.usage import MAX_TOKENS, current_attempt
@@ -269,7 +272,14 @@ class JobTransport:
         worst = job.worst_cost(body) if job.ledger.budgeted and body else 0.0
         await self._reserve(worst)
         started = await throttle.acquire(estimate, admit=not self.gated)
+        tiers = job.tiers() if self.provider is OPENAI and body else None
+        by_flex = False
+        if tiers is not None and not self.provider.is_flex(body) and tiers.tier() == "flex":
+            # deadline=: a Flex answer is still back in time (core.deadline).
+            request, body = _as_flex(request, body)
+            by_flex = True
         sent_at = job.recorder.request_started()  # run record (observe.record)
+        sent_mono = time.monotonic()
         status = None
         headers = None
         data = b""
@@ -287,6 +297,8 @@ class JobTransport:
                     _GATE.reset(gate)
             status = response.status_code
             headers = response.headers
+            if status == 200 and tiers is not None:
+                tiers.observe(time.monotonic() - sent_mono, flex=by_flex)
         finally:
             # The answer read once; every stage below acts on this outcome.
             # A 429 without rate-limit headers is read against the freshest of the job's
@@ -641,3 +653,23 @@ class LocalConfigurable(Runnable[Any, Any]):
 
     async def ainvoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
         return await self._local(config).ainvoke(input, config=config, **kwargs)
+
+
+def _as_flex(request: Any, body: bytes) -> tuple[Any, bytes]:
+    """``request`` (an OpenAI chat request) asking for Flex processing, with OpenAI's
+    advised timeout (``FLEX_REQUEST_TIMEOUT``) for its reads."""
+    data = json.loads(body)
+    data["service_tier"] = "flex"
+    flex_body = json.dumps(data, separators=(",", ":")).encode()
+    headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"content-length"]
+    timeout = dict(request.extensions.get("timeout") or {})
+    if timeout:
+        timeout["read"] = max(timeout.get("read") or 0.0, FLEX_REQUEST_TIMEOUT)
+    flex = type(request)(  # the SDK's httpx flavour (see _response)
+        request.method,
+        str(request.url),
+        headers=headers,
+        content=flex_body,
+        extensions={**request.extensions, "timeout": timeout} if timeout else request.extensions,
+    )
+    return flex, flex_body

@@ -1,0 +1,302 @@
+"""``enrich(..., deadline=)``: finish by then, at the least cost, across the price tiers.
+
+Three ways to ask for the same answer, cheapest first: the Batch API (half the
+list price, within a window the provider promises only as 24 h), Flex
+processing (the Batch price, online, slower, sometimes "resource unavailable")
+and list price. The planner picks, with what it knows, the cheapest that can
+still finish in time:
+
+1. **Batch** when the deadline leaves room for every round of the chains
+   (``rounds x batch_turnaround``) *and* for a safe tail: the batches are
+   cancelled at a cut-off (``BatchPolicy.deadline`` rules, below) early enough
+   that whatever they have not finished can still go online, at list-price
+   speed, by the deadline. The cut-off is ``deadline - tail``, with ``tail``
+   the time the job's requests take online at its rate (``2 x latency +
+   requests / rate + rounds x latency``: the pacing waits for its first two
+   answers before it sends at the full rate); the batch's own cancel is started ``min(cut-off / 4,
+   600)`` seconds before the cut-off (``transport.batch``: OpenAI takes up to
+   10 minutes to cancel, and lines a cancel finished are read only once it is
+   done). The bound: lines go online by the cut-off, and are back by the
+   deadline at the rate assumed.
+2. **Flex** for what goes online (all of it when the batch cannot make it, or
+   what a cancelled batch did not finish), as long as a Flex request sent now
+   is back in time: ``now + flex_latency x (1 + retries for unavailability) +
+   (rounds - 1) x latency <= deadline`` (the later rounds of its row at list
+   price). The Flex latency is the larger of the one assumed and the one
+   measured in this process so far (``TierChooser.observe``).
+3. **List price** for requests sent after that moment: the rate limit is the
+   same for both (a request sent at list price is not faster to send, only
+   faster to answer), so what cannot wait for a Flex answer is what is sent
+   last.
+
+What is assumed is said (``Deadline``'s fields), and ``estimate(deadline=)``
+shows the plan it gives. A deadline no tier can meet is planned at list price
+throughout and the estimate says by how much it is missed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import time
+from dataclasses import dataclass
+from typing import Final, Literal
+
+#: What the providers promise for a batch (OpenAI's ``completion_window``).
+BATCH_WINDOW_S: Final = 24 * 3600.0
+#: A batch's cancel is started this share of the cut-off before it, at most CANCEL_MAX_S
+#: (the same rule as ``BatchPolicy(deadline=)``).
+CANCEL_SHARE: Final = 0.25
+CANCEL_MAX_S: Final = 600.0
+#: Answers the pacing waits for at the start before it sends at the full rate (measured
+#: against the simulator: its first requests go one after another until two are back).
+WARMUP_ANSWERS: Final = 2
+
+Tier = Literal["batch", "flex", "default"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deadline:
+    """When a job must be done, and what the planner assumes to get there.
+
+    ``enrich(deadline=...)`` takes one, or a ``datetime.timedelta``, a number of
+    seconds from now, or an aware ``datetime``.
+
+    Args:
+        at: the deadline, in seconds since the epoch (``time.time()``).
+        batch_turnaround: seconds a batch takes, submission to results (default: the
+            24 h the provider promises; set what you measured).
+        flex_latency: seconds a Flex answer takes (default 60; the larger of this and
+            what the job measures is used).
+        latency: seconds an answer at list price takes (default 10).
+        flex_unavailable: share of Flex requests answered "resource unavailable" (each
+            retried; a request's expected time grows by ``1 / (1 - share)``).
+    """
+
+    at: float
+    batch_turnaround: float = BATCH_WINDOW_S
+    flex_latency: float = 60.0
+    latency: float = 10.0
+    flex_unavailable: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_turnaround", "flex_latency", "latency"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Deadline({name}=) must be >= 0 seconds")
+        if not 0.0 <= self.flex_unavailable < 1.0:
+            raise ValueError("Deadline(flex_unavailable=) is a share in [0, 1)")
+
+    @classmethod
+    def of(cls, value: object, *, now: float | None = None) -> Deadline:
+        """``value`` (a ``Deadline``, ``timedelta``, seconds or aware ``datetime``) as one.
+
+        Raises ``TypeError`` for another type and ``ValueError`` for a naive datetime
+        or a deadline already past.
+        """
+        now = time.time() if now is None else now
+        if isinstance(value, Deadline):
+            out = value
+        elif isinstance(value, _dt.timedelta):
+            out = cls(at=now + value.total_seconds())
+        elif isinstance(value, _dt.datetime):
+            if value.tzinfo is None or value.utcoffset() is None:
+                raise ValueError(
+                    "deadline= takes an aware datetime (with a tzinfo), a timedelta or seconds"
+                )
+            out = cls(at=value.timestamp())
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out = cls(at=now + float(value))
+        else:
+            raise TypeError(
+                f"deadline= takes seconds, a timedelta, an aware datetime or a dask_llm.Deadline, "
+                f"not {type(value).__name__}"
+            )
+        if out.at <= now:
+            raise ValueError("deadline= is already past")
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TierPlan:
+    """What the planner chose at ``now``: see the module docstring.
+
+    ``batch_s``: seconds from ``now`` to the batch cut-off (None: no batch);
+    ``flex_until``: the epoch time after which online requests go at list price;
+    ``flex_share``: the share of online requests expected to go by Flex (if all
+    went online); ``finish_s``: seconds from ``now`` the plan expects to finish in;
+    ``meets``: whether that is by the deadline; ``flex_first``: the first requests (the
+    pacing's warm-up) may go by Flex too.
+    """
+
+    deadline: Deadline
+    now: float
+    batch_s: float | None
+    flex_until: float
+    flex_share: float
+    finish_s: float
+    meets: bool
+    flex_first: bool = True
+
+    @property
+    def tier(self) -> Tier:
+        """The first tier the plan uses."""
+        if self.batch_s is not None:
+            return "batch"
+        return "flex" if self.flex_share > 0 else "default"
+
+    def cost_share(self, *, batch_discount: float = 0.5) -> float:
+        """The plan's cost as a share of list price, if every batch line finished in time
+        (batch) or every request went online (Flex, then list)."""
+        if self.batch_s is not None:
+            return batch_discount
+        return self.flex_share * batch_discount + (1.0 - self.flex_share)
+
+    def describe(self) -> str:
+        left = self.deadline.at - self.now
+        if self.batch_s is not None:
+            head = (
+                f"Batch API, cut off {self.batch_s:,.0f} s from now (what is not back then "
+                f"goes online by Flex, then list price)"
+            )
+        elif self.flex_share >= 1.0:
+            head = "online by Flex"
+        elif self.flex_share > 0:
+            head = f"online: {self.flex_share:.0%} by Flex, the rest at list price"
+        else:
+            head = "online at list price"
+        verdict = "" if self.meets else f"; expected to miss it by {self.finish_s - left:,.0f} s"
+        return (
+            f"deadline in {left:,.0f} s: {head}, about {self.cost_share():.2f}x list price{verdict}"
+        )
+
+
+def plan_tiers(
+    deadline: Deadline,
+    *,
+    now: float,
+    requests: int,
+    rounds: int,
+    rate_per_s: float,
+    flex_latency: float | None = None,
+) -> TierPlan:
+    """The cheapest plan that finishes ``requests`` (over ``rounds`` dependent rounds) by
+    ``deadline``, sending at most ``rate_per_s``; ``flex_latency``: as measured, if known.
+    """
+    left = deadline.at - now
+    rounds = max(1, rounds)
+    rate = max(rate_per_s, 1e-9)
+    # The pacing sends its first requests one after another (WARMUP_ANSWERS) before it
+    # sends at the full rate.
+    send_s = requests / rate
+    list_tail = WARMUP_ANSWERS * deadline.latency + send_s + rounds * deadline.latency
+    flex_s = _flex_seconds(deadline, flex_latency)
+    flex_until = deadline.at - flex_s - (rounds - 1) * deadline.latency
+    # Batch: every round done before its cancel begins, and the tail still fits after.
+    cutoff = left - list_tail
+    if cutoff > 0:
+        cancel_lead = min(cutoff * CANCEL_SHARE, CANCEL_MAX_S)
+        if rounds * deadline.batch_turnaround <= cutoff - cancel_lead:
+            return TierPlan(
+                deadline=deadline,
+                now=now,
+                batch_s=cutoff,
+                flex_until=flex_until,
+                flex_share=1.0,
+                finish_s=rounds * deadline.batch_turnaround,
+                meets=True,
+            )
+    # Online: requests go out evenly at the rate; those sent by flex_until go by Flex.
+    # After the first answers: by Flex when all of it can go by Flex, else at list price.
+    all_flex_window = flex_until - now - WARMUP_ANSWERS * flex_s
+    flex_first = send_s <= all_flex_window
+    flex_window = (
+        all_flex_window
+        if flex_first
+        else max(0.0, flex_until - now - WARMUP_ANSWERS * deadline.latency)
+    )
+    flex_share = 1.0 if send_s <= flex_window else (flex_window / send_s if send_s else 1.0)
+    # All by Flex: the last one sent, then its Flex answer; else the last sent at list price.
+    warmup = WARMUP_ANSWERS * (flex_s if flex_first else deadline.latency)
+    all_flex = warmup + send_s + flex_s + (rounds - 1) * deadline.latency
+    finish = all_flex if flex_share >= 1.0 else list_tail
+    return TierPlan(
+        deadline=deadline,
+        now=now,
+        batch_s=None,
+        flex_until=flex_until,
+        flex_share=flex_share,
+        finish_s=finish,
+        meets=finish <= left,
+        flex_first=flex_first,
+    )
+
+
+def rate_of(deadline: Deadline, *, rpm: float | None, max_concurrency: int) -> float:
+    """Requests per second the plan assumes: ``rpm``, else what the concurrency allows at
+    list-price latency."""
+    if rpm:
+        return rpm / 60.0
+    return max_concurrency / max(deadline.latency, 1e-3)
+
+
+def _flex_seconds(deadline: Deadline, measured: float | None) -> float:
+    """What a Flex request is expected to take, retries for unavailability included."""
+    latency = max(deadline.flex_latency, measured or 0.0)
+    return latency / (1.0 - deadline.flex_unavailable)
+
+
+class TierChooser:
+    """One job's choice of tier for each online request, in one process (owned by ``Job``).
+
+    A request goes by Flex while its answer, at the Flex latency assumed or measured
+    here (the larger), plus its row's later rounds at list price, is back by the
+    deadline; after that at list price. Until its first answers are back here
+    (``WARMUP_ANSWERS``), the pacing sends one request after another: by Flex that wait
+    is Flex's latency, which only a plan with room for all of it by Flex can afford; any
+    other plan asks those first requests at list price.
+    """
+
+    def __init__(self, deadline: Deadline, *, rounds: int) -> None:
+        self.deadline = deadline
+        self.rounds = max(1, rounds)
+        self._lock = threading.Lock()
+        self._flex_seconds = 0.0
+        self._flex_answers = 0
+        self._answered = 0  # answers back here: WARMUP_ANSWERS, and the pacing has warmed up
+        self._flex_first = True  # the last plan has room for a warm-up by Flex
+
+    def tier(self, now: float | None = None) -> Tier:
+        now = time.time() if now is None else now
+        with self._lock:
+            if self._answered < WARMUP_ANSWERS and not self._flex_first:
+                return "default"
+            measured = self._flex_seconds / self._flex_answers if self._flex_answers else None
+        flex_s = _flex_seconds(self.deadline, measured)
+        latest = self.deadline.at - flex_s - (self.rounds - 1) * self.deadline.latency
+        return "flex" if now <= latest else "default"
+
+    def observe(self, seconds: float, *, flex: bool) -> None:
+        """An answer (``flex``: by Flex) took ``seconds``, from its send to its answer."""
+        with self._lock:
+            self._answered += 1
+            if flex:
+                self._flex_seconds += seconds
+                self._flex_answers += 1
+
+    def plan(self, *, now: float, requests: int, rate_per_s: float) -> TierPlan:
+        with self._lock:
+            measured = self._flex_seconds / self._flex_answers if self._flex_answers else None
+        plan = plan_tiers(
+            self.deadline,
+            now=now,
+            requests=requests,
+            rounds=self.rounds,
+            rate_per_s=rate_per_s,
+            flex_latency=measured,
+        )
+        with self._lock:
+            self._flex_first = plan.batch_s is not None or plan.flex_first
+        return plan
+
+
+__all__ = ["Deadline", "TierChooser", "TierPlan", "plan_tiers", "rate_of"]
