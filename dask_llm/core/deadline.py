@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from dask_llm.core.config import UNPACED_MAX_CONCURRENCY
+
 #: What the providers promise for a batch (OpenAI's ``completion_window``).
 BATCH_WINDOW_S: Final = 24 * 3600.0
 #: A batch's cancel is started this share of the cut-off before it, at most CANCEL_MAX_S
@@ -231,12 +233,14 @@ def plan_tiers(
     )
 
 
-def rate_of(deadline: Deadline, *, rpm: float | None, max_concurrency: int) -> float:
+def rate_of(deadline: Deadline, *, rpm: float | None, max_concurrency: int | None) -> float:
     """Requests per second the plan assumes: ``rpm``, else what the concurrency allows at
-    list-price latency."""
+    list-price latency (``max_concurrency`` None, "auto": the cap while no rate is
+    known, ``UNPACED_MAX_CONCURRENCY``)."""
     if rpm:
         return rpm / 60.0
-    return max_concurrency / max(deadline.latency, 1e-3)
+    cap = UNPACED_MAX_CONCURRENCY if max_concurrency is None else max_concurrency
+    return cap / max(deadline.latency, 1e-3)
 
 
 def _flex_seconds(deadline: Deadline, measured: float | None) -> float:
