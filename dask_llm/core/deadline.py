@@ -42,8 +42,6 @@ import time
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from dask_llm.core.config import UNPACED_MAX_CONCURRENCY
-
 #: What the providers promise for a batch (OpenAI's ``completion_window``).
 BATCH_WINDOW_S: Final = 24 * 3600.0
 #: A batch's cancel is started this share of the cut-off before it, at most CANCEL_MAX_S
@@ -233,14 +231,13 @@ def plan_tiers(
     )
 
 
-def rate_of(deadline: Deadline, *, rpm: float | None, max_concurrency: int | None) -> float:
+def rate_of(deadline: Deadline, *, rpm: float | None, max_concurrency: int) -> float:
     """Requests per second the plan assumes: ``rpm``, else what the concurrency allows at
-    list-price latency (``max_concurrency`` None, "auto": the cap while no rate is
-    known, ``UNPACED_MAX_CONCURRENCY``)."""
+    list-price latency (for ``max_concurrency=None``, "auto", callers pass the cap while
+    no rate is known, ``core.config.UNPACED_MAX_CONCURRENCY``)."""
     if rpm:
         return rpm / 60.0
-    cap = UNPACED_MAX_CONCURRENCY if max_concurrency is None else max_concurrency
-    return cap / max(deadline.latency, 1e-3)
+    return max_concurrency / max(deadline.latency, 1e-3)
 
 
 def _flex_seconds(deadline: Deadline, measured: float | None) -> float:

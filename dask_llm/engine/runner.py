@@ -42,7 +42,7 @@ from dask_llm.chains.plan import Plan, PlannedChain
 from dask_llm.chains.shipping import provide_keys
 from dask_llm.cluster.handle import JobHandle
 from dask_llm.core import where as _cluster
-from dask_llm.core.config import BatchPolicy, EnrichOptions
+from dask_llm.core.config import UNPACED_MAX_CONCURRENCY, BatchPolicy, EnrichOptions
 from dask_llm.core.deadline import rate_of
 from dask_llm.core.errors import BudgetExceeded, ChainError, JobStopped, WorkerSetupError
 from dask_llm.core.usage import Usage
@@ -234,7 +234,11 @@ class PartitionRun:
         plan = chooser.plan(
             now=time.time(),
             requests=self.n * len(self.plan.chains) * options.partitions,
-            rate_per_s=rate_of(deadline, rpm=options.rpm, max_concurrency=options.max_concurrency),
+            rate_per_s=rate_of(
+                deadline,
+                rpm=options.rpm,
+                max_concurrency=options.max_concurrency or UNPACED_MAX_CONCURRENCY,
+            ),
         )
         log.info("dask-llm: %s", plan.describe())
         if plan.batch_s is None:

@@ -50,7 +50,7 @@ from dask_llm.chains.columns import is_missing
 from dask_llm.chains.graph import find
 from dask_llm.chains.plan import Plan, PlannedChain
 from dask_llm.chains.prompt import schema_text
-from dask_llm.core.config import DEFAULT_MAX_CONCURRENCY
+from dask_llm.core.config import UNPACED_MAX_CONCURRENCY
 from dask_llm.core.deadline import Deadline, TierPlan, plan_tiers, rate_of
 from dask_llm.core.usage import PriceEntry, Tier, cost_usd, price_of, savings_usd
 from dask_llm.preview.caching import cached_per_call
@@ -385,7 +385,7 @@ def run_estimate(
             now=time.time(),
             requests=estimate.calls,
             rounds=plan.rounds,
-            rate_per_s=rate_of(deadline, rpm=rpm, max_concurrency=DEFAULT_MAX_CONCURRENCY),
+            rate_per_s=rate_of(deadline, rpm=rpm, max_concurrency=UNPACED_MAX_CONCURRENCY),
         )
         estimate.deadline_plan = tiers
         online, cheap = estimate.cost_usd, estimate.batch_cost_usd
