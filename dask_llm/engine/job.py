@@ -89,7 +89,7 @@ from dask_llm.limits.pacer import Throttle
 from dask_llm.observe import metrics as _metrics
 from dask_llm.observe import progress as _progress
 from dask_llm.observe.record import Recorder
-from dask_llm.providers import PROVIDERS
+from dask_llm.providers import providers
 
 if TYPE_CHECKING:
     from dask_llm.cluster.handle import JobHandle
@@ -264,7 +264,7 @@ class Job:
         """
         match = MODEL.search(body)
         model = match.group(1).decode() if match else None
-        flex = any(provider.is_flex(body) for provider in PROVIDERS)
+        flex = any(provider.is_flex(body) for provider in providers())
         tier: Tier = "batch" if batch else ("flex" if flex else "default")
         price = price_of(model, self.options.price_table, tier=tier)
         if price is None:

@@ -223,4 +223,3 @@ def error_of(data: bytes) -> tuple[str | None, str]:
         return None, ""
     code = error.get("code") or error.get("type")
     return (str(code) if code else None), str(error.get("message") or "")
-

@@ -76,7 +76,7 @@ from typing import Any, Final
 from dask_llm.core.config import BatchPolicy
 from dask_llm.core.errors import JobStopped
 from dask_llm.providers.base import BatchClient, BatchState, Provider
-from dask_llm.providers.registry import API_ERRORS, OPENAI, PROVIDERS, STATUS_ERRORS
+from dask_llm.providers.registry import OPENAI, api_errors, providers, status_errors
 from dask_llm.transport.wire import Answer, fatal_reason
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class Batcher:
             return None if batch_id in self._read_batches else batch_id
         try:
             found_id = await self._client(line.group).find(file_id)
-        except API_ERRORS as exc:
+        except api_errors() as exc:
             log.warning("dask-llm: could not list batches to re-attach (%s)", exc)
             return None
         if found_id is not None:
@@ -522,7 +522,7 @@ class Batcher:
 
     def _fail_lines(self, lines: list[_Line], exc: Exception) -> None:
         answer = None
-        if isinstance(exc, STATUS_ERRORS) and lines:
+        if isinstance(exc, status_errors()) and lines:
             answer = Answer.json(exc.status_code, exc.response.content)
             provider = lines[0].group[0]
             reason = fatal_reason(exc.status_code, exc.response.content, exc.request, provider)
@@ -564,7 +564,7 @@ class Batcher:
             try:
                 await self._client(self._groups[batch_id]).cancel(batch_id)
                 log.info("dask-llm: the job stopped, cancelled batch %s", batch_id)
-            except API_ERRORS as exc:  # ended meanwhile (the watcher reads it), or unreachable
+            except api_errors() as exc:  # ended meanwhile (the watcher reads it), or unreachable
                 log.warning("dask-llm: could not cancel batch %s (%s)", batch_id, exc)
         self._wake.set()
         watchers = [t for t in self._tasks if not t.done()]
@@ -644,7 +644,9 @@ def cancel_batches(*batch_ids: str, client: Any = None) -> dict[str, str]:
     """
     by_provider: dict[Provider, list[str]] = {}
     ranked = sorted(
-        (p for p in PROVIDERS if p.batch), key=lambda p: len(p.batch_prefix), reverse=True
+        (p for p in providers(every=True) if p.batch),
+        key=lambda p: len(p.batch_prefix),
+        reverse=True,
     )
     for batch_id in batch_ids:
         owner = next((p for p in ranked if batch_id.startswith(p.batch_prefix)), OPENAI)
