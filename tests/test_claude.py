@@ -203,6 +203,10 @@ def test_a_strict_limit_told_holds_with_few_429s(make_simulator: Any) -> None:
     stats = sim.stats()
     assert stats["successes"] == 300
     assert stats["rate_limited"] <= 0.005 * stats["requests"], stats["rate_limited"]
+    # The report's limit line: Anthropic's own header read (it was OpenAI's name only).
+    summary = dask_llm.last_run()
+    assert summary is not None and summary.record is not None
+    assert summary.record.limit_rpm == 1200
 
 
 def test_estimate_prices_a_claude_chain(sim: Any) -> None:
