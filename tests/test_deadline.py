@@ -206,6 +206,8 @@ def test_a_batch_slower_than_stated_is_cancelled_early_and_the_rest_goes_online(
     tiers = summary.cost_by_tier
     assert sum(tiers.values()) == pytest.approx(float(out["llm_cost_usd"].sum()))
     assert "cancelled early: too slow" in str(summary) and "deadline met" in str(summary)
+    report = summary._repr_html_()  # the report says it too, and each tier's cost
+    assert "deadline met" in report and "cost by Flex / batch / list price" in report
 
 
 @pytest.mark.slow  # about 5 s

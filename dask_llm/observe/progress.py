@@ -207,6 +207,7 @@ class RunSummary:
             **data,
             "calls_per_s": self.calls_per_s,
             "list_price_calls": self.list_price_calls,
+            "cost_by_tier": self.cost_by_tier,
         }
 
     def report(self, path: str | os.PathLike[str], *, estimate: Any = None) -> str:
