@@ -46,7 +46,9 @@ is not):
   by Flex, less at list price, and the provider's cancel has longer to finish).
   The lines it finished are read once the cancel is done (nothing is paid
   twice); the rest go online. Before any line is done, the batch is late once
-  it has run longer than the turnaround assumed.
+  it has run longer than the turnaround assumed. Only batches whose rest can
+  go by Flex (OpenAI's): an Anthropic batch's rest would go at list price, so
+  it keeps its cut-off.
 * Flex's latency and its share of "resource unavailable" answers are measured
   as they come (``TierChooser.observe``); the larger of each and the one
   assumed makes a Flex request's expected time, so the moment after which a

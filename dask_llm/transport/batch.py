@@ -473,10 +473,15 @@ class Batcher:
     # -- deadline=: re-planned from a batch's progress (core.deadline) ------------------------
     def _late(self, batch: BatchState) -> bool:
         """Whether ``batch``, by its pace so far, cannot end before its cancel would begin
-        (``core.deadline.batch_late``): then it is cancelled now, not at the cut-off."""
+        (``core.deadline.batch_late``): then it is cancelled now, not at the cut-off.
+
+        Only where its lines go online by Flex (OpenAI's), at the Batch API's price:
+        Anthropic's would go at list price, so its batch keeps its cut-off, answering
+        at half price until then."""
         tiers = self.job.tiers()
         cancel_at = self._cancel_at()
-        if tiers is None or cancel_at is None:
+        group = self._groups.get(batch.id)
+        if tiers is None or cancel_at is None or group is None or group[0] is not OPENAI:
             return False
         now = time.monotonic()
         progress = self._progress.get(batch.id)
@@ -520,9 +525,11 @@ class Batcher:
 
     def _replan_online(self, batch: BatchState) -> None:
         """A batch was cancelled for the deadline: the job's online requests re-planned
-        (whether the first of them may wait for Flex), with what it has not done."""
+        (whether the first of them may wait for Flex), with what it has not done. The
+        chooser picks OpenAI's tiers only: an Anthropic batch's lines go at list price."""
         tiers = self.job.tiers()
-        if tiers is None:
+        group = self._groups.get(batch.id)
+        if tiers is None or group is None or group[0] is not OPENAI:
             return
         progress = self._progress.get(batch.id)
         wave = progress.wave if progress is not None else max(1, self._wave)
