@@ -50,6 +50,7 @@ class PartitionStats:
         "batches_done",
         "batches_finalizing",
         "batches_in_progress",
+        "batches_late",
         "batches_validating",
         "cache_errors",
         "cache_hits",
@@ -73,6 +74,7 @@ class PartitionStats:
         self.batches_validating = 0
         self.batches_in_progress = 0
         self.batches_finalizing = 0
+        self.batches_late = 0  # deadline=: cancelled early, their progress too slow
 
     def snapshot(self) -> tuple[int, ...]:
         return (
@@ -88,6 +90,7 @@ class PartitionStats:
             self.batches_in_progress,
             self.batches_finalizing,
             self.flex_unavailable,
+            self.batches_late,
         )
 
 

@@ -253,8 +253,9 @@ class AnthropicBatches(BatchClient):
 
 
 def _state(batch: Any) -> BatchState:
+    counts = batch.request_counts
     status = _STATUS.get(batch.processing_status)
     if status is None:  # ended: how, its counts say
-        counts = batch.request_counts
         status = "cancelled" if counts.canceled else "expired" if counts.expired else "completed"
-    return BatchState(str(batch.id), status, "", batch)
+    done = counts.succeeded + counts.errored + counts.canceled + counts.expired
+    return BatchState(str(batch.id), status, "", batch, done=done, total=done + counts.processing)

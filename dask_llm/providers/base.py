@@ -49,12 +49,16 @@ class BatchState:
     ``in_progress``, ``finalizing``, ``cancelling``, then ``completed``,
     ``failed`` (rejected at validation: ``failed_because`` says why),
     ``expired`` or ``cancelled``. ``raw`` is the SDK's object, for ``results``.
+    ``done`` of ``total`` lines have finished (answered or failed) so far, as the
+    provider counts them (``total`` 0: not known yet, as while validating).
     """
 
     id: str
     status: str
     failed_because: str = ""
     raw: Any = None
+    done: int = 0
+    total: int = 0
 
 
 class BatchClient(ABC):

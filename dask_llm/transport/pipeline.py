@@ -297,8 +297,6 @@ class JobTransport:
                     _GATE.reset(gate)
             status = response.status_code
             headers = response.headers
-            if status == 200 and tiers is not None:
-                tiers.observe(time.monotonic() - sent_mono, flex=by_flex)
         finally:
             # The answer read once; every stage below acts on this outcome.
             # A 429 without rate-limit headers is read against the freshest of the job's
@@ -317,6 +315,11 @@ class JobTransport:
                 # Before the slot is released: a request of another thread waiting for
                 # it must find the job stopped.
                 job.fatal_answer(outcome.fatal, body)
+            if tiers is not None and (status == 200 or (by_flex and outcome.unavailable)):
+                # deadline=: Flex's latency and availability, measured (core.deadline).
+                tiers.observe(
+                    time.monotonic() - sent_mono, flex=by_flex, unavailable=outcome.unavailable
+                )
             job.recorder.request_finished(sent_at, outcome)
             throttle.observe(
                 started,
