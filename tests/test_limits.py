@@ -203,15 +203,14 @@ def test_the_pacer_spends_the_leased_rate_and_says_when_it_waits() -> None:
 def test_pacer_learns_the_limit_from_headers_and_keeps_the_lower_one() -> None:
     clock = Clock()
     pacer = Pacer(clock=clock)
-    pacer.learn(
-        *OPENAI.announced(
-            {"x-ratelimit-limit-requests": "3000", "x-ratelimit-limit-tokens": "bogus"}
-        )
+    said = OPENAI.announced(
+        {"x-ratelimit-limit-requests": "3000", "x-ratelimit-limit-tokens": "bogus"}
     )
+    pacer.learn(said.rpm, said.tpm)
     assert pacer.rates()[0] == pytest.approx(50 * (1 - MARGIN))
     assert pacer.rates()[1] is None
     given = Pacer(rpm=600, clock=clock)
-    given.learn(*OPENAI.announced({"x-ratelimit-limit-requests": "3000"}))
+    given.learn(OPENAI.announced({"x-ratelimit-limit-requests": "3000"}).rpm, None)
     assert given.rates()[0] == pytest.approx(10 * (1 - MARGIN))
 
 
@@ -437,12 +436,18 @@ def test_a_cancelled_waiter_gives_its_slot_back() -> None:
 
 
 def test_throttle_estimate_is_corrected_by_reported_usage() -> None:
+    """The prompt's estimate is scaled by what answers reported; the output is max_tokens
+    (what the provider counts), else the mean output so far; a provider that limits
+    output apart counts the prompt alone against tpm."""
     t = Throttle(max_concurrency=4, clock=Clock())
     first = t.estimate_tokens(prompt_chars=4_000, max_tokens=100)
     assert first == pytest.approx(1_100)
-    t.record_estimate(1_100)
-    t.record_usage(prompt_tokens=2_000, completion_tokens=200)  # the estimate was half
-    assert t.estimate_tokens(prompt_chars=4_000, max_tokens=100) == pytest.approx(2_200)
+    t.record_usage(4_000, prompt_tokens=2_000, completion_tokens=200)  # the prompt was half
+    assert t.estimate_tokens(prompt_chars=4_000, max_tokens=100) == pytest.approx(2_100)
+    assert t.expected_output(None) == 200 and t.expected_output(64) == 64
+    assert t.estimate_tokens(prompt_chars=4_000, max_tokens=None) == pytest.approx(2_200)
+    apart = Throttle(max_concurrency=4, output_apart=True, clock=Clock())
+    assert apart.estimate_tokens(prompt_chars=4_000, max_tokens=100) == pytest.approx(1_000)
 
 
 def test_throttle_cuts_concurrency_on_429_only_when_the_rate_is_unknown() -> None:

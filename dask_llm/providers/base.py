@@ -124,6 +124,10 @@ class Provider(ABC):
     batch: ClassVar[bool] = False
     #: How the ids of its batches begin (``cancel_batches`` sends each id to its provider).
     batch_prefix: ClassVar[str] = ""
+    #: Whether it limits output tokens apart (Anthropic's output tokens per minute): its
+    #: ``tpm`` then counts the prompt alone, and its requests reserve their expected output
+    #: from an output bucket of their own (``limits.pacer.OutputBucket``).
+    output_limit: ClassVar[bool] = False
 
     @abstractmethod
     def owns(self, model: Any) -> bool:
@@ -223,4 +227,3 @@ def error_of(data: bytes) -> tuple[str | None, str]:
         return None, ""
     code = error.get("code") or error.get("type")
     return (str(code) if code else None), str(error.get("message") or "")
-
