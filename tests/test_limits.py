@@ -24,8 +24,10 @@ from dask_llm.limits.pacer import (
     HEADROOM,
     SPARE,
     Concurrency,
+    OutputBucket,
     Pacer,
     Throttle,
+    Throttles,
     auto_max_concurrency,
 )
 from dask_llm.providers import OPENAI
@@ -448,6 +450,69 @@ def test_throttle_estimate_is_corrected_by_reported_usage() -> None:
     assert t.estimate_tokens(prompt_chars=4_000, max_tokens=None) == pytest.approx(2_200)
     apart = Throttle(max_concurrency=4, output_apart=True, clock=Clock())
     assert apart.estimate_tokens(prompt_chars=4_000, max_tokens=100) == pytest.approx(1_000)
+
+
+OTPM = 6_000  # output tokens per minute: 100 a second
+OUT_RATE = 100 * (1 - MARGIN)  # what a bucket of its own refills at; it holds a second's
+
+
+def test_the_output_bucket_books_in_turn_and_gets_back_what_answers_did_not_use() -> None:
+    clock = Clock()
+    bucket = OutputBucket(otpm=OTPM, clock=clock)
+    # Told: full at the start. Two requests of 40 go now; the third waits for the 22 that
+    # the bucket lacks; the fourth is booked after it (into debt: in turn, never polled).
+    assert bucket.take(40) == (0.0, 40) and bucket.take(40) == (0.0, 40)
+    third, booked = bucket.take(40)
+    assert booked == 40 and third == pytest.approx((40 - (OUT_RATE - 80)) / OUT_RATE)
+    fourth = bucket.take(40)[0]
+    assert fourth == pytest.approx(third + 40 / OUT_RATE)
+    # The first answer used 10 of its 40: the next booking is 30 tokens sooner.
+    bucket.settle(40, 10)
+    assert bucket.take(40)[0] == pytest.approx(fourth + 10 / OUT_RATE)
+    # A second later the debt is paid by the refill; a reservation larger than the whole
+    # bucket goes once the bucket is full, and those after it wait for what it took.
+    clock.now += 10.0
+    assert bucket.take(500) == (0.0, 500)
+    assert bucket.take(10)[0] == pytest.approx((500 - OUT_RATE + 10) / OUT_RATE)
+
+
+def test_an_output_limit_learned_from_an_answer_starts_from_an_empty_bucket() -> None:
+    """The requests sent before the limit was known were not booked: they may hold most of
+    the provider's bucket, so this one starts empty (a told limit starts full)."""
+    clock = Clock()
+    bucket = OutputBucket(clock=clock)
+    assert bucket.take(40) == (0.0, 0.0)  # no limit known: not paced, nothing booked
+    bucket.learn(OTPM)
+    assert bucket.take(40) == (pytest.approx(40 / OUT_RATE), 40)
+
+
+def test_an_error_answer_gives_its_output_back_and_a_lost_one_keeps_it() -> None:
+    clock = Clock()
+    t = Throttle(max_concurrency=4, output_tpm=OTPM, output_apart=True, clock=clock)
+    assert t.output is not None
+    for _ in range(4):
+        t.output.take(40)  # the bucket owes 62 now
+    owed = t.output.take(0.001)[0]
+    t.settle_output(40, None, None)  # no answer: the provider may have spent it
+    t.settle_output(40, 200, None)  # an answer without usage: likewise
+    assert t.output.take(0.001)[0] == pytest.approx(owed, abs=1e-4)
+    t.settle_output(40, 429, None)  # turned away: it spent nothing
+    assert t.output.take(0.001)[0] == pytest.approx(owed - 40 / OUT_RATE, abs=1e-4)
+
+
+def test_each_provider_has_a_throttle_of_its_own_and_the_rows_follow_the_neediest() -> None:
+    clock = Clock()
+    throttles = Throttles(max_concurrency=None, rpm=600, output_tpm=OTPM, clock=clock)
+    openai = throttles.of("openai")
+    claude = throttles.of("anthropic", output_apart=True)
+    assert throttles.of("openai") is openai and claude is not openai
+    assert openai.output is None and claude.output is not None
+    assert openai.pacer.rates()[0] == claude.pacer.rates()[0] == pytest.approx(10 * (1 - MARGIN))
+    claude.observe(clock.now - 2.0, 200, {}, announced=(60, None, None))  # slow, few
+    openai.observe(clock.now - 0.1, 200, {}, announced=(6_000, None))
+    assert claude.pacer.rates()[0] == pytest.approx(1 * (1 - MARGIN))  # its own limit only
+    assert openai.pacer.rates()[0] == pytest.approx(10 * (1 - MARGIN))
+    assert throttles.row_target() == max(openai.row_target(), claude.row_target())
 
 
 def test_throttle_cuts_concurrency_on_429_only_when_the_rate_is_unknown() -> None:

@@ -23,6 +23,15 @@ request and token rates until its next call, a dollar allowance, and whether
 the job must stop. No round trip per request: the member paces locally
 (``limits.pacer``) within its rates and reserves from its allowance.
 
+Providers. A job whose chains call two providers has each one's rates leased
+apart, from a ledger of its own on the same coordinator (the job's id for its
+default provider, OpenAI, whose ledger holds the budget too; ``job/anthropic``
+for Anthropic's), lent by the job's work: a member's report carries each other
+provider's use as a *lane* (``lanes``) and gets each one's rates back. The
+limits told (``rpm``, ``tpm``, ``output_tpm``) hold for each provider apart;
+the limits learned are each provider's own. Output tokens (``output_tpm``,
+Anthropic's) are lent as requests and tokens are.
+
 Allocation follows demand: members that use less than their share get what
 they use (plus a quarter, to grow; what they use is the higher of their rate
 since their last renewal and what they sent in their last second, since a

@@ -9,6 +9,12 @@ headers said, and what was spent. Between renewals the pacer (``limits.pacer``)
 works from the leased rates alone, and requests reserve their worst-case cost
 from the dollar allowance, with no round trip.
 
+Rates are leased per provider: each provider's requests are a ``Lane`` of the
+lease (requests/s, tokens/s and output tokens/s, and what was used of them),
+the ledger's own for the job's default provider (OpenAI) and one more for each
+other provider the job's requests go to here; one report carries them all,
+and the budget and the job's work once (``Coordinator.lease``).
+
 How a member reaches the coordinator:
 
 * ``LocalLink``: the coordinator of this process (threads, the synchronous
@@ -128,6 +134,7 @@ class Lane:
         self.rate_req: float | None = None
         self.rate_tok: float | None = None
         self.rate_out: float | None = None
+        self.replied = False  # a reply to a report of this lane has arrived
         self.leased = False  # a lease with the job's limits has arrived
         self.learned_rpm: float | None = None
         self.learned_tpm: float | None = None
@@ -155,9 +162,10 @@ class Lane:
     def _rates(self) -> tuple[float | None, float | None, float | None]:
         ledger = self._ledger
         learned = self.learned_rpm or self.learned_tpm or self.learned_otpm
-        if ledger.fallback or not ledger.reached or (not self.leased and learned):
-            # Before the first lease: an even share, not unpaced; a limit learned here
-            # and not yet known to the ledger: likewise.
+        if ledger.fallback or not self.replied or (not self.leased and learned):
+            # Before the first lease (of the ledger, or of a lane made since): an even
+            # share, not unpaced; a limit learned here and not yet known to the ledger:
+            # likewise.
             return self._even_share()
         if ledger.clock() > ledger.expires:
             # Renewals are late (a busy process, a slow link): the coordinator has
@@ -278,6 +286,7 @@ class Lane:
             rate_req, rate_tok = reply.get("rate_req"), reply.get("rate_tok")
             rate_out = reply.get("rate_out")
             self.rate_req, self.rate_tok, self.rate_out = rate_req, rate_tok, rate_out
+            self.replied = True
             self.leased = self.leased or any(r is not None for r in (rate_req, rate_tok, rate_out))
 
 

@@ -1,11 +1,15 @@
 """How one HTTP request of a job may start: pacing within the job's lease, and concurrency.
 
-One ``Throttle`` per job per process (owned by the ``Job``), shared by every
-partition running in that process, on whatever thread and event loop. It
-governs HTTP requests, not chain calls: a chain that calls the model twice
-counts twice, and retries count as what they are, new requests. It sits in
-the transport (``transport.pipeline``), so it sees every request's body (to estimate
-its tokens) and every response's status and headers.
+One ``Throttle`` per job per process and provider (the job's ``Throttles``,
+owned by the ``Job``), shared by every partition running in that process, on
+whatever thread and event loop. It governs HTTP requests, not chain calls: a
+chain that calls the model twice counts twice, and retries count as what they
+are, new requests. It sits in the transport (``transport.pipeline``), so it
+sees every request's body (to estimate its tokens) and every response's
+status and headers. A job whose chains call OpenAI and Anthropic paces each
+provider's requests to that provider's limits, with concurrency of its own:
+one pace for both held each at a share of the lower limit (the lease of
+each provider is a lane of the job's ledger: ``limits.ledger``).
 
 * **Pacing.** The job's ``rpm``/``tpm`` (told, or learned from the
   provider's headers, as ``Provider.announced`` reads them) are held by the job's ledger
@@ -64,9 +68,18 @@ its tokens) and every response's status and headers.
   cores: 410 in flight for 134 calls/s, against 256 for 175 with the fixed
   cap). The partitions' loops report their lag (``loop_lag``).
 
-Token costs are estimated before sending (body characters / 4, plus
-``max_tokens`` or the mean completion seen so far) and scaled by the ratio
-of reported usage to estimates so far.
+* **Output tokens** (Anthropic's output tokens per minute, ``output_tpm``
+  told or learned): a bucket of their own (``OutputBucket``), from which each
+  request books its ``max_tokens`` and to which its answer gives back what it
+  did not use, as Anthropic counts them.
+
+Token costs are estimated before sending: the prompt at body characters / 4,
+scaled by the ratio of the prompt tokens answers reported to those estimated
+so far; plus, where ``tpm`` counts output too (OpenAI), ``max_tokens`` or the
+mean output seen so far. Anthropic's ``tpm`` is its input-tokens limit: there
+the prompt alone counts, and the output is the output bucket's. (Until
+2026-12-07 no answer's usage reached the estimate: from the first answer on,
+every estimate was a quarter of its raw size.)
 
 aiolimiter was the first choice for pacing, but its limiter belongs to one
 event loop, and a job here spans many loops on many threads.
@@ -115,8 +128,11 @@ SPARE = 16
 AUTO_MAX_CONCURRENCY = 10_000
 #: Seconds between two readings of the rate and latency that set concurrency.
 FOLLOW_S = 0.05
-#: Seconds of its rate an output bucket holds (``OutputBucket``).
+#: Seconds of its rate an output bucket holds (``OutputBucket``): the provider's may hold
+#: one second's (a minute's limit enforced over shorter spans), less what requests booked
+#: may reach it late (``OUTPUT_LATE_S``).
 OUTPUT_BUCKET_S = 1.0
+OUTPUT_LATE_S = 0.1
 #: Output tokens a request is expected to use before any answer said (no ``max_tokens``).
 FIRST_OUTPUT_GUESS = 256.0
 
@@ -384,9 +400,13 @@ class OutputBucket:
 
     An answer that never came keeps its whole reservation (the provider may have
     spent it); an error answer's is given back (a 429 or an error costs no output).
+    The bucket starts full when the limit is told (the provider's is full at the
+    job's start, as far as the job knows), and empty when it is learned from an
+    answer: the requests sent before, unbooked, may hold most of the provider's
+    (it costs the job at most ``OUTPUT_BUCKET_S`` of output, once).
     """
 
-    __slots__ = ("_at", "_level", "_lock", "clock", "learned", "ledger", "otpm")
+    __slots__ = ("_at", "_blind", "_level", "_lock", "clock", "learned", "ledger", "otpm")
 
     def __init__(
         self,
@@ -400,8 +420,9 @@ class OutputBucket:
         self.ledger = ledger
         self.clock = clock
         self._lock = threading.Lock()
-        self._level: float | None = None  # None: full (nothing booked yet)
+        self._level: float | None = None  # None: nothing booked yet
         self._at = -math.inf
+        self._blind = False  # requests went out while no limit was known
 
     def rate(self) -> float | None:
         """This process's output tokens/s, or None where unlimited."""
@@ -412,9 +433,9 @@ class OutputBucket:
         return min(known) / 60.0 * (1.0 - MARGIN) if known else None
 
     def _refilled(self, now: float, rate: float) -> float:
-        capacity = rate * OUTPUT_BUCKET_S
+        capacity = rate * (OUTPUT_BUCKET_S - OUTPUT_LATE_S)
         if self._level is None:
-            return capacity
+            return 0.0 if self._blind else capacity
         return min(capacity, self._level + max(0.0, now - self._at) * rate)
 
     def take(self, tokens: float) -> tuple[float | None, float]:
@@ -426,13 +447,16 @@ class OutputBucket:
         with self._lock:
             rate = self.rate()
             if rate is None or tokens <= 0:
+                if rate is None and tokens > 0 and self._level is None:
+                    self._blind = True
                 return 0.0, 0.0
             if rate <= 0:
                 wait: float | None = None
             else:
                 now = self.clock()
                 level = self._refilled(now, rate)
-                wait = max(0.0, (min(tokens, rate * OUTPUT_BUCKET_S) - level) / rate)
+                capacity = rate * (OUTPUT_BUCKET_S - OUTPUT_LATE_S)
+                wait = max(0.0, (min(tokens, capacity) - level) / rate)
                 self._level, self._at = level - tokens, now
         if self.ledger is not None:
             if wait != 0.0:
@@ -712,8 +736,14 @@ class Throttle:
             await self.concurrency.acquire()
             booked = 0.0
             try:
+                while (delay := self.pacer.reserve(tokens)) is None:  # noqa: ASYNC110 (a lease)
+                    await asyncio.sleep(RENEW_S)
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 if self.output is not None:
-                    # Its output first: booked in turn, so its start waits for the bucket.
+                    # Its output last, as close to the wire as a booking can be: a request
+                    # booked, then held (a quota 429's Retry-After), would reach a provider
+                    # whose bucket had refilled to the brim while ours counted it taken.
                     while True:
                         wait, booked = self.output.take(output)
                         if wait is not None:
@@ -721,10 +751,6 @@ class Throttle:
                         await asyncio.sleep(RENEW_S)  # no share of the output limit now
                     if wait > 0:
                         await asyncio.sleep(wait)
-                while (delay := self.pacer.reserve(tokens)) is None:  # noqa: ASYNC110 (a lease)
-                    await asyncio.sleep(RENEW_S)
-                if delay > 0:
-                    await asyncio.sleep(delay)
                 if admit:
                     await self.admit(tokens)
             except BaseException:
@@ -920,6 +946,11 @@ class Throttles:
     def throttles(self) -> list[Throttle]:
         with self._lock:
             return list(self._by_provider.values())
+
+    def names(self) -> list[str]:
+        """The providers whose requests this process has paced so far."""
+        with self._lock:
+            return list(self._by_provider)
 
     def rows_started(self, delta: int) -> None:
         with self._lock:
