@@ -22,6 +22,8 @@ from dask_llm.limits.pacer import (
     CATCH_UP_S,
     FOLLOW_S,
     HEADROOM,
+    OUTPUT_BUCKET_S,
+    OUTPUT_LATE_S,
     SPARE,
     Concurrency,
     OutputBucket,
@@ -453,17 +455,18 @@ def test_throttle_estimate_is_corrected_by_reported_usage() -> None:
 
 
 OTPM = 6_000  # output tokens per minute: 100 a second
-OUT_RATE = 100 * (1 - MARGIN)  # what a bucket of its own refills at; it holds a second's
+OUT_RATE = 100 * (1 - MARGIN)  # what a bucket of its own refills at, and what it holds:
+OUT_CAP = OUT_RATE * (OUTPUT_BUCKET_S - OUTPUT_LATE_S)  # a second's, less the late arrivals
 
 
 def test_the_output_bucket_books_in_turn_and_gets_back_what_answers_did_not_use() -> None:
     clock = Clock()
     bucket = OutputBucket(otpm=OTPM, clock=clock)
-    # Told: full at the start. Two requests of 40 go now; the third waits for the 22 that
-    # the bucket lacks; the fourth is booked after it (into debt: in turn, never polled).
+    # Told: full at the start. Two requests of 40 go now; the third waits for what the
+    # bucket lacks; the fourth is booked after it (into debt: in turn, never polled).
     assert bucket.take(40) == (0.0, 40) and bucket.take(40) == (0.0, 40)
     third, booked = bucket.take(40)
-    assert booked == 40 and third == pytest.approx((40 - (OUT_RATE - 80)) / OUT_RATE)
+    assert booked == 40 and third == pytest.approx((40 - (OUT_CAP - 80)) / OUT_RATE)
     fourth = bucket.take(40)[0]
     assert fourth == pytest.approx(third + 40 / OUT_RATE)
     # The first answer used 10 of its 40: the next booking is 30 tokens sooner.
@@ -473,7 +476,7 @@ def test_the_output_bucket_books_in_turn_and_gets_back_what_answers_did_not_use(
     # bucket goes once the bucket is full, and those after it wait for what it took.
     clock.now += 10.0
     assert bucket.take(500) == (0.0, 500)
-    assert bucket.take(10)[0] == pytest.approx((500 - OUT_RATE + 10) / OUT_RATE)
+    assert bucket.take(10)[0] == pytest.approx((500 - OUT_CAP + 10) / OUT_RATE)
 
 
 def test_an_output_limit_learned_from_an_answer_starts_from_an_empty_bucket() -> None:
@@ -491,7 +494,7 @@ def test_an_error_answer_gives_its_output_back_and_a_lost_one_keeps_it() -> None
     t = Throttle(max_concurrency=4, output_tpm=OTPM, output_apart=True, clock=clock)
     assert t.output is not None
     for _ in range(4):
-        t.output.take(40)  # the bucket owes 62 now
+        t.output.take(40)  # the bucket owes 72 now
     owed = t.output.take(0.001)[0]
     t.settle_output(40, None, None)  # no answer: the provider may have spent it
     t.settle_output(40, 200, None)  # an answer without usage: likewise
