@@ -417,6 +417,30 @@ def test_each_provider_of_a_job_is_a_lane_leased_from_limits_of_its_own() -> Non
     assert (other.partitions, other.begun, list(other.sizes)) == (4, 1, [10])
 
 
+def test_a_lane_paces_a_limit_it_learned_from_the_moment_it_learned_it() -> None:
+    """Before its first lease a lane spends an even share of the limits told; a limit its
+    provider announced after the last lease, an even share of that until the next."""
+    clock = Clock()
+    coordinator = Coordinator(clock=clock)
+
+    class Link:
+        def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+            return coordinator.lease(job, member, report)
+
+    ledger = Ledger("job", {"rpm": LIMIT}, Link(), clock=clock)
+    ledger._renew()
+    claude = ledger.lane("anthropic")
+    assert claude.rates() == (pytest.approx(RATE), None)  # not leased yet: the told rpm
+    ledger._renew()
+    assert claude.rates() == (pytest.approx(RATE), None) and claude.output_rate() is None
+    claude.learned(None, None, 6_000)  # an answer announces 100 output tokens/s
+    assert claude.output_rate() == pytest.approx(100 * UNIT)
+    claude.waiting()  # its requests wait for the bucket: it would use more
+    ledger._renew()
+    assert claude.output_rate() == pytest.approx(100 * UNIT)  # lent by the ledger now
+    assert coordinator._jobs["job/anthropic"].limits()[2] == pytest.approx(100 * UNIT)
+
+
 def budget_report(**fields: Any) -> dict[str, Any]:
     return {"config": {"budget_usd": 1.0}, "hungry": True, **fields}
 

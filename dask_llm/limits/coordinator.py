@@ -365,7 +365,6 @@ class Coordinator:
             return {
                 "members": {m: (x.rate_req, x.rate_tok) for m, x in ledger.members.items()},
                 "committed_req": sum(x.committed()[0] for x in ledger.members.values()),
-                "rates_out": {m: x.rate_out for m, x in ledger.members.items()},
                 "limits": ledger.limits(),
                 "spent_usd": ledger.spent_usd,
                 "outstanding_usd": sum(x.allowance for x in ledger.members.values()),

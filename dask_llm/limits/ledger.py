@@ -135,7 +135,6 @@ class Lane:
         self.rate_tok: float | None = None
         self.rate_out: float | None = None
         self.replied = False  # a reply to a report of this lane has arrived
-        self.leased = False  # a lease with the job's limits has arrived
         self.learned_rpm: float | None = None
         self.learned_tpm: float | None = None
         self.learned_otpm: float | None = None
@@ -161,11 +160,9 @@ class Lane:
 
     def _rates(self) -> tuple[float | None, float | None, float | None]:
         ledger = self._ledger
-        learned = self.learned_rpm or self.learned_tpm or self.learned_otpm
-        if ledger.fallback or not self.replied or (not self.leased and learned):
+        if ledger.fallback or not self.replied:
             # Before the first lease (of the ledger, or of a lane made since): an even
-            # share, not unpaced; a limit learned here and not yet known to the ledger:
-            # likewise.
+            # share, not unpaced.
             return self._even_share()
         if ledger.clock() > ledger.expires:
             # Renewals are late (a busy process, a slow link): the coordinator has
@@ -175,7 +172,14 @@ class Lane:
                 None if self.rate_tok is None else 0.0,
                 None if self.rate_out is None else 0.0,
             )
-        return self.rate_req, self.rate_tok, self.rate_out
+        # A limit learned here that the ledger did not know at its last lease: an even
+        # share of it until the next.
+        req, tok, out = self._even_share()
+        return (
+            req if self.rate_req is None else self.rate_req,
+            tok if self.rate_tok is None else self.rate_tok,
+            out if self.rate_out is None else self.rate_out,
+        )
 
     def _even_share(self) -> tuple[float | None, float | None, float | None]:
         config = self._ledger.config
@@ -287,7 +291,6 @@ class Lane:
             rate_out = reply.get("rate_out")
             self.rate_req, self.rate_tok, self.rate_out = rate_req, rate_tok, rate_out
             self.replied = True
-            self.leased = self.leased or any(r is not None for r in (rate_req, rate_tok, rate_out))
 
 
 class Ledger:

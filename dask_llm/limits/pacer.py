@@ -393,10 +393,16 @@ class OutputBucket:
     reservation larger than that): starts are booked in turn, into debt, so a
     large reservation is not starved by small ones, and no booking is polled. Its
     answer then gives back what it did not use, or takes what it used beyond
-    (``settle``). The bucket holds at most what the provider's does (it takes
-    earlier, refills no faster, gives back later), so the provider's has room for
-    every request it lets go; a process's share of the limit moves between the
-    job's processes as its requests' do (``limits.coordinator``).
+    (``settle``). It takes no later than the provider, refills no faster and
+    gives back no sooner, so the provider's bucket has room for every request
+    it lets go, but for one thing: a request reaches the provider after its
+    booked start, and while both buckets are full the provider's loses the
+    refill of that delay, which ours counted. So ours holds ``OUTPUT_LATE_S``
+    less than a second (a bucket the size of the provider's met a 429 on 7% of
+    a job's requests, each a burst after its ``Retry-After``), and a request
+    books its output last, after the pacer's wait (a 429's hold would otherwise
+    be such a delay). A process's share of the limit moves between the job's
+    processes as its requests' do (``limits.coordinator``).
 
     An answer that never came keeps its whole reservation (the provider may have
     spent it); an error answer's is given back (a 429 or an error costs no output).
@@ -602,7 +608,7 @@ def _resolve(fut: asyncio.Future[None], owner: Concurrency) -> None:
 
 
 class Throttle:
-    """Everything that decides when one HTTP request of a job may start."""
+    """Everything that decides when one HTTP request of a job to one provider may start."""
 
     def __init__(
         self,
