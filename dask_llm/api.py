@@ -70,6 +70,7 @@ class EnrichKwargs(TypedDict, total=False):
     max_concurrency: int | None
     rpm: float | None
     tpm: float | None
+    output_tpm: float | None
     budget_usd: float | None
     errors: Errors
     request_timeout: float | None
@@ -118,6 +119,7 @@ def enrich(
     max_concurrency: int | None = DEFAULT_MAX_CONCURRENCY,
     rpm: float | None = None,
     tpm: float | None = None,
+    output_tpm: float | None = None,
     budget_usd: float | None = None,
     errors: Errors = DEFAULT_ERRORS,
     request_timeout: float | None = None,
@@ -152,8 +154,13 @@ def enrich(
             Without one, at most 256, adapting on its own below that: it grows while
             responses are clean and halves on a 429. See docs/rate-limits.md.
         rpm: requests per minute for the whole job, across all processes and workers.
-            Default: what the provider announces in its ``x-ratelimit-*`` headers.
-        tpm: tokens per minute for the whole job, likewise.
+            Default: what the provider announces in its ``x-ratelimit-*`` headers. A
+            job whose chains call two providers paces each to its own limit: a limit
+            told holds for each provider's requests apart.
+        tpm: tokens per minute for the whole job, likewise (Anthropic: input tokens).
+        output_tpm: output tokens per minute, for a provider that limits them apart
+            (Anthropic; OpenAI has no such limit). Default: what its
+            ``anthropic-ratelimit-output-tokens-limit`` header announces.
         budget_usd: a hard cap on the job's spend, in US dollars, across all processes.
             Each request reserves its worst-case cost before it is sent and settles on
             the reported usage; at the cap no request starts, and rows not done get
@@ -247,6 +254,7 @@ def enrich(
         max_concurrency=max_concurrency,
         rpm=rpm,
         tpm=tpm,
+        output_tpm=output_tpm,
         budget_usd=budget_usd,
         errors=errors,
         request_timeout=request_timeout,
@@ -294,6 +302,7 @@ def _configure(
     max_concurrency: int | None,
     rpm: float | None,
     tpm: float | None,
+    output_tpm: float | None,
     budget_usd: float | None,
     errors: Errors,
     request_timeout: float | None,
@@ -329,6 +338,7 @@ def _configure(
         max_concurrency=max_concurrency,
         rpm=rpm,
         tpm=tpm,
+        output_tpm=output_tpm,
         budget_usd=budget_usd,
         processes=_cluster.worker_processes(),
         errors=errors,
@@ -420,6 +430,7 @@ def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
             ("budget_usd", options.budget_usd),
             ("rpm", options.rpm),
             ("tpm", options.tpm),
+            ("output_tpm", options.output_tpm),
             ("batch", options.batch),
         )
         if value is not None

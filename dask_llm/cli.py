@@ -352,6 +352,12 @@ def _with_common(fn: Any) -> Any:
 )
 @click.option("--scheduler", default=None, help="Address of a dask scheduler (tcp://host:8786).")
 @click.option(
+    "--output-tpm",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Output tokens per minute (Anthropic's output limit; default: from its headers).",
+)
+@click.option(
     "--errors",
     type=click.Choice(["column", "raise"]),
     default=DEFAULT_ERRORS,
@@ -428,6 +434,7 @@ def enrich(
     scheduler: str | None,
     rpm: float | None,
     tpm: float | None,
+    output_tpm: float | None,
     cache_path: str | None,
     no_cache: bool,
     errors: str,
@@ -456,6 +463,7 @@ def enrich(
             chains,
             rpm=rpm,
             tpm=tpm,
+            output_tpm=output_tpm,
             errors="raise" if errors == "raise" else "column",
             max_concurrency=max_concurrency,
             retry=RetryPolicy(attempts=attempts, timeout=retry_timeout),

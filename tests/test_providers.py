@@ -136,7 +136,7 @@ def test_claude_limits_and_429s() -> None:
     limited = json.dumps({"type": "error", "error": {"type": "rate_limit_error"}}).encode()
     outcome = outcome_of(429, headers, limited, REQUEST, provider=CLAUDE)
     assert outcome.quota and outcome.fatal is None
-    assert outcome.announced == (4000, 2_000_000)
+    assert outcome.announced == (4000, 2_000_000, 400_000)  # output limit: paced apart
     overloaded = json.dumps({"type": "error", "error": {"type": "overloaded_error"}}).encode()
     assert not outcome_of(529, headers, overloaded, REQUEST, provider=CLAUDE).quota
 
@@ -160,7 +160,7 @@ def test_openai_reads_as_before() -> None:
         0,
     )
     assert reported.truncated and reported.refused
-    assert OPENAI.announced({"x-ratelimit-limit-requests": "500"}) == (500, None)
+    assert OPENAI.announced({"x-ratelimit-limit-requests": "500"}) == (500, None, None)
 
 
 def test_caching_savings_count_the_premium_of_cache_writes() -> None:

@@ -270,7 +270,7 @@ class PartitionRun:
             return
         queue = iter(pending)
         remaining = len(pending)
-        cap = min(remaining, self.job.throttle.concurrency.cap)
+        cap = min(remaining, self.job.throttle.cap)
         workers: set[asyncio.Task[None]] = set()
         # Workers that ended, told by their tasks: with a thousand under way (a fast
         # tier), looking at each of them every 20 ms cost more than the rows' own work.

@@ -128,6 +128,10 @@ class Provider(ABC):
     batch: ClassVar[bool] = False
     #: How the ids of its batches begin (``cancel_batches`` sends each id to its provider).
     batch_prefix: ClassVar[str] = ""
+    #: Whether it limits output tokens apart (Anthropic's output tokens per minute): its
+    #: ``tpm`` then counts the prompt alone, and its requests reserve their expected output
+    #: from an output bucket of their own (``limits.pacer.OutputBucket``).
+    output_limit: ClassVar[bool] = False
 
     @abstractmethod
     def owns(self, model: Any) -> bool:

@@ -266,12 +266,15 @@ class JobTransport:
 
     async def _send_online(self, request: Any, body: bytes, key: str | None) -> Answer:
         job = self.job
-        throttle = job.throttle
+        # Its provider's own pacing (a job with two providers paces each to its limits).
+        throttle = job.throttle.of(self.provider.name, output_apart=self.provider.output_limit)
         match = MAX_TOKENS.search(body) if body else None
-        estimate = throttle.estimate_tokens(len(body), int(match.group(1)) if match else None)
+        max_tokens = int(match.group(1)) if match else None
+        estimate = throttle.estimate_tokens(len(body), max_tokens)
         worst = job.worst_cost(body) if job.ledger.budgeted and body else 0.0
         await self._reserve(worst)
-        started = await throttle.acquire(estimate, admit=not self.gated)
+        output = throttle.expected_output(max_tokens) if self._is_chat(request) else 0.0
+        started, output = await throttle.acquire(estimate, admit=not self.gated, output=output)
         tiers = job.tiers() if self.provider is OPENAI and body else None
         by_flex = False
         if tiers is not None and not self.provider.is_flex(body) and tiers.tier() == "flex":
@@ -330,7 +333,8 @@ class JobTransport:
                 remaining=self.provider.remaining,
             )
             if outcome.ok:
-                throttle.record_estimate(estimate)
+                throttle.record_usage(len(body), outcome.prompt_tokens, outcome.completion_tokens)
+            throttle.settle_output(output, status, outcome.completion_tokens)
             throttle.release()
             if worst and not outcome.ok:
                 # No answer: it may have been paid for. An error answer: not billed.
