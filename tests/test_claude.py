@@ -280,8 +280,9 @@ def test_a_job_with_an_openai_and_a_claude_chain_paces_each_to_its_own_limit(
         stats = sim.stats()
         assert stats["successes"] == 50
         assert stats["rate_limited"] <= 0.005 * stats["requests"], (sim, stats["rate_limited"])
-    # Claude at its own limit (each row waits for its Claude call: OpenAI's follow).
-    assert 0.8 * 5 <= requests_per_second(anthropic_) <= 5.0
+    # Claude at its own limit (each row waits for its Claude call: OpenAI's follow); one
+    # pace for the job gave it half (2.4-3.1/s measured); 0.7x leaves a busy machine room.
+    assert 0.7 * 5 <= requests_per_second(anthropic_) <= 5.0
     assert openai.stats()["peak_requests_1s"] <= 15
     # Each provider's requests were lent from a ledger of its own, at that provider's limit.
     (job,) = [
