@@ -49,6 +49,7 @@ from dask_llm.core.config import (
 from dask_llm.core.deadline import Deadline
 from dask_llm.core.errors import PromptCacheWarning
 from dask_llm.core.usage import USAGE_COLUMNS, PriceEntry, as_price, check_prices, price_of
+from dask_llm.engine import handoff
 from dask_llm.engine.runner import enrich_partition
 from dask_llm.observe import progress as _progress
 from dask_llm.observe.progress import RunSummary
@@ -277,6 +278,8 @@ def enrich(
         if client is not None:
             _progress.listen_on_client(client)
             register(client)
+        if job.options.batch is not None and client is None:
+            return _batch_graph(frame, job)
         return frame.map_partitions(
             enrich_partition,
             job.plan,
@@ -287,6 +290,33 @@ def enrich(
             align_dataframes=False,
         )
     return _enrich_now(frame, job)[0]
+
+
+def _batch_graph(frame: dd.DataFrame, job: _Configured) -> dd.DataFrame:
+    """A batch job's graph for dask's local schedulers (``engine.handoff``): each partition
+    handed to a thread of its own, a barrier, then each partition's frame collected, so
+    that every partition's batch windows overlap whatever the scheduler's threads."""
+    tickets = frame.map_partitions(
+        handoff.begin,
+        job.plan,
+        job.options,
+        job.handle,
+        meta=handoff.TICKET_META,
+        enforce_metadata=False,
+        align_dataframes=False,
+    )
+    begun = dask.delayed(handoff.all_begun, pure=True)(tickets)
+    return frame.map_partitions(
+        handoff.end,
+        tickets,
+        begun,
+        job.plan,
+        job.options,
+        job.handle,
+        meta=job.plan.meta(frame._meta),
+        enforce_metadata=False,
+        align_dataframes=False,
+    )
 
 
 class _Configured(NamedTuple):
