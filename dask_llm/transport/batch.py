@@ -395,6 +395,15 @@ class Batcher:
         log.info("dask-llm: submitted batch %s (%d lines)", batch.id, len(by_key))
         self._watching[batch.id] = by_key
         self._groups[batch.id] = group
+        if self._stopping:
+            # The job stopped (budget, quality) while this batch's create call was under
+            # way: ``cancel_in_flight`` did not know it yet. Cancelled now; its watcher
+            # reads what it finished, as for the others.
+            try:
+                await self._client(group).cancel(batch.id)
+                log.info("dask-llm: the job stopped, cancelled batch %s", batch.id)
+            except api_errors() as exc:
+                log.warning("dask-llm: could not cancel batch %s (%s)", batch.id, exc)
         self._spawn(self._watch(batch.id, group))
 
     # -- watching -------------------------------------------------------------------------------
