@@ -110,7 +110,8 @@ def test_a_structured_claude_chain_on_threads_then_again_from_the_cache(sim: Any
     assert (again["llm_cost_usd"] == 0).all()  # served from the cache: nothing paid
 
 
-@pytest.mark.parametrize("rows", [40, pytest.param(300, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a LocalCluster
+@pytest.mark.parametrize("rows", [40, 300])
 def test_a_structured_claude_chain_on_a_local_cluster(
     sim: Any, shared_cluster: Any, rows: int
 ) -> None:

@@ -49,6 +49,7 @@ def test_exported_members() -> None:
     )
 
 
+@pytest.mark.slow  # a subprocess, or seconds of waiting
 def test_an_optional_provider_is_loaded_only_once_its_sdk_is_imported() -> None:
     """``import dask_llm`` does not import the anthropic SDK (a third of its import time);
     a ChatAnthropic model, which imports it, finds its provider."""
