@@ -125,6 +125,7 @@ pdf.llm.enrich([], retry=dask_llm.RetryPolicy(attempts=2))
 """
 
 
+@pytest.mark.slow  # mypy: ~4 s of CPU
 def test_public_signatures_are_typed(tmp_path: Path) -> None:
     """Every option has a type a checker (and an IDE) sees: misspelt or mistyped ones are flagged.
 
