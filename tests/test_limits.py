@@ -136,6 +136,40 @@ def test_the_strict_window_stays_looser_than_the_pace() -> None:
     assert 1.0 / ADMIT_WINDOW_S >= (1.0 - MARGIN) * 1.005
 
 
+def test_a_request_counts_from_its_write_and_as_sent_until_then() -> None:
+    """Admitted at t and written at t + 0.3 s (another thread held the GIL), a request is
+    in the provider's second until t + 1.3 s: the window counts it from its write."""
+    clock = Clock()
+    pacer = Pacer(rpm=600, clock=clock)  # at most 10 in any 1.01 s
+    assert [pacer.admit(1, unwritten=True) for _ in range(10)] == [0.0] * 10
+    clock.now += 5.0
+    assert pacer.admit(1) > 0  # none of them is on the wire yet: each counts as sent now
+    clock.now += 0.3
+    for _ in range(10):
+        pacer.written(1)
+    clock.now += 1.0
+    assert pacer.admit(1) > 0  # a second after their writes, 5.3 s after their admission
+    clock.now += ADMIT_WINDOW_S - 1.0
+    assert pacer.admit(1) == 0.0
+    pacer.written(1)  # one more than was admitted unwritten: nothing to move
+    assert [pacer.admit(1) for _ in range(9)] == [0.0] * 9
+    assert pacer.admit(1) > 0
+
+
+def test_a_throttle_paces_at_the_write_when_the_caller_admits_there() -> None:
+    """``acquire(admit=False)`` takes a slot and books nothing: the booking is the write's."""
+    clock = Clock()
+    throttle = Throttle(max_concurrency=8, rpm=60, clock=clock)  # about one a second
+
+    async def main() -> None:
+        for _ in range(3):
+            await throttle.acquire(1, admit=False)
+        assert throttle.concurrency.in_flight == 3
+        assert throttle.pacer.reserve(1) == 0.0  # the first booking: none was made before
+
+    asyncio.run(main())
+
+
 def test_tokens_too_are_held_over_any_second() -> None:
     clock = Clock()
     pacer = Pacer(tpm=60_000, clock=clock)  # 1,000 tokens/s before the margin

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import socket
+import threading
 import time
 from typing import Any
 
@@ -174,6 +176,29 @@ def _at_phase(sim: Simulator, window: float, phase: float) -> None:
     """Sleep until ``phase`` seconds into one of the server's fixed slices."""
     since = (time.monotonic() - sim.app.started) % window
     time.sleep((phase - since) % window)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="the kernel's receive time: Linux")
+def test_a_request_is_stamped_when_it_arrived_not_when_its_handler_ran(
+    make_simulator: Any,
+) -> None:
+    """Four requests sent 0.6 s apart while the server's loop is busy for 2.5 s are read
+    together: stamped by their handlers they were four in one second, a burst the client
+    never sent; stamped when their bytes arrived, they are at most two."""
+    sim = make_simulator()
+    busy = threading.Thread(target=sim._on_loop, args=(lambda: time.sleep(2.5),))
+    busy.start()
+    time.sleep(0.1)
+    senders = []
+    for k in range(4):
+        senders.append(threading.Thread(target=ask, args=(sim, f"sent {k}")))
+        senders[-1].start()
+        time.sleep(0.6)
+    for thread in (busy, *senders):
+        thread.join()
+    stats = sim.stats()
+    assert stats["requests"] == 4
+    assert stats["peak_requests_1s"] <= 3  # two, give or take a late thread
 
 
 @pytest.mark.parametrize(("mode", "passed"), [("fixed", 4), ("sliding", 2)])

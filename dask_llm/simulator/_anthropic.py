@@ -261,7 +261,7 @@ class MessagesAPI:
     # -- the endpoint -------------------------------------------------------------------
     async def messages(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
-        now = time.monotonic()
+        now = self.app.arrivals.of(request)
         stats = self.app.stats
         stats.started(now)
         try:

@@ -36,6 +36,7 @@ from aiohttp import web
 from dask_llm.simulator import _answers as answers
 from dask_llm.simulator._anthropic import MessagesAPI
 from dask_llm.simulator._anthropic_batch import MessageBatches
+from dask_llm.simulator._arrivals import Arrivals
 from dask_llm.simulator._batch import BatchAPI
 from dask_llm.simulator._config import SimulatorConfig
 from dask_llm.simulator._http import JSON, error, error_body, respond
@@ -178,6 +179,7 @@ class SimulatorApp:
         self.config = config
         self.started = time.monotonic()
         self.stats = Stats()
+        self.arrivals = Arrivals()
         self._faults = random.Random(config.seed)
         self._ids = random.Random()
         self._answers: OrderedDict[bytes, tuple[dict[str, Any], int, dict[str, Any] | None]] = (
@@ -258,7 +260,9 @@ class SimulatorApp:
         self._make_limiters()
         self.claude.make_limiters()
         self.stats.reset()  # the series starts with the server
-        app = web.Application(client_max_size=32 * 1024 * 1024)
+        app = web.Application(
+            client_max_size=32 * 1024 * 1024, middlewares=[self.arrivals.middleware]
+        )
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         self.batches.add_routes(app.router)
@@ -408,12 +412,13 @@ class SimulatorApp:
 
     # -- the endpoint -------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        # Arrival is the moment the body has been read: nothing is awaited between it and
-        # the limits, so arrivals reach the limiters in time order (which keeps the sliding
-        # window strict) and peaks, series and limits all use this one timestamp.
+        # Arrival is the moment the request's bytes reached the server (``_arrivals``),
+        # however late this handler runs; stamps are taken in time order, nothing is
+        # awaited between the stamp and the limits (which keeps the sliding window
+        # strict), and peaks, series and limits all use this one timestamp.
         raw = await request.read()
         stats = self.stats
-        now = time.monotonic()
+        now = self.arrivals.of(request)
         stats.started(now)
         try:
             return await self._chat(request, raw, now)

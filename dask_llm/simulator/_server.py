@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from dask_llm.simulator._app import SimulatorApp
+from dask_llm.simulator._arrivals import ArrivalSite
 from dask_llm.simulator._config import SimulatorConfig
 
 T = TypeVar("T")
@@ -24,12 +25,9 @@ async def _start(app: SimulatorApp, host: str, port: int) -> tuple[web.AppRunner
         app.make_app(), access_log=None, handler_cancellation=True, shutdown_timeout=0.5
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
+    site = ArrivalSite(runner, host, port, app.arrivals, backlog=1024)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets  # type: ignore[attr-defined]
-    bound = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-    return runner, bound
+    return runner, site.port
 
 
 class Simulator:

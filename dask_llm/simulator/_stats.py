@@ -4,8 +4,8 @@ The per-second ``series`` lets a client check its own record against the
 server's. What is counted when (all on the server's clock, seconds since the
 last reset, ``t = floor(now - origin)``):
 
-* ``requests``: in the second the request arrived (the handler started, before
-  its body was read).
+* ``requests``: in the second the request arrived (its bytes reached the
+  server: ``_arrivals``).
 * ``rate_limited`` (quota 429s: rpm, tpm, max_in_flight, request too large),
   ``spurious_429`` and ``faults`` (every other non-200: 400, 401, 403, 404,
   billing 429s, 500, 503, hangs, malformed bodies, resets, schema violations):

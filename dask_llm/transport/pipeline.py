@@ -273,8 +273,8 @@ class JobTransport:
         estimate = throttle.estimate_tokens(len(body), max_tokens)
         worst = job.worst_cost(body) if job.ledger.budgeted and body else 0.0
         await self._reserve(worst)
-        output = throttle.expected_output(max_tokens) if self._is_chat(request) else 0.0
-        started, output = await throttle.acquire(estimate, admit=not self.gated, output=output)
+        expected = throttle.expected_output(max_tokens) if self._is_chat(request) else 0.0
+        started, output = await throttle.acquire(estimate, admit=not self.gated, output=expected)
         tiers = job.tiers() if self.provider is OPENAI and body else None
         by_flex = False
         if tiers is not None and not self.provider.is_flex(body) and tiers.tier() == "flex":
@@ -288,7 +288,8 @@ class JobTransport:
         data = b""
         try:
             job.check()  # it may have stopped while this request waited for its turn
-            gate = _GATE.set(_Gate(throttle, estimate)) if self.gated else None
+            paced = _Gate(throttle, estimate, expected) if self.gated else None
+            gate = _GATE.set(paced) if paced is not None else None
             try:
                 response = await self.inner.handle_async_request(request)
                 data = await response.aread()
@@ -298,6 +299,10 @@ class JobTransport:
             finally:
                 if gate is not None:
                     _GATE.reset(gate)
+                if paced is not None and paced.admitted is not None:
+                    started = paced.admitted  # its paced start: latency counts from it
+                if paced is not None:
+                    output = paced.booked  # its output tokens, booked as it was written
             status = response.status_code
             headers = response.headers
         finally:
@@ -417,16 +422,26 @@ REPLAY: contextvars.ContextVar[Replay | None] = contextvars.ContextVar(
 
 
 class _Gate:
-    """What ``PacedRequest`` runs before writing: the strict window of the job's pacer."""
+    """What ``PacedRequest`` runs before writing: the job's pacing, then its strict window."""
 
-    __slots__ = ("throttle", "tokens")
+    __slots__ = ("admitted", "booked", "output", "throttle", "tokens")
 
-    def __init__(self, throttle: Any, tokens: float) -> None:
+    def __init__(self, throttle: Any, tokens: float, output: float) -> None:
         self.throttle = throttle
         self.tokens = tokens
+        self.output = output  # the output tokens it may use (booked where paced apart)
+        self.admitted: float | None = None  # when the pacer let it go
+        self.booked = 0.0  # the output tokens booked for it
 
     async def __call__(self) -> None:
-        await self.throttle.admit(self.tokens)
+        self.admitted, booked = await self.throttle.admit(
+            self.tokens, unwritten=True, output=self.output
+        )
+        self.booked += booked
+
+    def written(self) -> None:
+        """The request is on the wire (or its write failed): the pacer counts it from now."""
+        self.throttle.written(self.tokens)
 
 
 #: The admission of the request being sent in this context (set around the SDK's call).
@@ -434,7 +449,7 @@ _GATE: contextvars.ContextVar[_Gate | None] = contextvars.ContextVar("dask_llm_g
 
 
 class PacedRequest(aiohttp.ClientRequest):
-    """aiohttp's request, admitted by the job's pacer at the moment it is written.
+    """aiohttp's request, paced and admitted by the job's pacer at the moment it is written.
 
     Pacing admits a request over any sliding second at the moment it goes on the
     wire. Between the SDK's call and the socket, aiohttp suspends (to open or pick
@@ -443,21 +458,30 @@ class PacedRequest(aiohttp.ClientRequest):
     admitted before the SDK's call were written up to 0.8 s later (p90 0.12 s),
     and after ``send()`` began up to 0.5 s later, which bunched them at the
     provider 20-50% above the limit. ``write_bytes`` runs right before the bytes
-    go out, on every Python: that is where they are admitted.
+    go out, on every Python: that is where they are paced (their start booked,
+    ``Throttle.admit``) and admitted; once written, the pacer counts them from
+    then (``written``).
     """
 
     async def send(self, conn: Any) -> Any:
-        if not self.body_given():
-            gate = _GATE.get()
-            if gate is not None:  # no body: headers alone are written by send()
-                await gate()
-        return await super().send(conn)
+        gate = None if self.body_given() else _GATE.get()
+        if gate is None:
+            return await super().send(conn)
+        await gate()  # no body: headers alone are written by send()
+        try:
+            return await super().send(conn)
+        finally:
+            gate.written()
 
     async def write_bytes(self, writer: Any, conn: Any, *args: Any, **kwargs: Any) -> Any:
         gate = _GATE.get()
-        if gate is not None:
-            await gate()
-        return await super().write_bytes(writer, conn, *args, **kwargs)
+        if gate is None:
+            return await super().write_bytes(writer, conn, *args, **kwargs)
+        await gate()
+        try:
+            return await super().write_bytes(writer, conn, *args, **kwargs)
+        finally:
+            gate.written()
 
     def body_given(self) -> bool:
         return bool(getattr(self, "_body", None))
