@@ -139,12 +139,21 @@ def test_enrich_with_the_batch_api(make_simulator: Any, workdir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_enrich_by_flex(sim: Any, workdir: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        pytest.param(("--service-tier", "flex"), ("by tier: 30 Flex",), id="flex"),
+        # Two hours: not enough for a batch's 24 h (the default assumption), plenty for Flex.
+        pytest.param(
+            ("--no-cache", "--deadline", "2h"), ("by tier: 30 Flex", "deadline met"), id="deadline"
+        ),
+    ],
+)
+def test_enrich_by_flex_or_a_deadline(
+    sim: Any, workdir: Path, args: tuple[str, ...], says: tuple[str, ...]
+) -> None:
     result = run(
-        [
-            *("enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out"),
-            *("--service-tier", "flex"),
-        ],
+        ["enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out", *args],
         sim.base_url,
         workdir,
     )
@@ -152,7 +161,8 @@ def test_enrich_by_flex(sim: Any, workdir: Path) -> None:
     out = pd.read_parquet(workdir / "out", dtype_backend="pyarrow")
     assert len(out) == 30 and out["llm_error"].isna().all()
     assert sim.stats()["flex_answered"] == 30
-    assert "by tier: 30 Flex" in result.stdout
+    for text in says:
+        assert text in result.stdout
 
 
 @pytest.mark.slow
@@ -175,24 +185,6 @@ def test_estimate_by_flex(
     assert result.returncode == 0, result.stderr
     assert "30 rows -> 30 calls" in result.stdout and "with Flex (list price: $" in result.stdout
     assert sim.stats()["requests"] == 0
-
-
-@pytest.mark.slow
-def test_enrich_by_a_deadline(sim: Any, workdir: Path) -> None:
-    # Two hours: not enough for a batch's 24 h (the default assumption), plenty for Flex.
-    result = run(
-        [
-            *("enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out"),
-            *("--no-cache", "--deadline", "2h"),
-        ],
-        sim.base_url,
-        workdir,
-    )
-    assert result.returncode == 0, result.stderr
-    out = pd.read_parquet(workdir / "out", dtype_backend="pyarrow")
-    assert len(out) == 30 and out["llm_error"].isna().all()
-    assert sim.stats()["flex_answered"] == 30
-    assert "by tier: 30 Flex" in result.stdout and "deadline met" in result.stdout
 
 
 def test_estimate_with_a_deadline(
