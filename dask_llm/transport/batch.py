@@ -399,11 +399,7 @@ class Batcher:
             # The job stopped (budget, quality) while this batch's create call was under
             # way: ``cancel_in_flight`` did not know it yet. Cancelled now; its watcher
             # reads what it finished, as for the others.
-            try:
-                await self._client(group).cancel(batch.id)
-                log.info("dask-llm: the job stopped, cancelled batch %s", batch.id)
-            except api_errors() as exc:
-                log.warning("dask-llm: could not cancel batch %s (%s)", batch.id, exc)
+            await self._cancel_for_stop(batch.id)
         self._spawn(self._watch(batch.id, group))
 
     # -- watching -------------------------------------------------------------------------------
@@ -664,15 +660,18 @@ class Batcher:
         self._stopping = True
         ids = [i for i in self.batch_ids() if i in self._groups]
         for batch_id in ids:
-            try:
-                await self._client(self._groups[batch_id]).cancel(batch_id)
-                log.info("dask-llm: the job stopped, cancelled batch %s", batch_id)
-            except api_errors() as exc:  # ended meanwhile (the watcher reads it), or unreachable
-                log.warning("dask-llm: could not cancel batch %s (%s)", batch_id, exc)
+            await self._cancel_for_stop(batch_id)
         self._wake.set()
         watchers = [t for t in self._tasks if not t.done()]
         if watchers:
             await asyncio.wait(watchers, timeout=wait_s)
+
+    async def _cancel_for_stop(self, batch_id: str) -> None:
+        try:
+            await self._client(self._groups[batch_id]).cancel(batch_id)
+            log.info("dask-llm: the job stopped, cancelled batch %s", batch_id)
+        except api_errors() as exc:  # ended meanwhile (the watcher reads it), or unreachable
+            log.warning("dask-llm: could not cancel batch %s (%s)", batch_id, exc)
 
     async def aclose(self) -> None:
         if self._check_handle is not None:
