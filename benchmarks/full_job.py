@@ -37,11 +37,15 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
+
+import pandas as pd
 
 from benchmarks._common import reset, simulator_process, stats, table
 from benchmarks.cluster_budget import ROOT, baseline_tree
@@ -109,6 +113,10 @@ def job(args: argparse.Namespace) -> None:
     calls = 2 * len(frame)
     ddf = dd.from_pandas(frame, npartitions=args.partitions)
     out = ddf.llm.enrich(make_chains("gpt-4o-mini", args.job), rpm=RPM, cache=False, progress=False)
+    # Written out, as a job of this size is (out.compute() would hold every row's answers
+    # in the workers and the client: their memory would grow with the output by design).
+    written = tempfile.mkdtemp(prefix="full-job-")
+    threads = {"scheduler": "threads", "num_workers": args.threads}
     cpu = time.process_time()
     if args.scheduler == "cluster":
         from distributed import Client, LocalCluster
@@ -124,17 +132,19 @@ def job(args: argparse.Namespace) -> None:
             marks = Marks(args.job, calls, client)
             cpu = time.process_time()
             start = time.perf_counter()
-            result = client.compute(out).result()
+            out.to_parquet(written, write_index=False)  # the client's cluster writes it
             wall = time.perf_counter() - start
             cpu = time.process_time() - cpu
             marks.close()
     else:
         marks = Marks(args.job, calls)
         start = time.perf_counter()
-        result = out.compute(scheduler="threads", num_workers=args.threads)
+        out.to_parquet(written, write_index=False, compute_kwargs=threads)
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu
         marks.close()
+    result = pd.read_parquet(written, columns=["llm_error"])
+    shutil.rmtree(written, ignore_errors=True)
     lost = len(frame) - len(result) + int(result["llm_error"].notna().sum())
     errors = result["llm_error"].dropna().head(3).tolist()
     print(

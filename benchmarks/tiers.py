@@ -20,8 +20,13 @@ Two workloads against the simulator in its own process:
    whose batches take ``--batch-delay`` seconds: one the Batch API can meet
    (4 W + 3 batch turnarounds: all by batch, ~0.50x), one only Flex can meet
    (W + 4 Flex latencies + 2 s: online by Flex, ~0.50x) and one that needs list
-   price for part (W + 1 s: between 0.50x and 1.0x). Each run's wall time is
-   printed against its deadline, and its cost against list price.
+   price for part (W + 1 s: between 0.50x and 1.0x). A fourth has the first
+   deadline and the same assumption, against a simulator whose batches take
+   ``--slow-batch-delay`` (10x ``--batch-delay`` by default): the plan picks the
+   Batch API, the batches' progress shows they cannot make it, and they are
+   cancelled early, the rest online (target: by the deadline, between 0.50x and
+   1.0x). Each run's wall time is printed against its deadline, and its cost
+   against list price.
 
     python -m benchmarks.tiers --input ../shared/data/wine_reviews_sample.csv
 """
@@ -237,29 +242,36 @@ def deadline_table(args: argparse.Namespace, frame: pd.DataFrame) -> str:
         *("--batch-delay", str(args.batch_delay)),
     )
     partitions = 2  # a local scheduler's batch waits overlap only as many as its threads
+    runs: list[tuple[str, float, dict[str, Any]]] = []
+
+    def with_deadline(url: str, name: str, seconds: float) -> None:
+        deadline = dask_llm.Deadline(
+            at=time.time() + 1.5 + seconds,  # run() lets the window drain 1.5 s first
+            batch_turnaround=turnaround + 1.0,  # what was measured, with a margin
+            flex_latency=1.2 * flex_latency,
+            latency=1.5 * args.latency,
+            flex_unavailable=args.unavailable,
+        )
+        chains = make_chains(MODEL, url)
+        r = run(url, frame, chains, partitions, rpm=args.rpm, deadline=deadline)
+        r["spare"] = deadline.at - time.time()
+        print(f"  {name}: {r['wall']:.1f} s of {seconds:.1f} s", flush=True)
+        runs.append((name, seconds, r))
+
     with simulator_process(*sim, priority=True) as url:
         listed = run(url, frame, make_chains(MODEL, url), partitions, rpm=args.rpm)
         wall = listed["wall"]
         print(f"  list price: {wall:.1f} s", flush=True)
-        cases = (
-            ("Batch API can meet", 4 * wall + 3 * turnaround),
-            ("only Flex can meet", wall + 4 * flex_latency + 2.0),
-            ("needs list price for part", wall + 1.0),
+        batch_meets = 4 * wall + 3 * turnaround
+        with_deadline(url, "Batch API can meet", batch_meets)
+        with_deadline(url, "only Flex can meet", wall + 4 * flex_latency + 2.0)
+        with_deadline(url, "needs list price for part", wall + 1.0)
+    slow_delay = args.slow_batch_delay or 10 * args.batch_delay
+    slow = (*sim[: sim.index("--batch-delay")], "--batch-delay", str(slow_delay))
+    with simulator_process(*slow, priority=True) as url:
+        with_deadline(
+            url, f"batch {slow_delay / args.batch_delay:.0f}x slower than told", batch_meets
         )
-        runs = []
-        for name, seconds in cases:
-            deadline = dask_llm.Deadline(
-                at=time.time() + 1.5 + seconds,  # run() lets the window drain 1.5 s first
-                batch_turnaround=turnaround + 1.0,  # what was measured, with a margin
-                flex_latency=1.2 * flex_latency,
-                latency=1.5 * args.latency,
-                flex_unavailable=args.unavailable,
-            )
-            chains = make_chains(MODEL, url)
-            r = run(url, frame, chains, partitions, rpm=args.rpm, deadline=deadline)
-            r["spare"] = deadline.at - time.time()
-            print(f"  {name}: {r['wall']:.1f} s of {seconds:.1f} s", flush=True)
-            runs.append((name, seconds, r))
     rows = [
         (
             "list price (no deadline)",
@@ -267,8 +279,11 @@ def deadline_table(args: argparse.Namespace, frame: pd.DataFrame) -> str:
             f"{wall:.1f}",
             "-",
             f"0 / 0 / {listed['summary'].calls}",
+            "-",
             f"${listed['cost']:.4f}",
             "1.00x",
+            "1.00x",
+            str(listed["server"]["successes"] - listed["summary"].calls),
         )
     ]
     for name, seconds, r in runs:
@@ -280,8 +295,11 @@ def deadline_table(args: argparse.Namespace, frame: pd.DataFrame) -> str:
                 f"{r['wall']:.1f}",
                 f"{r['spare']:.1f}",
                 f"{s.batch_calls} / {s.flex_calls} / {s.list_price_calls}",
+                f"{s.batches_late} of {s.batches}",
                 f"${r['cost']:.4f}",
                 f"{r['cost'] / listed['cost']:.2f}x",
+                f"{r['wall'] / wall:.2f}x",
+                str(r["server"]["successes"] + r["server"]["batch_lines_ok"] - s.calls),
             )
         )
     header = (
@@ -290,13 +308,17 @@ def deadline_table(args: argparse.Namespace, frame: pd.DataFrame) -> str:
         "wall s",
         "spare s",
         "answers by batch / flex / list",
+        "batches cancelled early",
         "cost",
         "vs list",
+        "wall vs list",
+        "paid, not used",
     )
     intro = (
         f"{len(frame)} rows x 2 chains, {partitions} partitions, {args.latency} s latency "
         f"(flex x{args.deadline_flex_slowdown}), rpm {args.rpm:.0f}, batches of "
-        f"{args.batch_delay} s, {args.unavailable:.0%} of Flex requests unavailable"
+        f"{args.batch_delay} s (told {turnaround + 1.0:.1f} s; the last row's: "
+        f"{slow_delay} s), {args.unavailable:.0%} of Flex requests unavailable"
     )
     return intro + "\n\n" + table(rows, header)
 
@@ -315,6 +337,12 @@ def main() -> None:
     parser.add_argument("--deadline-rows", type=int, default=200)
     parser.add_argument("--batch-delay", type=float, default=5.0)
     parser.add_argument("--deadline-flex-slowdown", type=float, default=10.0)
+    parser.add_argument(
+        "--slow-batch-delay",
+        type=float,
+        default=None,
+        help="the fourth deadline case's batches (default: 10x --batch-delay)",
+    )
     parser.add_argument("--only", choices=["flex", "caching", "deadline"], default=None)
     args = parser.parse_args()
     load_avg = os.getloadavg()

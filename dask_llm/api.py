@@ -49,6 +49,7 @@ from dask_llm.core.config import (
 from dask_llm.core.deadline import Deadline
 from dask_llm.core.errors import PromptCacheWarning
 from dask_llm.core.usage import USAGE_COLUMNS, PriceEntry, as_price, check_prices, price_of
+from dask_llm.engine import handoff
 from dask_llm.engine.runner import enrich_partition
 from dask_llm.observe import progress as _progress
 from dask_llm.observe.progress import RunSummary
@@ -70,6 +71,7 @@ class EnrichKwargs(TypedDict, total=False):
     max_concurrency: int | None
     rpm: float | None
     tpm: float | None
+    output_tpm: float | None
     budget_usd: float | None
     errors: Errors
     request_timeout: float | None
@@ -118,6 +120,7 @@ def enrich(
     max_concurrency: int | None = DEFAULT_MAX_CONCURRENCY,
     rpm: float | None = None,
     tpm: float | None = None,
+    output_tpm: float | None = None,
     budget_usd: float | None = None,
     errors: Errors = DEFAULT_ERRORS,
     request_timeout: float | None = None,
@@ -152,8 +155,13 @@ def enrich(
             Without one, at most 256, adapting on its own below that: it grows while
             responses are clean and halves on a 429. See docs/rate-limits.md.
         rpm: requests per minute for the whole job, across all processes and workers.
-            Default: what the provider announces in its ``x-ratelimit-*`` headers.
-        tpm: tokens per minute for the whole job, likewise.
+            Default: what the provider announces in its ``x-ratelimit-*`` headers. A
+            job whose chains call two providers paces each to its own limit: a limit
+            told holds for each provider's requests apart.
+        tpm: tokens per minute for the whole job, likewise (Anthropic: input tokens).
+        output_tpm: output tokens per minute, for a provider that limits them apart
+            (Anthropic; OpenAI has no such limit). Default: what its
+            ``anthropic-ratelimit-output-tokens-limit`` header announces.
         budget_usd: a hard cap on the job's spend, in US dollars, across all processes.
             Each request reserves its worst-case cost before it is sent and settles on
             the reported usage; at the cap no request starts, and rows not done get
@@ -247,6 +255,7 @@ def enrich(
         max_concurrency=max_concurrency,
         rpm=rpm,
         tpm=tpm,
+        output_tpm=output_tpm,
         budget_usd=budget_usd,
         errors=errors,
         request_timeout=request_timeout,
@@ -269,6 +278,8 @@ def enrich(
         if client is not None:
             _progress.listen_on_client(client)
             register(client)
+        if job.options.batch is not None and client is None:
+            return _batch_graph(frame, job)
         return frame.map_partitions(
             enrich_partition,
             job.plan,
@@ -279,6 +290,33 @@ def enrich(
             align_dataframes=False,
         )
     return _enrich_now(frame, job)[0]
+
+
+def _batch_graph(frame: dd.DataFrame, job: _Configured) -> dd.DataFrame:
+    """A batch job's graph for dask's local schedulers (``engine.handoff``): each partition
+    handed to a thread of its own, a barrier, then each partition's frame collected, so
+    that every partition's batch windows overlap whatever the scheduler's threads."""
+    tickets = frame.map_partitions(
+        handoff.begin,
+        job.plan,
+        job.options,
+        job.handle,
+        meta=handoff.TICKET_META,
+        enforce_metadata=False,
+        align_dataframes=False,
+    )
+    begun = dask.delayed(handoff.all_begun, pure=True)(tickets)
+    return frame.map_partitions(
+        handoff.end,
+        tickets,
+        begun,
+        job.plan,
+        job.options,
+        job.handle,
+        meta=job.plan.meta(frame._meta),
+        enforce_metadata=False,
+        align_dataframes=False,
+    )
 
 
 class _Configured(NamedTuple):
@@ -294,6 +332,7 @@ def _configure(
     max_concurrency: int | None,
     rpm: float | None,
     tpm: float | None,
+    output_tpm: float | None,
     budget_usd: float | None,
     errors: Errors,
     request_timeout: float | None,
@@ -329,6 +368,7 @@ def _configure(
         max_concurrency=max_concurrency,
         rpm=rpm,
         tpm=tpm,
+        output_tpm=output_tpm,
         budget_usd=budget_usd,
         processes=_cluster.worker_processes(),
         errors=errors,
@@ -420,6 +460,7 @@ def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
             ("budget_usd", options.budget_usd),
             ("rpm", options.rpm),
             ("tpm", options.tpm),
+            ("output_tpm", options.output_tpm),
             ("batch", options.batch),
         )
         if value is not None

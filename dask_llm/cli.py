@@ -15,10 +15,12 @@ that is not empty is refused unless ``--overwrite`` is given.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import glob
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -221,6 +223,49 @@ def _blocksize(ctx: click.Context, param: click.Parameter, value: str) -> int:
     return size
 
 
+#: ``--deadline``'s durations: a number and its unit, one or more (``1h30m``).
+_DURATION: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([dhms])")
+_UNIT_S: Final = {"d": 86_400.0, "h": 3_600.0, "m": 60.0, "s": 1.0}
+
+
+def deadline_of(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
+    """``--deadline``: seconds (``5400``) or a duration (``90m``, ``2h``, ``1h30m``, ``1d``)
+    from ``now``, or an ISO datetime (local time unless it carries an offset), as an aware
+    datetime. Raises ``ValueError`` for anything else."""
+    now = dt.datetime.now(dt.UTC) if now is None else now
+    value = text.strip().lower()
+    try:
+        return now + dt.timedelta(seconds=float(value))
+    except (ValueError, OverflowError):  # not a number, or no time at all (nan, inf)
+        pass
+    parts = _DURATION.findall(value)
+    if parts and "".join(number + unit for number, unit in parts) == value:
+        try:
+            return now + dt.timedelta(seconds=sum(float(n) * _UNIT_S[u] for n, u in parts))
+        except OverflowError:
+            raise ValueError(f"{text!r} is too far ahead") from None
+    try:
+        at = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a deadline: give seconds, a duration such as 90m, 2h or 1h30m, "
+            "or an ISO datetime such as 2030-01-31T18:00"
+        ) from None
+    return at if at.tzinfo is not None else at.astimezone()  # naive: local time
+
+
+def _deadline(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        at = deadline_of(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if at <= dt.datetime.now(dt.UTC):
+        raise click.BadParameter(f"{value!r} is already past")
+    return at
+
+
 #: Seconds ``--scheduler`` gets to answer before the command gives up.
 CONNECT_TIMEOUT_S = 10.0
 
@@ -276,6 +321,14 @@ _common = [
         help="Hard cap on the job's spend in US dollars.",
     ),
     click.option(
+        "--deadline",
+        default=None,
+        callback=_deadline,
+        help="Finish by then at the least cost, choosing among the Batch API, Flex and list "
+        "price: seconds, a duration (90m, 2h, 1h30m) or an ISO datetime (local time unless "
+        "it has an offset). Not with --batch or --service-tier.",
+    ),
+    click.option(
         "--blocksize",
         default="16MB",
         show_default=True,
@@ -298,6 +351,12 @@ def _with_common(fn: Any) -> Any:
     "--overwrite", is_flag=True, help="Replace OUTPUT if it exists (swapped in at the end)."
 )
 @click.option("--scheduler", default=None, help="Address of a dask scheduler (tcp://host:8786).")
+@click.option(
+    "--output-tpm",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Output tokens per minute (Anthropic's output limit; default: from its headers).",
+)
 @click.option(
     "--errors",
     type=click.Choice(["column", "raise"]),
@@ -375,6 +434,7 @@ def enrich(
     scheduler: str | None,
     rpm: float | None,
     tpm: float | None,
+    output_tpm: float | None,
     cache_path: str | None,
     no_cache: bool,
     errors: str,
@@ -385,6 +445,7 @@ def enrich(
     blocksize: int,
     batch: bool,
     budget_usd: float | None,
+    deadline: dt.datetime | None,
     batch_poll: float,
     batch_fallback: str,
     service_tier: str | None,
@@ -402,6 +463,7 @@ def enrich(
             chains,
             rpm=rpm,
             tpm=tpm,
+            output_tpm=output_tpm,
             errors="raise" if errors == "raise" else "column",
             max_concurrency=max_concurrency,
             retry=RetryPolicy(attempts=attempts, timeout=retry_timeout),
@@ -418,6 +480,7 @@ def enrich(
             else False,
             service_tier=cast(ServiceTier | None, service_tier),  # a click.Choice of them
             compiled=compiled,
+            deadline=deadline,
         )
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -540,6 +603,7 @@ def estimate(
     blocksize: int,
     batch: bool,
     budget_usd: float | None,
+    deadline: dt.datetime | None,
     service_tier: str | None,
 ) -> None:
     """What enriching INPUT would cost and take, without sending a request."""
@@ -554,6 +618,7 @@ def estimate(
             batch=batch,
             budget_usd=budget_usd,
             service_tier=cast(ServiceTier | None, service_tier),  # a click.Choice of them
+            deadline=deadline,
         )
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None

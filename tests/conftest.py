@@ -29,6 +29,14 @@ from dask_llm.simulator import Simulator, fetch_stats  # noqa: E402
 from tests.helpers import HTTP_ADDRESS, local_cluster  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (in their order, then the rest in theirs): on several workers
+    (``-n 2``) the longest start first, and the run does not end on a slow one that one
+    worker begins while the other has nothing left (longest-first packs two queues
+    tightest). Every worker collects the same order, as pytest-xdist needs."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def simulator() -> Iterator[Simulator]:
     """One zero-latency simulator for the session; reset before each test that uses ``sim``."""

@@ -108,3 +108,28 @@ def test_a_stop_cancels_the_batches_in_flight_and_the_rerun_pays_nothing_twice(
     assert requests(sim) == ROWS - finished
     assert batch_stats(sim) == stats  # nothing submitted again, nothing paid twice
     assert stats["batch_duplicate_lines"] == 0
+
+
+def test_a_stop_during_a_batch_create_call_cancels_that_batch_too(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    """The budget stops the job while the first partition's create call is under way (the
+    provider takes 2 s to answer it): the batch it creates is cancelled on arrival, not
+    left to run and named as still in flight."""
+    options, first, says = STOPS["budget"]
+    sim = make_simulator(
+        batch_create_delay=2.0,
+        batch_delay=4.0,
+        batch_validation_delay=0.05,
+        batch_finalize_delay=0.05,
+    )
+    ddf = dd.from_pandas(frame(), chunksize=ROWS)
+    out = ddf.llm.enrich(
+        chains(sim.base_url, first), cache=tmp_path / "cache.sqlite", batch=POLL, **options
+    ).compute(scheduler="threads")
+    stats = batch_stats(sim)
+    assert stats["batches_created"] == 1
+    assert stats["batches_cancelled"] == 1, stats
+    assert out["llm_error"].str.contains(says).all()
+    summary = dask_llm.last_run()
+    assert summary is not None and summary.batches_in_progress == 0

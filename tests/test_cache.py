@@ -614,6 +614,7 @@ def _exclusive_lock_taken(path: str, queue: Any) -> None:
         os.close(fd)
 
 
+@pytest.mark.slow  # a subprocess, or seconds of waiting
 def test_a_thread_opening_its_connection_keeps_the_other_threads_locks(tmp_path: Path) -> None:
     """Closing any descriptor of a database drops this process's POSIX locks on it.
 

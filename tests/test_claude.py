@@ -31,7 +31,11 @@ from langchain_core.runnables import Runnable
 from pydantic import BaseModel
 
 import dask_llm
+from dask_llm.core.runtime import part
 from dask_llm.core.usage import price_of
+from dask_llm.engine.job import Jobs
+from dask_llm.limits.coordinator import MARGIN, local_coordinator
+from tests import chains
 from tests.helpers import ROOT, requests
 
 MODEL = "claude-haiku-4-5"
@@ -54,9 +58,9 @@ def tasting_chain(sim: Any, **kwargs: Any) -> Runnable:
     return prompt | claude(sim, **kwargs).with_structured_output(Tasting)
 
 
-def text_chain(sim: Any) -> Runnable:
+def text_chain(sim: Any, **kwargs: Any) -> Runnable:
     prompt = ChatPromptTemplate.from_template("One word for {description}")
-    return prompt | claude(sim) | StrOutputParser()
+    return prompt | claude(sim, **kwargs) | StrOutputParser()
 
 
 def frame(n: int) -> pd.DataFrame:
@@ -106,7 +110,8 @@ def test_a_structured_claude_chain_on_threads_then_again_from_the_cache(sim: Any
     assert (again["llm_cost_usd"] == 0).all()  # served from the cache: nothing paid
 
 
-@pytest.mark.parametrize("rows", [40, pytest.param(300, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a LocalCluster
+@pytest.mark.parametrize("rows", [40, 300])
 def test_a_structured_claude_chain_on_a_local_cluster(
     sim: Any, shared_cluster: Any, rows: int
 ) -> None:
@@ -203,6 +208,92 @@ def test_a_strict_limit_told_holds_with_few_429s(make_simulator: Any) -> None:
     stats = sim.stats()
     assert stats["successes"] == 300
     assert stats["rate_limited"] <= 0.005 * stats["requests"], stats["rate_limited"]
+    # The report's limit line: Anthropic's own header read (it was OpenAI's name only).
+    summary = dask_llm.last_run()
+    assert summary is not None and summary.record is not None
+    assert summary.record.limit_rpm == 1200
+
+
+def output_per_second(sim: Any) -> tuple[float, int]:
+    """Output tokens a second the simulator answered with over the job's whole seconds (its
+    first and last, partial, left out), and how many seconds those are."""
+    rows = sim.stats()["series"]
+    busy = [k for k, row in enumerate(rows) if row["successes"]]
+    inner = rows[busy[0] + 1 : busy[-1]]
+    return sum(row["completion_tokens"] for row in inner) / max(1, len(inner)), len(inner)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("told", "window"),
+    [
+        # Learned from the first answers: the 16 requests sent before (at 32 tokens each)
+        # fit in a bucket of two seconds' output.
+        pytest.param(False, 2.0, id="learned"),
+        pytest.param(True, 1.0, id="told"),  # told: a bucket of one second's, from the start
+    ],
+)
+def test_a_claude_job_bound_by_its_output_limit_paces_to_it(
+    make_simulator: Any, told: bool, window: float
+) -> None:
+    """Output tokens per minute bind (requests and input tokens do not): the job books each
+    request's max_tokens from a bucket of its own and gets back what the answer did not use,
+    so it runs near the output limit without 429s."""
+    otpm = 18_000  # 300 output tokens/s; each answer uses ~26 of its 32: ~11 requests/s
+    sim = make_simulator(
+        output_tpm=otpm, rpm=60_000, limit_window=window, latency=0.05, completion_tokens=20
+    )
+    told_limit: dict[str, Any] = {"output_tpm": otpm} if told else {}
+    out = frame(120).llm.enrich({"word": text_chain(sim, max_tokens=32)}, cache=False, **told_limit)
+    assert out["llm_error"].isna().all(), out["llm_error"].dropna().head().tolist()
+    stats = sim.stats()
+    assert stats["successes"] == 120
+    assert stats["rate_limited"] <= 0.005 * stats["requests"], stats["rate_limited"]
+    rate, seconds = output_per_second(sim)
+    assert seconds >= 5 and rate >= 0.7 * otpm / 60, (rate, seconds)
+
+
+def requests_per_second(sim: Any) -> float:
+    """Requests a second the simulator saw over the job's whole seconds."""
+    rows = sim.stats()["series"]
+    busy = [k for k, row in enumerate(rows) if row["requests"]]
+    inner = rows[busy[0] + 1 : busy[-1]]
+    return sum(row["requests"] for row in inner) / max(1, len(inner))
+
+
+@pytest.mark.slow
+def test_a_job_with_an_openai_and_a_claude_chain_paces_each_to_its_own_limit(
+    make_simulator: Any,
+) -> None:
+    """Each provider's requests are paced to the limits its own headers announce: Claude's
+    5 requests/s are not a share of one pace for the whole job (the lower of the two limits,
+    split between both providers), and OpenAI's 15/s are OpenAI's."""
+    # 15 and 5 requests/s; the 16 requests each sends before it knows its limit fit in its
+    # window (two seconds of OpenAI's, a bucket of four of Anthropic's).
+    openai = make_simulator(rpm=900, limit_window=2.0, latency=0.05)
+    anthropic_ = make_simulator(rpm=300, limit_window=4.0, latency=0.05)
+    out = frame(50).llm.enrich(
+        {"gpt": chains.text_chain(openai.base_url), "claude": text_chain(anthropic_)},
+        cache=False,
+    )
+    assert out["llm_error"].isna().all(), out["llm_error"].dropna().head().tolist()
+    for sim in (openai, anthropic_):
+        stats = sim.stats()
+        assert stats["successes"] == 50
+        # At most one 429 each: a machine busy elsewhere delays a request past its slot.
+        assert stats["rate_limited"] <= 1, (sim, stats["rate_limited"])
+    # Claude at its own limit (each row waits for its Claude call: OpenAI's follow); one
+    # pace for the job gave it half (2.4-3.1/s measured); 0.7x leaves a busy machine room.
+    assert 0.7 * 5 <= requests_per_second(anthropic_) <= 5.0
+    # OpenAI's requests follow Claude's rows; a busy machine bunched one over (16 seen).
+    assert openai.stats()["peak_requests_1s"] <= 16
+    # Each provider's requests were lent from a ledger of its own, at that provider's limit.
+    (job,) = [
+        j for j in part(Jobs).by_key.values() if {"openai", "anthropic"} <= set(j.throttle.names())
+    ][-1:]
+    ledgers = local_coordinator()._jobs
+    assert ledgers[job.id].limits()[0] == pytest.approx(15 * (1 - MARGIN))
+    assert ledgers[f"{job.id}/anthropic"].limits()[0] == pytest.approx(5 * (1 - MARGIN))
 
 
 def test_estimate_prices_a_claude_chain(sim: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -176,6 +177,57 @@ def test_estimate_by_flex(
     assert sim.stats()["requests"] == 0
 
 
+@pytest.mark.slow
+def test_enrich_by_a_deadline(sim: Any, workdir: Path) -> None:
+    # Two hours: not enough for a batch's 24 h (the default assumption), plenty for Flex.
+    result = run(
+        [
+            *("enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out"),
+            *("--no-cache", "--deadline", "2h"),
+        ],
+        sim.base_url,
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    out = pd.read_parquet(workdir / "out", dtype_backend="pyarrow")
+    assert len(out) == 30 and out["llm_error"].isna().all()
+    assert sim.stats()["flex_answered"] == 30
+    assert "by tier: 30 Flex" in result.stdout and "deadline met" in result.stdout
+
+
+def test_estimate_with_a_deadline(
+    sim: Any, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["estimate", "reviews-*.csv", "--chains", "chains.py:chains", "--no-cache"]
+    soon = run_here([*args, "--deadline", "90m"], sim.base_url, workdir, monkeypatch, capsys)
+    assert soon.returncode == 0, soon.stderr
+    assert "online by Flex" in soon.stdout
+    # Three days from now, as an ISO datetime: room for a batch's 24 h.
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(days=3)).isoformat(timespec="minutes")
+    far = run_here([*args, "--deadline", later], sim.base_url, workdir, monkeypatch, capsys)
+    assert far.returncode == 0, far.stderr
+    assert "Batch API, cut off" in far.stdout
+    assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        pytest.param("5400", 5400, id="seconds"),
+        pytest.param("90m", 5400, id="minutes"),
+        pytest.param("2h", 7200, id="hours"),
+        pytest.param("1h30m", 5400, id="hours-and-minutes"),
+        pytest.param("1.5h", 5400, id="a-fraction"),
+        pytest.param("1d", 86400, id="a-day"),
+        pytest.param("2030-01-01T01:30+00:00", 5400, id="iso-datetime"),
+        pytest.param("2030-01-01T02:30+01:00", 5400, id="iso-datetime-with-an-offset"),
+    ],
+)
+def test_a_deadline_is_a_duration_or_a_datetime(text: str, seconds: float) -> None:
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    assert (cli.deadline_of(text, now=now) - now).total_seconds() == seconds
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -217,6 +269,27 @@ def test_estimate_by_flex(
             ["enrich", "*.csv", "--chains", "chains.py:chains", "-o", "o"],
             "has other columns than",
             id="csvs-with-different-columns",
+        ),
+        pytest.param(
+            ["estimate", "reviews-0.csv", "--chains", "chains.py:chains", "--deadline", "soon"],
+            "'soon' is not a deadline",
+            id="unreadable-deadline",
+        ),
+        pytest.param(
+            [
+                *("estimate", "reviews-0.csv", "--chains", "chains.py:chains"),
+                *("--deadline", "2020-01-01T00:00+00:00"),
+            ],
+            "is already past",
+            id="past-deadline",
+        ),
+        pytest.param(
+            [
+                *("enrich", "reviews-0.csv", "--chains", "chains.py:chains", "-o", "o"),
+                *("--deadline", "2h", "--batch"),
+            ],
+            "deadline= chooses",
+            id="deadline-and-batch",
         ),
         pytest.param(["demo", "--rows", "-3"], "-3 is below 1", id="demo-negative-rows"),
         pytest.param(

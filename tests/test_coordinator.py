@@ -391,6 +391,56 @@ def test_capacity_moves_between_members_without_ever_exceeding_the_limit() -> No
 
 
 # -- dollars ------------------------------------------------------------------------------------
+def test_each_provider_of_a_job_is_a_lane_leased_from_limits_of_its_own() -> None:
+    """A job's requests to another provider travel as a lane of each member's report: leased
+    from a ledger of their own (the limits told hold there too, the learned ones are that
+    provider's), lent by the job's work; the budget stays the job's, one."""
+    clock = Clock()
+    c = Coordinator(clock=clock)
+    config = {"rpm": LIMIT, "budget_usd": 1.0, "partitions": 4}
+    claude = {"hungry": True, "learned_rpm": 600.0, "learned_otpm": 6_000.0}
+    a = c.lease("job", "a", {**report(config=config, begun=[10]), "lanes": {"anthropic": claude}})
+    assert a["rate_req"] == pytest.approx(RATE) and a["rate_out"] is None
+    lane = a["lanes"]["anthropic"]
+    assert lane["rate_req"] == pytest.approx(10 * UNIT)  # its own, lower, limit
+    assert lane["rate_out"] == pytest.approx(100 * UNIT)
+    assert lane["grant_usd"] == math.inf  # no budget of its own
+    for _ in range(8):  # a second member: each lane is split on its own, once a's surplus ages
+        clock.now += RENEW_S
+        for name in ("a", "b"):
+            b = c.lease("job", name, {**report(config=config), "lanes": {"anthropic": claude}})
+    assert b["rate_req"] == pytest.approx(RATE / 2)
+    assert b["lanes"]["anthropic"]["rate_req"] == pytest.approx(5 * UNIT)
+    assert b["lanes"]["anthropic"]["rate_out"] == pytest.approx(50 * UNIT)
+    own, other = c._jobs["job"], c._jobs["job/anthropic"]
+    assert other.budget_usd is None and own.budget_usd == 1.0
+    assert (other.partitions, other.begun, list(other.sizes)) == (4, 1, [10])
+
+
+def test_a_lane_paces_a_limit_it_learned_from_the_moment_it_learned_it() -> None:
+    """Before its first lease a lane spends an even share of the limits told; a limit its
+    provider announced after the last lease, an even share of that until the next."""
+    clock = Clock()
+    coordinator = Coordinator(clock=clock)
+
+    class Link:
+        def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+            return coordinator.lease(job, member, report)
+
+    ledger = Ledger("job", {"rpm": LIMIT}, Link(), clock=clock)
+    ledger._renew()
+    claude = ledger.lane("anthropic")
+    assert claude.rates() == (pytest.approx(RATE), None)  # not leased yet: the told rpm
+    ledger._renew()
+    assert claude.rates() == (pytest.approx(RATE), None) and claude.output_rate() is None
+    claude.learned(None, None, 6_000)  # an answer announces 100 output tokens/s
+    assert claude.output_rate() == pytest.approx(100 * UNIT)
+    claude.waiting()  # its requests wait for the bucket: it would use more
+    ledger._renew()
+    assert claude.output_rate() == pytest.approx(100 * UNIT)  # lent by the ledger now
+    assert coordinator._jobs["job/anthropic"].limits()[2] == pytest.approx(100 * UNIT)
+
+
 def budget_report(**fields: Any) -> dict[str, Any]:
     return {"config": {"budget_usd": 1.0}, "hungry": True, **fields}
 

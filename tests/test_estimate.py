@@ -98,15 +98,17 @@ def requests_of(sim: Any) -> int:
     return int(sim.stats()["requests"])
 
 
-def test_a_batch_estimate_says_when_partitions_wait_one_after_another(sim: Any) -> None:
+def test_a_batch_estimate_says_where_partitions_wait_one_after_another(sim: Any) -> None:
     # Issue 28: "within the batch window" while 8 partitions on 2 local threads
-    # waited four windows one after another.
+    # waited four windows one after another. They now wait at once on threads too
+    # (engine.handoff); only the process pool still takes them in waves.
     text = str(
         dd.from_pandas(frame(), npartitions=8).llm.estimate(
             chains(sim.base_url), cache=False, batch=True
         )
     )
-    assert "all 8 partitions wait at once" in text
+    assert "all 8 partitions waiting at once" in text
+    assert "on dask's process pool only as many as its processes" in text
     assert "compute(num_workers=8)" in text
     single = str(frame().llm.estimate(chains(sim.base_url), cache=False, batch=True))
     assert "partitions" not in single

@@ -273,7 +273,9 @@ def test_interrupting_a_notebook_cell_leaves_no_job_running(make_simulator: Any,
     )
     assert "interrupted" in done.stdout, done.stderr
     assert "alive" in done.stdout
-    assert time.monotonic() - start < 15  # not the 15 s the whole job takes, plus 3 s
+    # Not the 15 s the whole job takes plus the cell's 3 s (startup aside: a busy machine
+    # took 15.3 s to start, stop and wait); `requests < 400` below says it stopped too.
+    assert time.monotonic() - start < 18
     stats = sim.stats()
     assert stats["in_flight"] == 0
     assert stats["requests"] < 400  # stopped, not finished

@@ -22,10 +22,14 @@ from dask_llm.limits.pacer import (
     CATCH_UP_S,
     FOLLOW_S,
     HEADROOM,
+    OUTPUT_BUCKET_S,
+    OUTPUT_LATE_S,
     SPARE,
     Concurrency,
+    OutputBucket,
     Pacer,
     Throttle,
+    Throttles,
     auto_max_concurrency,
 )
 from dask_llm.providers import OPENAI
@@ -237,15 +241,14 @@ def test_the_pacer_spends_the_leased_rate_and_says_when_it_waits() -> None:
 def test_pacer_learns_the_limit_from_headers_and_keeps_the_lower_one() -> None:
     clock = Clock()
     pacer = Pacer(clock=clock)
-    pacer.learn(
-        *OPENAI.announced(
-            {"x-ratelimit-limit-requests": "3000", "x-ratelimit-limit-tokens": "bogus"}
-        )
+    said = OPENAI.announced(
+        {"x-ratelimit-limit-requests": "3000", "x-ratelimit-limit-tokens": "bogus"}
     )
+    pacer.learn(said.rpm, said.tpm)
     assert pacer.rates()[0] == pytest.approx(50 * (1 - MARGIN))
     assert pacer.rates()[1] is None
     given = Pacer(rpm=600, clock=clock)
-    given.learn(*OPENAI.announced({"x-ratelimit-limit-requests": "3000"}))
+    given.learn(OPENAI.announced({"x-ratelimit-limit-requests": "3000"}).rpm, None)
     assert given.rates()[0] == pytest.approx(10 * (1 - MARGIN))
 
 
@@ -471,12 +474,82 @@ def test_a_cancelled_waiter_gives_its_slot_back() -> None:
 
 
 def test_throttle_estimate_is_corrected_by_reported_usage() -> None:
+    """The prompt's estimate is scaled by what answers reported; the output is max_tokens
+    (what the provider counts), else the mean output so far; a provider that limits
+    output apart counts the prompt alone against tpm."""
     t = Throttle(max_concurrency=4, clock=Clock())
     first = t.estimate_tokens(prompt_chars=4_000, max_tokens=100)
     assert first == pytest.approx(1_100)
-    t.record_estimate(1_100)
-    t.record_usage(prompt_tokens=2_000, completion_tokens=200)  # the estimate was half
-    assert t.estimate_tokens(prompt_chars=4_000, max_tokens=100) == pytest.approx(2_200)
+    t.record_usage(4_000, prompt_tokens=2_000, completion_tokens=200)  # the prompt was half
+    assert t.estimate_tokens(prompt_chars=4_000, max_tokens=100) == pytest.approx(2_100)
+    assert t.expected_output(None) == 200 and t.expected_output(64) == 64
+    assert t.estimate_tokens(prompt_chars=4_000, max_tokens=None) == pytest.approx(2_200)
+    apart = Throttle(max_concurrency=4, output_apart=True, clock=Clock())
+    assert apart.estimate_tokens(prompt_chars=4_000, max_tokens=100) == pytest.approx(1_000)
+
+
+OTPM = 6_000  # output tokens per minute: 100 a second
+OUT_RATE = 100 * (1 - MARGIN)  # what a bucket of its own refills at, and what it holds:
+OUT_CAP = OUT_RATE * (OUTPUT_BUCKET_S - OUTPUT_LATE_S)  # a second's, less the late arrivals
+
+
+def test_the_output_bucket_books_in_turn_and_gets_back_what_answers_did_not_use() -> None:
+    clock = Clock()
+    bucket = OutputBucket(otpm=OTPM, clock=clock)
+    # Told: full at the start. Two requests of 40 go now; the third waits for what the
+    # bucket lacks; the fourth is booked after it (into debt: in turn, never polled).
+    assert bucket.take(40) == (0.0, 40) and bucket.take(40) == (0.0, 40)
+    third, booked = bucket.take(40)
+    assert booked == 40 and third == pytest.approx((40 - (OUT_CAP - 80)) / OUT_RATE)
+    fourth = bucket.take(40)[0]
+    assert fourth == pytest.approx(third + 40 / OUT_RATE)
+    # The first answer used 10 of its 40: the next booking is 30 tokens sooner.
+    bucket.settle(40, 10)
+    assert bucket.take(40)[0] == pytest.approx(fourth + 10 / OUT_RATE)
+    # A second later the debt is paid by the refill; a reservation larger than the whole
+    # bucket goes once the bucket is full, and those after it wait for what it took.
+    clock.now += 10.0
+    assert bucket.take(500) == (0.0, 500)
+    assert bucket.take(10)[0] == pytest.approx((500 - OUT_CAP + 10) / OUT_RATE)
+
+
+def test_an_output_limit_learned_from_an_answer_starts_from_an_empty_bucket() -> None:
+    """The requests sent before the limit was known were not booked: they may hold most of
+    the provider's bucket, so this one starts empty (a told limit starts full)."""
+    clock = Clock()
+    bucket = OutputBucket(clock=clock)
+    assert bucket.take(40) == (0.0, 0.0)  # no limit known: not paced, nothing booked
+    bucket.learn(OTPM)
+    assert bucket.take(40) == (pytest.approx(40 / OUT_RATE), 40)
+
+
+def test_an_error_answer_gives_its_output_back_and_a_lost_one_keeps_it() -> None:
+    clock = Clock()
+    t = Throttle(max_concurrency=4, output_tpm=OTPM, output_apart=True, clock=clock)
+    assert t.output is not None
+    for _ in range(4):
+        t.output.take(40)  # the bucket owes 72 now
+    owed = t.output.take(0.001)[0]
+    t.settle_output(40, None, None)  # no answer: the provider may have spent it
+    t.settle_output(40, 200, None)  # an answer without usage: likewise
+    assert t.output.take(0.001)[0] == pytest.approx(owed, abs=1e-4)
+    t.settle_output(40, 429, None)  # turned away: it spent nothing
+    assert t.output.take(0.001)[0] == pytest.approx(owed - 40 / OUT_RATE, abs=1e-4)
+
+
+def test_each_provider_has_a_throttle_of_its_own_and_the_rows_follow_the_neediest() -> None:
+    clock = Clock()
+    throttles = Throttles(max_concurrency=None, rpm=600, output_tpm=OTPM, clock=clock)
+    openai = throttles.of("openai")
+    claude = throttles.of("anthropic", output_apart=True)
+    assert throttles.of("openai") is openai and claude is not openai
+    assert openai.output is None and claude.output is not None
+    assert openai.pacer.rates()[0] == claude.pacer.rates()[0] == pytest.approx(10 * (1 - MARGIN))
+    claude.observe(clock.now - 2.0, 200, {}, announced=(60, None, None))  # slow, few
+    openai.observe(clock.now - 0.1, 200, {}, announced=(6_000, None))
+    assert claude.pacer.rates()[0] == pytest.approx(1 * (1 - MARGIN))  # its own limit only
+    assert openai.pacer.rates()[0] == pytest.approx(10 * (1 - MARGIN))
+    assert throttles.row_target() == max(openai.row_target(), claude.row_target())
 
 
 def test_throttle_cuts_concurrency_on_429_only_when_the_rate_is_unknown() -> None:

@@ -111,3 +111,19 @@ def test_the_tail_of_an_interrupted_run_never_counts_in_its_rerun() -> None:
     ran = dask_llm.last_run()
     assert ran is not None
     assert (ran.rows, ran.calls, ran.status) == (300, 600, "completed")
+
+
+@pytest.mark.parametrize(
+    ("spare", "says"),
+    [
+        pytest.param(4.3, "deadline met (4.3 s to spare)", id="met"),
+        pytest.param(-3.0, "deadline missed by 3.0 s", id="missed"),
+    ],
+)
+def test_a_summary_says_each_tier_and_the_deadline(spare: float, says: str) -> None:
+    summary = dask_llm.RunSummary(
+        calls=10, flex_calls=4, batch_calls=3, deadline_at=0.0, deadline_spare_s=spare
+    )
+    assert "by tier: 4 Flex, 3 batch, 3 list price" in str(summary)
+    assert says in str(summary)
+    assert summary.cost_by_tier == {}  # no run record: no cost by tier

@@ -4,6 +4,8 @@ fatal answers; and the seam's front door."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -14,11 +16,11 @@ from langchain_openai import ChatOpenAI
 import dask_llm.core.usage
 import dask_llm.providers
 from dask_llm.core.usage import price_of
-from dask_llm.providers import OPENAI, PROVIDERS, provider_of
+from dask_llm.providers import OPENAI, provider_of, providers
 from dask_llm.providers.anthropic import AnthropicProvider
 from dask_llm.transport.wire import outcome_of
 
-CLAUDE = next(p for p in PROVIDERS if isinstance(p, AnthropicProvider))
+CLAUDE = next(p for p in providers() if isinstance(p, AnthropicProvider))
 REQUEST = httpx.Request("POST", "http://127.0.0.1:9/v1/messages")
 
 
@@ -43,8 +45,30 @@ def claude_answer(**usage: Any) -> bytes:
 
 def test_exported_members() -> None:
     assert sorted(dask_llm.providers.__all__) == sorted(
-        ["OPENAI", "PROVIDERS", "Provider", "is_routable", "provider_of"]
+        ["OPENAI", "Provider", "is_routable", "provider_of", "providers"]
     )
+
+
+@pytest.mark.slow  # a subprocess, or seconds of waiting
+def test_an_optional_provider_is_loaded_only_once_its_sdk_is_imported() -> None:
+    """``import dask_llm`` does not import the anthropic SDK (a third of its import time);
+    a ChatAnthropic model, which imports it, finds its provider."""
+    code = (
+        "import sys, dask_llm\n"
+        "from dask_llm.providers import providers\n"
+        "assert 'anthropic' not in sys.modules, 'imported with dask_llm'\n"
+        "assert [p.name for p in providers()] == ['openai']\n"
+        "from langchain_anthropic import ChatAnthropic\n"
+        "assert [p.name for p in providers()] == ['openai', 'anthropic']\n"
+        "model = ChatAnthropic(model='claude-haiku-4-5', api_key='k')\n"
+        "assert dask_llm.providers.provider_of(model).name == 'anthropic'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_batch_id_finds_its_provider_before_its_sdk_is_imported() -> None:
+    assert [p.name for p in providers(every=True)] == ["openai", "anthropic"]
 
 
 def test_each_model_finds_its_provider() -> None:
@@ -113,7 +137,7 @@ def test_claude_limits_and_429s() -> None:
     limited = json.dumps({"type": "error", "error": {"type": "rate_limit_error"}}).encode()
     outcome = outcome_of(429, headers, limited, REQUEST, provider=CLAUDE)
     assert outcome.quota and outcome.fatal is None
-    assert outcome.announced == (4000, 2_000_000)
+    assert outcome.announced == (4000, 2_000_000, 400_000)  # output limit: paced apart
     overloaded = json.dumps({"type": "error", "error": {"type": "overloaded_error"}}).encode()
     assert not outcome_of(529, headers, overloaded, REQUEST, provider=CLAUDE).quota
 
@@ -137,7 +161,7 @@ def test_openai_reads_as_before() -> None:
         0,
     )
     assert reported.truncated and reported.refused
-    assert OPENAI.announced({"x-ratelimit-limit-requests": "500"}) == (500, None)
+    assert OPENAI.announced({"x-ratelimit-limit-requests": "500"}) == (500, None, None)
 
 
 def test_caching_savings_count_the_premium_of_cache_writes() -> None:

@@ -44,7 +44,7 @@ def test_a_text_answer_with_its_usage_and_limit_headers(make_simulator: Any) -> 
         assert raw.headers[f"anthropic-ratelimit-{kind}-limit"]
         assert int(raw.headers[f"anthropic-ratelimit-{kind}-remaining"]) >= 0
         assert raw.headers[f"anthropic-ratelimit-{kind}-reset"].endswith("Z")
-    assert AnthropicProvider().announced(raw.headers) == (600, 100_000)
+    assert AnthropicProvider().announced(raw.headers) == (600, 100_000, 20_000)
 
 
 def test_tool_use_follows_the_tools_input_schema(sim: Any) -> None:
@@ -101,6 +101,20 @@ def test_the_request_bucket_refills_continuously_and_answers_429_with_retry_afte
         time.sleep(0.25)  # refilled by 2.5 requests: not a whole second's slice
         assert ask(c).status_code == 200
     assert sim.stats()["rate_limited"] == statuses.count(429)
+
+
+def test_the_output_bucket_takes_max_tokens_then_gets_back_what_the_answer_did_not_use(
+    make_simulator: Any,
+) -> None:
+    sim = make_simulator(output_tpm=6_000)  # 100 output tokens/s, a bucket of one second's
+    with client(sim) as c:
+        raw = ask(c, max_tokens=90)
+    used = raw.parse().usage.output_tokens
+    assert 0 < used < 60
+    # Per-minute units: 60 x the bucket's level: 100, less 90 taken on arrival, plus the
+    # 90 - used the answer gave back (and whatever refilled in between).
+    left = int(raw.headers["anthropic-ratelimit-output-tokens-remaining"])
+    assert (100 - used) * 60 <= left <= 100 * 60
 
 
 def test_overloaded_is_a_529_and_not_fatal(make_simulator: Any) -> None:

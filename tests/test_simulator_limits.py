@@ -293,7 +293,8 @@ def test_a_request_too_large_for_the_tpm_window_is_refused_without_retry_after(
 def test_limits_are_the_accounts_or_each_keys(
     make_simulator: Any, per_key: bool, refused: int
 ) -> None:
-    sim = make_simulator(rpm=60, limit_mode="bucket", limit_per_key=per_key)  # one a second
+    # One request a bucket, refilled over 10 s: a busy machine does not refill it between calls.
+    sim = make_simulator(rpm=6, limit_window=10.0, limit_mode="bucket", limit_per_key=per_key)
     mine = client(sim)
     theirs = openai.OpenAI(base_url=sim.base_url, api_key="sk-another-key", max_retries=0)
     with mine, theirs:

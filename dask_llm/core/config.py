@@ -221,6 +221,8 @@ class EnrichOptions:
     initial_concurrency: int = DEFAULT_INITIAL_CONCURRENCY
     rpm: float | None = None
     tpm: float | None = None
+    #: Output tokens per minute, for providers that limit them apart (Anthropic).
+    output_tpm: float | None = None
     budget_usd: float | None = None
     processes: int = 1
     errors: Errors = DEFAULT_ERRORS
@@ -263,7 +265,7 @@ class EnrichOptions:
             raise TypeError(
                 f"quality_gate= takes a dask_llm.QualityGate or None, not {self.quality_gate!r}"
             )
-        for name in ("rpm", "tpm", "budget_usd"):
+        for name in ("rpm", "tpm", "output_tpm", "budget_usd"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}= must be > 0, or None for no limit")

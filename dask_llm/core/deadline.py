@@ -32,11 +32,34 @@ still finish in time:
 What is assumed is said (``Deadline``'s fields), and ``estimate(deadline=)``
 shows the plan it gives. A deadline no tier can meet is planned at list price
 throughout and the estimate says by how much it is missed.
+
+**Re-planned as the job learns** (what was assumed is a guess; what the job sees
+is not):
+
+* A batch's progress, read on each poll (``done`` of ``total`` lines, the
+  provider's ``request_counts``), projects its end at its pace so far
+  (``projected_end``); with later rounds of the chains, each takes at least as
+  long. When that end is after the moment its cancel would begin anyway, the
+  batch cannot make it (``batch_late``) and is cancelled at once, not at the
+  cut-off: Flex costs what the Batch API does, so the lines it would still have
+  finished by then cost the same by Flex, and the time won goes to them (more
+  by Flex, less at list price, and the provider's cancel has longer to finish).
+  The lines it finished are read once the cancel is done (nothing is paid
+  twice); the rest go online. Before any line is done, the batch is late once
+  it has run longer than the turnaround assumed. Only batches whose rest can
+  go by Flex (OpenAI's): an Anthropic batch's rest would go at list price, so
+  it keeps its cut-off.
+* Flex's latency and its share of "resource unavailable" answers are measured
+  as they come (``TierChooser.observe``); the larger of each and the one
+  assumed makes a Flex request's expected time, so the moment after which a
+  request goes at list price moves earlier when Flex turns out slower or less
+  available than assumed.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -51,6 +74,12 @@ CANCEL_MAX_S: Final = 600.0
 #: Answers the pacing waits for at the start before it sends at the full rate (measured
 #: against the simulator: its first requests go one after another until two are back).
 WARMUP_ANSWERS: Final = 2
+#: The share of Flex requests answered "resource unavailable", as measured, starts from
+#: the share assumed as if seen on this many requests: the first few answers alone (one
+#: or two unavailable, by chance) would move it by a lot.
+UNAVAILABLE_PRIOR: Final = 4
+#: The largest share taken: above it, Flex is as good as gone.
+MAX_UNAVAILABLE: Final = 0.95
 
 Tier = Literal["batch", "flex", "default"]
 
@@ -178,9 +207,12 @@ def plan_tiers(
     rounds: int,
     rate_per_s: float,
     flex_latency: float | None = None,
+    flex_unavailable: float | None = None,
+    batch: bool = True,
 ) -> TierPlan:
     """The cheapest plan that finishes ``requests`` (over ``rounds`` dependent rounds) by
-    ``deadline``, sending at most ``rate_per_s``; ``flex_latency``: as measured, if known.
+    ``deadline``, sending at most ``rate_per_s``; ``flex_latency`` and ``flex_unavailable``
+    (a share): as measured, if known; ``batch=False``: online only (a batch was cancelled).
     """
     left = deadline.at - now
     rounds = max(1, rounds)
@@ -189,11 +221,11 @@ def plan_tiers(
     # sends at the full rate.
     send_s = requests / rate
     list_tail = WARMUP_ANSWERS * deadline.latency + send_s + rounds * deadline.latency
-    flex_s = _flex_seconds(deadline, flex_latency)
+    flex_s = _flex_seconds(deadline, flex_latency, flex_unavailable)
     flex_until = deadline.at - flex_s - (rounds - 1) * deadline.latency
     # Batch: every round done before its cancel begins, and the tail still fits after.
     cutoff = left - list_tail
-    if cutoff > 0:
+    if batch and cutoff > 0:
         cancel_lead = min(cutoff * CANCEL_SHARE, CANCEL_MAX_S)
         if rounds * deadline.batch_turnaround <= cutoff - cancel_lead:
             return TierPlan(
@@ -240,21 +272,63 @@ def rate_of(deadline: Deadline, *, rpm: float | None, max_concurrency: int) -> f
     return max_concurrency / max(deadline.latency, 1e-3)
 
 
-def _flex_seconds(deadline: Deadline, measured: float | None) -> float:
-    """What a Flex request is expected to take, retries for unavailability included."""
+def _flex_seconds(
+    deadline: Deadline, measured: float | None, unavailable: float | None = None
+) -> float:
+    """What a Flex request is expected to take, retries for unavailability included (the
+    larger of what is assumed and what is measured, for each)."""
     latency = max(deadline.flex_latency, measured or 0.0)
-    return latency / (1.0 - deadline.flex_unavailable)
+    share = min(max(deadline.flex_unavailable, unavailable or 0.0), MAX_UNAVAILABLE)
+    return latency / (1.0 - share)
+
+
+def projected_end(*, now: float, since: float, done: int, total: int, turnaround: float) -> float:
+    """When a batch ends, at its pace so far: ``done`` of its ``total`` lines finished
+    between ``since`` (when it was last seen before it ran, or first seen) and ``now``.
+
+    Nothing done yet: ``since + turnaround`` (what is assumed) while that is ahead, else
+    never (``inf``): it has run longer than assumed without a line to show for it. The
+    clock is the caller's (the batch sender's is ``time.monotonic``).
+    """
+    if total > 0 and done >= total:
+        return now
+    if done <= 0:
+        assumed = since + turnaround
+        return assumed if assumed > now else math.inf
+    return now + (total - done) * max(now - since, 0.0) / done
+
+
+def batch_late(
+    *,
+    now: float,
+    since: float,
+    done: int,
+    total: int,
+    turnaround: float,
+    rounds_left: int,
+    cancel_at: float,
+) -> bool:
+    """Whether a batch (see ``projected_end``), and the ``rounds_left - 1`` rounds after it
+    (each at least as long as this one, and as the ``turnaround`` assumed), cannot end
+    before ``cancel_at``, when its cancel would begin anyway (the module docstring)."""
+    end = projected_end(now=now, since=since, done=done, total=total, turnaround=turnaround)
+    later = max(turnaround, end - since) * max(0, rounds_left - 1)
+    return end + later > cancel_at
 
 
 class TierChooser:
     """One job's choice of tier for each online request, in one process (owned by ``Job``).
 
-    A request goes by Flex while its answer, at the Flex latency assumed or measured
-    here (the larger), plus its row's later rounds at list price, is back by the
-    deadline; after that at list price. Until its first answers are back here
-    (``WARMUP_ANSWERS``), the pacing sends one request after another: by Flex that wait
-    is Flex's latency, which only a plan with room for all of it by Flex can afford; any
-    other plan asks those first requests at list price.
+    A request goes by Flex while its answer, at the Flex latency and unavailability
+    assumed or measured here (the larger of each), plus its row's later rounds at list
+    price, is back by the deadline; after that at list price. Until its first answers
+    are back here (``WARMUP_ANSWERS``), the pacing sends one request after another: by
+    Flex that wait is Flex's latency, which only a plan with room for all of it by Flex
+    can afford; any other plan asks those first requests at list price.
+
+    The unavailable share measured is ``(unavailable + UNAVAILABLE_PRIOR x assumed) /
+    (Flex requests answered + UNAVAILABLE_PRIOR)``: one or two "resource unavailable"
+    among the first answers are not taken for all of them.
     """
 
     def __init__(self, deadline: Deadline, *, rounds: int) -> None:
@@ -263,30 +337,56 @@ class TierChooser:
         self._lock = threading.Lock()
         self._flex_seconds = 0.0
         self._flex_answers = 0
+        self._flex_unavailable = 0  # Flex requests answered "resource unavailable"
         self._answered = 0  # answers back here: WARMUP_ANSWERS, and the pacing has warmed up
         self._flex_first = True  # the last plan has room for a warm-up by Flex
+        self._rate_per_s = 0.0  # the rate the last plan assumed (a re-plan assumes it too)
 
     def tier(self, now: float | None = None) -> Tier:
         now = time.time() if now is None else now
         with self._lock:
             if self._answered < WARMUP_ANSWERS and not self._flex_first:
                 return "default"
-            measured = self._flex_seconds / self._flex_answers if self._flex_answers else None
-        flex_s = _flex_seconds(self.deadline, measured)
+            measured, unavailable = self._measured()
+        flex_s = _flex_seconds(self.deadline, measured, unavailable)
         latest = self.deadline.at - flex_s - (self.rounds - 1) * self.deadline.latency
         return "flex" if now <= latest else "default"
 
-    def observe(self, seconds: float, *, flex: bool) -> None:
-        """An answer (``flex``: by Flex) took ``seconds``, from its send to its answer."""
+    def observe(self, seconds: float, *, flex: bool, unavailable: bool = False) -> None:
+        """An answer (``flex``: by Flex) took ``seconds``, from its send to its answer;
+        ``unavailable``: it was Flex's "resource unavailable" (no answer: retried)."""
         with self._lock:
+            if unavailable:
+                self._flex_unavailable += 1
+                return
             self._answered += 1
             if flex:
                 self._flex_seconds += seconds
                 self._flex_answers += 1
 
-    def plan(self, *, now: float, requests: int, rate_per_s: float) -> TierPlan:
+    def flex_measured(self) -> tuple[float | None, float | None]:
+        """Flex's mean latency and unavailable share measured here (None: nothing yet)."""
         with self._lock:
-            measured = self._flex_seconds / self._flex_answers if self._flex_answers else None
+            return self._measured()
+
+    def _measured(self) -> tuple[float | None, float | None]:
+        latency = self._flex_seconds / self._flex_answers if self._flex_answers else None
+        asked = self._flex_answers + self._flex_unavailable
+        prior = UNAVAILABLE_PRIOR * self.deadline.flex_unavailable
+        share = (self._flex_unavailable + prior) / (asked + UNAVAILABLE_PRIOR) if asked else None
+        return latency, share
+
+    def plan(
+        self, *, now: float, requests: int, rate_per_s: float | None = None, batch: bool = True
+    ) -> TierPlan:
+        """The plan for ``requests`` from ``now`` with what is measured here so far;
+        ``rate_per_s``: None for the last plan's; ``batch=False``: online only (a re-plan
+        after a batch was cancelled)."""
+        with self._lock:
+            if rate_per_s is None:
+                rate_per_s = self._rate_per_s
+            self._rate_per_s = rate_per_s
+            measured, unavailable = self._measured()
         plan = plan_tiers(
             self.deadline,
             now=now,
@@ -294,10 +394,20 @@ class TierChooser:
             rounds=self.rounds,
             rate_per_s=rate_per_s,
             flex_latency=measured,
+            flex_unavailable=unavailable,
+            batch=batch,
         )
         with self._lock:
             self._flex_first = plan.batch_s is not None or plan.flex_first
         return plan
 
 
-__all__ = ["Deadline", "TierChooser", "TierPlan", "plan_tiers", "rate_of"]
+__all__ = [
+    "Deadline",
+    "TierChooser",
+    "TierPlan",
+    "batch_late",
+    "plan_tiers",
+    "projected_end",
+    "rate_of",
+]

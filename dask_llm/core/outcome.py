@@ -29,10 +29,16 @@ NOTHING_REPORTED: Final = Reported(None, None, None, None, None)
 
 
 class Announced(NamedTuple):
-    """The limits an answer's headers announce, per minute (None: not said)."""
+    """The limits an answer's headers announce, per minute (None: not said).
+
+    ``tpm``: the tokens its provider counts against its token limit (OpenAI: prompt and
+    output; Anthropic: input tokens); ``otpm``: output tokens, where the provider limits
+    them apart (Anthropic).
+    """
 
     rpm: float | None = None
     tpm: float | None = None
+    otpm: float | None = None
 
 
 #: What an answer without limit headers announces.

@@ -34,7 +34,7 @@ from dask_llm.core.errors import JobStopped
 from dask_llm.core.usage import Usage
 from dask_llm.engine.retry import call_with_retries, root_cause
 from dask_llm.observe.record import ACTIVE
-from dask_llm.providers.registry import CONNECTION_ERRORS, STATUS_ERRORS
+from dask_llm.providers.registry import connection_errors, status_errors
 from dask_llm.transport.batch import policy_for_retries
 from dask_llm.transport.wire import host_of
 
@@ -50,6 +50,7 @@ class PartitionStats:
         "batches_done",
         "batches_finalizing",
         "batches_in_progress",
+        "batches_late",
         "batches_validating",
         "cache_errors",
         "cache_hits",
@@ -73,6 +74,7 @@ class PartitionStats:
         self.batches_validating = 0
         self.batches_in_progress = 0
         self.batches_finalizing = 0
+        self.batches_late = 0  # deadline=: cancelled early, their progress too slow
 
     def snapshot(self) -> tuple[int, ...]:
         return (
@@ -88,6 +90,7 @@ class PartitionStats:
             self.batches_in_progress,
             self.batches_finalizing,
             self.flex_unavailable,
+            self.batches_late,
         )
 
 
@@ -230,7 +233,7 @@ MISSING: Any = _Missing()
 def _failure(name: str, exc: BaseException, job: Any, usage: Usage) -> RowFailed:
     cause = root_cause(exc)
     if isinstance(cause, JobStopped) or (
-        job.stopped is not None and isinstance(exc, CONNECTION_ERRORS)
+        job.stopped is not None and isinstance(exc, connection_errors())
     ):
         stop = job.stopped
         text = stop.text if stop is not None else str(cause)
@@ -246,12 +249,12 @@ def describe(exc: BaseException, limit: int = 500) -> str:
     """``Type: message`` on one line; API errors with status and code; connection errors with
     their cause."""
     name = type(exc).__name__
-    if isinstance(exc, STATUS_ERRORS):
+    if isinstance(exc, status_errors()):
         code = getattr(exc, "code", None)
         name = f"{name} ({exc.status_code}{f' {code}' if code else ''} from {host_of(exc.request)})"
         body = exc.body if isinstance(exc.body, dict) else {}
         text = str(body.get("message") or exc.message)
-    elif isinstance(exc, CONNECTION_ERRORS) and exc.__cause__ is not None:
+    elif isinstance(exc, connection_errors()) and exc.__cause__ is not None:
         text = f"{exc.message} {root_cause(exc)}"
     else:
         text = str(exc)

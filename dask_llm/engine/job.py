@@ -85,11 +85,11 @@ from dask_llm.core.errors import ChainError, JobStopped
 from dask_llm.core.runtime import part
 from dask_llm.core.usage import MAX_TOKENS, MODEL, Tier, cost_usd, price_of
 from dask_llm.limits.ledger import Ledger, even_share_hint, link_for
-from dask_llm.limits.pacer import Throttle
+from dask_llm.limits.pacer import Throttles
 from dask_llm.observe import metrics as _metrics
 from dask_llm.observe import progress as _progress
 from dask_llm.observe.record import Recorder
-from dask_llm.providers import PROVIDERS
+from dask_llm.providers import OPENAI, providers
 
 if TYPE_CHECKING:
     from dask_llm.cluster.handle import JobHandle
@@ -160,6 +160,7 @@ class Job:
             {
                 "rpm": options.rpm,
                 "tpm": options.tpm,
+                "output_tpm": options.output_tpm,
                 "budget_usd": options.budget_usd,
                 "partitions": options.partitions,
             },
@@ -167,10 +168,13 @@ class Job:
             fallback_share=even_share_hint(options.processes),
             on_stop=self._ledger_says_stop,
         )
-        self.throttle = Throttle(
+        #: Pacing and concurrency, per provider (each paced to its own limits: the
+        #: ledger's own lane for OpenAI's requests, a lane of its own for each other's).
+        self.throttle = Throttles(
             max_concurrency=options.max_concurrency,
             initial_concurrency=options.initial_concurrency,
             ledger=self.ledger,
+            default=OPENAI.name,
         )
         self._largest_completion = 0
         #: With ``deadline=``: the tier of each online request (``core.deadline``).
@@ -264,7 +268,7 @@ class Job:
         """
         match = MODEL.search(body)
         model = match.group(1).decode() if match else None
-        flex = any(provider.is_flex(body) for provider in PROVIDERS)
+        flex = any(provider.is_flex(body) for provider in providers())
         tier: Tier = "batch" if batch else ("flex" if flex else "default")
         price = price_of(model, self.options.price_table, tier=tier)
         if price is None:

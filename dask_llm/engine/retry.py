@@ -51,7 +51,7 @@ from dask_llm.core.usage import (
 )
 from dask_llm.limits.headers import retry_after
 from dask_llm.observe.record import ACTIVE
-from dask_llm.providers.registry import CONNECTION_ERRORS, STATUS_ERRORS, VALIDATION_ERRORS
+from dask_llm.providers.registry import connection_errors, status_errors, validation_errors
 
 _RETRY_STATUS = frozenset({408, 409, 429})
 log = logging.getLogger(__name__)
@@ -70,11 +70,11 @@ def classify(exc: BaseException) -> str | None:
     """``"transient"``, ``"parse"`` (answer did not fit its schema) or ``None`` (do not retry)."""
     if isinstance(root_cause(exc), JobStopped):
         return None
-    if isinstance(exc, STATUS_ERRORS):
+    if isinstance(exc, status_errors()):
         if exc.status_code in _RETRY_STATUS or exc.status_code >= 500:
             return "transient"
         return None
-    if isinstance(exc, CONNECTION_ERRORS + VALIDATION_ERRORS):
+    if isinstance(exc, connection_errors() + validation_errors()):
         return "transient"  # includes APITimeoutError
     if isinstance(exc, TimeoutError | ConnectionError | json.JSONDecodeError):
         return "transient"
@@ -122,7 +122,7 @@ async def call_with_retries(
         except BaseException as exc:
             total.add(settle(attempt, callback))
             if classify(exc) == "parse" or isinstance(
-                root_cause(exc), (json.JSONDecodeError, *VALIDATION_ERRORS)
+                root_cause(exc), (json.JSONDecodeError, *validation_errors())
             ):
                 # An answer that did not fit its schema, or a body that did not
                 # parse: the next attempt asks again instead of being served the

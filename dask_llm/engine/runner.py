@@ -108,6 +108,7 @@ class PartitionRun:
                 "show": self.options.progress and not _cluster.in_pool_child(),
                 "cache": self.options.cache_label,
                 "budget_usd": self.options.budget_usd,
+                "deadline_at": None if self.options.deadline is None else self.options.deadline.at,
             },
         )
         try:
@@ -269,7 +270,7 @@ class PartitionRun:
             return
         queue = iter(pending)
         remaining = len(pending)
-        cap = min(remaining, self.job.throttle.concurrency.cap)
+        cap = min(remaining, self.job.throttle.cap)
         workers: set[asyncio.Task[None]] = set()
         # Workers that ended, told by their tasks: with a thousand under way (a fast
         # tier), looking at each of them every 20 ms cost more than the rows' own work.
@@ -522,6 +523,7 @@ class PartitionRun:
             in_progress,
             finalizing,
             unavailable,
+            late,
         ) = (a - b for a, b in zip(now, self._reported, strict=True))
         self._reported = now
         self.reporter.add(
@@ -538,6 +540,7 @@ class PartitionRun:
             batches_validating=validating,
             batches_in_progress=in_progress,
             batches_finalizing=finalizing,
+            batches_late=late,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cached_tokens=usage.cached_tokens,

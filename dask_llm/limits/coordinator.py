@@ -23,6 +23,15 @@ request and token rates until its next call, a dollar allowance, and whether
 the job must stop. No round trip per request: the member paces locally
 (``limits.pacer``) within its rates and reserves from its allowance.
 
+Providers. A job whose chains call two providers has each one's rates leased
+apart, from a ledger of its own on the same coordinator (the job's id for its
+default provider, OpenAI, whose ledger holds the budget too; ``job/anthropic``
+for Anthropic's), lent by the job's work: a member's report carries each other
+provider's use as a *lane* (``lanes``) and gets each one's rates back. The
+limits told (``rpm``, ``tpm``, ``output_tpm``) hold for each provider apart;
+the limits learned are each provider's own. Output tokens (``output_tpm``,
+Anthropic's) are lent as requests and tokens are.
+
 Allocation follows demand: members that use less than their share get what
 they use (plus a quarter, to grow; what they use is the higher of their rate
 since their last renewal and what they sent in their last second, since a
@@ -135,19 +144,23 @@ class Member:
 
     rate_req: float = 0.0
     rate_tok: float = 0.0
+    rate_out: float = 0.0  # output tokens/s (a provider that limits them apart)
     used_req: float = 0.0  # requests/s over its last interval
     used_tok: float = 0.0
+    used_out: float = 0.0
     hungry: bool = True
     backlog: int | None = None  # rows of its running partitions not done (None: not told)
     recent_req: float = 0.0  # requests it started in the second before its last report
     recent_tok: float = 0.0
+    recent_out: float = 0.0
     expires: float = 0.0
     allowance: float = 0.0  # dollars it holds, reserved or not
-    # What it sent in the second before its last report (requests, tokens).
+    # What it sent in the second before its last report (requests, tokens, output tokens).
     sent_req: float = 0.0
     sent_tok: float = 0.0
+    sent_out: float = 0.0
 
-    def committed(self) -> tuple[float, float]:
+    def committed(self) -> tuple[float, float, float]:
         """The most it may send in any window that ends after its last report.
 
         Its strict window (``Pacer.admit``) sends a request only while fewer
@@ -165,7 +178,8 @@ class Member:
         """
         req = self.sent_req * (1.0 - MARGIN)
         tok = self.sent_tok * (1.0 - MARGIN)
-        return max(req, self.rate_req), max(tok, self.rate_tok)
+        out = self.sent_out * (1.0 - MARGIN)
+        return max(req, self.rate_req), max(tok, self.rate_tok), max(out, self.rate_out)
 
 
 @dataclass
@@ -174,13 +188,16 @@ class JobLedger:
 
     rpm: float | None = None
     tpm: float | None = None
+    output_tpm: float | None = None
     budget_usd: float | None = None
     learned_rpm: float | None = None
     learned_tpm: float | None = None
+    learned_otpm: float | None = None
     spent_usd: float = 0.0
     stop: str | None = None
     members: dict[str, Member] = field(default_factory=dict)
-    ghosts: list[tuple[float, float, float]] = field(default_factory=list)  # (until, req, tok)
+    # Members gone, committed one window more: (until, requests/s, tokens/s, output tokens/s).
+    ghosts: list[tuple[float, float, float, float]] = field(default_factory=list)
     touched: float = 0.0
     partitions: int | None = None  # the job's partitions (from its config)
     begun: int = 0  # partitions begun
@@ -207,14 +224,19 @@ class JobLedger:
         queued = max(0, self.partitions - self.begun) * statistics.median_low(self.sizes)
         return running + queued
 
-    def limits(self) -> tuple[float | None, float | None]:
-        """Requests/s and tokens/s for the whole job (told, or learned), margin taken."""
+    def limits(self) -> tuple[float | None, float | None, float | None]:
+        """Requests/s, tokens/s and output tokens/s for the whole job (told, or learned),
+        margin taken."""
 
         def lowest(told: float | None, learned: float | None) -> float | None:
             known = [x for x in (told, learned) if x]
             return min(known) / 60.0 * (1.0 - MARGIN) if known else None
 
-        return lowest(self.rpm, self.learned_rpm), lowest(self.tpm, self.learned_tpm)
+        return (
+            lowest(self.rpm, self.learned_rpm),
+            lowest(self.tpm, self.learned_tpm),
+            lowest(self.output_tpm, self.learned_otpm),
+        )
 
 
 class Coordinator:
@@ -228,73 +250,111 @@ class Coordinator:
     def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
         """Take ``member``'s report, return its lease (see the module docstring).
 
-        ``report``: ``config`` (``rpm``, ``tpm``, ``budget_usd``: the job's, sent by
-        every member), ``used_req``/``used_tok`` (per second since the last call),
-        ``hungry``, ``spent_usd`` (settled since the last call), ``allowance`` (dollars
-        it holds now, after settling), ``need_usd`` (what its next request may cost
-        beyond that, 0 if it has enough), ``want_usd`` (about a second of its spend),
-        ``learned_rpm``/``learned_tpm``, and ``release`` (it has no more work).
+        ``report``: ``config`` (``rpm``, ``tpm``, ``output_tpm``, ``budget_usd``: the job's,
+        sent by every member), ``used_req``/``used_tok``/``used_out`` (per second since the
+        last call), ``hungry``, ``spent_usd`` (settled since the last call), ``allowance``
+        (dollars it holds now, after settling), ``need_usd`` (what its next request may
+        cost beyond that, 0 if it has enough), ``want_usd`` (about a second of its spend),
+        ``learned_rpm``/``learned_tpm``/``learned_otpm``, and ``release`` (it has no more
+        work). ``lanes``: ``{provider: {used_req, ..., learned_otpm}}`` of the requests to
+        each other provider of the job, each leased from its own ledger (``job/provider``:
+        the job's limits told hold for each provider apart; its work is the job's), its
+        rates in the reply's ``lanes``.
         """
         now = self.clock()
         with self._lock:
-            ledger = self._jobs.get(job)
-            if ledger is None:
-                self._forget_idle(now)
-                config = report.get("config") or {}
-                ledger = self._jobs[job] = JobLedger(
-                    rpm=config.get("rpm"),
-                    tpm=config.get("tpm"),
-                    budget_usd=config.get("budget_usd"),
-                    partitions=config.get("partitions"),
-                )
-            ledger.touched = now
-            for name in ("learned_rpm", "learned_tpm"):
-                value = report.get(name)
-                if value:
-                    old = getattr(ledger, name)
-                    setattr(ledger, name, value if old is None else min(old, value))
-            self._expire(ledger, now)
-            me = ledger.members.get(member)
-            if me is None:
-                me = ledger.members[member] = Member()
-            ledger.spent_usd += float(report.get("spent_usd") or 0.0)
-            me.allowance = float(report.get("allowance") or 0.0)
-            for rows in report.get("begun") or ():
-                ledger.begun += 1
-                ledger.sizes.append(int(rows))
-            if report.get("release"):
-                _sent(me, report)
-                req, tok = me.committed()
-                ledger.ghosts.append((now + WINDOW_S + RENEW_S, req, tok))
-                del ledger.members[member]
-                return {"rate_req": 0.0, "rate_tok": 0.0, "grant_usd": 0.0, "stop": ledger.stop}
-            me.used_req = float(report.get("used_req") or 0.0)
-            me.used_tok = float(report.get("used_tok") or 0.0)
-            _sent(me, report)
-            me.hungry = bool(report.get("hungry", True))
-            recent = report.get("sent_1s") or (0.0, 0.0)
-            me.recent_req, me.recent_tok = float(recent[0]) / WINDOW_S, float(recent[1]) / WINDOW_S
-            backlog = report.get("backlog")
-            me.backlog = None if backlog is None else int(backlog)
-            me.expires = now + LEASE_TTL_S
-            rate_req, rate_tok = self._rates(ledger, member)
-            me.rate_req, me.rate_tok = rate_req, rate_tok
-            grant = self._dollars(
-                ledger,
-                me,
-                need=float(report.get("need_usd") or 0.0),
-                want=float(report.get("want_usd") or 0.0),
+            reply = self._lease(job, member, report, now)
+            lanes = report.get("lanes")
+            if lanes:
+                work = self._jobs[job]
+                shared = {name: report.get(name) for name in ("interval", "backlog", "release")}
+                config = {**(report.get("config") or {}), "budget_usd": None}
+                reply["lanes"] = {
+                    name: self._lease(
+                        f"{job}/{name}", member, {**shared, **sub, "config": config}, now, work
+                    )
+                    for name, sub in lanes.items()
+                }
+            return reply
+
+    def _lease(
+        self,
+        job: str,
+        member: str,
+        report: dict[str, Any],
+        now: float,
+        work: JobLedger | None = None,
+    ) -> dict[str, Any]:
+        """One ledger's part of ``lease`` (its lock held); ``work``: the job's ledger, whose
+        partitions a lane's ledger lends by."""
+        ledger = self._jobs.get(job)
+        if ledger is None:
+            self._forget_idle(now)
+            config = report.get("config") or {}
+            ledger = self._jobs[job] = JobLedger(
+                rpm=config.get("rpm"),
+                tpm=config.get("tpm"),
+                output_tpm=config.get("output_tpm"),
+                budget_usd=config.get("budget_usd"),
+                partitions=config.get("partitions"),
             )
-            limit_req, limit_tok = ledger.limits()
+        if work is not None:
+            ledger.partitions, ledger.begun, ledger.sizes = work.partitions, work.begun, work.sizes
+        ledger.touched = now
+        for name in ("learned_rpm", "learned_tpm", "learned_otpm"):
+            value = report.get(name)
+            if value:
+                old = getattr(ledger, name)
+                setattr(ledger, name, value if old is None else min(old, value))
+        self._expire(ledger, now)
+        me = ledger.members.get(member)
+        if me is None:
+            me = ledger.members[member] = Member()
+        ledger.spent_usd += float(report.get("spent_usd") or 0.0)
+        me.allowance = float(report.get("allowance") or 0.0)
+        for rows in report.get("begun") or ():
+            ledger.begun += 1
+            ledger.sizes.append(int(rows))
+        if report.get("release"):
+            _sent(me, report)
+            ledger.ghosts.append((now + WINDOW_S + RENEW_S, *me.committed()))
+            del ledger.members[member]
             return {
-                "rate_req": rate_req if limit_req is not None else None,
-                "rate_tok": rate_tok if limit_tok is not None else None,
-                "grant_usd": grant,
-                "spent_usd": ledger.spent_usd,
-                "budget_usd": ledger.budget_usd,
+                "rate_req": 0.0,
+                "rate_tok": 0.0,
+                "rate_out": 0.0,
+                "grant_usd": 0.0,
                 "stop": ledger.stop,
-                "members": len(ledger.members),
             }
+        me.used_req = float(report.get("used_req") or 0.0)
+        me.used_tok = float(report.get("used_tok") or 0.0)
+        me.used_out = float(report.get("used_out") or 0.0)
+        _sent(me, report)
+        me.hungry = bool(report.get("hungry", True))
+        recent = report.get("sent_1s") or (0.0, 0.0)
+        me.recent_req, me.recent_tok = float(recent[0]) / WINDOW_S, float(recent[1]) / WINDOW_S
+        me.recent_out = float(report.get("sent_out_1s") or 0.0) / WINDOW_S
+        backlog = report.get("backlog")
+        me.backlog = None if backlog is None else int(backlog)
+        me.expires = now + LEASE_TTL_S
+        me.rate_req, me.rate_tok, me.rate_out = self._rates(ledger, member)
+        grant = self._dollars(
+            ledger,
+            me,
+            need=float(report.get("need_usd") or 0.0),
+            want=float(report.get("want_usd") or 0.0),
+        )
+        limit_req, limit_tok, limit_out = ledger.limits()
+        return {
+            "rate_req": me.rate_req if limit_req is not None else None,
+            "rate_tok": me.rate_tok if limit_tok is not None else None,
+            "rate_out": me.rate_out if limit_out is not None else None,
+            "grant_usd": grant,
+            "spent_usd": ledger.spent_usd,
+            "budget_usd": ledger.budget_usd,
+            "stop": ledger.stop,
+            "members": len(ledger.members),
+        }
 
     def snapshot(self, job: str) -> dict[str, Any] | None:
         """The job's state, for tests and the run summary."""
@@ -315,34 +375,37 @@ class Coordinator:
     def _expire(self, ledger: JobLedger, now: float) -> None:
         for name in [m for m, x in ledger.members.items() if x.expires and x.expires < now]:
             gone = ledger.members.pop(name)
-            req, tok = gone.committed()
-            ledger.ghosts.append((now + WINDOW_S, req, tok))
+            ledger.ghosts.append((now + WINDOW_S, *gone.committed()))
             # Its allowance was reserved for requests it can no longer settle: the
             # worst case is that they were all paid for.
             ledger.spent_usd += gone.allowance
         ledger.ghosts = [g for g in ledger.ghosts if g[0] > now]
 
-    def _rates(self, ledger: JobLedger, member: str) -> tuple[float, float]:
-        limit_req, limit_tok = ledger.limits()
-        work = ledger.work_left()  # once per lease: both kinds split the same work
+    def _rates(self, ledger: JobLedger, member: str) -> tuple[float, float, float]:
+        limit_req, limit_tok, limit_out = ledger.limits()
+        work = ledger.work_left()  # once per lease: every kind splits the same work
         target_req = _whole_windows(_shares(ledger, limit_req, "req", work)).get(member, 0.0)
         target_tok = _shares(ledger, limit_tok, "tok", work).get(member, 0.0)
+        target_out = _shares(ledger, limit_out, "out", work).get(member, 0.0)
         # No more than what the others may still be using leaves free.
-        others_req = others_tok = 0.0
+        others_req = others_tok = others_out = 0.0
         for name, other in ledger.members.items():
             if name != member:
-                req, tok = other.committed()
+                req, tok, out = other.committed()
                 others_req += req
                 others_tok += tok
-        for _, req, tok in ledger.ghosts:
+                others_out += out
+        for _, req, tok, out in ledger.ghosts:
             others_req += req
             others_tok += tok
+            others_out += out
         free_req = max(0.0, (limit_req or 0.0) - others_req)
         free_tok = max(0.0, (limit_tok or 0.0) - others_tok)
+        free_out = max(0.0, (limit_out or 0.0) - others_out)
         # Whole windows (see ``_whole_windows``), no more than the others leave free.
         unit = 1.0 - MARGIN
         rate_req = min(target_req, math.floor(free_req / unit + 1e-9) * unit)
-        return rate_req, min(target_tok, free_tok)
+        return rate_req, min(target_tok, free_tok), min(target_out, free_out)
 
     def _dollars(self, ledger: JobLedger, me: Member, *, need: float, want: float) -> float:
         """Top ``me``'s allowance up toward ``want``; stop the job if not even ``need`` fits.
@@ -387,10 +450,13 @@ def _sent(me: Member, report: dict[str, Any]) -> None:
     else:
         used_req = float(report.get("used_req") or 0.0)
         used_tok = float(report.get("used_tok") or 0.0)
+    sent_out = report.get("sent_out_1s")
+    used_out = float(report.get("used_out") or 0.0) if sent_out is None else sent_out / WINDOW_S
     if float(report.get("interval") or math.inf) > 2 * RENEW_S:
         used_req = max(used_req, me.rate_req / (1.0 - MARGIN))
         used_tok = max(used_tok, me.rate_tok / (1.0 - MARGIN))
-    me.sent_req, me.sent_tok = used_req, used_tok
+        used_out = max(used_out, me.rate_out / (1.0 - MARGIN))
+    me.sent_req, me.sent_tok, me.sent_out = used_req, used_tok, used_out
 
 
 def _whole_windows(shares: dict[str, float]) -> dict[str, float]:
@@ -426,10 +492,14 @@ def _shares(
     members = ledger.members
     wants: dict[str, float] = {}
     for name, m in members.items():
-        used = m.used_req if kind == "req" else m.used_tok
+        used, recent = {
+            "req": (m.used_req, m.recent_req),
+            "tok": (m.used_tok, m.recent_tok),
+            "out": (m.used_out, m.recent_out),
+        }[kind]
         # What it sent in its last second, not only since its last renewal: demand comes
         # in bursts (a dependent chain's requests when the answers are back).
-        used = max(used, (m.recent_req if kind == "req" else m.recent_tok) * (1 - MARGIN))
+        used = max(used, recent * (1 - MARGIN))
         wants[name] = math.inf if m.hungry else max(used * GROWTH, limit * 0.01)
     left = limit
     open_members = dict(wants)

@@ -9,6 +9,12 @@ headers said, and what was spent. Between renewals the pacer (``limits.pacer``)
 works from the leased rates alone, and requests reserve their worst-case cost
 from the dollar allowance, with no round trip.
 
+Rates are leased per provider: each provider's requests are a ``Lane`` of the
+lease (requests/s, tokens/s and output tokens/s, and what was used of them),
+the ledger's own for the job's default provider (OpenAI) and one more for each
+other provider the job's requests go to here; one report carries them all,
+and the budget and the job's work once (``Coordinator.lease``).
+
 How a member reaches the coordinator:
 
 * ``LocalLink``: the coordinator of this process (threads, the synchronous
@@ -113,8 +119,188 @@ class LeaseUnavailable(ConnectionError):
     """The coordinator cannot be reached."""
 
 
+class Lane:
+    """One provider's rates in a member's lease: what that provider's pacer spends.
+
+    A job whose chains call two providers paces each to its own limits: each
+    provider's requests are a lane of the member's lease, leased from its own
+    ledger at the coordinator (the job's key for the job's own lane, ``job/name``
+    for the others' : ``limits.coordinator``). Thread-safe.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._lock = threading.Lock()
+        self.rate_req: float | None = None
+        self.rate_tok: float | None = None
+        self.rate_out: float | None = None
+        self.replied = False  # a reply to a report of this lane has arrived
+        self.learned_rpm: float | None = None
+        self.learned_tpm: float | None = None
+        self.learned_otpm: float | None = None
+        self._started_req = 0
+        self._started_tok = 0.0
+        self._spent_out = 0.0  # output tokens reserved less those given back, since the report
+        self._last_second: deque[tuple[float, float]] = deque()  # (start, tokens)
+        self._out_second: deque[tuple[float, float]] = deque()  # (when, output tokens)
+        self._hungry = True  # until it has reported once: a new member has work
+        self._queued = 0
+        # What each report on its way said was sent in its last second (see ``holding``).
+        self._reported: list[tuple[int, float]] = []
+
+    # -- what the pacer reads --------------------------------------------------------------------
+    def rates(self) -> tuple[float | None, float | None]:
+        """Leased requests/s and tokens/s (None: no limit known anywhere)."""
+        req, tok, _ = self._rates()
+        return req, tok
+
+    def output_rate(self) -> float | None:
+        """Leased output tokens/s (None: no output limit known anywhere)."""
+        return self._rates()[2]
+
+    def _rates(self) -> tuple[float | None, float | None, float | None]:
+        ledger = self._ledger
+        if ledger.fallback or not self.replied:
+            # Before the first lease (of the ledger, or of a lane made since): an even
+            # share, not unpaced.
+            return self._even_share()
+        if ledger.clock() > ledger.expires:
+            # Renewals are late (a busy process, a slow link): the coordinator has
+            # given this share to others by now. Wait for the next lease.
+            return (
+                None if self.rate_req is None else 0.0,
+                None if self.rate_tok is None else 0.0,
+                None if self.rate_out is None else 0.0,
+            )
+        # A limit learned here that the ledger did not know at its last lease: an even
+        # share of it until the next.
+        req, tok, out = self._even_share()
+        return (
+            req if self.rate_req is None else self.rate_req,
+            tok if self.rate_tok is None else self.rate_tok,
+            out if self.rate_out is None else self.rate_out,
+        )
+
+    def _even_share(self) -> tuple[float | None, float | None, float | None]:
+        config = self._ledger.config
+        processes = self._ledger.fallback_share
+
+        def share(told: Any, learned: float | None) -> float | None:
+            known = [x for x in (told, learned) if x]
+            if not known:
+                return None
+            return min(known) / 60.0 * (1.0 - MARGIN) / processes
+
+        return (
+            share(config.get("rpm"), self.learned_rpm),
+            share(config.get("tpm"), self.learned_tpm),
+            share(config.get("output_tpm"), self.learned_otpm),
+        )
+
+    def started(self, tokens: float) -> None:
+        with self._lock:
+            self._started_req += 1
+            self._started_tok += tokens
+            self._last_second.append((self._ledger.clock(), tokens))
+
+    def spent_output(self, tokens: float) -> None:
+        """Output tokens reserved (> 0) or given back (< 0, an answer used fewer)."""
+        with self._lock:
+            self._spent_out += tokens
+            self._out_second.append((self._ledger.clock(), tokens))
+
+    def _sent_last_second(self, now: float) -> tuple[int, float]:
+        """Requests and tokens started in the last second (what the provider still counts)."""
+        recent = self._last_second
+        while recent and recent[0][0] <= now - WINDOW_S:
+            recent.popleft()
+        return len(recent), sum(t for _, t in recent)
+
+    def _output_last_second(self, now: float) -> float:
+        recent = self._out_second
+        while recent and recent[0][0] <= now - WINDOW_S:
+            recent.popleft()
+        return max(0.0, sum(t for _, t in recent))
+
+    def holding(self, tokens: float, *, req: bool, tok: bool) -> bool:
+        """Whether a request must wait for the reply to the report on its way.
+
+        The coordinator counts this member, until its next report, at the higher
+        of what it reported sending in its last second and the rate it grants
+        now; the rest it lends to others at once. Until the reply is here, the
+        old rate still applies: so no more than was reported may be in this
+        process's last second (``req``/``tok``: which limits are in force).
+        """
+        if not self._reported:  # every admit asks; a report is on its way a few ms a renewal
+            return False
+        with self._lock:
+            if not self._reported:
+                return False
+            count, used = self._sent_last_second(self._ledger.clock())
+            held_req = min(x[0] for x in self._reported)
+            held_tok = min(x[1] for x in self._reported)
+        return (req and count + 1 > held_req) or (tok and used + tokens > held_tok)
+
+    def waiting(self) -> None:
+        """A request had to wait for pacing: this member could use more."""
+        self._hungry = True
+
+    def queue(self, delta: int) -> None:
+        """Requests waiting for their start (+1 when one begins to wait, -1 when it goes)."""
+        with self._lock:
+            self._queued += delta
+
+    def learned(self, rpm: float | None, tpm: float | None, otpm: float | None = None) -> None:
+        with self._lock:
+            if rpm and (self.learned_rpm is None or rpm < self.learned_rpm):
+                self.learned_rpm = rpm
+            if tpm and (self.learned_tpm is None or tpm < self.learned_tpm):
+                self.learned_tpm = tpm
+            if otpm and (self.learned_otpm is None or otpm < self.learned_otpm):
+                self.learned_otpm = otpm
+
+    # -- the report and its reply (under the ledger's lock) ----------------------------------
+    def _report(self, now: float, elapsed: float) -> tuple[dict[str, Any], tuple[int, float]]:
+        with self._lock:
+            sent_1s = self._sent_last_second(now)
+            self._reported.append(sent_1s)
+            report = {
+                "used_req": self._started_req / elapsed,
+                "used_tok": self._started_tok / elapsed,
+                "used_out": max(0.0, self._spent_out) / elapsed,
+                "sent_1s": sent_1s,
+                "sent_out_1s": self._output_last_second(now),
+                "hungry": self._hungry or self._queued > 0,
+                "learned_rpm": self.learned_rpm,
+                "learned_tpm": self.learned_tpm,
+                "learned_otpm": self.learned_otpm,
+            }
+            self._started_req = 0
+            self._started_tok = 0.0
+            self._spent_out = 0.0
+            self._hungry = False
+        return report, sent_1s
+
+    def _answered(self, sent_1s: tuple[int, float], reply: dict[str, Any] | None) -> None:
+        """The report that said ``sent_1s`` got ``reply`` (None: it was not delivered)."""
+        with self._lock:
+            self._reported.remove(sent_1s)
+            if reply is None:
+                return
+            rate_req, rate_tok = reply.get("rate_req"), reply.get("rate_tok")
+            rate_out = reply.get("rate_out")
+            self.rate_req, self.rate_tok, self.rate_out = rate_req, rate_tok, rate_out
+            self.replied = True
+
+
 class Ledger:
-    """One member's lease of one job (thread-safe; the pacer reads it on every request)."""
+    """One member's lease of one job (thread-safe; the pacer reads it on every request).
+
+    The lease holds the job's budget and work, and one ``Lane`` of rates per provider
+    the job's requests go to here: the ledger's own (the job's default provider's,
+    whose fields the report carries as they always were) and ``lane(name)`` for each
+    other. The ledger answers for its own lane (``rates``, ``started``, ...).
+    """
 
     def __init__(
         self,
@@ -134,14 +320,11 @@ class Ledger:
         self.on_stop = on_stop
         self.clock = clock
         self._lock = threading.Lock()
-        self.rate_req: float | None = None
-        self.rate_tok: float | None = None
-        self.leased = False  # a lease with the job's limits has arrived
         self.reached = False  # the coordinator answered at least once
         self.fallback = False
         self.expires = 0.0
-        self.learned_rpm: float | None = None
-        self.learned_tpm: float | None = None
+        self.own = Lane(self)
+        self._lanes: dict[str, Lane] = {}
         # dollars
         self.budgeted = config.get("budget_usd") is not None
         self.allowance = 0.0  # held, not reserved
@@ -152,87 +335,47 @@ class Ledger:
         self.budget_usd: float | None = config.get("budget_usd")
         # demand
         self._begun: list[int] = []  # rows to run of each partition begun since the last report
-        self._started_req = 0
-        self._started_tok = 0.0
-        self._last_second: deque[tuple[float, float]] = deque()  # (start, tokens)
-        self._hungry = True  # until it has reported once: a new member has work
         self._last = clock()
         self._thread: threading.Thread | None = None
         self._partitions = 0
         self._idle_since = clock()
-        self._queued = 0
         self._backlog = 0  # rows of the partitions running here that are not done yet
-        # What each report on its way said was sent in its last second (see ``holding``).
-        self._reported: list[tuple[int, float]] = []
 
-    # -- what the pacer reads --------------------------------------------------------------------
+    def lane(self, name: str) -> Lane:
+        """The rates of the requests to provider ``name`` (made on first use)."""
+        with self._lock:
+            found = self._lanes.get(name)
+            if found is None:
+                found = self._lanes[name] = Lane(self)
+            return found
+
+    # -- its own lane, for the pacer of the job's default provider -------------------------------
     def rates(self) -> tuple[float | None, float | None]:
-        """Leased requests/s and tokens/s (None: no limit known anywhere)."""
-        if self.fallback or not self.reached:
-            return self._even_share()  # before the first lease: an even share, not unpaced
-        if not self.leased and (self.learned_rpm or self.learned_tpm):
-            return self._even_share()  # a limit learned here, not yet known to the ledger
-        if self.clock() > self.expires:
-            # Renewals are late (a busy process, a slow link): the coordinator has
-            # given this share to others by now. Wait for the next lease.
-            return (
-                None if self.rate_req is None else 0.0,
-                None if self.rate_tok is None else 0.0,
-            )
-        return self.rate_req, self.rate_tok
+        """Leased requests/s and tokens/s of its own lane (None: no limit known anywhere)."""
+        return self.own.rates()
 
-    def _even_share(self) -> tuple[float | None, float | None]:
-        def share(told: Any, learned: float | None) -> float | None:
-            known = [x for x in (told, learned) if x]
-            if not known:
-                return None
-            return min(known) / 60.0 * (1.0 - MARGIN) / self.fallback_share
-
-        return share(self.config.get("rpm"), self.learned_rpm), share(
-            self.config.get("tpm"), self.learned_tpm
-        )
+    def output_rate(self) -> float | None:
+        return self.own.output_rate()
 
     def started(self, tokens: float) -> None:
-        with self._lock:
-            self._started_req += 1
-            self._started_tok += tokens
-            self._last_second.append((self.clock(), tokens))
+        self.own.started(tokens)
 
-    def _sent_last_second(self, now: float) -> tuple[int, float]:
-        """Requests and tokens started in the last second (what the provider still counts)."""
-        recent = self._last_second
-        while recent and recent[0][0] <= now - WINDOW_S:
-            recent.popleft()
-        return len(recent), sum(t for _, t in recent)
+    def spent_output(self, tokens: float) -> None:
+        self.own.spent_output(tokens)
 
     def holding(self, tokens: float, *, req: bool, tok: bool) -> bool:
-        """Whether a request must wait for the reply to the report on its way.
-
-        The coordinator counts this member, until its next report, at the higher
-        of what it reported sending in its last second and the rate it grants
-        now; the rest it lends to others at once. Until the reply is here, the
-        old rate still applies: so no more than was reported may be in this
-        process's last second (``req``/``tok``: which limits are in force).
-        """
-        if not self._reported:  # every admit asks; a report is on its way a few ms a renewal
-            return False
-        with self._lock:
-            if not self._reported:
-                return False
-            count, used = self._sent_last_second(self.clock())
-            held_req = min(x[0] for x in self._reported)
-            held_tok = min(x[1] for x in self._reported)
-        return (req and count + 1 > held_req) or (tok and used + tokens > held_tok)
+        return self.own.holding(tokens, req=req, tok=tok)
 
     def waiting(self) -> None:
-        """A request had to wait for pacing: this member could use more."""
-        self._hungry = True
+        self.own.waiting()
 
     def queue(self, delta: int) -> None:
-        """Requests waiting for their start (+1 when one begins to wait, -1 when it goes)."""
-        with self._lock:
-            self._queued += delta
+        self.own.queue(delta)
 
+    def learned(self, rpm: float | None, tpm: float | None, otpm: float | None = None) -> None:
+        self.own.learned(rpm, tpm, otpm)
+
+    # -- the work ----------------------------------------------------------------------------------
     def partition_began(self, rows: int) -> None:
         """A partition of the job began here with ``rows`` rows to run (the cache's not counted)."""
         with self._lock:
@@ -243,13 +386,6 @@ class Ledger:
         """``rows`` of the partitions running here are done (or will not run: a stop)."""
         with self._lock:
             self._backlog = max(0, self._backlog - rows)
-
-    def learned(self, rpm: float | None, tpm: float | None) -> None:
-        with self._lock:
-            if rpm and (self.learned_rpm is None or rpm < self.learned_rpm):
-                self.learned_rpm = rpm
-            if tpm and (self.learned_tpm is None or tpm < self.learned_tpm):
-                self.learned_tpm = tpm
 
     # -- dollars ----------------------------------------------------------------------------------
     def reserve(self, worst_usd: float) -> bool | None:
@@ -334,58 +470,56 @@ class Ledger:
             if self.budgeted and self.allowance > want and not need:
                 self.allowance = want  # hand back what it will not need soon
             begun = self._begun
-            sent_1s = self._sent_last_second(now)
-            self._reported.append(sent_1s)
+            own, sent_1s = self.own._report(now, elapsed)
+            lanes = {name: lane._report(now, elapsed) for name, lane in self._lanes.items()}
             report = {
                 "config": self.config,
-                "used_req": self._started_req / elapsed,
-                "used_tok": self._started_tok / elapsed,
+                **own,
                 "interval": elapsed,
-                "sent_1s": sent_1s,
-                "hungry": self._hungry or self._queued > 0,
                 "spent_usd": self.spent_since,
                 "allowance": self.allowance + self.reserved,
                 "need_usd": need,
                 "want_usd": want,
-                "learned_rpm": self.learned_rpm,
-                "learned_tpm": self.learned_tpm,
                 "release": release,
                 "backlog": self._backlog,
                 "begun": begun,
             }
+            if lanes:
+                # Each other provider's rates, leased from a ledger of their own (the same
+                # work and backlog: ``Coordinator.lease``).
+                report["lanes"] = {name: sub for name, (sub, _) in lanes.items()}
             self._begun = []
             spent = self.spent_since
             self.spent_rate = 0.8 * self.spent_rate + 0.2 * (spent / elapsed)
             self.spent_since = 0.0
-            self._started_req = 0
-            self._started_tok = 0.0
-            self._hungry = False
+
+        def answered(reply: dict[str, Any] | None) -> None:
+            self.own._answered(sent_1s, reply)
+            replies = (reply or {}).get("lanes") or {}
+            for name, (_, sent) in lanes.items():
+                self._lanes[name]._answered(sent, None if reply is None else replies.get(name, {}))
+
         try:
             reply = self.link.lease(self.job, self.member, report)
         except (OSError, ConnectionError, TimeoutError, RuntimeError, KeyError, ValueError) as exc:
+            answered(None)
             with self._lock:
-                self._reported.remove(sent_1s)
                 self.spent_since += spent  # not delivered: report it next time
                 self._begun = begun + self._begun
             self._unreachable(exc, now)
             return None
         except BaseException:
-            with self._lock:
-                self._reported.remove(sent_1s)  # else this process would hold its sends for good
+            answered(None)  # else this process would hold its sends for good
             raise
         with self._lock:
-            self._reported.remove(sent_1s)
             self.reached = True
             self.fallback = False
             self.expires = now + LEASE_TTL_S  # the coordinator's, counted from before the call
-            rate_req, rate_tok = reply.get("rate_req"), reply.get("rate_tok")
-            self.rate_req = rate_req
-            self.rate_tok = rate_tok
-            self.leased = self.leased or rate_req is not None or rate_tok is not None
             grant = reply.get("grant_usd") or 0.0
             if self.budgeted and math.isfinite(grant):
                 self.allowance += grant
             self.budget_usd = reply.get("budget_usd", self.budget_usd)
+        answered(reply)
         stop = reply.get("stop")
         if stop and self.on_stop is not None:
             self.on_stop(stop)

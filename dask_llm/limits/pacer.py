@@ -1,11 +1,15 @@
 """How one HTTP request of a job may start: pacing within the job's lease, and concurrency.
 
-One ``Throttle`` per job per process (owned by the ``Job``), shared by every
-partition running in that process, on whatever thread and event loop. It
-governs HTTP requests, not chain calls: a chain that calls the model twice
-counts twice, and retries count as what they are, new requests. It sits in
-the transport (``transport.pipeline``), so it sees every request's body (to estimate
-its tokens) and every response's status and headers.
+One ``Throttle`` per job per process and provider (the job's ``Throttles``,
+owned by the ``Job``), shared by every partition running in that process, on
+whatever thread and event loop. It governs HTTP requests, not chain calls: a
+chain that calls the model twice counts twice, and retries count as what they
+are, new requests. It sits in the transport (``transport.pipeline``), so it
+sees every request's body (to estimate its tokens) and every response's
+status and headers. A job whose chains call OpenAI and Anthropic paces each
+provider's requests to that provider's limits, with concurrency of its own:
+one pace for both held each at a share of the lower limit (the lease of
+each provider is a lane of the job's ledger: ``limits.ledger``).
 
 * **Pacing.** The job's ``rpm``/``tpm`` (told, or learned from the
   provider's headers, as ``Provider.announced`` reads them) are held by the job's ledger
@@ -64,9 +68,18 @@ its tokens) and every response's status and headers.
   cores: 410 in flight for 134 calls/s, against 256 for 175 with the fixed
   cap). The partitions' loops report their lag (``loop_lag``).
 
-Token costs are estimated before sending (body characters / 4, plus
-``max_tokens`` or the mean completion seen so far) and scaled by the ratio
-of reported usage to estimates so far.
+* **Output tokens** (Anthropic's output tokens per minute, ``output_tpm``
+  told or learned): a bucket of their own (``OutputBucket``), from which each
+  request books its ``max_tokens`` and to which its answer gives back what it
+  did not use, as Anthropic counts them.
+
+Token costs are estimated before sending: the prompt at body characters / 4,
+scaled by the ratio of the prompt tokens answers reported to those estimated
+so far; plus, where ``tpm`` counts output too (OpenAI), ``max_tokens`` or the
+mean output seen so far. Anthropic's ``tpm`` is its input-tokens limit: there
+the prompt alone counts, and the output is the output bucket's. (Until
+2026-12-07 no answer's usage reached the estimate: from the first answer on,
+every estimate was a quarter of its raw size.)
 
 aiolimiter was the first choice for pacing, but its limiter belongs to one
 event loop, and a job here spans many loops on many threads.
@@ -85,6 +98,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dask_llm.core.config import UNPACED_MAX_CONCURRENCY
+from dask_llm.core.outcome import Announced
 from dask_llm.limits.coordinator import MARGIN, RENEW_S
 from dask_llm.limits.headers import OPENAI_NAMES, Headroom, retry_after
 
@@ -114,6 +128,13 @@ SPARE = 16
 AUTO_MAX_CONCURRENCY = 10_000
 #: Seconds between two readings of the rate and latency that set concurrency.
 FOLLOW_S = 0.05
+#: Seconds of its rate an output bucket holds (``OutputBucket``): the provider's may hold
+#: one second's (a minute's limit enforced over shorter spans), less what requests booked
+#: may reach it late (``OUTPUT_LATE_S``).
+OUTPUT_BUCKET_S = 1.0
+OUTPUT_LATE_S = 0.1
+#: Output tokens a request is expected to use before any answer said (no ``max_tokens``).
+FIRST_OUTPUT_GUESS = 256.0
 
 
 def auto_max_concurrency() -> int:
@@ -383,6 +404,120 @@ class Pacer:
         )
 
 
+class OutputBucket:
+    """Output tokens per minute, paced apart (Anthropic's output limit); thread-safe.
+
+    Anthropic counts a request's ``max_tokens`` against its output limit from the
+    moment the request arrives, and gives back what the answer did not use once it
+    is done; its limits are buckets refilled continuously, which it may enforce
+    over spans shorter than the minute. So does this bucket: it holds
+    ``OUTPUT_BUCKET_S`` of this process's output rate (the ledger's lease of the
+    job's ``output_tpm``, told or learned, less the margin) and refills at that
+    rate. A request books its expected output before it starts (``take``: its
+    ``max_tokens``, else the mean output so far) and waits until the bucket, less
+    what the requests booked before it took, holds it (or the whole bucket, for a
+    reservation larger than that): starts are booked in turn, into debt, so a
+    large reservation is not starved by small ones, and no booking is polled. Its
+    answer then gives back what it did not use, or takes what it used beyond
+    (``settle``). It takes no later than the provider, refills no faster and
+    gives back no sooner, so the provider's bucket has room for every request
+    it lets go, but for one thing: a request reaches the provider after its
+    booked start, and while both buckets are full the provider's loses the
+    refill of that delay, which ours counted. So ours holds ``OUTPUT_LATE_S``
+    less than a second (a bucket the size of the provider's met a 429 on 7% of
+    a job's requests, each a burst after its ``Retry-After``), and a request
+    books its output last, after the pacer's wait (a 429's hold would otherwise
+    be such a delay). A process's share of the limit moves between the job's
+    processes as its requests' do (``limits.coordinator``).
+
+    An answer that never came keeps its whole reservation (the provider may have
+    spent it); an error answer's is given back (a 429 or an error costs no output).
+    The bucket starts full when the limit is told (the provider's is full at the
+    job's start, as far as the job knows), and empty when it is learned from an
+    answer: the requests sent before, unbooked, may hold most of the provider's
+    (it costs the job at most ``OUTPUT_BUCKET_S`` of output, once).
+    """
+
+    __slots__ = ("_at", "_blind", "_level", "_lock", "clock", "learned", "ledger", "otpm")
+
+    def __init__(
+        self,
+        *,
+        otpm: float | None = None,
+        ledger: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.otpm = otpm
+        self.learned: float | None = None
+        self.ledger = ledger
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._level: float | None = None  # None: nothing booked yet
+        self._at = -math.inf
+        self._blind = False  # requests went out while no limit was known
+
+    def rate(self) -> float | None:
+        """This process's output tokens/s, or None where unlimited."""
+        if self.ledger is not None:
+            rate: float | None = self.ledger.output_rate()
+            return rate
+        known = [x for x in (self.otpm, self.learned) if x]
+        return min(known) / 60.0 * (1.0 - MARGIN) if known else None
+
+    def _refilled(self, now: float, rate: float) -> float:
+        capacity = rate * (OUTPUT_BUCKET_S - OUTPUT_LATE_S)
+        if self._level is None:
+            return 0.0 if self._blind else capacity
+        return min(capacity, self._level + max(0.0, now - self._at) * rate)
+
+    def take(self, tokens: float) -> tuple[float | None, float]:
+        """Book ``tokens`` of output for a request: (seconds to wait, tokens booked).
+
+        (0, 0): no output limit known, nothing booked. (None, 0): no share leased now
+        (nothing booked; ask again after ``RENEW_S``).
+        """
+        with self._lock:
+            rate = self.rate()
+            if rate is None or tokens <= 0:
+                if rate is None and tokens > 0 and self._level is None:
+                    self._blind = True
+                return 0.0, 0.0
+            if rate <= 0:
+                wait: float | None = None
+            else:
+                now = self.clock()
+                level = self._refilled(now, rate)
+                capacity = rate * (OUTPUT_BUCKET_S - OUTPUT_LATE_S)
+                wait = max(0.0, (min(tokens, capacity) - level) / rate)
+                self._level, self._at = level - tokens, now
+        if self.ledger is not None:
+            if wait != 0.0:
+                self.ledger.waiting()
+            if wait is not None:
+                self.ledger.spent_output(tokens)
+        return wait, 0.0 if wait is None else tokens
+
+    def settle(self, booked: float, used: float | None) -> None:
+        """A request that booked ``booked`` tokens used ``used`` (None: not known, kept)."""
+        if not booked or used is None or used == booked:
+            return
+        with self._lock:
+            if self._level is not None:
+                self._level += booked - used  # capped at the next refill
+        if self.ledger is not None:
+            self.ledger.spent_output(used - booked)
+
+    def learn(self, otpm: float | None) -> None:
+        """The output tokens per minute an answer's headers announce."""
+        if not otpm:
+            return
+        if otpm != self.learned:
+            log.info("dask-llm: the provider announces output tpm=%s", otpm)
+            self.learned = otpm
+        if self.ledger is not None:
+            self.ledger.learned(None, None, otpm)
+
+
 class Concurrency:
     """A limit on requests in flight, shared across threads and event loops.
 
@@ -499,7 +634,7 @@ def _resolve(fut: asyncio.Future[None], owner: Concurrency) -> None:
 
 
 class Throttle:
-    """Everything that decides when one HTTP request of a job may start."""
+    """Everything that decides when one HTTP request of a job to one provider may start."""
 
     def __init__(
         self,
@@ -508,12 +643,15 @@ class Throttle:
         initial_concurrency: int = 16,
         rpm: float | None = None,
         tpm: float | None = None,
+        output_tpm: float | None = None,
+        output_apart: bool = False,
         ledger: Any = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``max_concurrency``: the hard cap on requests in flight; None for "auto" (see the
         module docstring): ``auto_max_concurrency()``, and ``UNPACED_MAX_CONCURRENCY``
-        while no rate is known."""
+        while no rate is known. ``output_apart``: its provider limits output tokens apart
+        (``tpm`` counts the prompt alone; ``output_tpm`` the output, in ``output``)."""
         self.auto = max_concurrency is None
         if max_concurrency is None:
             cap, ceiling = auto_max_concurrency(), UNPACED_MAX_CONCURRENCY
@@ -523,23 +661,27 @@ class Throttle:
             initial=initial_concurrency, cap=cap, ceiling=ceiling, clock=clock
         )
         self.pacer = Pacer(rpm=rpm, tpm=tpm, ledger=ledger, clock=clock)
+        #: Output tokens, where its provider limits them apart (else None).
+        self.output = (
+            OutputBucket(otpm=output_tpm, ledger=ledger, clock=clock) if output_apart else None
+        )
         #: The freshest rate-limit headers of this job's answers here, one reading per
         #: provider (by its header names): how a 429 is read.
         self._headrooms: dict[tuple[tuple[str, str], ...], Headroom] = {}
         self.clock = clock
         self._lock = threading.Lock()
-        self._estimated = 0.0
-        self._actual = 0.0
+        self._estimated = 0.0  # prompt tokens estimated (characters / 4) of answered requests
+        self._actual = 0.0  # prompt tokens they reported
         self._completions = 0.0
         self._calls = 0
         self.rate_limited = 0
         self.latency = 1.0  # seconds on the wire, moving average of successes
         self.lag = 0.0  # seconds the event loops come round late, moving average
-        self.rows = 0  # rows under way in this process, all partitions of the job
         self._first: float | None = None  # the first paced start
         self._answered = False  # an answer has come back (``latency`` is measured)
         self._followed = -math.inf  # the last ``_follow``
         self._tokens = 0.0  # the last request's estimated tokens (a tpm-only rate)
+        self._output = 0.0  # the last request's output booked (an output-bound rate)
         self._row_target: int | None = None  # paced: rows to keep under way; None: unpaced
         self._capped = False  # "auto" met its cap once (logged)
 
@@ -553,36 +695,62 @@ class Throttle:
                 found = self._headrooms[key] = Headroom(clock=self.clock, names=key)
             return found
 
-    def rows_started(self, delta: int) -> None:
-        with self._lock:
-            self.rows += delta
-
     def estimate_tokens(self, prompt_chars: int, max_tokens: int | None) -> float:
-        """Token cost of a request before it is sent, scaled by what usage has shown."""
+        """The tokens a request counts against ``tpm``, before it is sent.
+
+        Its prompt: ``prompt_chars / 4``, scaled by the ratio of the prompt tokens
+        answers reported to those estimated so far (within 1/4 and 4); plus, unless
+        its provider limits output apart (then ``output`` paces it), its expected
+        output (``expected_output``), as OpenAI counts it.
+        """
         with self._lock:
-            expected_out = max_tokens or (self._completions / self._calls if self._calls else 256.0)
-            raw = prompt_chars / 4.0 + expected_out
             ratio = self._actual / self._estimated if self._estimated > 0 else 1.0
-        return raw * min(4.0, max(0.25, ratio))
+            prompt = prompt_chars / 4.0 * min(4.0, max(0.25, ratio))
+        if self.output is not None:
+            return prompt
+        return prompt + self.expected_output(max_tokens)
 
-    def record_estimate(self, estimated: float) -> None:
-        """A request estimated at ``estimated`` tokens succeeded (its usage will follow)."""
+    def expected_output(self, max_tokens: int | None) -> float:
+        """The output tokens a request may use: its ``max_tokens`` (what providers count
+        until its answer), else the mean output of the answers so far."""
+        if max_tokens:
+            return float(max_tokens)
         with self._lock:
-            self._estimated += estimated
+            return self._completions / self._calls if self._calls else FIRST_OUTPUT_GUESS
 
-    def record_usage(self, prompt_tokens: int, completion_tokens: int, requests: int = 1) -> None:
-        """Usage the provider reported for ``requests`` successful requests."""
+    def record_usage(
+        self, prompt_chars: int, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
+        """A request of ``prompt_chars`` characters was answered with this usage (None: not
+        reported): what corrects the estimates of the next ones."""
         with self._lock:
-            self._actual += prompt_tokens + completion_tokens
-            self._completions += completion_tokens
-            self._calls += requests
+            if prompt_tokens is not None and prompt_chars > 0:
+                self._estimated += prompt_chars / 4.0
+                self._actual += prompt_tokens
+            if completion_tokens is not None:
+                self._completions += completion_tokens
+                self._calls += 1
 
-    async def acquire(self, tokens: float, *, admit: bool = True) -> float:
-        """Wait for a slot and a paced start; return the start time (for ``observe``).
+    def settle_output(self, booked: float, status: int | None, used: int | None) -> None:
+        """A request that booked ``booked`` output tokens ended with ``status`` (None: no
+        answer), its answer saying it used ``used``: give back what it did not use."""
+        if self.output is None or not booked:
+            return
+        if status is None:
+            return  # it may have been spent: kept
+        self.output.settle(booked, used if status < 400 else 0)
 
-        ``admit=False``: a slot only; the caller paces the request itself with
-        ``admit``, at the moment it is written (see ``transport.pipeline``: anything
-        that suspends between pacing and the write bunches requests on the wire).
+    async def acquire(
+        self, tokens: float, *, admit: bool = True, output: float = 0.0
+    ) -> tuple[float, float]:
+        """Wait for a slot and, unless ``admit=False``, a paced start; return the start
+        time (for ``observe``) and the output tokens booked (for ``settle_output``).
+
+        ``output``: the output tokens the request may use (``expected_output``), booked
+        from ``output`` where its provider limits them apart. ``admit=False``: a slot
+        only; the caller paces the request itself with ``admit``, at the moment it is
+        written (see ``transport.pipeline``: anything that suspends between pacing and
+        the write bunches requests on the wire).
         """
         ledger = self.pacer.ledger
         if ledger is not None:
@@ -595,6 +763,7 @@ class Throttle:
                 # A known rate governs from the first request, not from the first answer
                 # (which is a round trip away: a second of 16 in flight at the start).
                 self._tokens = tokens
+                self._output = output
                 self._follow(now)
             await self.concurrency.acquire()
         finally:
@@ -602,19 +771,22 @@ class Throttle:
                 ledger.queue(-1)
         if admit:
             try:
-                return await self.admit(tokens)
+                return await self.admit(tokens, output=output)
             except BaseException:
                 self.concurrency.release()
                 raise
-        return self.clock()
+        return self.clock(), 0.0
 
-    async def admit(self, tokens: float, *, unwritten: bool = False) -> float:
-        """Wait for a request's paced start, then for the strict window; return the start.
+    async def admit(
+        self, tokens: float, *, unwritten: bool = False, output: float = 0.0
+    ) -> tuple[float, float]:
+        """Wait for a request's paced start, its output tokens, then the strict window;
+        return the start and the output tokens booked.
 
         ``unwritten``: the caller calls ``written`` once the request is on the wire
         (``Pacer.admit``).
 
-        Both at the moment the request goes on the wire (when the transport lets
+        All at the moment the request goes on the wire (when the transport lets
         the caller call this there): a start booked earlier, then written late by
         a busy loop (the SDK and the connection in between: p90 0.5 s, p99 2 s
         on a LocalCluster at 500 requests/s, 2026-12-07), reached the wire
@@ -625,17 +797,34 @@ class Throttle:
         ledger = self.pacer.ledger
         if ledger is not None:
             ledger.queue(+1)  # waiting for its start is demand
+        booked = 0.0
         try:
             while (delay := self.pacer.reserve(tokens)) is None:  # noqa: ASYNC110 (a lease)
                 await asyncio.sleep(RENEW_S)
             if delay > 0:
                 await asyncio.sleep(delay)
+            if self.output is not None:
+                # Its output last but the window, as close to the wire as a booking can
+                # be: a request booked, then held (a quota 429's Retry-After), would reach
+                # a provider whose bucket had refilled to the brim while ours counted it
+                # taken.
+                while True:
+                    wait, booked = self.output.take(output)
+                    if wait is not None:
+                        break
+                    await asyncio.sleep(RENEW_S)  # no share of the output limit now
+                if wait > 0:
+                    await asyncio.sleep(wait)
             while (late := self.pacer.admit(tokens, unwritten=unwritten)) > 0:  # noqa: ASYNC110
                 await asyncio.sleep(late)
+        except BaseException:
+            if self.output is not None:
+                self.output.settle(booked, 0.0)  # never sent: nothing spent
+            raise
         finally:
             if ledger is not None:
                 ledger.queue(-1)
-        return self.clock()
+        return self.clock(), booked
 
     def written(self, tokens: float) -> None:
         """A request admitted ``unwritten`` is on the wire now (or its write failed)."""
@@ -648,14 +837,14 @@ class Throttle:
         headers: Mapping[str, str] | None,
         *,
         quota: bool = True,
-        announced: tuple[float | None, float | None] = (None, None),
+        announced: Sequence[float | None] = (),
         remaining: Sequence[tuple[str, str]] = OPENAI_NAMES,
     ) -> None:
         """A request that started at ``started`` ended with ``status`` (None: no response).
 
         ``quota``: for a 429, whether it said the quota is spent (``Provider.is_quota_429``,
         read with the provider's ``headroom(...).room()`` before this call).
-        ``announced``: the (rpm, tpm) its headers announce (``Provider.announced``).
+        ``announced``: the (rpm, tpm, output tpm) its headers announce (``Provider.announced``).
         ``remaining``: its provider's (remaining, limit) header pairs: the reading of
         ``headroom(remaining)`` that its headers refresh.
         A 429 that is not the quota's and a 529 (overloaded) give their start back:
@@ -668,7 +857,10 @@ class Throttle:
             elif status is not None and status < 400:
                 self.latency = 0.8 * self.latency + 0.2 * max(0.0, now - started)
                 self._answered = True
-        self.pacer.learn(*announced)
+        limits = Announced(*announced)
+        self.pacer.learn(limits.rpm, limits.tpm)
+        if self.output is not None:
+            self.output.learn(limits.otpm)
         self.headroom(remaining).saw(headers)
         if now - self._followed >= FOLLOW_S:
             self._follow(now)  # a rate learned from these headers governs at once
@@ -718,6 +910,13 @@ class Throttle:
             req = by_tokens if req is None else min(req, by_tokens)
         elif req is None and tok is not None:
             req = tok / 1_000.0  # no request estimated yet: a guess, corrected next time
+        out = self.output.rate() if self.output is not None else None
+        if out is not None:
+            # Output tokens a second, in requests of the output answers used so far (what
+            # they booked beyond it comes back with them), else of what the last one booked.
+            used = self._completions / self._calls if self._calls else self._output
+            by_output = out / max(used, 1.0)
+            req = by_output if req is None else min(req, by_output)
         if req is None:
             self._row_target = None  # unpaced: AIMD governs
             return
@@ -743,3 +942,89 @@ class Throttle:
                 )
             concurrency.follow(target)
         self._row_target = min(self.concurrency.cap, int(2 * max(req, 1.0) * latency) + 8)
+
+
+class Throttles:
+    """A job's throttles in this process, one per provider, and its rows under way.
+
+    A job whose chains call two providers paces each provider's requests to that
+    provider's own limits, with concurrency of its own (a provider's requests
+    waiting for their turn hold no slot of the other's): each has a ``Throttle``
+    (``of``), leasing its rates from its own lane of the job's ledger (the
+    ledger's own for the job's ``default`` provider, ``Ledger.lane`` for each
+    other). Limits told (``rpm``, ``tpm``, ``output_tpm``) hold for each
+    provider apart. The job's partitions admit rows by what every provider's
+    pipe needs (``row_target``): a row under way waits on whichever is slower.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_concurrency: int | None,
+        initial_concurrency: int = 16,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        output_tpm: float | None = None,
+        ledger: Any = None,
+        default: str = "openai",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings: dict[str, Any] = {
+            "max_concurrency": max_concurrency,
+            "initial_concurrency": initial_concurrency,
+            "rpm": rpm,
+            "tpm": tpm,
+            "output_tpm": output_tpm,
+            "clock": clock,
+        }
+        self.ledger = ledger
+        self.default = default
+        self._lock = threading.Lock()
+        self._by_provider: dict[str, Throttle] = {}
+        self.rows = 0  # rows under way in this process, all partitions of the job
+        #: The hard cap on requests in flight, per provider (``Concurrency.cap``).
+        self.cap = max(1, auto_max_concurrency() if max_concurrency is None else max_concurrency)
+        self._initial = initial_concurrency
+
+    def of(self, provider: str, *, output_apart: bool = False) -> Throttle:
+        """The throttle of the requests to ``provider`` (made on first use).
+
+        ``output_apart``: the provider limits output tokens apart (``Provider.output_limit``).
+        """
+        found = self._by_provider.get(provider)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._by_provider.get(provider)
+            if found is None:
+                ledger = self.ledger
+                if ledger is not None and provider != self.default:
+                    ledger = ledger.lane(provider)
+                found = self._by_provider[provider] = Throttle(
+                    **self._settings, output_apart=output_apart, ledger=ledger
+                )
+            return found
+
+    def throttles(self) -> list[Throttle]:
+        with self._lock:
+            return list(self._by_provider.values())
+
+    def names(self) -> list[str]:
+        """The providers whose requests this process has paced so far."""
+        with self._lock:
+            return list(self._by_provider)
+
+    def rows_started(self, delta: int) -> None:
+        with self._lock:
+            self.rows += delta
+
+    def row_target(self) -> int:
+        """How many rows this process should have under way: what the provider that needs
+        the most has on its wire (``Throttle.row_target``), before any request as unpaced."""
+        targets = [t.row_target() for t in self.throttles()]
+        return max(targets) if targets else max(4, 2 * self._initial)
+
+    def loop_lag(self, seconds: float) -> None:
+        """A partition's loop ran a callback ``seconds`` after it was due."""
+        for throttle in self.throttles():
+            throttle.loop_lag(seconds)

@@ -63,6 +63,7 @@ COUNTERS = (
     "batches_validating",
     "batches_in_progress",
     "batches_finalizing",
+    "batches_late",
 )
 
 
@@ -77,6 +78,12 @@ class RunSummary:
     a model has no price. Answers from the cache cost nothing and count in
     ``cache_hits``; ``cache_errors`` counts failed cache reads and writes (the
     answers were kept, only not cached).
+
+    With ``deadline=``: ``deadline_at`` (seconds since the epoch) and
+    ``deadline_spare_s``, the seconds left when the run ended (negative: missed by
+    that much); ``batches_late``, batches cancelled before their cut-off because
+    their progress showed they could not finish in time; ``cost_by_tier``, what
+    each tier cost.
     """
 
     rows: int = 0
@@ -101,12 +108,16 @@ class RunSummary:
     batches_validating: int = 0
     batches_in_progress: int = 0
     batches_finalizing: int = 0
+    #: deadline=: batches cancelled early, their progress too slow to finish in time.
+    batches_late: int = 0
     #: Ids of the batches submitted and not yet read, as the client last heard: after an
     #: interrupt, those still running at the provider (``dask_llm.cancel_batches``).
     batches_in_flight: tuple[str, ...] = ()
     cost_usd: float | None = 0.0
     budget_usd: float | None = None
     wall_s: float = 0.0
+    deadline_at: float | None = None
+    deadline_spare_s: float | None = None
     status: str = "completed"
     cache: str | None = field(default=None, repr=False)
     #: What every request did over time (``observe.record``): ``report()`` draws it.
@@ -120,6 +131,18 @@ class RunSummary:
     def list_price_calls(self) -> int:
         """Paid answers that came online at list price (neither Flex nor the Batch API)."""
         return self.calls - self.flex_calls - self.batch_calls
+
+    @property
+    def cost_by_tier(self) -> dict[str, float]:
+        """US dollars paid by tier: ``"batch"``, ``"flex"`` and ``"list"`` (list price),
+        from the run record (empty without one)."""
+        if self.record is None:
+            return {}
+        chains = self.record.chains.values()
+        batch = sum(c.batch_cost_usd for c in chains)
+        flex = sum(c.flex_cost_usd for c in chains)
+        total = sum(c.cost_usd for c in chains)
+        return {"batch": batch, "flex": flex, "list": max(0.0, total - batch - flex)}
 
     def __str__(self) -> str:
         cost = "unknown" if self.cost_usd is None else f"${self.cost_usd:,.4f}"
@@ -136,22 +159,44 @@ class RunSummary:
                 f", {self.cached_tokens:,} input tokens from the prompt cache (saved "
                 f"${self.caching_saved_usd:,.4f})"
             )
-        if self.flex_calls or self.flex_unavailable:
-            text += (
-                f", by tier: {self.flex_calls:,} Flex, {self.batch_calls:,} batch, "
-                f"{self.list_price_calls:,} list price; {self.flex_unavailable:,} Flex "
-                "unavailable"
-            )
+        if self.flex_calls or self.flex_unavailable or self.deadline_at is not None:
+            text += f", by tier: {self._tiers()}; {self.flex_unavailable:,} Flex unavailable"
         if self.cache_errors:
             text += f", {self.cache_errors:,} cache errors"
         if self.batches:
             text += (
                 f", {self.batches:,} batches ({self.batches_done:,} done, "
-                f"{self.batch_lines:,} lines answered)"
+                f"{self.batch_lines:,} lines answered"
+                + (
+                    f", {self.batches_late:,} cancelled early: too slow"
+                    if self.batches_late
+                    else ""
+                )
+                + ")"
+            )
+        if self.deadline_spare_s is not None:
+            spare = self.deadline_spare_s
+            text += (
+                f", deadline met ({spare:,.1f} s to spare)"
+                if spare >= 0
+                else f", deadline missed by {-spare:,.1f} s"
             )
         if self.status != "completed":
             text += f" [{self.status}]"
         return text
+
+    def _tiers(self) -> str:
+        """Answers by tier, each with what it cost when the run record says."""
+        cost = self.cost_by_tier
+        parts = []
+        for name, tier, calls in (
+            ("Flex", "flex", self.flex_calls),
+            ("batch", "batch", self.batch_calls),
+            ("list price", "list", self.list_price_calls),
+        ):
+            paid = f" (${cost[tier]:,.4f})" if cost else ""
+            parts.append(f"{calls:,} {name}{paid}")
+        return ", ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
         # Plain data only (the record has its own ``as_dict``).
@@ -162,6 +207,7 @@ class RunSummary:
             **data,
             "calls_per_s": self.calls_per_s,
             "list_price_calls": self.list_price_calls,
+            "cost_by_tier": self.cost_by_tier,
         }
 
     def report(self, path: str | os.PathLike[str], *, estimate: Any = None) -> str:
@@ -248,13 +294,17 @@ class RunProgress:
         show: bool,
         cache: str | None = None,
         budget_usd: float | None = None,
+        deadline_at: float | None = None,
     ) -> None:
         self.job = job
         self.partitions = max(1, partitions)
         self.total_rows = total_rows
         self.show = show
         self.summary = RunSummary(
-            cache=cache, budget_usd=budget_usd, record=RunRecord(budget_usd=budget_usd)
+            cache=cache,
+            budget_usd=budget_usd,
+            deadline_at=deadline_at,
+            record=RunRecord(budget_usd=budget_usd),
         )
         self.started = time.monotonic()
         self._lock = threading.Lock()
@@ -325,6 +375,7 @@ class RunProgress:
         s.batches_validating += int(counts.get("batches_validating", 0))
         s.batches_in_progress += int(counts.get("batches_in_progress", 0))
         s.batches_finalizing += int(counts.get("batches_finalizing", 0))
+        s.batches_late += int(counts.get("batches_late", 0))
         cost = counts.get("cost", 0.0)
         if cost is None:
             self._cost_known = False
@@ -352,6 +403,8 @@ class RunProgress:
         stop = s.record.stop if s.record is not None else None
         s.status = f"stopped: {stop[1]}" if stop is not None and status == "completed" else status
         s.wall_s = time.monotonic() - self.started
+        if s.deadline_at is not None:
+            s.deadline_spare_s = s.deadline_at - time.time()
         runs = part(Runs)
         with runs.lock:
             runs.done.pop(self.job, None)
@@ -430,6 +483,7 @@ def receive(event: dict[str, Any]) -> None:
                 show=bool(event.get("show")),
                 cache=event.get("cache"),
                 budget_usd=event.get("budget_usd"),
+                deadline_at=event.get("deadline_at"),
             )
     if run.apply(event):
         with runs.lock:

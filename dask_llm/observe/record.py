@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import contextvars
 import json
 import math
@@ -96,7 +95,6 @@ _STARTED, _FINISHED, _IN_FLIGHT, _LIMITED, _OTHER_429, _RETRIES, _ERRORS, _IN, _
 )
 _WIDTH = len(FIELDS)
 
-_LIMIT_REQUESTS = "x-ratelimit-limit-requests"
 
 #: (recorder, chain) of the chain call running in this context: the transport and the
 #: retry loop find them here.
@@ -391,12 +389,11 @@ class Recorder:
             kind = "429 unavailable"
         else:
             kind = error_kind(status, outcome.quota, sys.exc_info()[1])
-        headers = outcome.headers
-        limit = headers.get(_LIMIT_REQUESTS) if headers is not None else None
+        # The provider's requests limit as its headers said it (read once, in the outcome).
+        limit = outcome.announced.rpm
         with self._lock:
             if limit is not None:
-                with contextlib.suppress(ValueError):
-                    self._limit_rpm = float(limit)
+                self._limit_rpm = limit
             row = self._bucket(now)
             row[_FINISHED] += 1
             _spread(self, started, now)

@@ -108,10 +108,9 @@ class Estimate:
             wall = "within the batch window per round (one per dependent chain level)"
             if self.partitions > 1:
                 wall += (
-                    f" if all {self.partitions:,} partitions wait at once: on dask.distributed "
-                    "they do (a partition waiting for its batch leaves its thread); on a local "
-                    "scheduler, only as many as its threads, the rest one after another "
-                    f"(compute(num_workers={self.partitions}) lets them all wait at once)"
+                    f", all {self.partitions:,} partitions waiting at once (on dask's process "
+                    "pool only as many as its processes, the rest one after another: there, "
+                    f"compute(num_workers={self.partitions}) lets them all wait at once)"
                 )
         elif self.wall_s is None:
             wall = "unknown (give rpm= or tpm=)"

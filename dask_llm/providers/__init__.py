@@ -2,6 +2,6 @@
 ``providers.base`` and docs/providers.md."""
 
 from dask_llm.providers.base import Provider
-from dask_llm.providers.registry import OPENAI, PROVIDERS, is_routable, provider_of
+from dask_llm.providers.registry import OPENAI, is_routable, provider_of, providers
 
-__all__ = ["OPENAI", "PROVIDERS", "Provider", "is_routable", "provider_of"]
+__all__ = ["OPENAI", "Provider", "is_routable", "provider_of", "providers"]

@@ -15,14 +15,15 @@
   and each part is priced apart (cache reads at 0.1x the input price, 5-minute
   cache writes at 1.25x: ``core.usage.PRICES``). ``stop_reason`` says
   ``max_tokens`` (truncated) or ``refusal``.
-* **Limits.** ``anthropic-ratelimit-requests-limit`` announces the rpm and
+* **Limits.** ``anthropic-ratelimit-requests-limit`` announces the rpm,
   ``anthropic-ratelimit-input-tokens-limit`` (else ``-tokens-limit``) the tpm
-  the throttle paces to: the throttle's token estimate of a request counts
-  its prompt and its ``max_tokens``, so pacing to the input limit is on the
-  safe side; the output limit is not paced apart (its 429s slow the job as
-  any quota 429). Anthropic answers 429 ``rate_limit_error`` only for its
-  limits (with ``retry-after``): every such 429 is the quota's. Overload is
-  529 ``overloaded_error``, retried and never fatal.
+  and ``anthropic-ratelimit-output-tokens-limit`` the output tpm, each paced
+  apart (``output_limit``): the throttle's token estimate of a request counts
+  its prompt alone against the input limit, and the request reserves its
+  ``max_tokens`` from the output bucket until its answer says what it used
+  (``limits.pacer.OutputBucket``). Anthropic answers 429 ``rate_limit_error``
+  only for its limits (with ``retry-after``): every such 429 is the quota's.
+  Overload is 529 ``overloaded_error``, retried and never fatal.
 * **Fatal.** 401, 403, 404, and the 400 "credit balance is too low".
 * **Message Batches API** (``/v1/messages/batches``), half price: requests go
   in the create call itself (no file), results come as JSONL once the batch
@@ -81,6 +82,7 @@ class AnthropicProvider(Provider):
     api_errors = (anthropic.APIError,)
     batch = True
     batch_prefix = "msgbatch_"
+    output_limit = True
 
     def owns(self, model: Any) -> bool:
         return isinstance(model, ChatAnthropic)
@@ -152,6 +154,7 @@ class AnthropicProvider(Provider):
         return Announced(
             positive_number(headers.get(f"{_HEADER}requests-limit")),
             tpm or positive_number(headers.get(f"{_HEADER}tokens-limit")),
+            positive_number(headers.get(f"{_HEADER}output-tokens-limit")),
         )
 
     remaining = tuple(
@@ -253,8 +256,9 @@ class AnthropicBatches(BatchClient):
 
 
 def _state(batch: Any) -> BatchState:
+    counts = batch.request_counts
     status = _STATUS.get(batch.processing_status)
     if status is None:  # ended: how, its counts say
-        counts = batch.request_counts
         status = "cancelled" if counts.canceled else "expired" if counts.expired else "completed"
-    return BatchState(str(batch.id), status, "", batch)
+    done = counts.succeeded + counts.errored + counts.canceled + counts.expired
+    return BatchState(str(batch.id), status, "", batch, done=done, total=done + counts.processing)

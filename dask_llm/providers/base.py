@@ -49,12 +49,16 @@ class BatchState:
     ``in_progress``, ``finalizing``, ``cancelling``, then ``completed``,
     ``failed`` (rejected at validation: ``failed_because`` says why),
     ``expired`` or ``cancelled``. ``raw`` is the SDK's object, for ``results``.
+    ``done`` of ``total`` lines have finished (answered or failed) so far, as the
+    provider counts them (``total`` 0: not known yet, as while validating).
     """
 
     id: str
     status: str
     failed_because: str = ""
     raw: Any = None
+    done: int = 0
+    total: int = 0
 
 
 class BatchClient(ABC):
@@ -124,6 +128,10 @@ class Provider(ABC):
     batch: ClassVar[bool] = False
     #: How the ids of its batches begin (``cancel_batches`` sends each id to its provider).
     batch_prefix: ClassVar[str] = ""
+    #: Whether it limits output tokens apart (Anthropic's output tokens per minute): its
+    #: ``tpm`` then counts the prompt alone, and its requests reserve their expected output
+    #: from an output bucket of their own (``limits.pacer.OutputBucket``).
+    output_limit: ClassVar[bool] = False
 
     @abstractmethod
     def owns(self, model: Any) -> bool:
@@ -223,4 +231,3 @@ def error_of(data: bytes) -> tuple[str | None, str]:
         return None, ""
     code = error.get("code") or error.get("type")
     return (str(code) if code else None), str(error.get("message") or "")
-

@@ -266,11 +266,15 @@ class OpenAIBatches(BatchClient):
 
 
 def _state(batch: Any) -> BatchState:
+    counts = getattr(batch, "request_counts", None)
+    done = (counts.completed + counts.failed) if counts is not None else 0
     return BatchState(
         str(batch.id),
         str(batch.status),
         _validation_errors(batch) if batch.status == "failed" else "",
         batch,
+        done=done,
+        total=counts.total if counts is not None else 0,
     )
 
 

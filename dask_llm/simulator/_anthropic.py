@@ -12,8 +12,11 @@ tokens per minute, each a token bucket refilled continuously and holding
 minute's limit over shorter spans"); every answer carries the
 ``anthropic-ratelimit-*`` headers (limit, remaining, reset as an RFC 3339
 time) and a 429 carries ``retry-after``. A request's input tokens are charged
-on arrival, its ``max_tokens`` against the output bucket. ``overloaded``
-answers that share of requests with 529 ``overloaded_error`` (no quota used).
+on arrival; its ``max_tokens`` is taken from the output bucket on arrival and
+what its answer did not use is put back when the answer is sent (Anthropic
+estimates output by ``max_tokens`` at the start and adjusts at the end).
+``overloaded`` answers that share of requests with 529 ``overloaded_error``
+(no quota used).
 
 Prompt caching, explicit as Anthropic's: a request with a ``cache_control``
 block caches its prefix up to the last such block (tools, system, then
@@ -38,7 +41,7 @@ from aiohttp import web
 
 from dask_llm.simulator import _answers as answers
 from dask_llm.simulator._http import JSON
-from dask_llm.simulator._limits import Limiter, TokenBucket
+from dask_llm.simulator._limits import TokenBucket
 
 if TYPE_CHECKING:
     from dask_llm.simulator._app import SimulatorApp
@@ -135,7 +138,7 @@ class MessagesAPI:
     def make_limiters(self) -> None:
         cfg = self.app.config
         window = cfg.limit_window
-        self._limiters: tuple[tuple[str, Limiter], ...] = tuple(
+        self._limiters: tuple[tuple[str, TokenBucket], ...] = tuple(
             (kind, TokenBucket(per_minute, window))
             for kind, per_minute in (
                 ("requests", cfg.rpm),
@@ -329,6 +332,9 @@ class MessagesAPI:
         delay = cfg.latency + cfg.per_token_latency * output_tokens
         if delay > 0:
             await asyncio.sleep(delay)
+        for kind, limiter in self._limiters:
+            if kind == "output-tokens":  # what the answer did not use of max_tokens
+                limiter.give(time.monotonic(), max_tokens - output_tokens)
         uncached = input_tokens - created - read
         body["usage"] = usage(uncached, output_tokens, created=created, read=read)
         stats.answered(

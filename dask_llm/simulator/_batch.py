@@ -440,6 +440,8 @@ class BatchAPI:
         denied = self.app.unauthorized(request)
         if denied is not None:
             return denied
+        if self.config.batch_create_delay:
+            await asyncio.sleep(self.config.batch_create_delay)
         try:
             body = json.loads(await request.read())
         except ValueError:

@@ -138,6 +138,9 @@ class SimulatorConfig:
     prompt_cache_ttl: float = _option(
         300.0, "Seconds a prompt prefix stays cached after its last use (0: no prompt caching)."
     )
+    batch_create_delay: float = _option(
+        0.0, "Seconds the Batch API takes to answer a create call (the batch exists after)."
+    )
     batch_validation_delay: float = _option(0.1, "Seconds a batch stays validating.")
     batch_delay: float = _option(
         1.0, "Seconds a batch is in progress (its lines complete evenly over it)."
@@ -169,6 +172,7 @@ class SimulatorConfig:
             "per_token_latency",
             "hang_seconds",
             "spurious_retry_after",
+            "batch_create_delay",
             "batch_validation_delay",
             "batch_delay",
             "batch_finalize_delay",

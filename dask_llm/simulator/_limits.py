@@ -244,6 +244,11 @@ class TokenBucket:
             return 0.0
         return max(0.001, (amount - self._level) / self.rate)
 
+    def give(self, now: float, amount: float) -> None:
+        """Put back ``amount`` taken earlier and not used (never above the capacity)."""
+        self._refill(now)
+        self._level = min(self.budget, self._level + amount)
+
     def remaining(self, now: float) -> int:
         self._refill(now)
         return max(0, int(self.per_minute * self._level / self.budget + _EPS))

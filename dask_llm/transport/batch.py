@@ -74,9 +74,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from dask_llm.core.config import BatchPolicy
+from dask_llm.core.deadline import batch_late, projected_end
 from dask_llm.core.errors import JobStopped
 from dask_llm.providers.base import BatchClient, BatchState, Provider
-from dask_llm.providers.registry import API_ERRORS, OPENAI, PROVIDERS, STATUS_ERRORS
+from dask_llm.providers.registry import OPENAI, api_errors, providers, status_errors
 from dask_llm.transport.wire import Answer, fatal_reason
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,19 @@ class GoOnline:
 
 
 GO_ONLINE: Final = GoOnline()
+
+
+class _Progress:
+    """What a batch has shown of its pace (``deadline=``): lines ``done0`` at ``since``
+    (the last poll that saw it validating, or the first that saw it at all), in wave
+    ``wave`` (the partition's submissions so far: its round of the chains)."""
+
+    __slots__ = ("done0", "since", "wave")
+
+    def __init__(self, since: float, done0: int, wave: int) -> None:
+        self.since = since
+        self.done0 = done0
+        self.wave = wave
 
 
 class _Line:
@@ -154,6 +168,9 @@ class Batcher:
             deque()
         )
         self._retry_handle: asyncio.Handle | None = None
+        # deadline=: each batch's pace (batch id -> its progress), and the submissions so far.
+        self._progress: dict[str, _Progress] = {}
+        self._wave = 0
 
     # -- rows: what may still send a request -------------------------------------------------
     def row_admitted(self, row: int) -> None:
@@ -194,6 +211,7 @@ class Batcher:
         self._check_handle = None
         if self._unsent and self._blocked_rows >= len(self._rows):
             lines, self._unsent = self._unsent, []
+            self._wave += 1
             self._spawn(self._submit(lines))
 
     def _spawn(self, coro: Any) -> None:
@@ -317,7 +335,7 @@ class Batcher:
             return None if batch_id in self._read_batches else batch_id
         try:
             found_id = await self._client(line.group).find(file_id)
-        except API_ERRORS as exc:
+        except api_errors() as exc:
             log.warning("dask-llm: could not list batches to re-attach (%s)", exc)
             return None
         if found_id is not None:
@@ -372,10 +390,20 @@ class Batcher:
         if self._first_submit is None:
             self._first_submit = time.monotonic()
         self.stats.batches += 1
+        self._progress[batch.id] = _Progress(time.monotonic(), 0, max(1, self._wave))
         self._status(batch.id, batch.status)
         log.info("dask-llm: submitted batch %s (%d lines)", batch.id, len(by_key))
         self._watching[batch.id] = by_key
         self._groups[batch.id] = group
+        if self._stopping:
+            # The job stopped (budget, quality) while this batch's create call was under
+            # way: ``cancel_in_flight`` did not know it yet. Cancelled now; its watcher
+            # reads what it finished, as for the others.
+            try:
+                await self._client(group).cancel(batch.id)
+                log.info("dask-llm: the job stopped, cancelled batch %s", batch.id)
+            except api_errors() as exc:
+                log.warning("dask-llm: could not cancel batch %s (%s)", batch.id, exc)
         self._spawn(self._watch(batch.id, group))
 
     # -- watching -------------------------------------------------------------------------------
@@ -390,11 +418,15 @@ class Batcher:
                     self._status(batch_id, batch.status)
                 if batch.status in _TERMINAL:
                     break
-                if not cancelled and self._past(self._cancel_at()):
+                late = not cancelled and self._late(batch)
+                if not cancelled and (late or self._past(self._cancel_at())):
                     self._online = True
-                    log.info("dask-llm: deadline near, cancelling batch %s", batch_id)
+                    if not late:
+                        log.info("dask-llm: deadline near, cancelling batch %s", batch_id)
                     await client.cancel(batch_id)
                     cancelled = True
+                    self._replan_online(batch)
+                    delay = self.policy.poll_initial  # what it finished is read once it ends
                 if cancelled and self._past(self._deadline_at()):
                     self._give_up(batch_id, batch.status)
                     return
@@ -417,6 +449,7 @@ class Batcher:
         finally:
             self._watching.pop(batch_id, None)
             self._groups.pop(batch_id, None)
+            self._progress.pop(batch_id, None)
             self._status(batch_id, None)
 
     def _status(self, batch_id: str, status: str | None) -> None:
@@ -445,6 +478,76 @@ class Batcher:
         if at is None or self.policy.deadline is None:
             return None
         return at - min(self.policy.deadline * CANCEL_SHARE, CANCEL_MAX_S)
+
+    # -- deadline=: re-planned from a batch's progress (core.deadline) ------------------------
+    def _late(self, batch: BatchState) -> bool:
+        """Whether ``batch``, by its pace so far, cannot end before its cancel would begin
+        (``core.deadline.batch_late``): then it is cancelled now, not at the cut-off.
+
+        Only where its lines go online by Flex (OpenAI's), at the Batch API's price:
+        Anthropic's would go at list price, so its batch keeps its cut-off, answering
+        at half price until then."""
+        tiers = self.job.tiers()
+        cancel_at = self._cancel_at()
+        group = self._groups.get(batch.id)
+        if tiers is None or cancel_at is None or group is None or group[0] is not OPENAI:
+            return False
+        now = time.monotonic()
+        progress = self._progress.get(batch.id)
+        if progress is None:  # re-attached to: its pace is measured from here
+            progress = self._progress[batch.id] = _Progress(now, batch.done, max(1, self._wave))
+        if batch.status == "validating" or batch.total <= 0:
+            progress.since = now  # not running yet: its pace starts after this
+            return False
+        if batch.status != "in_progress":
+            return False  # finalizing: every line is done; cancelling: under way
+        done, total = batch.done - progress.done0, batch.total - progress.done0
+        turnaround = tiers.deadline.batch_turnaround
+        rounds_left = max(1, tiers.rounds - progress.wave + 1)
+        late = batch_late(
+            now=now,
+            since=progress.since,
+            done=done,
+            total=total,
+            turnaround=turnaround,
+            rounds_left=rounds_left,
+            cancel_at=cancel_at,
+        )
+        if late:
+            end = projected_end(
+                now=now, since=progress.since, done=done, total=total, turnaround=turnaround
+            )
+            log.info(
+                "dask-llm: batch %s has done %d of %d lines in %.1f s: expected to end in %s "
+                "(%d round(s) left), after its cancel would begin (in %.1f s); cancelling it "
+                "now, what it has not done goes online",
+                batch.id,
+                batch.done,
+                batch.total,
+                now - progress.since,
+                "never" if end == float("inf") else f"{end - now:,.1f} s",
+                rounds_left,
+                cancel_at - now,
+            )
+            self.stats.batches_late += 1
+        return late
+
+    def _replan_online(self, batch: BatchState) -> None:
+        """A batch was cancelled for the deadline: the job's online requests re-planned
+        (whether the first of them may wait for Flex), with what it has not done. The
+        chooser picks OpenAI's tiers only: an Anthropic batch's lines go at list price."""
+        tiers = self.job.tiers()
+        group = self._groups.get(batch.id)
+        if tiers is None or group is None or group[0] is not OPENAI:
+            return
+        progress = self._progress.get(batch.id)
+        wave = progress.wave if progress is not None else max(1, self._wave)
+        left = max(0, batch.total - batch.done) or sum(
+            len(members) for members in self._watching.get(batch.id, {}).values()
+        )
+        rounds_left = max(1, tiers.rounds - wave + 1)
+        plan = tiers.plan(now=time.time(), requests=left * rounds_left, batch=False)
+        log.info("dask-llm: re-planned: %s", plan.describe())
 
     @staticmethod
     def _past(moment: float | None) -> bool:
@@ -522,7 +625,7 @@ class Batcher:
 
     def _fail_lines(self, lines: list[_Line], exc: Exception) -> None:
         answer = None
-        if isinstance(exc, STATUS_ERRORS) and lines:
+        if isinstance(exc, status_errors()) and lines:
             answer = Answer.json(exc.status_code, exc.response.content)
             provider = lines[0].group[0]
             reason = fatal_reason(exc.status_code, exc.response.content, exc.request, provider)
@@ -564,7 +667,7 @@ class Batcher:
             try:
                 await self._client(self._groups[batch_id]).cancel(batch_id)
                 log.info("dask-llm: the job stopped, cancelled batch %s", batch_id)
-            except API_ERRORS as exc:  # ended meanwhile (the watcher reads it), or unreachable
+            except api_errors() as exc:  # ended meanwhile (the watcher reads it), or unreachable
                 log.warning("dask-llm: could not cancel batch %s (%s)", batch_id, exc)
         self._wake.set()
         watchers = [t for t in self._tasks if not t.done()]
@@ -644,7 +747,9 @@ def cancel_batches(*batch_ids: str, client: Any = None) -> dict[str, str]:
     """
     by_provider: dict[Provider, list[str]] = {}
     ranked = sorted(
-        (p for p in PROVIDERS if p.batch), key=lambda p: len(p.batch_prefix), reverse=True
+        (p for p in providers(every=True) if p.batch),
+        key=lambda p: len(p.batch_prefix),
+        reverse=True,
     )
     for batch_id in batch_ids:
         owner = next((p for p in ranked if batch_id.startswith(p.batch_prefix)), OPENAI)

@@ -266,12 +266,15 @@ class JobTransport:
 
     async def _send_online(self, request: Any, body: bytes, key: str | None) -> Answer:
         job = self.job
-        throttle = job.throttle
+        # Its provider's own pacing (a job with two providers paces each to its limits).
+        throttle = job.throttle.of(self.provider.name, output_apart=self.provider.output_limit)
         match = MAX_TOKENS.search(body) if body else None
-        estimate = throttle.estimate_tokens(len(body), int(match.group(1)) if match else None)
+        max_tokens = int(match.group(1)) if match else None
+        estimate = throttle.estimate_tokens(len(body), max_tokens)
         worst = job.worst_cost(body) if job.ledger.budgeted and body else 0.0
         await self._reserve(worst)
-        started = await throttle.acquire(estimate, admit=not self.gated)
+        expected = throttle.expected_output(max_tokens) if self._is_chat(request) else 0.0
+        started, output = await throttle.acquire(estimate, admit=not self.gated, output=expected)
         tiers = job.tiers() if self.provider is OPENAI and body else None
         by_flex = False
         if tiers is not None and not self.provider.is_flex(body) and tiers.tier() == "flex":
@@ -285,7 +288,7 @@ class JobTransport:
         data = b""
         try:
             job.check()  # it may have stopped while this request waited for its turn
-            paced = _Gate(throttle, estimate) if self.gated else None
+            paced = _Gate(throttle, estimate, expected) if self.gated else None
             gate = _GATE.set(paced) if paced is not None else None
             try:
                 response = await self.inner.handle_async_request(request)
@@ -298,10 +301,10 @@ class JobTransport:
                     _GATE.reset(gate)
                 if paced is not None and paced.admitted is not None:
                     started = paced.admitted  # its paced start: latency counts from it
+                if paced is not None:
+                    output = paced.booked  # its output tokens, booked as it was written
             status = response.status_code
             headers = response.headers
-            if status == 200 and tiers is not None:
-                tiers.observe(time.monotonic() - sent_mono, flex=by_flex)
         finally:
             # The answer read once; every stage below acts on this outcome.
             # A 429 without rate-limit headers is read against the freshest of the job's
@@ -320,6 +323,11 @@ class JobTransport:
                 # Before the slot is released: a request of another thread waiting for
                 # it must find the job stopped.
                 job.fatal_answer(outcome.fatal, body)
+            if tiers is not None and (status == 200 or (by_flex and outcome.unavailable)):
+                # deadline=: Flex's latency and availability, measured (core.deadline).
+                tiers.observe(
+                    time.monotonic() - sent_mono, flex=by_flex, unavailable=outcome.unavailable
+                )
             job.recorder.request_finished(sent_at, outcome)
             throttle.observe(
                 started,
@@ -330,7 +338,8 @@ class JobTransport:
                 remaining=self.provider.remaining,
             )
             if outcome.ok:
-                throttle.record_estimate(estimate)
+                throttle.record_usage(len(body), outcome.prompt_tokens, outcome.completion_tokens)
+            throttle.settle_output(output, status, outcome.completion_tokens)
             throttle.release()
             if worst and not outcome.ok:
                 # No answer: it may have been paid for. An error answer: not billed.
@@ -415,15 +424,20 @@ REPLAY: contextvars.ContextVar[Replay | None] = contextvars.ContextVar(
 class _Gate:
     """What ``PacedRequest`` runs before writing: the job's pacing, then its strict window."""
 
-    __slots__ = ("admitted", "throttle", "tokens")
+    __slots__ = ("admitted", "booked", "output", "throttle", "tokens")
 
-    def __init__(self, throttle: Any, tokens: float) -> None:
+    def __init__(self, throttle: Any, tokens: float, output: float) -> None:
         self.throttle = throttle
         self.tokens = tokens
+        self.output = output  # the output tokens it may use (booked where paced apart)
         self.admitted: float | None = None  # when the pacer let it go
+        self.booked = 0.0  # the output tokens booked for it
 
     async def __call__(self) -> None:
-        self.admitted = await self.throttle.admit(self.tokens, unwritten=True)
+        self.admitted, booked = await self.throttle.admit(
+            self.tokens, unwritten=True, output=self.output
+        )
+        self.booked += booked
 
     def written(self) -> None:
         """The request is on the wire (or its write failed): the pacer counts it from now."""
