@@ -791,8 +791,8 @@ class Throttle:
         a busy loop (the SDK and the connection in between: p90 0.5 s, p99 2 s
         on a LocalCluster at 500 requests/s, 2026-12-07), reached the wire
         together with others booked around it, and the strict window alone let
-        them through in bursts of up to 280 in 100 ms, which came back a window
-        later as its echo (see ``Pacer.admit``).
+        them through in bursts (up to 216 in 100 ms a process), which came back
+        a window later as their echo (see ``Pacer.admit``).
         """
         ledger = self.pacer.ledger
         if ledger is not None:

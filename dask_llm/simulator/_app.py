@@ -413,9 +413,9 @@ class SimulatorApp:
     # -- the endpoint -------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
         # Arrival is the moment the request's bytes reached the server (``_arrivals``),
-        # however late this handler runs; stamps are taken in time order, nothing is
-        # awaited between the stamp and the limits (which keeps the sliding window
-        # strict), and peaks, series and limits all use this one timestamp.
+        # however late this handler runs (so, at times, before a request already
+        # counted: the sliding window and the peaks place it among the others), and
+        # peaks, series and limits all use this one timestamp.
         raw = await request.read()
         stats = self.stats
         now = self.arrivals.of(request)

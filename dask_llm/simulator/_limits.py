@@ -6,9 +6,12 @@ headers say) and a ``budget``: what may pass per ``window`` seconds,
 
 * ``SlidingWindow``: at most ``budget`` units in ANY window of ``window``
   seconds, windows half-open ``(t - window, t]``, times measured on arrival.
-  Strict as long as arrivals reach it in time order (the app stamps a request
-  when its body has been read and checks it before awaiting anything); an
-  earlier time than the last one seen is taken as the last one.
+  Strict in any order: an arrival stamped before the last one counted (its
+  bytes came in first, its handler ran later: a new connection is read a
+  turn of the loop after it is accepted) is counted at its own time, and
+  passes only if every window that holds it has room. (Taken as the last
+  time seen, as until 2026-12-07, such arrivals were moved up to 0.15 s
+  late, and counted in a second they were not sent in.)
 * ``FixedWindow``: slices ``[origin + k * window, origin + (k + 1) * window)``
   since the server started, each with its own budget. A client can pass twice
   the budget across a boundary, as some providers allow. A late arrival from
@@ -30,11 +33,14 @@ letting one request exceed the budget of a window.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from typing import Protocol
 
 _EPS = 1e-9
+#: How late (seconds) an arrival may be counted and still be placed among the others.
+LATE_S = 5.0
 
 
 class Limiter(Protocol):
@@ -60,35 +66,48 @@ def _widened(per_minute: int, window: float) -> float:
 class SlidingWindow:
     """At most ``budget`` units in any ``window`` seconds; ``per_minute`` is the stated limit."""
 
-    __slots__ = ("_events", "_used", "budget", "per_minute", "window")
+    __slots__ = ("_edge", "_events", "_gone", "_used", "budget", "per_minute", "window")
 
     def __init__(self, per_minute: int, window: float) -> None:
         self.per_minute = per_minute
         self.window = _widened(per_minute, window)
         self.budget = per_minute * self.window / 60.0
-        self._events: deque[tuple[float, float]] = deque()
+        self._events: deque[tuple[float, float]] = deque()  # in the window: after ``_edge``
+        self._gone: deque[tuple[float, float]] = deque()  # left it, kept for late arrivals
+        self._edge = -math.inf
         self._used = 0.0
 
     def _trim(self, now: float) -> None:
         events = self._events
         edge = now - self.window
+        if edge <= self._edge:
+            return
+        self._edge = edge
+        gone = self._gone
         while events and events[0][0] <= edge:
-            self._used -= events.popleft()[1]
+            event = events.popleft()
+            self._used -= event[1]
+            gone.append(event)
         if not events:
             self._used = 0.0  # no drift from float sums
+        while gone and gone[0][0] <= edge - LATE_S:
+            gone.popleft()
 
     def try_take(self, now: float, amount: float) -> float:
         if amount > self.budget + _EPS:
             return math.inf
         events = self._events
         if events and now < events[-1][0]:
-            now = events[-1][0]
+            return self._take_late(now, amount)
         self._trim(now)
         if self._used + amount <= self.budget + _EPS:
             events.append((now, amount))
             self._used += amount
             return 0.0
-        # Wait until enough of the oldest events have left the window.
+        return self._wait(now, amount)
+
+    def _wait(self, now: float, amount: float) -> float:
+        """Seconds until enough of the oldest events have left the window."""
         need = self._used + amount - self.budget - _EPS
         freed = 0.0
         for t, a in self._events:
@@ -96,6 +115,34 @@ class SlidingWindow:
             if freed >= need:
                 return max(0.001, t + self.window - now)
         return self.window
+
+    def _take_late(self, now: float, amount: float) -> float:
+        """``try_take`` for an arrival stamped before the last one counted.
+
+        It belongs to every window ``(x - window, x]`` with ``now <= x < now +
+        window``; the fullest of them ends at ``now`` or at a later event, all
+        of them (an arrival is late by a turn of the server's loop, rarely more
+        than a second) at or before the last event. Counted from the newest
+        events and the newest of those gone, not the whole window.
+        """
+        events, gone, window = self._events, self._gone, self.window
+        later = _newer(events, now)
+        fullest = 0.0
+        for x in [now, *(t for t, _ in reversed(later) if t < now + window)]:
+            # The window's events: those after the edge, less the newer than x and the
+            # older than x - window, plus those gone that are newer than x - window.
+            held = self._used - sum(a for t, a in later if t > x)
+            held -= sum(a for t, a in _older(events, x - window))
+            held += sum(a for t, a in _newer(gone, x - window))
+            fullest = max(fullest, held)
+        if fullest + amount > self.budget + _EPS:
+            return self._wait(events[-1][0], amount)
+        if now > self._edge:
+            events.insert(len(events) - len(later), (now, amount))
+            self._used += amount
+        else:
+            gone.insert(len(gone) - len(_newer(gone, now)), (now, amount))
+        return 0.0
 
     def remaining(self, now: float) -> int:
         self._trim(now)
@@ -110,7 +157,19 @@ class SlidingWindow:
 
     def clear(self) -> None:
         self._events.clear()
+        self._gone.clear()
+        self._edge = -math.inf
         self._used = 0.0
+
+
+def _newer(events: deque[tuple[float, float]], than: float) -> list[tuple[float, float]]:
+    """The events after ``than`` (newest first), read from the newest end."""
+    return list(itertools.takewhile(lambda e: e[0] > than, reversed(events)))
+
+
+def _older(events: deque[tuple[float, float]], than: float) -> list[tuple[float, float]]:
+    """The events at or before ``than`` (oldest first), read from the oldest end."""
+    return list(itertools.takewhile(lambda e: e[0] <= than, events))
 
 
 class FixedWindow:

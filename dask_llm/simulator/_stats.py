@@ -27,6 +27,8 @@ online endpoint only: Batch API lines have their own counters.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import deque
 from typing import Any
@@ -50,6 +52,8 @@ FAULTS = (
 )
 
 SERIES_SECONDS = 3600
+#: Arrivals are kept this long past the 1 s window, for those that are counted late.
+LATE_S = 5.0
 SERIES_FIELDS = (
     "requests",
     "successes",
@@ -137,27 +141,47 @@ class Stats:
         self.flex_answered = 0
         self.duplicate_requests = 0
         self.models: dict[str, int] = {}
-        self._last_1s: deque[float] = deque()
+        self._recent: deque[float] = deque()  # arrivals of the last 1 + LATE_S s, in order
         self._last_60s: deque[float] = deque()
         self._answered: set[bytes] = set()
         self.series = Series(time.monotonic(), time.time())
 
     def started(self, now: float) -> None:
-        """A request arrived. Peaks are exact: the busiest window ends at some arrival."""
+        """A request arrived at ``now``. Peaks are exact: the busiest window ends at some arrival.
+
+        Arrivals may come out of order (stamped when their bytes came in, counted
+        when their handler runs): one earlier than the latest is put in its place
+        (within ``LATE_S``), and the fullest second that holds it counted. The
+        60 s peak counts it at the latest time (a few ms on a minute).
+        """
         self.requests += 1
         self.in_flight += 1
         if self.in_flight > self.peak_in_flight:
             self.peak_in_flight = self.in_flight
-        window = self._last_1s
-        window.append(now)
-        edge = now - 1.0
-        while window[0] <= edge:
-            window.popleft()
-        if len(window) > self.peak_requests_1s:
-            self.peak_requests_1s = len(window)
+        recent = self._recent
+        if not recent or now >= recent[-1]:
+            recent.append(now)
+            edge = now - 1.0 - LATE_S
+            while recent[0] <= edge:
+                recent.popleft()
+            busiest = len(recent) - bisect.bisect_right(recent, now - 1.0)
+        else:
+            at = bisect.bisect_right(recent, now)
+            recent.insert(at, now)
+            ends = [
+                now,
+                *itertools.takewhile(
+                    lambda t: t < now + 1.0, itertools.islice(recent, at + 1, None)
+                ),
+            ]
+            busiest = max(
+                bisect.bisect_right(recent, x) - bisect.bisect_right(recent, x - 1.0) for x in ends
+            )
+        if busiest > self.peak_requests_1s:
+            self.peak_requests_1s = busiest
         window = self._last_60s
-        window.append(now)
-        edge = now - 60.0
+        window.append(max(now, window[-1]) if window else now)
+        edge = window[-1] - 60.0
         while window[0] <= edge:
             window.popleft()
         if len(window) > self.peak_requests_60s:
