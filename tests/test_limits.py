@@ -552,6 +552,17 @@ def test_each_provider_has_a_throttle_of_its_own_and_the_rows_follow_the_needies
     assert throttles.row_target() == max(openai.row_target(), claude.row_target())
 
 
+def test_limits_told_by_provider_hold_for_each_provider_its_own() -> None:
+    clock = Clock()
+    throttles = Throttles(
+        max_concurrency=None, rpm={"openai": 600, "anthropic": 60}, tpm=6_000, clock=clock
+    )
+    openai, claude = throttles.of("openai"), throttles.of("anthropic", output_apart=True)
+    assert openai.pacer.rates() == (pytest.approx(10 * (1 - MARGIN)), pytest.approx(98))
+    assert claude.pacer.rates() == (pytest.approx(1 * (1 - MARGIN)), pytest.approx(98))
+    assert claude.output is not None and claude.output.rate() is None  # not told: unlimited
+
+
 def test_throttle_cuts_concurrency_on_429_only_when_the_rate_is_unknown() -> None:
     clock = Clock()
     t = Throttle(max_concurrency=64, initial_concurrency=16, clock=clock)

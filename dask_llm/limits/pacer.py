@@ -97,7 +97,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from dask_llm.core.config import UNPACED_MAX_CONCURRENCY
+from dask_llm.core.config import UNPACED_MAX_CONCURRENCY, Told, told
 from dask_llm.core.outcome import Announced
 from dask_llm.limits.coordinator import MARGIN, RENEW_S
 from dask_llm.limits.headers import OPENAI_NAMES, Headroom, retry_after
@@ -952,9 +952,11 @@ class Throttles:
     waiting for their turn hold no slot of the other's): each has a ``Throttle``
     (``of``), leasing its rates from its own lane of the job's ledger (the
     ledger's own for the job's ``default`` provider, ``Ledger.lane`` for each
-    other). Limits told (``rpm``, ``tpm``, ``output_tpm``) hold for each
-    provider apart. The job's partitions admit rows by what every provider's
-    pipe needs (``row_target``): a row under way waits on whichever is slower.
+    other). Limits told (``rpm``, ``tpm``, ``output_tpm``, without a ledger:
+    tests and tools; a job's are its ledger's) hold for each provider apart: a
+    number the same for each, a mapping by provider name each its own. The
+    job's partitions admit rows by what every provider's pipe needs
+    (``row_target``): a row under way waits on whichever is slower.
     """
 
     def __init__(
@@ -962,9 +964,9 @@ class Throttles:
         *,
         max_concurrency: int | None,
         initial_concurrency: int = 16,
-        rpm: float | None = None,
-        tpm: float | None = None,
-        output_tpm: float | None = None,
+        rpm: Told = None,
+        tpm: Told = None,
+        output_tpm: Told = None,
         ledger: Any = None,
         default: str = "openai",
         clock: Callable[[], float] = time.monotonic,
@@ -972,11 +974,9 @@ class Throttles:
         self._settings: dict[str, Any] = {
             "max_concurrency": max_concurrency,
             "initial_concurrency": initial_concurrency,
-            "rpm": rpm,
-            "tpm": tpm,
-            "output_tpm": output_tpm,
             "clock": clock,
         }
+        self._told: dict[str, Told] = {"rpm": rpm, "tpm": tpm, "output_tpm": output_tpm}
         self.ledger = ledger
         self.default = default
         self._lock = threading.Lock()
@@ -1001,7 +1001,12 @@ class Throttles:
                 if ledger is not None and provider != self.default:
                     ledger = ledger.lane(provider)
                 found = self._by_provider[provider] = Throttle(
-                    **self._settings, output_apart=output_apart, ledger=ledger
+                    **self._settings,
+                    rpm=told(self._told["rpm"], provider),
+                    tpm=told(self._told["tpm"], provider),
+                    output_tpm=told(self._told["output_tpm"], provider),
+                    output_apart=output_apart,
+                    ledger=ledger,
                 )
             return found
 
