@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.output_remaining import competitor
 from dask_llm.cli import limit_of
 from dask_llm.core.config import EnrichOptions, told
 from dask_llm.core.runtime import part
@@ -168,3 +169,23 @@ def test_a_provider_not_named_is_paced_to_what_its_headers_announce(make_simulat
     ledgers = local_coordinator()._jobs
     assert ledgers[job.id].limits()[0] == pytest.approx(2 * (1 - MARGIN))
     assert ledgers[f"{job.id}/anthropic"].limits()[0] == pytest.approx(10 * (1 - MARGIN))
+
+
+# -- Claude's output bucket follows what the provider says is left -------------------------------
+@pytest.mark.slow
+def test_a_claude_job_sharing_its_output_limit_follows_what_is_left(make_simulator: Any) -> None:
+    """Another client of the account takes a third of the output limit: the job's bucket
+    follows ``anthropic-ratelimit-output-tokens-remaining`` down and meets few 429s (it
+    met one on 12-17% of its requests when its bucket knew only the limit)."""
+    otpm = 18_000  # 300 output tokens/s; the other client takes ~100/s of them
+    sim = make_simulator(
+        output_tpm=otpm, rpm=60_000, limit_window=1.0, latency=0.05, completion_tokens=20
+    )
+    with competitor(sim.base_url, 100.0) as other:
+        out = frame(120).llm.enrich(
+            {"word": text_chain(sim, max_tokens=32)}, cache=False, output_tpm=otpm
+        )
+    assert out["llm_error"].isna().all(), out["llm_error"].dropna().head().tolist()
+    stats = sim.stats()
+    sent, limited = stats["requests"] - other["sent"], stats["rate_limited"] - other["limited"]
+    assert sent >= 120 and limited <= 0.05 * sent, (limited, sent)
