@@ -58,7 +58,8 @@ from dask_llm.observe.progress import RunSummary
 from dask_llm.preview.caching import out_of_order
 from dask_llm.preview.estimate import Estimate, run_estimate
 from dask_llm.preview.pilot import Pilot, run_pilot
-from dask_llm.providers import NAMES, Provider, is_routable, provider_of
+from dask_llm.providers import Provider, is_routable, provider_of
+from dask_llm.providers.registry import NAMES
 
 ChainsArg = Chain | Sequence[Any] | Mapping[str, Any] | Any
 CacheArg = bool | str | os.PathLike[str] | ResultCache | None

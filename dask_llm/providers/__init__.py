@@ -2,6 +2,6 @@
 ``providers.base`` and docs/providers.md."""
 
 from dask_llm.providers.base import Provider
-from dask_llm.providers.registry import NAMES, OPENAI, is_routable, provider_of, providers
+from dask_llm.providers.registry import OPENAI, is_routable, provider_of, providers
 
-__all__ = ["NAMES", "OPENAI", "Provider", "is_routable", "provider_of", "providers"]
+__all__ = ["OPENAI", "Provider", "is_routable", "provider_of", "providers"]
