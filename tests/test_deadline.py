@@ -210,6 +210,30 @@ def test_a_batch_slower_than_stated_is_cancelled_early_and_the_rest_goes_online(
     assert "deadline met" in report and "cost by Flex / batch / list price" in report
 
 
+def test_a_batch_stuck_validating_is_cancelled_early_and_goes_by_flex(
+    make_simulator: Any,
+) -> None:
+    # The planner is told batches take 4 s: 12 s leave room for one (its cancel begins
+    # 6.8 s after it is submitted). This simulator's batch validates for 30 s. Once it
+    # has validated for 2.8 s, even the 4 s assumed from then would end after its cancel
+    # begins: it is late, cancelled while validating (nothing done, nothing paid), and
+    # every line goes online by Flex, in time: 0.5x list price, ~5 s to spare. On main it
+    # waited for its cut-off (6.8 s): the online requests then had no room to wait for
+    # Flex's answers, and all went at list price (1.0x, ~3 s to spare).
+    sim = make_simulator(**{**SIM, "batch_validation_delay": 30.0})
+    _, share, spare = run(sim, 12.0)
+    assert spare > 0
+    stats = sim.stats()
+    assert stats["batches_created"] == 1 and stats["batches_cancelled"] == 1
+    # Cancelled before it ran a line: nothing paid twice.
+    assert stats["batch_lines_submitted"] == stats["batch_lines_ok"] == 0
+    assert stats["successes"] == ROWS
+    summary = dask_llm.last_run()
+    assert summary is not None and summary.batches_late == 1
+    assert summary.flex_calls == ROWS
+    assert share == pytest.approx(0.5)
+
+
 @pytest.mark.slow  # about 5 s
 def test_flex_less_available_than_stated_moves_the_rest_to_list_price(
     make_simulator: Any,
@@ -267,6 +291,51 @@ def test_a_batch_is_late_when_it_cannot_end_before_its_cancel(
         )
         is late
     )
+
+
+@pytest.mark.parametrize(
+    ("now", "rounds_left", "late"),
+    [
+        pytest.param(3.5, 1, False, id="one-round-fits-from-now"),
+        pytest.param(4.5, 1, True, id="validated-past-its-slack"),
+        pytest.param(3.5, 2, True, id="its-next-round-does-not-fit"),
+    ],
+)
+def test_a_batch_still_validating_is_late_when_the_turnaround_from_now_does_not_fit(
+    now: float, rounds_left: int, late: bool
+) -> None:
+    # Submitted at 0, still validating; 1 s assumed per round; its cancel would begin at 5 s.
+    assert (
+        batch_late(
+            now=now,
+            since=now,
+            done=0,
+            total=10,
+            turnaround=1.0,
+            rounds_left=rounds_left,
+            cancel_at=5.0,
+            submitted=0.0,
+            validating=True,
+        )
+        is late
+    )
+
+
+def test_a_later_round_counts_this_rounds_validation_too() -> None:
+    # Submitted at 0, validated until 2, half done at 3: its lines end at 4. The next round
+    # validates as this one did: 4 s, not the 2 s in progress, so it ends at 8, after the
+    # cancel (7). Counted from the end of validation alone, it looked in time (6).
+    kwargs: dict[str, Any] = {
+        "now": 3.0,
+        "since": 2.0,
+        "done": 5,
+        "total": 10,
+        "turnaround": 1.0,
+        "rounds_left": 2,
+        "cancel_at": 7.0,
+    }
+    assert batch_late(**kwargs, submitted=0.0)
+    assert not batch_late(**kwargs)  # no submission known: from ``since``, as on main
 
 
 def test_flex_unavailability_measured_moves_the_switch_to_list_price_earlier() -> None:

@@ -307,12 +307,24 @@ def batch_late(
     turnaround: float,
     rounds_left: int,
     cancel_at: float,
+    submitted: float | None = None,
+    validating: bool = False,
 ) -> bool:
-    """Whether a batch (see ``projected_end``), and the ``rounds_left - 1`` rounds after it
-    (each at least as long as this one, and as the ``turnaround`` assumed), cannot end
-    before ``cancel_at``, when its cancel would begin anyway (the module docstring)."""
-    end = projected_end(now=now, since=since, done=done, total=total, turnaround=turnaround)
-    later = max(turnaround, end - since) * max(0, rounds_left - 1)
+    """Whether a batch, and the ``rounds_left - 1`` rounds after it, cannot end before
+    ``cancel_at``, when its cancel would begin anyway (the module docstring).
+
+    This batch ends at ``projected_end``; each later round takes at least the
+    ``turnaround`` assumed, and at least as long as this one from its ``submitted``
+    (default ``since``) to its end: a later round validates as this one did. A batch
+    still ``validating`` ends, at best, the ``turnaround`` assumed from ``now``.
+    """
+    if validating:
+        end = now + turnaround
+        began = now
+    else:
+        end = projected_end(now=now, since=since, done=done, total=total, turnaround=turnaround)
+        began = since if submitted is None else min(submitted, since)
+    later = max(turnaround, end - began) * max(0, rounds_left - 1)
     return end + later > cancel_at
 
 
