@@ -208,21 +208,21 @@ def plan_tiers(
     rate_per_s: float,
     flex_latency: float | None = None,
     flex_unavailable: float | None = None,
+    latency: float | None = None,
     batch: bool = True,
 ) -> TierPlan:
     """The cheapest plan that finishes ``requests`` (over ``rounds`` dependent rounds) by
-    ``deadline``, sending at most ``rate_per_s``; ``flex_latency`` and ``flex_unavailable``
-    (a share): as measured, if known; ``batch=False``: online only (a batch was cancelled).
+    ``deadline``, sending at most ``rate_per_s``; ``flex_latency``, ``flex_unavailable``
+    (a share) and ``latency`` (at list price): as measured, if known (the larger of each
+    and the one assumed is used); ``batch=False``: online only (a batch was cancelled).
     """
     left = deadline.at - now
     rounds = max(1, rounds)
-    rate = max(rate_per_s, 1e-9)
-    # The pacing sends its first requests one after another (WARMUP_ANSWERS) before it
-    # sends at the full rate.
-    send_s = requests / rate
-    list_tail = WARMUP_ANSWERS * deadline.latency + send_s + rounds * deadline.latency
+    lat = max(deadline.latency, latency or 0.0)
+    send_s = requests / max(rate_per_s, 1e-9)
+    list_tail = tail_seconds(requests=requests, rounds=rounds, rate_per_s=rate_per_s, latency=lat)
     flex_s = _flex_seconds(deadline, flex_latency, flex_unavailable)
-    flex_until = deadline.at - flex_s - (rounds - 1) * deadline.latency
+    flex_until = deadline.at - flex_s - (rounds - 1) * lat
     # Batch: every round done before its cancel begins, and the tail still fits after.
     cutoff = left - list_tail
     if batch and cutoff > 0:
@@ -242,14 +242,12 @@ def plan_tiers(
     all_flex_window = flex_until - now - WARMUP_ANSWERS * flex_s
     flex_first = send_s <= all_flex_window
     flex_window = (
-        all_flex_window
-        if flex_first
-        else max(0.0, flex_until - now - WARMUP_ANSWERS * deadline.latency)
+        all_flex_window if flex_first else max(0.0, flex_until - now - WARMUP_ANSWERS * lat)
     )
     flex_share = 1.0 if send_s <= flex_window else (flex_window / send_s if send_s else 1.0)
     # All by Flex: the last one sent, then its Flex answer; else the last sent at list price.
-    warmup = WARMUP_ANSWERS * (flex_s if flex_first else deadline.latency)
-    all_flex = warmup + send_s + flex_s + (rounds - 1) * deadline.latency
+    warmup = WARMUP_ANSWERS * (flex_s if flex_first else lat)
+    all_flex = warmup + send_s + flex_s + (rounds - 1) * lat
     finish = all_flex if flex_share >= 1.0 else list_tail
     return TierPlan(
         deadline=deadline,
@@ -261,6 +259,15 @@ def plan_tiers(
         meets=finish <= left,
         flex_first=flex_first,
     )
+
+
+def tail_seconds(*, requests: int, rounds: int, rate_per_s: float, latency: float) -> float:
+    """What ``requests`` over ``rounds`` dependent rounds take online at list price, at
+    ``rate_per_s`` and ``latency``: the pacing sends its first requests one after another
+    (``WARMUP_ANSWERS``) before it sends at the full rate, and the last row's rounds follow
+    one another."""
+    send_s = requests / max(rate_per_s, 1e-9)
+    return WARMUP_ANSWERS * latency + send_s + max(1, rounds) * latency
 
 
 def rate_of(deadline: Deadline, *, rpm: float | None, max_concurrency: int) -> float:
@@ -333,14 +340,20 @@ class TierChooser:
 
     A request goes by Flex while its answer, at the Flex latency and unavailability
     assumed or measured here (the larger of each), plus its row's later rounds at list
-    price, is back by the deadline; after that at list price. Until its first answers
-    are back here (``WARMUP_ANSWERS``), the pacing sends one request after another: by
-    Flex that wait is Flex's latency, which only a plan with room for all of it by Flex
-    can afford; any other plan asks those first requests at list price.
+    price (at the list-price latency assumed or measured, the larger), is back by the
+    deadline; after that at list price. Until its first answers are back here
+    (``WARMUP_ANSWERS``), the pacing sends one request after another: by Flex that wait
+    is Flex's latency, which only a plan with room for all of it by Flex can afford; any
+    other plan asks those first requests at list price.
 
     The unavailable share measured is ``(unavailable + UNAVAILABLE_PRIOR x assumed) /
     (Flex requests answered + UNAVAILABLE_PRIOR)``: one or two "resource unavailable"
     among the first answers are not taken for all of them.
+
+    The online rate measured is the provider's limit as its answers' headers announce
+    it: ``rpm / 60``, or ``tpm / 60`` over the tokens an answer has used on average, the
+    lower (the pacing sends at it: ``limits.pacer``). A plan, and the batch cut-off
+    (``cutoff_at``), use the lower of it and the rate told or assumed.
     """
 
     def __init__(self, deadline: Deadline, *, rounds: int) -> None:
@@ -350,9 +363,15 @@ class TierChooser:
         self._flex_seconds = 0.0
         self._flex_answers = 0
         self._flex_unavailable = 0  # Flex requests answered "resource unavailable"
+        self._list_seconds = 0.0
+        self._list_answers = 0  # answers at list price: their latency
+        self._tokens = 0.0  # tokens the answers used (prompt and output), all tiers
         self._answered = 0  # answers back here: WARMUP_ANSWERS, and the pacing has warmed up
+        self._rpm: float | None = None  # the limits the freshest headers announced
+        self._tpm: float | None = None
         self._flex_first = True  # the last plan has room for a warm-up by Flex
         self._rate_per_s = 0.0  # the rate the last plan assumed (a re-plan assumes it too)
+        self._job_requests = 0  # the job's requests, as its partitions planned them
 
     def tier(self, now: float | None = None) -> Tier:
         now = time.time() if now is None else now
@@ -360,26 +379,55 @@ class TierChooser:
             if self._answered < WARMUP_ANSWERS and not self._flex_first:
                 return "default"
             measured, unavailable = self._measured()
+            latency = self._latency()
         flex_s = _flex_seconds(self.deadline, measured, unavailable)
-        latest = self.deadline.at - flex_s - (self.rounds - 1) * self.deadline.latency
+        latest = self.deadline.at - flex_s - (self.rounds - 1) * latency
         return "flex" if now <= latest else "default"
 
-    def observe(self, seconds: float, *, flex: bool, unavailable: bool = False) -> None:
+    def observe(
+        self,
+        seconds: float,
+        *,
+        flex: bool,
+        unavailable: bool = False,
+        tokens: int = 0,
+    ) -> None:
         """An answer (``flex``: by Flex) took ``seconds``, from its send to its answer;
-        ``unavailable``: it was Flex's "resource unavailable" (no answer: retried)."""
+        ``unavailable``: it was Flex's "resource unavailable" (no answer: retried).
+        ``tokens``: those it used (prompt and output)."""
         with self._lock:
             if unavailable:
                 self._flex_unavailable += 1
                 return
             self._answered += 1
+            self._tokens += max(0, tokens)
             if flex:
                 self._flex_seconds += seconds
                 self._flex_answers += 1
+            else:
+                self._list_seconds += seconds
+                self._list_answers += 1
+
+    def announced(self, *, rpm: float | None, tpm: float | None) -> None:
+        """An answer's headers (any answer's, a 429's too) announce these limits per
+        minute (None: not said): the freshest are kept."""
+        if rpm or tpm:
+            with self._lock:
+                self._rpm = rpm or self._rpm
+                self._tpm = tpm or self._tpm
 
     def flex_measured(self) -> tuple[float | None, float | None]:
         """Flex's mean latency and unavailable share measured here (None: nothing yet)."""
         with self._lock:
             return self._measured()
+
+    def online_measured(self) -> tuple[float | None, float | None]:
+        """The online rate (requests/s, as the provider's headers announce its limit) and
+        the mean list-price latency (seconds) measured here (None: nothing yet)."""
+        with self._lock:
+            return self._announced_rate(), (
+                self._list_seconds / self._list_answers if self._list_answers else None
+            )
 
     def _measured(self) -> tuple[float | None, float | None]:
         latency = self._flex_seconds / self._flex_answers if self._flex_answers else None
@@ -388,30 +436,69 @@ class TierChooser:
         share = (self._flex_unavailable + prior) / (asked + UNAVAILABLE_PRIOR) if asked else None
         return latency, share
 
+    def _latency(self) -> float:
+        """The list-price latency to plan with: the larger of the one assumed and measured."""
+        measured = self._list_seconds / self._list_answers if self._list_answers else 0.0
+        return max(self.deadline.latency, measured)
+
+    def _announced_rate(self) -> float | None:
+        rates = []
+        if self._rpm:
+            rates.append(self._rpm / 60.0)
+        if self._tpm and self._answered and self._tokens > 0:
+            rates.append(self._tpm / 60.0 / (self._tokens / self._answered))
+        return min(rates) if rates else None
+
+    def _rate(self, assumed: float) -> float:
+        """The rate to plan with: the lower of ``assumed`` and the one announced."""
+        announced = self._announced_rate()
+        return assumed if announced is None else min(assumed, announced)
+
     def plan(
         self, *, now: float, requests: int, rate_per_s: float | None = None, batch: bool = True
     ) -> TierPlan:
         """The plan for ``requests`` from ``now`` with what is measured here so far;
-        ``rate_per_s``: None for the last plan's; ``batch=False``: online only (a re-plan
-        after a batch was cancelled)."""
+        ``rate_per_s``: the rate told or assumed (None for the last plan's; the lower of it
+        and the one measured is used); ``batch=False``: online only (a re-plan after a
+        batch was cancelled)."""
         with self._lock:
             if rate_per_s is None:
                 rate_per_s = self._rate_per_s
             self._rate_per_s = rate_per_s
+            if batch:
+                self._job_requests = requests
             measured, unavailable = self._measured()
+            rate = self._rate(rate_per_s)
+            latency = self._latency()
         plan = plan_tiers(
             self.deadline,
             now=now,
             requests=requests,
             rounds=self.rounds,
-            rate_per_s=rate_per_s,
+            rate_per_s=rate,
             flex_latency=measured,
             flex_unavailable=unavailable,
+            latency=latency,
             batch=batch,
         )
         with self._lock:
             self._flex_first = plan.batch_s is not None or plan.flex_first
         return plan
+
+    def cutoff_at(self) -> float | None:
+        """The batch cut-off (epoch seconds) with the rate and the list-price latency known
+        now (each the worse of the one assumed and the one measured): ``deadline - tail``
+        for the job's requests (None: no partition has planned yet)."""
+        with self._lock:
+            if not self._job_requests or not self._rate_per_s:
+                return None
+            tail = tail_seconds(
+                requests=self._job_requests,
+                rounds=self.rounds,
+                rate_per_s=self._rate(self._rate_per_s),
+                latency=self._latency(),
+            )
+        return self.deadline.at - tail
 
 
 __all__ = [
@@ -422,4 +509,5 @@ __all__ = [
     "plan_tiers",
     "projected_end",
     "rate_of",
+    "tail_seconds",
 ]

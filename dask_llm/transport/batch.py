@@ -464,11 +464,19 @@ class Batcher:
         self._on_progress()
 
     def _deadline_at(self) -> float | None:
-        """When (``time.monotonic``) what is not back goes online; None: no deadline yet."""
+        """When (``time.monotonic``) what is not back goes online; None: no deadline yet.
+
+        With ``enrich(deadline=)``, re-planned (never later) as the job measures its online
+        rate and latency: ``TierChooser.cutoff_at``."""
         deadline = self.policy.deadline
         if deadline is None or self._first_submit is None:
             return None
-        return self._first_submit + deadline
+        at = self._first_submit + deadline
+        tiers = self.job.tiers()
+        cutoff = tiers.cutoff_at() if tiers is not None else None
+        if cutoff is not None:
+            at = min(at, cutoff - time.time() + time.monotonic())
+        return at
 
     def _cancel_at(self) -> float | None:
         """When the batches are cancelled, for what they finished to be read by the deadline."""
