@@ -46,14 +46,57 @@ is not):
   by Flex, less at list price, and the provider's cancel has longer to finish).
   The lines it finished are read once the cancel is done (nothing is paid
   twice); the rest go online. Before any line is done, the batch is late once
-  it has run longer than the turnaround assumed. Only batches whose rest can
-  go by Flex (OpenAI's): an Anthropic batch's rest would go at list price, so
-  it keeps its cut-off.
+  it has run longer than the turnaround assumed. A batch still validating is
+  late once even the turnaround assumed, counted from now, would end its
+  rounds after that moment (``now + rounds_left x batch_turnaround >
+  cancel_at``): its validation has eaten the plan's slack. It is cancelled
+  while validating (no line done, nothing paid) and every line goes online.
+  Only batches whose rest can go by Flex (OpenAI's): an Anthropic batch's rest
+  would go at list price, so it keeps its cut-off.
 * Flex's latency and its share of "resource unavailable" answers are measured
   as they come (``TierChooser.observe``); the larger of each and the one
   assumed makes a Flex request's expected time, so the moment after which a
   request goes at list price moves earlier when Flex turns out slower or less
   available than assumed.
+* The online rate and the list-price latency: the tail was planned with the
+  rate told (``rpm=``) or assumed and the latency assumed. Each online answer
+  of the job in this process is measured (``TierChooser.observe``: its latency
+  at list price; ``TierChooser.announced``: the limits its headers announce,
+  a 429's too: ``rpm / 60``, or ``tpm / 60`` over the tokens an answer used on
+  average, the lower, which is the rate the pacing sends at). From the first
+  such answer on, the cut-off is ``deadline - tail`` with the lower rate and the
+  larger latency (``TierChooser.cutoff_at``, read by the batch sender at each
+  poll: never later than planned), and so is the moment its cancel begins (the
+  lead stays as planned); a batch past it is cancelled at once. Flex's last
+  safe moment uses the larger latency for its row's later rounds
+  (``TierChooser.tier``), and every re-plan (``TierChooser.plan``) both. The
+  tail is re-planned for the job's requests as planned, not for what is left:
+  an earlier cut-off than needed, never a later one. A job all by batch sends
+  nothing online before its cut-off, so it has nothing to measure there: its
+  cut-off stays at the rate told or assumed (tell ``rpm=`` what the account
+  allows). Its online answers come from lines a batch did not answer (an
+  expired or failed line, a batch cancelled early) and from the partitions of
+  the job that went online; a provider that announces no limit leaves the rate
+  as told.
+
+**The bound with later rounds** (dependent chains). A batch is judged against
+the moment its cancel would begin, not against the deadline, and so is every
+round after it (``batch_late``): the plan chose the Batch API only when every
+round ends before the cancel begins, and the tail after the cut-off is sized
+for the whole job online (every round's requests, ``rounds x latency``).
+Judged against the deadline instead, a batch whose next round ends after the
+cancel began would keep running only for that round to be cancelled at the
+cut-off: its rest would go online then, where it could have gone by Flex now
+at the same price. Each later round is counted at least as long as the
+turnaround assumed and as this round from its submission to its projected end,
+its validation included (a later round validates as this one did; until
+2026-12-07 it was counted from the end of validation, and a long validation
+was not counted twice). What is not counted: this round's finalization after
+its last line and the moments between rounds (reading the results, the chains
+building the next requests, the upload); the cancel's lead (``CANCEL_SHARE``)
+covers them. A round is a submission of the partition (``wave``): a request
+retried online after a 429 joins the next submission, so a wave may hold lines
+of an earlier round, whose later rounds are then not counted.
 """
 
 from __future__ import annotations
