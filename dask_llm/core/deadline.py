@@ -435,7 +435,8 @@ class TierChooser:
         unavailable: bool = False,
         tokens: int = 0,
     ) -> None:
-        """An answer (``flex``: by Flex) took ``seconds``, from its send to its answer;
+        """An answer (``flex``: by Flex) took ``seconds``, from its tier's choice to its
+        answer (its wait for a paced start included: a row's next round waits so too);
         ``unavailable``: it was Flex's "resource unavailable" (no answer: retried).
         ``tokens``: those it used (prompt and output)."""
         with self._lock:
