@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,52 @@ def test_batch_waits_of_more_partitions_than_threads_overlap(
     assert requests(sim) == 0
     # One window, and the client's own work (four windows one after another before).
     assert took < 2.5 * window(2.0), took
+
+
+@pytest.mark.slow
+def test_batch_waits_overlap_on_the_process_pool_and_leave_no_drop_box(
+    make_simulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each partition runs in the child that ran its first layer; its frame reaches the
+    # second layer, in whichever child, through a file (engine.handoff's drop box).
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the client names the box
+    sim = make_simulator(batch_delay=4.0, **FAST)
+    ddf = dd.from_pandas(frame(16), npartitions=8)
+    # The pool's children start (spawned, each importing the stack) at every compute:
+    # the online run measures that, and the batch run is bounded by it plus its windows.
+    start = time.monotonic()
+    online = ddf.llm.enrich(summary_only(sim.base_url), cache=False, progress=False).compute(
+        scheduler="processes", num_workers=2
+    )
+    online_took = time.monotonic() - start
+    out = ddf.llm.enrich(summary_only(sim.base_url), batch=POLL, cache=False, progress=False)
+    start = time.monotonic()
+    result = out.compute(scheduler="processes", num_workers=2)
+    took = time.monotonic() - start
+    assert result["llm_error"].isna().all(), result["llm_error"].dropna().tolist()
+    assert sim.stats()["batches_created"] == 8
+    assert requests(sim) == 8 * 2  # the online run's alone
+    # One window beyond the online run (four before: 24.8 s against 5.0 s online, at 3 s).
+    assert took - online_took < 2.5 * window(4.0), (took, online_took)
+    same = [c for c in result.columns if c != "llm_cost_usd"]
+    pd.testing.assert_frame_equal(result[same], online[same])
+    assert not list(tmp_path.glob("dask-llm-handoff-*"))
+
+
+@pytest.mark.slow
+def test_a_failing_partition_on_the_process_pool_fails_the_computation_and_its_box_goes(
+    make_simulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    sim = make_simulator(batch_delay=0.2, **FAST)
+    rows = frame(8)
+    rows.loc[5, "description"] = None
+    out = dd.from_pandas(rows, npartitions=4).llm.enrich(
+        summary_only(sim.base_url), batch=POLL, cache=False, errors="raise", progress=False
+    )
+    with pytest.raises(dask_llm.ChainError, match="missing input"):
+        out.compute(scheduler="processes", num_workers=2)
+    assert not list(tmp_path.glob("dask-llm-handoff-*"))
 
 
 @pytest.mark.slow
@@ -118,18 +165,26 @@ import dask_llm
 from tests.chains import wine_chains
 from tests.helpers import reviews
 
-url, rows = sys.argv[1], int(sys.argv[2])
+url, rows, scheduler = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 policy = dask_llm.BatchPolicy(poll_initial=0.05, poll_max=0.1)
 ddf = dd.from_pandas(reviews(rows), npartitions=4)
-ddf.llm.enrich(wine_chains(url), batch=policy, progress=False).compute(num_workers=2)
+out = ddf.llm.enrich(wine_chains(url), batch=policy, progress=False)
+out.compute(scheduler=scheduler, num_workers=2)
 print("finished", flush=True)
 """
 
 
-def start_job(sim: Any, cache: Path, rows: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_LLM_CACHE": str(cache)}
+def start_job(
+    sim: Any, cache: Path, rows: int, scheduler: str = "threads"
+) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DASK_LLM_CACHE": str(cache),
+        "TMPDIR": str(cache.parent),  # where a process pool's drop boxes go
+    }
     return subprocess.Popen(
-        [sys.executable, "-c", JOB_SCRIPT, sim.base_url, str(rows)],
+        [sys.executable, "-c", JOB_SCRIPT, sim.base_url, str(rows), scheduler],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -146,13 +201,20 @@ def wait_for_batches(sim: Any, proc: subprocess.Popen[str], count: int) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_names_the_batches_of_every_partition(make_simulator: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("scheduler", ["threads", "processes"])
+def test_ctrl_c_names_the_batches_of_every_partition(
+    make_simulator: Any, tmp_path: Path, scheduler: str
+) -> None:
+    # On the process pool, the second layers wait in the children for their partitions'
+    # files; a Ctrl-C ends the run and removes its box, and they must not wait on (the
+    # pool's shutdown waits for them: the process hung until killed).
     sim = make_simulator(batch_delay=30.0, **FAST)
-    proc = start_job(sim, tmp_path / "cache.sqlite", 8)
-    wait_for_batches(sim, proc, 4)  # 4 partitions on 2 threads, all waiting
+    proc = start_job(sim, tmp_path / "cache.sqlite", 8, scheduler)
+    wait_for_batches(sim, proc, 4)  # 4 partitions on 2 threads or processes, all waiting
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
+    assert not list(tmp_path.glob("dask-llm-handoff-*"))
     client = openai.OpenAI(base_url=sim.base_url, api_key="sk-any")
     ids = sorted(batch.id for batch in client.batches.list())
     assert len(ids) == 4

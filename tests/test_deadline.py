@@ -24,7 +24,7 @@ import pytest
 
 import dask_llm
 from dask_llm.core.deadline import Deadline, TierChooser, batch_late, plan_tiers, projected_end
-from tests.chains import summary_chain
+from tests.chains import summary_chain, wine_chains
 from tests.helpers import requests
 from tests.helpers import reviews as frame
 
@@ -210,6 +210,72 @@ def test_a_batch_slower_than_stated_is_cancelled_early_and_the_rest_goes_online(
     assert "deadline met" in report and "cost by Flex / batch / list price" in report
 
 
+def test_a_batch_stuck_validating_is_cancelled_early_and_goes_by_flex(
+    make_simulator: Any,
+) -> None:
+    # The planner is told batches take 4 s: 12 s leave room for one (its cancel begins
+    # 6.8 s after it is submitted). This simulator's batch validates for 30 s. Once it
+    # has validated for 2.8 s, even the 4 s assumed from then would end after its cancel
+    # begins: it is late, cancelled while validating (nothing done, nothing paid), and
+    # every line goes online by Flex, in time: 0.5x list price, ~5 s to spare. On main it
+    # waited for its cut-off (6.8 s): the online requests then had no room to wait for
+    # Flex's answers, and all went at list price (1.0x, ~3 s to spare).
+    sim = make_simulator(**{**SIM, "batch_validation_delay": 30.0})
+    _, share, spare = run(sim, 12.0)
+    assert spare > 0
+    stats = sim.stats()
+    assert stats["batches_created"] == 1 and stats["batches_cancelled"] == 1
+    # Cancelled before it ran a line: nothing paid twice.
+    assert stats["batch_lines_submitted"] == stats["batch_lines_ok"] == 0
+    assert stats["successes"] == ROWS
+    summary = dask_llm.last_run()
+    assert summary is not None and summary.batches_late == 1
+    assert summary.flex_calls == ROWS
+    assert share == pytest.approx(0.5)
+
+
+@pytest.mark.slow  # about 13 s
+def test_a_limit_lower_than_told_moves_the_cut_off_earlier(make_simulator: Any) -> None:
+    """The job is told 6,000 requests/minute; the provider allows 60 (its headers say so).
+
+    6 rows of two dependent chains: 12 requests, 1.3 s online at the rate told, so the
+    cut-off is 16 s - 1.3 s and the batch's cancel begins 11 s in. The first batch
+    expires at once (the simulator's ``batch_expire_count=1``): its lines go online, and
+    their answers announce the real limit. Re-planned at 1 request/s, the 12 requests
+    need 13 s online: the cut-off is already past, so the second round's batch is
+    cancelled as soon as it is submitted and its lines go online by Flex, in time (~2.5 s
+    to spare, 0.5x list price). On main the cut-off stayed where the rate told put it:
+    the second batch ran, showing nothing, until 4 s (its turnaround) had passed; its 6
+    lines then went online at 1 a second, partly at list price, and the job ended ~5.6 s
+    late (0.84x list price).
+    """
+    sim = make_simulator(
+        latency=0.1,
+        flex_slowdown=10.0,
+        rpm=60,
+        batch_validation_delay=0.05,
+        batch_delay=100.0,
+        batch_finalize_delay=0.05,
+        batch_expire_after=0.3,
+        batch_expire_count=1,
+    )
+    deadline = Deadline(at=time.time() + 16.0, **{**KNOWN, "batch_turnaround": 4.0})
+    rows = 6
+    out = frame(rows).llm.enrich(
+        wine_chains(sim.base_url), cache=False, rpm=6_000, deadline=deadline
+    )
+    spare = deadline.at - time.time()
+    assert out["llm_error"].isna().all()
+    assert spare > 0
+    stats = sim.stats()
+    assert stats["batches_created"] == 2 and stats["batches_expired"] == 1
+    assert stats["batch_lines_ok"] == 0 and stats["batch_duplicate_lines"] == 0
+    summary = dask_llm.last_run()
+    assert summary is not None and summary.batches_late == 1
+    assert summary.list_price_calls == 0  # all online by Flex: at the Batch API's price
+    assert summary.flex_calls == 2 * rows
+
+
 @pytest.mark.slow  # about 5 s
 def test_flex_less_available_than_stated_moves_the_rest_to_list_price(
     make_simulator: Any,
@@ -269,6 +335,51 @@ def test_a_batch_is_late_when_it_cannot_end_before_its_cancel(
     )
 
 
+@pytest.mark.parametrize(
+    ("now", "rounds_left", "late"),
+    [
+        pytest.param(3.5, 1, False, id="one-round-fits-from-now"),
+        pytest.param(4.5, 1, True, id="validated-past-its-slack"),
+        pytest.param(3.5, 2, True, id="its-next-round-does-not-fit"),
+    ],
+)
+def test_a_batch_still_validating_is_late_when_the_turnaround_from_now_does_not_fit(
+    now: float, rounds_left: int, late: bool
+) -> None:
+    # Submitted at 0, still validating; 1 s assumed per round; its cancel would begin at 5 s.
+    assert (
+        batch_late(
+            now=now,
+            since=now,
+            done=0,
+            total=10,
+            turnaround=1.0,
+            rounds_left=rounds_left,
+            cancel_at=5.0,
+            submitted=0.0,
+            validating=True,
+        )
+        is late
+    )
+
+
+def test_a_later_round_counts_this_rounds_validation_too() -> None:
+    # Submitted at 0, validated until 2, half done at 3: its lines end at 4. The next round
+    # validates as this one did: 4 s, not the 2 s in progress, so it ends at 8, after the
+    # cancel (7). Counted from the end of validation alone, it looked in time (6).
+    kwargs: dict[str, Any] = {
+        "now": 3.0,
+        "since": 2.0,
+        "done": 5,
+        "total": 10,
+        "turnaround": 1.0,
+        "rounds_left": 2,
+        "cancel_at": 7.0,
+    }
+    assert batch_late(**kwargs, submitted=0.0)
+    assert not batch_late(**kwargs)  # no submission known: from ``since``, as on main
+
+
 def test_flex_unavailability_measured_moves_the_switch_to_list_price_earlier() -> None:
     # Flex assumed 1.5 s and always available: a request sent 2 s before the deadline
     # goes by Flex. Half of its answers "resource unavailable": not any more.
@@ -281,3 +392,37 @@ def test_flex_unavailability_measured_moves_the_switch_to_list_price_earlier() -
     assert chooser.flex_measured()[1] == pytest.approx(10 / 24)
     assert chooser.tier(now=98.0) == "default"
     assert chooser.tier(now=97.0) == "flex"
+
+
+def test_the_cut_off_is_re_planned_at_a_lower_limit_the_headers_announce() -> None:
+    # 1,000 requests told at 10/s: 100 s online, + 2 x 10 s warm-up, + 2 rounds x 10 s.
+    chooser = TierChooser(Deadline(at=10_000.0, batch_turnaround=3600), rounds=2)
+    plan = chooser.plan(now=0.0, requests=1_000, rate_per_s=10.0)
+    assert plan.batch_s is not None
+    assert chooser.cutoff_at() == pytest.approx(plan.batch_s)
+    chooser.announced(rpm=1_200.0, tpm=None)  # 20/s: better than told, the plan keeps its own
+    assert chooser.cutoff_at() == pytest.approx(plan.batch_s)
+    chooser.announced(rpm=120.0, tpm=None)  # 2/s: 500 s online
+    assert chooser.cutoff_at() == pytest.approx(10_000 - 20 - 500 - 20)
+    # A token limit counts in the tokens answers used: 600 a minute at 100 an answer.
+    chooser.observe(1.0, flex=False, tokens=100)
+    chooser.announced(rpm=None, tpm=600.0)
+    assert chooser.online_measured()[0] == pytest.approx(0.1)
+
+
+def test_the_list_price_latency_measured_moves_flexs_last_safe_moment_earlier() -> None:
+    # Two rounds: a Flex answer (1.5 s) must leave room for its row's next round at list
+    # price, assumed 0.3 s: a request 2 s before the deadline goes by Flex. Answers at
+    # list price that take 1 s each: not any more.
+    chooser = TierChooser(Deadline(at=100.0, **KNOWN), rounds=2)
+    chooser.plan(now=0.0, requests=10, rate_per_s=5.0)
+    assert chooser.tier(now=98.1) == "flex"
+    for _ in range(4):
+        chooser.observe(1.0, flex=False)
+    assert chooser.online_measured()[1] == pytest.approx(1.0)
+    assert chooser.tier(now=98.1) == "default"
+    assert chooser.tier(now=97.4) == "flex"
+    later = plan_tiers(
+        Deadline(at=100.0, **KNOWN), now=0.0, requests=10, rounds=2, rate_per_s=5.0, latency=1.0
+    )
+    assert later.flex_until == pytest.approx(100.0 - 1.5 - 1.0)

@@ -40,6 +40,9 @@ class JobHandle:
     hub: tuple[tuple[str, int], bytes] | None = field(default=None, repr=False)
     #: The client's run (one local computation) this copy was pickled for (``cluster.hub``).
     run: int | None = None
+    #: The run's drop box for a batch job's frames (``cluster.hub.drop_box``), named by the
+    #: client: a pool child's own temporary directory may differ.
+    box: str | None = None
 
     def __repr__(self) -> str:  # never the keys
         return f"JobHandle(job={self.job!r}, run={self.run!r})"
@@ -65,6 +68,7 @@ class JobHandle:
                 if values["hub"] is None:
                     values["hub"] = _hub.hub_address()
                 values["run"] = _hub.current_run()
+                values["box"] = str(_hub.drop_box(self.job, values["run"]))
                 _hub.run_holds(values["run"], self.job)
         return (_rebuild, (values,))
 

@@ -48,9 +48,11 @@ import itertools
 import logging
 import os
 import secrets
+import tempfile
 import threading
 import time
 from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
 from typing import Any
 
 from dask_llm.core.runtime import part
@@ -130,6 +132,14 @@ def run_ended(run: int, abandoned: tuple[str, str] | None = None) -> set[str]:
         if abandoned is not None:
             hub.abandoned[run] = (abandoned[0], abandoned[1], now)
     return jobs
+
+
+def drop_box(job: str, run: int | None) -> Path:
+    """Where a child of dask's process pool leaves a partition's frame for the child that
+    collects it (``engine.handoff``): a directory per job and run under the client's
+    temporary directory (the handle tells the children), removed when the run ends
+    (``engine.job``)."""
+    return Path(tempfile.gettempdir()) / f"dask-llm-handoff-{job}-{run}"
 
 
 def live_runs() -> list[int]:

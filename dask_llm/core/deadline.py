@@ -46,14 +46,57 @@ is not):
   by Flex, less at list price, and the provider's cancel has longer to finish).
   The lines it finished are read once the cancel is done (nothing is paid
   twice); the rest go online. Before any line is done, the batch is late once
-  it has run longer than the turnaround assumed. Only batches whose rest can
-  go by Flex (OpenAI's): an Anthropic batch's rest would go at list price, so
-  it keeps its cut-off.
+  it has run longer than the turnaround assumed. A batch still validating is
+  late once even the turnaround assumed, counted from now, would end its
+  rounds after that moment (``now + rounds_left x batch_turnaround >
+  cancel_at``): its validation has eaten the plan's slack. It is cancelled
+  while validating (no line done, nothing paid) and every line goes online.
+  Only batches whose rest can go by Flex (OpenAI's): an Anthropic batch's rest
+  would go at list price, so it keeps its cut-off.
 * Flex's latency and its share of "resource unavailable" answers are measured
   as they come (``TierChooser.observe``); the larger of each and the one
   assumed makes a Flex request's expected time, so the moment after which a
   request goes at list price moves earlier when Flex turns out slower or less
   available than assumed.
+* The online rate and the list-price latency: the tail was planned with the
+  rate told (``rpm=``) or assumed and the latency assumed. Each online answer
+  of the job in this process is measured (``TierChooser.observe``: its latency
+  at list price; ``TierChooser.announced``: the limits its headers announce,
+  a 429's too: ``rpm / 60``, or ``tpm / 60`` over the tokens an answer used on
+  average, the lower, which is the rate the pacing sends at). From the first
+  such answer on, the cut-off is ``deadline - tail`` with the lower rate and the
+  larger latency (``TierChooser.cutoff_at``, read by the batch sender at each
+  poll: never later than planned), and so is the moment its cancel begins (the
+  lead stays as planned); a batch past it is cancelled at once. Flex's last
+  safe moment uses the larger latency for its row's later rounds
+  (``TierChooser.tier``), and every re-plan (``TierChooser.plan``) both. The
+  tail is re-planned for the job's requests as planned, not for what is left:
+  an earlier cut-off than needed, never a later one. A job all by batch sends
+  nothing online before its cut-off, so it has nothing to measure there: its
+  cut-off stays at the rate told or assumed (tell ``rpm=`` what the account
+  allows). Its online answers come from lines a batch did not answer (an
+  expired or failed line, a batch cancelled early) and from the partitions of
+  the job that went online; a provider that announces no limit leaves the rate
+  as told.
+
+**The bound with later rounds** (dependent chains). A batch is judged against
+the moment its cancel would begin, not against the deadline, and so is every
+round after it (``batch_late``): the plan chose the Batch API only when every
+round ends before the cancel begins, and the tail after the cut-off is sized
+for the whole job online (every round's requests, ``rounds x latency``).
+Judged against the deadline instead, a batch whose next round ends after the
+cancel began would keep running only for that round to be cancelled at the
+cut-off: its rest would go online then, where it could have gone by Flex now
+at the same price. Each later round is counted at least as long as the
+turnaround assumed and as this round from its submission to its projected end,
+its validation included (a later round validates as this one did; until
+2026-12-07 it was counted from the end of validation, and a long validation
+was not counted twice). What is not counted: this round's finalization after
+its last line and the moments between rounds (reading the results, the chains
+building the next requests, the upload); the cancel's lead (``CANCEL_SHARE``)
+covers them. A round is a submission of the partition (``wave``): a request
+retried online after a 429 joins the next submission, so a wave may hold lines
+of an earlier round, whose later rounds are then not counted.
 """
 
 from __future__ import annotations
@@ -208,21 +251,21 @@ def plan_tiers(
     rate_per_s: float,
     flex_latency: float | None = None,
     flex_unavailable: float | None = None,
+    latency: float | None = None,
     batch: bool = True,
 ) -> TierPlan:
     """The cheapest plan that finishes ``requests`` (over ``rounds`` dependent rounds) by
-    ``deadline``, sending at most ``rate_per_s``; ``flex_latency`` and ``flex_unavailable``
-    (a share): as measured, if known; ``batch=False``: online only (a batch was cancelled).
+    ``deadline``, sending at most ``rate_per_s``; ``flex_latency``, ``flex_unavailable``
+    (a share) and ``latency`` (at list price): as measured, if known (the larger of each
+    and the one assumed is used); ``batch=False``: online only (a batch was cancelled).
     """
     left = deadline.at - now
     rounds = max(1, rounds)
-    rate = max(rate_per_s, 1e-9)
-    # The pacing sends its first requests one after another (WARMUP_ANSWERS) before it
-    # sends at the full rate.
-    send_s = requests / rate
-    list_tail = WARMUP_ANSWERS * deadline.latency + send_s + rounds * deadline.latency
+    lat = max(deadline.latency, latency or 0.0)
+    send_s = requests / max(rate_per_s, 1e-9)
+    list_tail = tail_seconds(requests=requests, rounds=rounds, rate_per_s=rate_per_s, latency=lat)
     flex_s = _flex_seconds(deadline, flex_latency, flex_unavailable)
-    flex_until = deadline.at - flex_s - (rounds - 1) * deadline.latency
+    flex_until = deadline.at - flex_s - (rounds - 1) * lat
     # Batch: every round done before its cancel begins, and the tail still fits after.
     cutoff = left - list_tail
     if batch and cutoff > 0:
@@ -242,14 +285,12 @@ def plan_tiers(
     all_flex_window = flex_until - now - WARMUP_ANSWERS * flex_s
     flex_first = send_s <= all_flex_window
     flex_window = (
-        all_flex_window
-        if flex_first
-        else max(0.0, flex_until - now - WARMUP_ANSWERS * deadline.latency)
+        all_flex_window if flex_first else max(0.0, flex_until - now - WARMUP_ANSWERS * lat)
     )
     flex_share = 1.0 if send_s <= flex_window else (flex_window / send_s if send_s else 1.0)
     # All by Flex: the last one sent, then its Flex answer; else the last sent at list price.
-    warmup = WARMUP_ANSWERS * (flex_s if flex_first else deadline.latency)
-    all_flex = warmup + send_s + flex_s + (rounds - 1) * deadline.latency
+    warmup = WARMUP_ANSWERS * (flex_s if flex_first else lat)
+    all_flex = warmup + send_s + flex_s + (rounds - 1) * lat
     finish = all_flex if flex_share >= 1.0 else list_tail
     return TierPlan(
         deadline=deadline,
@@ -261,6 +302,15 @@ def plan_tiers(
         meets=finish <= left,
         flex_first=flex_first,
     )
+
+
+def tail_seconds(*, requests: int, rounds: int, rate_per_s: float, latency: float) -> float:
+    """What ``requests`` over ``rounds`` dependent rounds take online at list price, at
+    ``rate_per_s`` and ``latency``: the pacing sends its first requests one after another
+    (``WARMUP_ANSWERS``) before it sends at the full rate, and the last row's rounds follow
+    one another."""
+    send_s = requests / max(rate_per_s, 1e-9)
+    return WARMUP_ANSWERS * latency + send_s + max(1, rounds) * latency
 
 
 def rate_of(deadline: Deadline, *, rpm: float | None, max_concurrency: int) -> float:
@@ -307,12 +357,24 @@ def batch_late(
     turnaround: float,
     rounds_left: int,
     cancel_at: float,
+    submitted: float | None = None,
+    validating: bool = False,
 ) -> bool:
-    """Whether a batch (see ``projected_end``), and the ``rounds_left - 1`` rounds after it
-    (each at least as long as this one, and as the ``turnaround`` assumed), cannot end
-    before ``cancel_at``, when its cancel would begin anyway (the module docstring)."""
-    end = projected_end(now=now, since=since, done=done, total=total, turnaround=turnaround)
-    later = max(turnaround, end - since) * max(0, rounds_left - 1)
+    """Whether a batch, and the ``rounds_left - 1`` rounds after it, cannot end before
+    ``cancel_at``, when its cancel would begin anyway (the module docstring).
+
+    This batch ends at ``projected_end``; each later round takes at least the
+    ``turnaround`` assumed, and at least as long as this one from its ``submitted``
+    (default ``since``) to its end: a later round validates as this one did. A batch
+    still ``validating`` ends, at best, the ``turnaround`` assumed from ``now``.
+    """
+    if validating:
+        end = now + turnaround
+        began = now
+    else:
+        end = projected_end(now=now, since=since, done=done, total=total, turnaround=turnaround)
+        began = since if submitted is None else min(submitted, since)
+    later = max(turnaround, end - began) * max(0, rounds_left - 1)
     return end + later > cancel_at
 
 
@@ -321,14 +383,20 @@ class TierChooser:
 
     A request goes by Flex while its answer, at the Flex latency and unavailability
     assumed or measured here (the larger of each), plus its row's later rounds at list
-    price, is back by the deadline; after that at list price. Until its first answers
-    are back here (``WARMUP_ANSWERS``), the pacing sends one request after another: by
-    Flex that wait is Flex's latency, which only a plan with room for all of it by Flex
-    can afford; any other plan asks those first requests at list price.
+    price (at the list-price latency assumed or measured, the larger), is back by the
+    deadline; after that at list price. Until its first answers are back here
+    (``WARMUP_ANSWERS``), the pacing sends one request after another: by Flex that wait
+    is Flex's latency, which only a plan with room for all of it by Flex can afford; any
+    other plan asks those first requests at list price.
 
     The unavailable share measured is ``(unavailable + UNAVAILABLE_PRIOR x assumed) /
     (Flex requests answered + UNAVAILABLE_PRIOR)``: one or two "resource unavailable"
     among the first answers are not taken for all of them.
+
+    The online rate measured is the provider's limit as its answers' headers announce
+    it: ``rpm / 60``, or ``tpm / 60`` over the tokens an answer has used on average, the
+    lower (the pacing sends at it: ``limits.pacer``). A plan, and the batch cut-off
+    (``cutoff_at``), use the lower of it and the rate told or assumed.
     """
 
     def __init__(self, deadline: Deadline, *, rounds: int) -> None:
@@ -338,9 +406,15 @@ class TierChooser:
         self._flex_seconds = 0.0
         self._flex_answers = 0
         self._flex_unavailable = 0  # Flex requests answered "resource unavailable"
+        self._list_seconds = 0.0
+        self._list_answers = 0  # answers at list price: their latency
+        self._tokens = 0.0  # tokens the answers used (prompt and output), all tiers
         self._answered = 0  # answers back here: WARMUP_ANSWERS, and the pacing has warmed up
+        self._rpm: float | None = None  # the limits the freshest headers announced
+        self._tpm: float | None = None
         self._flex_first = True  # the last plan has room for a warm-up by Flex
         self._rate_per_s = 0.0  # the rate the last plan assumed (a re-plan assumes it too)
+        self._job_requests = 0  # the job's requests, as its partitions planned them
 
     def tier(self, now: float | None = None) -> Tier:
         now = time.time() if now is None else now
@@ -348,26 +422,56 @@ class TierChooser:
             if self._answered < WARMUP_ANSWERS and not self._flex_first:
                 return "default"
             measured, unavailable = self._measured()
+            latency = self._latency()
         flex_s = _flex_seconds(self.deadline, measured, unavailable)
-        latest = self.deadline.at - flex_s - (self.rounds - 1) * self.deadline.latency
+        latest = self.deadline.at - flex_s - (self.rounds - 1) * latency
         return "flex" if now <= latest else "default"
 
-    def observe(self, seconds: float, *, flex: bool, unavailable: bool = False) -> None:
-        """An answer (``flex``: by Flex) took ``seconds``, from its send to its answer;
-        ``unavailable``: it was Flex's "resource unavailable" (no answer: retried)."""
+    def observe(
+        self,
+        seconds: float,
+        *,
+        flex: bool,
+        unavailable: bool = False,
+        tokens: int = 0,
+    ) -> None:
+        """An answer (``flex``: by Flex) took ``seconds``, from its tier's choice to its
+        answer (its wait for a paced start included: a row's next round waits so too);
+        ``unavailable``: it was Flex's "resource unavailable" (no answer: retried).
+        ``tokens``: those it used (prompt and output)."""
         with self._lock:
             if unavailable:
                 self._flex_unavailable += 1
                 return
             self._answered += 1
+            self._tokens += max(0, tokens)
             if flex:
                 self._flex_seconds += seconds
                 self._flex_answers += 1
+            else:
+                self._list_seconds += seconds
+                self._list_answers += 1
+
+    def announced(self, *, rpm: float | None, tpm: float | None) -> None:
+        """An answer's headers (any answer's, a 429's too) announce these limits per
+        minute (None: not said): the freshest are kept."""
+        if rpm or tpm:
+            with self._lock:
+                self._rpm = rpm or self._rpm
+                self._tpm = tpm or self._tpm
 
     def flex_measured(self) -> tuple[float | None, float | None]:
         """Flex's mean latency and unavailable share measured here (None: nothing yet)."""
         with self._lock:
             return self._measured()
+
+    def online_measured(self) -> tuple[float | None, float | None]:
+        """The online rate (requests/s, as the provider's headers announce its limit) and
+        the mean list-price latency (seconds) measured here (None: nothing yet)."""
+        with self._lock:
+            return self._announced_rate(), (
+                self._list_seconds / self._list_answers if self._list_answers else None
+            )
 
     def _measured(self) -> tuple[float | None, float | None]:
         latency = self._flex_seconds / self._flex_answers if self._flex_answers else None
@@ -376,30 +480,69 @@ class TierChooser:
         share = (self._flex_unavailable + prior) / (asked + UNAVAILABLE_PRIOR) if asked else None
         return latency, share
 
+    def _latency(self) -> float:
+        """The list-price latency to plan with: the larger of the one assumed and measured."""
+        measured = self._list_seconds / self._list_answers if self._list_answers else 0.0
+        return max(self.deadline.latency, measured)
+
+    def _announced_rate(self) -> float | None:
+        rates = []
+        if self._rpm:
+            rates.append(self._rpm / 60.0)
+        if self._tpm and self._answered and self._tokens > 0:
+            rates.append(self._tpm / 60.0 / (self._tokens / self._answered))
+        return min(rates) if rates else None
+
+    def _rate(self, assumed: float) -> float:
+        """The rate to plan with: the lower of ``assumed`` and the one announced."""
+        announced = self._announced_rate()
+        return assumed if announced is None else min(assumed, announced)
+
     def plan(
         self, *, now: float, requests: int, rate_per_s: float | None = None, batch: bool = True
     ) -> TierPlan:
         """The plan for ``requests`` from ``now`` with what is measured here so far;
-        ``rate_per_s``: None for the last plan's; ``batch=False``: online only (a re-plan
-        after a batch was cancelled)."""
+        ``rate_per_s``: the rate told or assumed (None for the last plan's; the lower of it
+        and the one measured is used); ``batch=False``: online only (a re-plan after a
+        batch was cancelled)."""
         with self._lock:
             if rate_per_s is None:
                 rate_per_s = self._rate_per_s
             self._rate_per_s = rate_per_s
+            if batch:
+                self._job_requests = requests
             measured, unavailable = self._measured()
+            rate = self._rate(rate_per_s)
+            latency = self._latency()
         plan = plan_tiers(
             self.deadline,
             now=now,
             requests=requests,
             rounds=self.rounds,
-            rate_per_s=rate_per_s,
+            rate_per_s=rate,
             flex_latency=measured,
             flex_unavailable=unavailable,
+            latency=latency,
             batch=batch,
         )
         with self._lock:
             self._flex_first = plan.batch_s is not None or plan.flex_first
         return plan
+
+    def cutoff_at(self) -> float | None:
+        """The batch cut-off (epoch seconds) with the rate and the list-price latency known
+        now (each the worse of the one assumed and the one measured): ``deadline - tail``
+        for the job's requests (None: no partition has planned yet)."""
+        with self._lock:
+            if not self._job_requests or not self._rate_per_s:
+                return None
+            tail = tail_seconds(
+                requests=self._job_requests,
+                rounds=self.rounds,
+                rate_per_s=self._rate(self._rate_per_s),
+                latency=self._latency(),
+            )
+        return self.deadline.at - tail
 
 
 __all__ = [
@@ -410,4 +553,5 @@ __all__ = [
     "plan_tiers",
     "projected_end",
     "rate_of",
+    "tail_seconds",
 ]

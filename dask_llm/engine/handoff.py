@@ -51,12 +51,18 @@ partitions hold theirs alike); a frame too large for memory is enriched a
 slice of partitions at a time. The partitions' CPU work (building requests,
 parsing answers) shares the process's GIL as it does on the pool's threads.
 
-The process pool is not helped: a task of the second layer may run in any
-child, while the partition it would collect runs in the child that ran its
-first layer, and dask's pool offers no way to pick the child. There the
-first layer returns no ticket, and the second runs the partition as the
-one-layer graph did, its waits in waves of the pool's processes
-(``compute(num_workers=...)`` lets more wait at once; ``estimate`` says so).
+On dask's process pool a task of the second layer may run in any child,
+while its partition runs in the child that ran its first layer, and dask's
+pool offers no way to pick the child. There the partition's thread, when its
+run ends, leaves its frame (pickled, or what it raised) in a *drop box*: a
+file named by its ticket in a directory of the job and run
+(``cluster.hub.drop_box``, under the client's temporary directory); the second
+layer, in whichever child, waits for that file, reads it and removes it. The
+partitions' waits overlap as on threads (every first layer runs before any
+second, the barrier sees to that); the price is one write and one read of
+each output frame. The box is removed when the run ends (``_ComputeWatch``),
+also for a run that failed, whose frames nobody collects; a partition that
+ends after that finds its box gone and leaves nothing behind.
 
 State: ``Handoffs``, a part of the process's runtime, holds each partition
 handed off until its second layer takes it; one whose computation ended
@@ -66,8 +72,13 @@ without taking it (an error elsewhere) is dropped once it has ended.
 from __future__ import annotations
 
 import contextvars
+import os
+import pickle
 import threading
+import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -77,10 +88,17 @@ from dask_llm.cluster import hub as _hub
 from dask_llm.cluster.handle import JobHandle
 from dask_llm.core import where as _cluster
 from dask_llm.core.config import EnrichOptions
+from dask_llm.core.errors import JobStopped
 from dask_llm.core.runtime import part
 from dask_llm.engine import job as jobs
 from dask_llm.engine.loop import Handed
 from dask_llm.engine.runner import enrich_partition
+
+#: A ticket of a pool child: this, then the path of the partition's drop box file.
+_POOL = "pool:"
+#: How often a second layer looks for its partition's file (seconds, first and at most).
+_LOOK_FIRST_S = 0.01
+_LOOK_MAX_S = 0.1
 
 #: The meta of the first layer: one ticket per partition (None: not handed off).
 TICKET_META = pd.Series([], dtype=object, name="ticket")
@@ -125,20 +143,37 @@ def begin(
 ) -> pd.Series:
     """The first layer: hand the partition to a thread of its own; its ticket.
 
-    In a process of dask's pool or on a ``distributed`` worker the partition is not
-    handed off (its second layer may run elsewhere): the ticket is None."""
-    if _cluster.in_pool_child() or _cluster.distributed_worker() is not None:
+    In a child of dask's process pool the ticket names the partition's drop box (its
+    second layer may run in another child). On a ``distributed`` worker the partition
+    is not handed off (that graph has one layer): the ticket is None."""
+    if _cluster.distributed_worker() is not None:
         return pd.Series([None], dtype=object, name="ticket")
     ticket = uuid.uuid4().hex
     number = int((partition_info or {}).get("number", 0))
+    run = jobs.run_of(options, handle)
+
+    def call() -> pd.DataFrame:
+        return enrich_partition(df, plan, options, handle, partition_info)
+
+    if _cluster.in_pool_child():
+        box = Path(handle.box) if handle.box is not None else _hub.drop_box(options.job, run)
+        box.mkdir(mode=0o700, exist_ok=True)
+        path = box / f"{ticket}.pickle"
+        Handed(
+            lambda: _leave(path, call),
+            name=f"dask-llm-partition-{number}",
+            daemon=False,  # the child lives on until the frame is left
+            context=contextvars.copy_context(),
+        )
+        return pd.Series([_POOL + str(path)], dtype=object, name="ticket")
     handed = Handed(
-        lambda: enrich_partition(df, plan, options, handle, partition_info),
+        call,
         name=f"dask-llm-partition-{number}",
         # Joined at exit: a partition stopped by Ctrl-C still names its batches.
         daemon=False,
         context=contextvars.copy_context(),
     )
-    part(Handoffs).put(ticket, handed, jobs.run_of(options, handle))
+    part(Handoffs).put(ticket, handed, run)
     return pd.Series([ticket], dtype=object, name="ticket")
 
 
@@ -160,6 +195,8 @@ def end(
     ticket = tickets.iloc[0]
     if ticket is None:
         return enrich_partition(df, plan, options, handle, partition_info)
+    if ticket.startswith(_POOL):
+        return _collect(Path(ticket.removeprefix(_POOL)), options.job)
     handed = part(Handoffs).take(ticket)
     if handed is None:
         raise RuntimeError(
@@ -177,3 +214,48 @@ def _interrupted(job_id: str) -> None:
     for job in jobs.running_jobs():
         if job.id == job_id:
             job.stop("interrupted", "interrupted (KeyboardInterrupt)")
+
+
+def _leave(path: Path, call: Callable[[], pd.DataFrame]) -> None:
+    """Run a pool child's partition and leave its frame (or what it raised) at ``path``.
+
+    Written whole under another name, then renamed: the reader never sees half a file.
+    A box removed meanwhile (its run ended) takes nothing."""
+    try:
+        left: tuple[str, Any] = ("frame", call())
+    except BaseException as exc:  # raised again by the second layer
+        left = ("error", exc)
+    try:
+        data = pickle.dumps(left, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # an exception that does not pickle: its type and text
+        error = left[1] if left[0] == "error" else None
+        text = f"{type(error).__name__}: {error}" if error is not None else "unpicklable frame"
+        data = pickle.dumps(("error", RuntimeError(text)), protocol=pickle.HIGHEST_PROTOCOL)
+    part_path = path.with_suffix(".part")
+    try:
+        part_path.write_bytes(data)
+        os.replace(part_path, path)
+    except FileNotFoundError:
+        pass
+
+
+def _collect(path: Path, job_id: str) -> pd.DataFrame:
+    """The second layer in a pool child: wait for the partition's file, take it.
+
+    A box gone before its file came means that the client ended the run (an error
+    elsewhere, Ctrl-C): nobody reads this task's result, and it must not hold the
+    pool's shutdown, which waits for it."""
+    pause = _LOOK_FIRST_S
+    while not path.exists():
+        if not path.parent.exists():
+            raise JobStopped(
+                f"dask-llm job {job_id[:8]}: the computation ended before this partition did"
+            )
+        time.sleep(pause)
+        pause = min(_LOOK_MAX_S, pause * 2)
+    kind, value = pickle.loads(path.read_bytes())
+    path.unlink()  # the box itself goes with the run: other partitions may not have left yet
+    if kind == "error":
+        raise value
+    frame: pd.DataFrame = value
+    return frame

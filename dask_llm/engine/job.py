@@ -69,10 +69,11 @@ import contextlib
 import gc
 import logging
 import math
+import shutil
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dask.callbacks import Callback
@@ -594,25 +595,35 @@ class _ComputeWatch(Callback):
         run = _hub.current_run()
         if not errored:
             if run is not None:
-                _hub.run_ended(run)
+                _sweep_drop_boxes(_hub.run_ended(run), run)
             return
         exc = sys.exc_info()[1]
         if isinstance(exc, KeyboardInterrupt):
             kind, text = "interrupted", "interrupted (KeyboardInterrupt)"
         elif isinstance(exc, JobStopped):  # the job stopped itself; its run ends with it
             if run is not None:
-                _hub.run_ended(run, (exc.kind, str(exc)))
+                _sweep_drop_boxes(_hub.run_ended(run, (exc.kind, str(exc))), run)
             return
         else:
             kind = "interrupted"
             text = f"the computation failed ({type(exc).__name__ if exc else 'error'})"
         interrupted = isinstance(exc, KeyboardInterrupt)
-        for job_id in stop_run(run, kind, text, everything=interrupted):
+        stopped = stop_run(run, kind, text, everything=interrupted)
+        _sweep_drop_boxes(stopped, run)
+        for job_id in stopped:
             summary = _progress.stop_run(job_id, "interrupted", run)
             if interrupted:
                 print(
                     f"dask-llm: stopped job {job_id[:8]}: {resume_hint(summary)}", file=sys.stderr
                 )
+
+
+def _sweep_drop_boxes(job_ids: Iterable[str], run: int | None) -> None:
+    """The run ended: its jobs' drop boxes go (frames of a failed run nobody collects)."""
+    for job_id in job_ids:
+        box = _hub.drop_box(job_id, run)
+        if box.exists():
+            shutil.rmtree(box, ignore_errors=True)
 
 
 _WATCH = _ComputeWatch()

@@ -116,11 +116,7 @@ class Estimate:
         if self.batch:
             wall = "within the batch window per round (one per dependent chain level)"
             if self.partitions > 1:
-                wall += (
-                    f", all {self.partitions:,} partitions waiting at once (on dask's process "
-                    "pool only as many as its processes, the rest one after another: there, "
-                    f"compute(num_workers={self.partitions}) lets them all wait at once)"
-                )
+                wall += f", all {self.partitions:,} partitions waiting at once"
         elif self.wall_s is None:
             wall = "unknown (give rpm= or tpm=)"
         else:

@@ -119,12 +119,14 @@ GO_ONLINE: Final = GoOnline()
 class _Progress:
     """What a batch has shown of its pace (``deadline=``): lines ``done0`` at ``since``
     (the last poll that saw it validating, or the first that saw it at all), in wave
-    ``wave`` (the partition's submissions so far: its round of the chains)."""
+    ``wave`` (the partition's submissions so far: its round of the chains), submitted
+    (or first seen) at ``submitted``."""
 
-    __slots__ = ("done0", "since", "wave")
+    __slots__ = ("done0", "since", "submitted", "wave")
 
     def __init__(self, since: float, done0: int, wave: int) -> None:
         self.since = since
+        self.submitted = since
         self.done0 = done0
         self.wave = wave
 
@@ -462,11 +464,19 @@ class Batcher:
         self._on_progress()
 
     def _deadline_at(self) -> float | None:
-        """When (``time.monotonic``) what is not back goes online; None: no deadline yet."""
+        """When (``time.monotonic``) what is not back goes online; None: no deadline yet.
+
+        With ``enrich(deadline=)``, re-planned (never later) as the job measures its online
+        rate and latency: ``TierChooser.cutoff_at``."""
         deadline = self.policy.deadline
         if deadline is None or self._first_submit is None:
             return None
-        return self._first_submit + deadline
+        at = self._first_submit + deadline
+        tiers = self.job.tiers()
+        cutoff = tiers.cutoff_at() if tiers is not None else None
+        if cutoff is not None:
+            at = min(at, cutoff - time.time() + time.monotonic())
+        return at
 
     def _cancel_at(self) -> float | None:
         """When the batches are cancelled, for what they finished to be read by the deadline."""
@@ -478,7 +488,9 @@ class Batcher:
     # -- deadline=: re-planned from a batch's progress (core.deadline) ------------------------
     def _late(self, batch: BatchState) -> bool:
         """Whether ``batch``, by its pace so far, cannot end before its cancel would begin
-        (``core.deadline.batch_late``): then it is cancelled now, not at the cut-off.
+        (``core.deadline.batch_late``): then it is cancelled now, not at the cut-off. A
+        batch still validating is late once even the turnaround assumed, from now, would
+        end its rounds after that moment.
 
         Only where its lines go online by Flex (OpenAI's), at the Batch API's price:
         Anthropic's would go at list price, so its batch keeps its cut-off, answering
@@ -492,10 +504,10 @@ class Batcher:
         progress = self._progress.get(batch.id)
         if progress is None:  # re-attached to: its pace is measured from here
             progress = self._progress[batch.id] = _Progress(now, batch.done, max(1, self._wave))
-        if batch.status == "validating" or batch.total <= 0:
+        validating = batch.status == "validating" or batch.total <= 0
+        if validating:
             progress.since = now  # not running yet: its pace starts after this
-            return False
-        if batch.status != "in_progress":
+        elif batch.status != "in_progress":
             return False  # finalizing: every line is done; cancelling: under way
         done, total = batch.done - progress.done0, batch.total - progress.done0
         turnaround = tiers.deadline.batch_turnaround
@@ -508,8 +520,22 @@ class Batcher:
             turnaround=turnaround,
             rounds_left=rounds_left,
             cancel_at=cancel_at,
+            submitted=progress.submitted,
+            validating=validating,
         )
-        if late:
+        if late and validating:
+            log.info(
+                "dask-llm: batch %s has been validating for %.1f s: even at the turnaround "
+                "assumed (%.1f s) from now, its %d round(s) would end after its cancel would "
+                "begin (in %.1f s); cancelling it now, its lines go online",
+                batch.id,
+                now - progress.submitted,
+                turnaround,
+                rounds_left,
+                cancel_at - now,
+            )
+            self.stats.batches_late += 1
+        elif late:
             end = projected_end(
                 now=now, since=progress.since, done=done, total=total, turnaround=turnaround
             )

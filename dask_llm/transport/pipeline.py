@@ -323,11 +323,17 @@ class JobTransport:
                 # Before the slot is released: a request of another thread waiting for
                 # it must find the job stopped.
                 job.fatal_answer(outcome.fatal, body)
-            if tiers is not None and (status == 200 or (by_flex and outcome.unavailable)):
-                # deadline=: Flex's latency and availability, measured (core.deadline).
-                tiers.observe(
-                    time.monotonic() - sent_mono, flex=by_flex, unavailable=outcome.unavailable
-                )
+            if tiers is not None:
+                # deadline=: the limits the headers announce, Flex's latency and
+                # availability and the list-price latency, measured (core.deadline).
+                tiers.announced(rpm=outcome.announced.rpm, tpm=outcome.announced.tpm)
+                if status == 200 or (by_flex and outcome.unavailable):
+                    tiers.observe(
+                        time.monotonic() - sent_mono,
+                        flex=by_flex,
+                        unavailable=outcome.unavailable,
+                        tokens=(outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0),
+                    )
             job.recorder.request_finished(sent_at, outcome)
             # Its output settled before the headers are read: what they say is left is
             # after the provider gave back what the answer did not use.
