@@ -45,6 +45,8 @@ from dask_llm.core.config import (
     QualityGate,
     RetryPolicy,
     ServiceTier,
+    Told,
+    told_names,
 )
 from dask_llm.core.deadline import Deadline
 from dask_llm.core.errors import PromptCacheWarning
@@ -57,6 +59,7 @@ from dask_llm.preview.caching import out_of_order
 from dask_llm.preview.estimate import Estimate, run_estimate
 from dask_llm.preview.pilot import Pilot, run_pilot
 from dask_llm.providers import Provider, is_routable, provider_of
+from dask_llm.providers.registry import NAMES
 
 ChainsArg = Chain | Sequence[Any] | Mapping[str, Any] | Any
 CacheArg = bool | str | os.PathLike[str] | ResultCache | None
@@ -69,9 +72,9 @@ class EnrichKwargs(TypedDict, total=False):
     """The keyword options of ``enrich`` (see its docstring), for typed accessors."""
 
     max_concurrency: int | None
-    rpm: float | None
-    tpm: float | None
-    output_tpm: float | None
+    rpm: Told
+    tpm: Told
+    output_tpm: Told
     budget_usd: float | None
     errors: Errors
     request_timeout: float | None
@@ -93,8 +96,9 @@ class EnrichKwargs(TypedDict, total=False):
 class EstimateKwargs(TypedDict, total=False):
     """The keyword options of ``estimate``."""
 
-    rpm: float | None
-    tpm: float | None
+    rpm: Told
+    tpm: Told
+    output_tpm: Told
     budget_usd: float | None
     cache: CacheArg
     prices: Mapping[str, PriceEntry] | None
@@ -118,9 +122,9 @@ def enrich(
     chains: ChainsArg,
     *,
     max_concurrency: int | None = DEFAULT_MAX_CONCURRENCY,
-    rpm: float | None = None,
-    tpm: float | None = None,
-    output_tpm: float | None = None,
+    rpm: Told = None,
+    tpm: Told = None,
+    output_tpm: Told = None,
     budget_usd: float | None = None,
     errors: Errors = DEFAULT_ERRORS,
     request_timeout: float | None = None,
@@ -156,11 +160,13 @@ def enrich(
             responses are clean and halves on a 429. See docs/rate-limits.md.
         rpm: requests per minute for the whole job, across all processes and workers.
             Default: what the provider announces in its ``x-ratelimit-*`` headers. A
-            job whose chains call two providers paces each to its own limit: a limit
-            told holds for each provider's requests apart.
+            job whose chains call two providers paces each to its own limit: a number
+            holds for each provider's requests apart; a mapping by provider name
+            (``rpm={"openai": 30_000, "anthropic": 50}``) tells each its own, and a
+            provider it does not name is paced to what its headers announce.
         tpm: tokens per minute for the whole job, likewise (Anthropic: input tokens).
         output_tpm: output tokens per minute, for a provider that limits them apart
-            (Anthropic; OpenAI has no such limit). Default: what its
+            (Anthropic; OpenAI has no such limit), likewise. Default: what its
             ``anthropic-ratelimit-output-tokens-limit`` header announces.
         budget_usd: a hard cap on the job's spend, in US dollars, across all processes.
             Each request reserves its worst-case cost before it is sent and settles on
@@ -330,9 +336,9 @@ def _configure(
     chains: ChainsArg,
     *,
     max_concurrency: int | None,
-    rpm: float | None,
-    tpm: float | None,
-    output_tpm: float | None,
+    rpm: Told,
+    tpm: Told,
+    output_tpm: Told,
     budget_usd: float | None,
     errors: Errors,
     request_timeout: float | None,
@@ -387,6 +393,7 @@ def _configure(
         deadline=None if deadline is None else Deadline.of(deadline),
     )
     _check_unseen_models(plan, options)
+    _check_told(plan, options.rpm, options.tpm, options.output_tpm)
     handle = JobHandle(job=options.job, keys=_keys_to_ship(plan, ship_api_keys))
     if budget_usd is not None:
         _check_prices(plan, options)
@@ -422,6 +429,50 @@ def _enrich_now(df: pd.DataFrame, job: _Configured) -> tuple[pd.DataFrame, RunSu
     if summary is None:  # every run here ends with a summary
         raise RuntimeError(f"job {job.options.job}: its run left no summary")
     return out, summary
+
+
+def _providers_of(plan: Plan) -> set[str] | None:
+    """The names of the providers the plan's chains call; None when a chain's cannot be
+    told before it runs (a factory's model, ``init_chat_model``'s configurable one)."""
+    names: set[str] = set()
+    for pc in plan.chains:
+        if pc.chain.is_factory:
+            return None
+        for model in find(pc.chain.runnable, lambda x: isinstance(x, BaseChatModel)):
+            if is_configurable_model(model):
+                return None
+            provider = provider_of(model)
+            if provider is not None:
+                names.add(provider.name)
+    return names
+
+
+def _check_told(plan: Plan, *limits: Told) -> None:
+    """Refuse a limit told by provider that names an unknown provider, or one that no chain
+    of the job calls (its limit would pace nothing: most likely a model meant for it that
+    goes another way, say a ``ChatOpenAI`` at an Anthropic-compatible gateway, whose
+    requests would then run unpaced)."""
+    named = told_names(*limits)
+    if not named:
+        return
+    unknown = sorted(named - set(NAMES))
+    if unknown:
+        raise ValueError(
+            f"a limit told by provider names {unknown[0]!r}, which is no provider dask-llm "
+            f"knows: use one of {', '.join(repr(n) for n in NAMES)}"
+        )
+    used = _providers_of(plan)
+    if used is None:
+        return
+    unused = sorted(named - used)
+    if unused:
+        calls = ", ".join(repr(n) for n in sorted(used)) or "none"
+        raise ValueError(
+            f"a limit told by provider names {unused[0]!r}, but no chain of this job calls "
+            f"it (they call: {calls}): drop it, or name the provider each chain's model "
+            "goes to (a ChatOpenAI at another provider's OpenAI-compatible endpoint is "
+            "'openai')"
+        )
 
 
 def _check_unseen_models(plan: Plan, options: EnrichOptions) -> None:
@@ -639,8 +690,9 @@ def estimate(
     frame: dd.DataFrame | pd.DataFrame,
     chains: ChainsArg,
     *,
-    rpm: float | None = None,
-    tpm: float | None = None,
+    rpm: Told = None,
+    tpm: Told = None,
+    output_tpm: Told = None,
     cache: CacheArg = True,
     prices: Mapping[str, PriceEntry] | None = None,
     budget_usd: float | None = None,
@@ -653,7 +705,12 @@ def estimate(
     Nothing is written: the cache is only read (a missing cache file is an empty one).
 
     Args:
-        rpm, tpm: the limits to project the wall time at.
+        rpm, tpm, output_tpm: the limits to project the wall time at, per minute, as
+            ``enrich`` takes them: a number for each provider apart, or a mapping by
+            provider name. Each chain's calls are projected at its provider's limits
+            (``tpm``: Anthropic's input tokens; ``output_tpm``: Anthropic's output
+            tokens, its model's ``max_tokens`` each), and the estimate says which
+            limit binds.
         cache: the cache ``enrich`` would use (answers in it are not counted), or False.
         prices: as for ``enrich``.
         budget_usd: the budget ``enrich`` would run under; the estimate says when it
@@ -684,13 +741,17 @@ def estimate(
             "leave out batch= and service_tier="
         )
     plan = make_plan(chains, list(frame.columns), text_dtype=string_dtype())
+    # Checked as enrich checks them (a copy of each mapping; the user's is not kept).
+    checked = EnrichOptions(job="estimate", rpm=rpm, tpm=tpm, output_tpm=output_tpm)
+    _check_told(plan, checked.rpm, checked.tpm, checked.output_tpm)
     store = open_cache(cache, default_path=default_cache_path())
     return run_estimate(
         frame,
         plan,
         store,
-        rpm=rpm,
-        tpm=tpm,
+        rpm=checked.rpm,
+        tpm=checked.tpm,
+        output_tpm=checked.output_tpm,
         prices=dict(prices or {}),
         budget_usd=budget_usd,
         batch=bool(batch),
@@ -729,7 +790,10 @@ def pilot(
         # enrich()'s own checks and deprecations, then the pandas path, keeping the summary.
         return _enrich_now(sample, _configure_like_enrich(sample, chains, settings))[1]
 
-    return run_pilot(frame, run, n=n, tpm=options.get("tpm"))
+    tpm = options.get("tpm")
+    # A tpm by provider: the pilot projects by the requests' limit and its own pace (its
+    # record does not keep tokens per provider).
+    return run_pilot(frame, run, n=n, tpm=None if isinstance(tpm, Mapping) else tpm)
 
 
 class _LLMAccessor:

@@ -19,6 +19,7 @@ import datetime as dt
 import glob
 import importlib
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -42,6 +43,7 @@ from dask_llm.core.config import (
     BatchPolicy,
     RetryPolicy,
     ServiceTier,
+    Told,
 )
 from dask_llm.demo import main as run_demo
 from dask_llm.simulator import SimulatorConfig, serve
@@ -223,6 +225,45 @@ def _blocksize(ctx: click.Context, param: click.Parameter, value: str) -> int:
     return size
 
 
+def limit_of(text: str) -> float | dict[str, float]:
+    """``--rpm``, ``--tpm``, ``--output-tpm``: a number for every provider apart (``600``),
+    or numbers by provider name (``anthropic=50,openai=30000``). Raises ``ValueError`` for
+    anything else, or a number not above 0."""
+    try:
+        number = float(text)
+    except ValueError:
+        pass
+    else:
+        if not number > 0:
+            raise ValueError(f"{text!r}: give a number above 0")
+        return number
+    limits: dict[str, float] = {}
+    for item in text.split(","):
+        name, equals, value = item.partition("=")
+        try:
+            limit = float(value)
+        except ValueError:
+            limit = math.nan
+        if not equals or not name.strip() or not limit > 0:
+            raise ValueError(
+                f"{text!r} is not a limit: give a number (600), or numbers above 0 by "
+                "provider (anthropic=50,openai=30000)"
+            )
+        limits[name.strip()] = limit
+    return limits
+
+
+def _limit(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> float | dict[str, float] | None:
+    if value is None:
+        return None
+    try:
+        return limit_of(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 #: ``--deadline``'s durations: a number and its unit, one or more (``1h30m``).
 _DURATION: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([dhms])")
 _UNIT_S: Final = {"d": 86_400.0, "h": 3_600.0, "m": 60.0, "s": 1.0}
@@ -292,15 +333,23 @@ _common = [
     ),
     click.option(
         "--rpm",
-        type=click.FloatRange(min=0, min_open=True),
         default=None,
-        help="Requests per minute for the job.",
+        callback=_limit,
+        help="Requests per minute for the job: for each provider apart (600), or by "
+        "provider (anthropic=50,openai=30000; one not named: from its headers).",
     ),
     click.option(
         "--tpm",
-        type=click.FloatRange(min=0, min_open=True),
         default=None,
-        help="Tokens per minute for the job.",
+        callback=_limit,
+        help="Tokens per minute for the job (Anthropic: input tokens), as --rpm.",
+    ),
+    click.option(
+        "--output-tpm",
+        default=None,
+        callback=_limit,
+        help="Output tokens per minute (Anthropic's output limit; default: from its "
+        "headers), as --rpm.",
     ),
     click.option(
         "--cache",
@@ -351,12 +400,6 @@ def _with_common(fn: Any) -> Any:
     "--overwrite", is_flag=True, help="Replace OUTPUT if it exists (swapped in at the end)."
 )
 @click.option("--scheduler", default=None, help="Address of a dask scheduler (tcp://host:8786).")
-@click.option(
-    "--output-tpm",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Output tokens per minute (Anthropic's output limit; default: from its headers).",
-)
 @click.option(
     "--errors",
     type=click.Choice(["column", "raise"]),
@@ -432,9 +475,9 @@ def enrich(
     output: str,
     overwrite: bool,
     scheduler: str | None,
-    rpm: float | None,
-    tpm: float | None,
-    output_tpm: float | None,
+    rpm: Told,
+    tpm: Told,
+    output_tpm: Told,
     cache_path: str | None,
     no_cache: bool,
     errors: str,
@@ -596,8 +639,9 @@ def _atomic(path: str, overwrite: bool) -> Iterator[str]:
 def estimate(
     inputs: tuple[str, ...],
     chains_ref: str,
-    rpm: float | None,
-    tpm: float | None,
+    rpm: Told,
+    tpm: Told,
+    output_tpm: Told,
     cache_path: str | None,
     no_cache: bool,
     blocksize: int,
@@ -614,6 +658,7 @@ def estimate(
             chains,
             rpm=rpm,
             tpm=tpm,
+            output_tpm=output_tpm,
             cache=False if no_cache else (cache_path or True),
             batch=batch,
             budget_usd=budget_usd,

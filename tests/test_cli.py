@@ -177,6 +177,30 @@ def test_estimate_sends_nothing(sim: Any, workdir: Path) -> None:
     assert sim.stats()["requests"] == 0
 
 
+@pytest.mark.parametrize(
+    ("rpm", "says", "code"),
+    [
+        pytest.param("openai=600", "wall time ~0.1 min (bound by openai's rpm=600)", 0, id="by"),
+        pytest.param("anthropic=50", "no chain of this job calls it", 1, id="no-chain-calls"),
+        pytest.param("openai=", "is not a limit", 2, id="unreadable"),
+    ],
+)
+def test_estimate_takes_limits_by_provider(
+    sim: Any,
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    rpm: str,
+    says: str,
+    code: int,
+) -> None:
+    args = ["estimate", "reviews-*.csv", "--chains", "chains.py:chains", "--no-cache"]
+    result = run_here([*args, "--rpm", rpm], sim.base_url, workdir, monkeypatch, capsys)
+    assert result.returncode == code, result.stderr
+    assert says in result.stdout + result.stderr
+    assert sim.stats()["requests"] == 0
+
+
 def test_estimate_by_flex(
     sim: Any, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

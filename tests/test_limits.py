@@ -523,6 +523,73 @@ def test_an_output_limit_learned_from_an_answer_starts_from_an_empty_bucket() ->
     assert bucket.take(40) == (pytest.approx(40 / OUT_RATE), 40)
 
 
+def left(tokens: float) -> tuple[float, float]:
+    """The (remaining, limit) headers of a provider whose bucket holds the share of its
+    limit that ``tokens`` are of ours: it counts them out of a minute's limit."""
+    return tokens / OUT_CAP * OTPM, OTPM
+
+
+def test_an_output_limit_learned_starts_from_what_the_answer_says_is_left() -> None:
+    """Learned with the remaining header: the provider's level, not an empty bucket (nor a
+    full one: the requests sent before it may hold the provider's)."""
+    clock = Clock()
+    full, spent = OutputBucket(clock=clock), OutputBucket(clock=clock)
+    for bucket, tokens in ((full, OUT_CAP), (spent, 10)):
+        assert bucket.take(40) == (0.0, 0.0)  # sent before the limit was known
+        bucket.learn(OTPM)
+        bucket.saw(*left(tokens))
+    assert full.take(40) == (0.0, 40)
+    assert spent.take(40)[0] == pytest.approx((40 - 10) / OUT_RATE)
+
+
+def test_the_output_bucket_follows_what_is_left_down_never_up() -> None:
+    """Another client spends the account's bucket: an answer saying a smaller share is left
+    than ours holds pulls ours down (less what ours booked that the provider may not count
+    yet); one saying more changes nothing (ours counts bookings on their way)."""
+    clock = Clock()
+    bucket = OutputBucket(otpm=OTPM, clock=clock)
+    assert bucket.take(20) == (0.0, 20)  # ours holds OUT_CAP - 20
+    bucket.saw(*left(OUT_CAP))  # more than ours: ours stays
+    assert bucket.take(0.001)[0] == 0.0
+    clock.now += 1.0  # refilled; the booking is older than OUTPUT_LATE_S: counted there
+    bucket.saw(*left(15))
+    assert bucket.take(40)[0] == pytest.approx((40 - 15) / OUT_RATE)
+    # A booking of the last OUTPUT_LATE_S (or still to go) may not have reached the
+    # provider: what it says is left is less that.
+    clock.now += 10.0
+    assert bucket.take(30) == (0.0, 30)
+    clock.now += OUTPUT_LATE_S / 2
+    bucket.saw(*left(50))
+    assert bucket.take(40)[0] == pytest.approx((40 - (50 - 30)) / OUT_RATE)
+    # A share of the limit, whatever span the provider counts it over: half of it left
+    # holds ours to half of its capacity.
+    clock.now += 10.0
+    bucket.saw(OTPM / 2, OTPM)
+    assert bucket.take(OUT_CAP / 2) == (0.0, OUT_CAP / 2)
+    assert bucket.take(10)[0] == pytest.approx(10 / OUT_RATE)
+
+
+def test_a_429_of_spent_output_tokens_empties_the_output_bucket_and_slows_it() -> None:
+    """The 429's booking is given back (the provider took none of it), then its headers say
+    what is left: the next request waits for it, not for a bucket ours thought full."""
+    clock = Clock()
+    t = Throttle(max_concurrency=4, output_tpm=OTPM, output_apart=True, clock=clock)
+    assert t.output is not None
+    _, booked = t.output.take(40)
+    clock.now += 1.0
+    t.settle_output(booked, 429, None)
+    t.observe(clock.now - 0.05, 429, {"retry-after": "1"}, announced=(None, None, OTPM, 0.0))
+    # And the output is paced 5% slower, once for the burst, recovering over 15 s; a 429
+    # of the requests' limit (output tokens left) does not touch it.
+    assert t.output.rate() == pytest.approx(OUT_RATE * _RATE_BACKOFF)
+    assert t.output.take(40)[0] == pytest.approx(40 / (OUT_RATE * _RATE_BACKOFF))
+    t.observe(clock.now - 0.05, 429, {}, announced=(None, None, OTPM, 0.0))
+    t.observe(clock.now, 429, {}, announced=(None, None, OTPM, 500.0))
+    assert t.output.rate() == pytest.approx(OUT_RATE * _RATE_BACKOFF)
+    clock.now += _RATE_RECOVERY_S
+    assert t.output.rate() == pytest.approx(OUT_RATE)
+
+
 def test_an_error_answer_gives_its_output_back_and_a_lost_one_keeps_it() -> None:
     clock = Clock()
     t = Throttle(max_concurrency=4, output_tpm=OTPM, output_apart=True, clock=clock)
@@ -550,6 +617,17 @@ def test_each_provider_has_a_throttle_of_its_own_and_the_rows_follow_the_needies
     assert claude.pacer.rates()[0] == pytest.approx(1 * (1 - MARGIN))  # its own limit only
     assert openai.pacer.rates()[0] == pytest.approx(10 * (1 - MARGIN))
     assert throttles.row_target() == max(openai.row_target(), claude.row_target())
+
+
+def test_limits_told_by_provider_hold_for_each_provider_its_own() -> None:
+    clock = Clock()
+    throttles = Throttles(
+        max_concurrency=None, rpm={"openai": 600, "anthropic": 60}, tpm=6_000, clock=clock
+    )
+    openai, claude = throttles.of("openai"), throttles.of("anthropic", output_apart=True)
+    assert openai.pacer.rates() == (pytest.approx(10 * (1 - MARGIN)), pytest.approx(98))
+    assert claude.pacer.rates() == (pytest.approx(1 * (1 - MARGIN)), pytest.approx(98))
+    assert claude.output is not None and claude.output.rate() is None  # not told: unlimited
 
 
 def test_throttle_cuts_concurrency_on_429_only_when_the_rate_is_unknown() -> None:

@@ -132,12 +132,14 @@ def test_claude_limits_and_429s() -> None:
         "anthropic-ratelimit-requests-limit": "4000",
         "anthropic-ratelimit-input-tokens-limit": "2000000",
         "anthropic-ratelimit-output-tokens-limit": "400000",
+        "anthropic-ratelimit-output-tokens-remaining": "0",
         "retry-after": "3",
     }
     limited = json.dumps({"type": "error", "error": {"type": "rate_limit_error"}}).encode()
     outcome = outcome_of(429, headers, limited, REQUEST, provider=CLAUDE)
     assert outcome.quota and outcome.fatal is None
-    assert outcome.announced == (4000, 2_000_000, 400_000)  # output limit: paced apart
+    # The output limit (paced apart) and what is left of it (0: its bucket follows).
+    assert outcome.announced == (4000, 2_000_000, 400_000, 0)
     overloaded = json.dumps({"type": "error", "error": {"type": "overloaded_error"}}).encode()
     assert not outcome_of(529, headers, overloaded, REQUEST, provider=CLAUDE).quota
 
@@ -161,7 +163,7 @@ def test_openai_reads_as_before() -> None:
         0,
     )
     assert reported.truncated and reported.refused
-    assert OPENAI.announced({"x-ratelimit-limit-requests": "500"}) == (500, None, None)
+    assert OPENAI.announced({"x-ratelimit-limit-requests": "500"}) == (500, None, None, None)
 
 
 def test_caching_savings_count_the_premium_of_cache_writes() -> None:

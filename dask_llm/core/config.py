@@ -48,6 +48,22 @@ Errors = Literal["column", "raise"]
 #: The service tiers ``enrich(service_tier=...)`` takes (priced by ``core.usage``).
 ServiceTier = Literal["flex", "default"]
 SERVICE_TIERS: Final = ("flex", "default")
+#: A limit told (``rpm=``, ``tpm=``, ``output_tpm=``): per minute for every provider of the
+#: job apart (a number), or by provider name (``{"openai": 30_000, "anthropic": 50}``: a
+#: provider not named is unlimited until its headers announce one); None: none told.
+Told = float | Mapping[str, float] | None
+
+
+def told(value: Told, provider: str) -> float | None:
+    """The limit ``value`` tells for ``provider``'s requests, per minute (None: none)."""
+    if value is None or not isinstance(value, Mapping):
+        return value
+    return value.get(provider)
+
+
+def told_names(*values: Told) -> set[str]:
+    """The providers named by limits told by provider (a number names none)."""
+    return {name for value in values if isinstance(value, Mapping) for name in value}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,6 +228,35 @@ class QualityGate:
         return None
 
 
+def _told_option(name: str, value: Any) -> Told:
+    """``value`` of the limit option ``name`` checked: a number > 0, a mapping of provider
+    names to numbers > 0 (copied; empty: None), or None."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        limits: dict[str, float] = {}
+        for provider, limit in value.items():
+            if not isinstance(provider, str):
+                raise TypeError(
+                    f"{name}= by provider takes provider names (str) as keys, not {provider!r}"
+                )
+            if isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0:
+                raise ValueError(
+                    f"{name}={{{provider!r}: {limit!r}}}: each provider's limit must be a "
+                    "number > 0 (leave a provider out for no limit)"
+                )
+            limits[provider] = float(limit)
+        return limits or None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{name}= takes a number, a mapping of provider names to numbers "
+            f'({name}={{"openai": 30000, "anthropic": 50}}) or None, not {value!r}'
+        )
+    if value <= 0:
+        raise ValueError(f"{name}= must be > 0, or None for no limit")
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class EnrichOptions:
     """Options of one ``enrich`` job (see ``enrich`` for their meaning)."""
@@ -219,10 +264,12 @@ class EnrichOptions:
     job: str
     max_concurrency: int | None = DEFAULT_MAX_CONCURRENCY
     initial_concurrency: int = DEFAULT_INITIAL_CONCURRENCY
-    rpm: float | None = None
-    tpm: float | None = None
+    #: Limits told, per minute: a number for each provider apart, or a dict by provider
+    #: name (``told`` reads one provider's); None for none.
+    rpm: Told = None
+    tpm: Told = None
     #: Output tokens per minute, for providers that limit them apart (Anthropic).
-    output_tpm: float | None = None
+    output_tpm: Told = None
     budget_usd: float | None = None
     processes: int = 1
     errors: Errors = DEFAULT_ERRORS
@@ -265,10 +312,11 @@ class EnrichOptions:
             raise TypeError(
                 f"quality_gate= takes a dask_llm.QualityGate or None, not {self.quality_gate!r}"
             )
-        for name in ("rpm", "tpm", "output_tpm", "budget_usd"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}= must be > 0, or None for no limit")
+        for name in ("rpm", "tpm", "output_tpm"):
+            # A copy, never the user's mapping (frozen options pickle as values).
+            object.__setattr__(self, name, _told_option(name, getattr(self, name)))
+        if self.budget_usd is not None and self.budget_usd <= 0:
+            raise ValueError("budget_usd= must be > 0, or None for no limit")
         if self.service_tier is not None and self.service_tier not in SERVICE_TIERS:
             raise ValueError(
                 f"service_tier= must be 'flex', 'default' or None, not {self.service_tier!r}"

@@ -33,12 +33,14 @@ class Announced(NamedTuple):
 
     ``tpm``: the tokens its provider counts against its token limit (OpenAI: prompt and
     output; Anthropic: input tokens); ``otpm``: output tokens, where the provider limits
-    them apart (Anthropic).
+    them apart (Anthropic); ``otpm_left``: what its output bucket held as it answered
+    (``anthropic-ratelimit-output-tokens-remaining``; 0 included).
     """
 
     rpm: float | None = None
     tpm: float | None = None
     otpm: float | None = None
+    otpm_left: float | None = None
 
 
 #: What an answer without limit headers announces.

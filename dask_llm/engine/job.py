@@ -73,7 +73,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dask.callbacks import Callback
@@ -166,6 +166,7 @@ class Job:
                 "partitions": options.partitions,
             },
             link_for(self.hub),
+            default=OPENAI.name,
             fallback_share=even_share_hint(options.processes),
             on_stop=self._ledger_says_stop,
         )
@@ -185,7 +186,8 @@ class Job:
         # The run record (``observe.record``): requests, rows, the quality gate; metrics read it.
         self.recorder = Recorder(
             prices=options.price_table,
-            rpm=options.rpm,
+            # The report's request limit: one number (by provider: what the headers say).
+            rpm=None if isinstance(options.rpm, Mapping) else options.rpm,
             gate=options.quality_gate,
             on_gate=lambda text: self.stop("quality", text),
         )

@@ -31,6 +31,7 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -237,7 +238,8 @@ class PartitionRun:
             requests=self.n * len(self.plan.chains) * options.partitions,
             rate_per_s=rate_of(
                 deadline,
-                rpm=options.rpm,
+                # By provider: the slowest (a row waits for all its chains).
+                rpm=min(rpm.values()) if isinstance(rpm := options.rpm, Mapping) else rpm,
                 max_concurrency=options.max_concurrency or UNPACED_MAX_CONCURRENCY,
             ),
         )

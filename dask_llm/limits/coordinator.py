@@ -28,8 +28,10 @@ apart, from a ledger of its own on the same coordinator (the job's id for its
 default provider, OpenAI, whose ledger holds the budget too; ``job/anthropic``
 for Anthropic's), lent by the job's work: a member's report carries each other
 provider's use as a *lane* (``lanes``) and gets each one's rates back. The
-limits told (``rpm``, ``tpm``, ``output_tpm``) hold for each provider apart;
-the limits learned are each provider's own. Output tokens (``output_tpm``,
+limits told (``rpm``, ``tpm``, ``output_tpm``) hold for each provider apart: a
+number the same for each, a mapping by provider name each its own (the member
+sends each ledger its provider's, numbers); the limits learned are each
+provider's own. Output tokens (``output_tpm``,
 Anthropic's) are lent as requests and tokens are.
 
 Allocation follows demand: members that use less than their share get what
@@ -258,8 +260,9 @@ class Coordinator:
         ``learned_rpm``/``learned_tpm``/``learned_otpm``, and ``release`` (it has no more
         work). ``lanes``: ``{provider: {used_req, ..., learned_otpm}}`` of the requests to
         each other provider of the job, each leased from its own ledger (``job/provider``:
-        the job's limits told hold for each provider apart; its work is the job's), its
-        rates in the reply's ``lanes``.
+        the job's limits told hold for each provider apart, a lane's ``config`` its own
+        limits told, over the job's; its work is the job's), its rates in the reply's
+        ``lanes``.
         """
         now = self.clock()
         with self._lock:
@@ -271,7 +274,13 @@ class Coordinator:
                 config = {**(report.get("config") or {}), "budget_usd": None}
                 reply["lanes"] = {
                     name: self._lease(
-                        f"{job}/{name}", member, {**shared, **sub, "config": config}, now, work
+                        f"{job}/{name}",
+                        member,
+                        # The lane's own limits told (``rpm={"anthropic": 50}``) over the
+                        # job's (a member that sends none: the job's, for every provider).
+                        {**shared, **sub, "config": {**config, **(sub.get("config") or {})}},
+                        now,
+                        work,
                     )
                     for name, sub in lanes.items()
                 }

@@ -171,6 +171,17 @@ class Headroom:
             return self._room
 
 
+def number(value: str | None) -> float | None:
+    """A header's number if it is >= 0; None when absent, negative or not a number."""
+    if not value:
+        return None
+    try:
+        found = float(value)
+    except ValueError:
+        return None
+    return found if found >= 0 and found == found else None
+
+
 def positive_number(value: str | None) -> float | None:
     """A header's number if it is > 0; None when absent, 0 or not a number."""
     if not value:

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from dask_llm.core import where as _cluster
+from dask_llm.core.config import told
 from dask_llm.limits.coordinator import (
     ALLOWANCE_S,
     HANDLER,
@@ -128,8 +129,10 @@ class Lane:
     for the others' : ``limits.coordinator``). Thread-safe.
     """
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, name: str) -> None:
         self._ledger = ledger
+        #: Its provider's name: whose limits told it is lent (``Ledger.told``).
+        self.name = name
         self._lock = threading.Lock()
         self.rate_req: float | None = None
         self.rate_tok: float | None = None
@@ -182,7 +185,7 @@ class Lane:
         )
 
     def _even_share(self) -> tuple[float | None, float | None, float | None]:
-        config = self._ledger.config
+        config = self._ledger.told(self.name)
         processes = self._ledger.fallback_share
 
         def share(told: Any, learned: float | None) -> float | None:
@@ -308,6 +311,7 @@ class Ledger:
         config: dict[str, Any],
         link: Link,
         *,
+        default: str = "openai",
         fallback_share: int = 1,
         on_stop: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -323,7 +327,9 @@ class Ledger:
         self.reached = False  # the coordinator answered at least once
         self.fallback = False
         self.expires = 0.0
-        self.own = Lane(self)
+        #: The provider of its own lane (the job's default); each other's is ``lane(name)``.
+        self.default = default
+        self.own = Lane(self, default)
         self._lanes: dict[str, Lane] = {}
         # dollars
         self.budgeted = config.get("budget_usd") is not None
@@ -346,8 +352,15 @@ class Ledger:
         with self._lock:
             found = self._lanes.get(name)
             if found is None:
-                found = self._lanes[name] = Lane(self)
+                found = self._lanes[name] = Lane(self, name)
             return found
+
+    def told(self, provider: str) -> dict[str, float | None]:
+        """The limits told for ``provider``'s requests (``rpm``, ``tpm``, ``output_tpm``,
+        per minute; None: none): the job's config holds a number for every provider, or a
+        mapping by provider name (``core.config.told``)."""
+        config = self.config
+        return {name: told(config.get(name), provider) for name in ("rpm", "tpm", "output_tpm")}
 
     # -- its own lane, for the pacer of the job's default provider -------------------------------
     def rates(self) -> tuple[float | None, float | None]:
@@ -473,7 +486,9 @@ class Ledger:
             own, sent_1s = self.own._report(now, elapsed)
             lanes = {name: lane._report(now, elapsed) for name, lane in self._lanes.items()}
             report = {
-                "config": self.config,
+                # The limits told, as its own lane's provider's (numbers: a coordinator
+                # holds one number a ledger); each lane's below.
+                "config": {**self.config, **self.told(self.default)},
                 **own,
                 "interval": elapsed,
                 "spent_usd": self.spent_since,
@@ -487,7 +502,9 @@ class Ledger:
             if lanes:
                 # Each other provider's rates, leased from a ledger of their own (the same
                 # work and backlog: ``Coordinator.lease``).
-                report["lanes"] = {name: sub for name, (sub, _) in lanes.items()}
+                report["lanes"] = {
+                    name: {**sub, "config": self.told(name)} for name, (sub, _) in lanes.items()
+                }
             self._begun = []
             spent = self.spent_since
             self.spent_rate = 0.8 * self.spent_rate + 0.2 * (spent / elapsed)

@@ -97,7 +97,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from dask_llm.core.config import UNPACED_MAX_CONCURRENCY
+from dask_llm.core.config import UNPACED_MAX_CONCURRENCY, Told, told
 from dask_llm.core.outcome import Announced
 from dask_llm.limits.coordinator import MARGIN, RENEW_S
 from dask_llm.limits.headers import OPENAI_NAMES, Headroom, retry_after
@@ -433,12 +433,45 @@ class OutputBucket:
     An answer that never came keeps its whole reservation (the provider may have
     spent it); an error answer's is given back (a 429 or an error costs no output).
     The bucket starts full when the limit is told (the provider's is full at the
-    job's start, as far as the job knows), and empty when it is learned from an
-    answer: the requests sent before, unbooked, may hold most of the provider's
-    (it costs the job at most ``OUTPUT_BUCKET_S`` of output, once).
+    job's start, as far as the job knows). Learned from an answer, it starts at
+    what that answer said the provider's holds (``saw``), else empty: the
+    requests sent before, unbooked, may hold most of the provider's (it costs
+    the job at most ``OUTPUT_BUCKET_S`` of output, once).
+
+    What is left (``saw``: ``anthropic-ratelimit-output-tokens-remaining``, of
+    every answer, a 429's too). The provider's bucket is the account's: another
+    client of the key, a job that ran before, or requests the job sent before it
+    knew the limit spend from it, and ours, which counts only this job's
+    bookings, would then let requests go into a bucket that cannot hold them
+    (each a 429, held for its ``retry-after``, then sent again into the same
+    bucket). So where an answer says the provider holds a smaller share of its
+    limit than ours holds of its capacity (less the bookings the provider may
+    not have counted yet: those to go out from ``OUTPUT_LATE_S`` before now
+    on), ours follows it down to that share; it never follows up (ours counts
+    bookings still on their way that the provider's does not yet). Following
+    the level is not following the rate: a bucket that another client drains
+    refills at less than ours, so a quota 429 whose
+    headers say the output tokens are spent (``rejected``) also paces the
+    output 5% slower, once per burst, recovering over 15 s (as ``Pacer`` for
+    requests, without its 5% threshold: that counts requests, which do not
+    bind here). The ``-reset`` header is not read: it is a time
+    of the provider's clock, to the second, for a bucket about a second deep,
+    and a bucket refilled continuously at a known rate needs only its level.
     """
 
-    __slots__ = ("_at", "_blind", "_level", "_lock", "clock", "learned", "ledger", "otpm")
+    __slots__ = (
+        "_at",
+        "_blind",
+        "_booked",
+        "_level",
+        "_lock",
+        "_penalty",
+        "_penalty_at",
+        "clock",
+        "learned",
+        "ledger",
+        "otpm",
+    )
 
     def __init__(
         self,
@@ -455,14 +488,40 @@ class OutputBucket:
         self._level: float | None = None  # None: nothing booked yet
         self._at = -math.inf
         self._blind = False  # requests went out while no limit was known
+        # (start, tokens) of the bookings of the last OUTPUT_LATE_S and those still to go.
+        self._booked: deque[tuple[float, float]] = deque()
+        self._penalty = 1.0  # < 1 after quota 429s of spent output tokens (``rejected``)
+        self._penalty_at = -math.inf
 
-    def rate(self) -> float | None:
-        """This process's output tokens/s, or None where unlimited."""
+    def _base_rate(self) -> float | None:
+        """This process's share of the limit, output tokens/s (None: unlimited)."""
         if self.ledger is not None:
             rate: float | None = self.ledger.output_rate()
             return rate
         known = [x for x in (self.otpm, self.learned) if x]
         return min(known) / 60.0 * (1.0 - MARGIN) if known else None
+
+    def rate(self) -> float | None:
+        """This process's output tokens/s, or None where unlimited: its share of the limit,
+        slower after quota 429s of spent output tokens (``rejected``)."""
+        base = self._base_rate()
+        return None if base is None else base * self._current_penalty()
+
+    def _current_penalty(self) -> float:
+        if self._penalty >= 1.0:
+            return 1.0
+        elapsed = self.clock() - self._penalty_at
+        return min(1.0, self._penalty + (1.0 - self._penalty) * elapsed / _RATE_RECOVERY_S)
+
+    def rejected(self, started: float) -> None:
+        """A request that started at ``started`` met a quota 429 whose headers say the output
+        tokens are spent: pace the output 5% slower, once per burst (429s of requests that
+        started before the last slow-down are the same one), recovering over 15 s."""
+        with self._lock:
+            if started < self._penalty_at:
+                return
+            self._penalty = max(0.3, self._current_penalty() * _RATE_BACKOFF)
+            self._penalty_at = self.clock()
 
     def _refilled(self, now: float, rate: float) -> float:
         capacity = rate * (OUTPUT_BUCKET_S - OUTPUT_LATE_S)
@@ -490,6 +549,8 @@ class OutputBucket:
                 capacity = rate * (OUTPUT_BUCKET_S - OUTPUT_LATE_S)
                 wait = max(0.0, (min(tokens, capacity) - level) / rate)
                 self._level, self._at = level - tokens, now
+                self._booked.append((now + wait, tokens))
+                self._uncounted(now)
         if self.ledger is not None:
             if wait != 0.0:
                 self.ledger.waiting()
@@ -506,6 +567,44 @@ class OutputBucket:
                 self._level += booked - used  # capped at the next refill
         if self.ledger is not None:
             self.ledger.spent_output(used - booked)
+
+    def _uncounted(self, now: float) -> float:
+        """Tokens booked that the provider may not have counted yet: those whose request
+        goes out from ``OUTPUT_LATE_S`` before ``now`` on (its lock held)."""
+        booked = self._booked
+        while booked and booked[0][0] < now - OUTPUT_LATE_S:
+            booked.popleft()
+        return sum(tokens for at, tokens in booked if at >= now - OUTPUT_LATE_S)
+
+    def saw(self, left: float | None, limit: float | None) -> float | None:
+        """An answer said the provider's output bucket holds ``left`` tokens of its
+        ``limit`` (per minute; None: it did not say): ours follows it down (see the class
+        docstring).
+
+        ``left`` is read as a share of the limit, and ours is held to that share of its
+        own capacity: the provider counts it out of a minute's limit, which it may enforce
+        over a shorter span (the simulator's ``limit_window``), and what is left of that
+        span is the same share. (Of a bucket that is a whole minute's, this is cautious:
+        half the minute left holds ours to half its second; such a bucket is near full
+        while the job keeps under its limit.)
+        Returns what the provider's holds, in ours (None: it did not say).
+        """
+        if left is None or not limit:
+            return None
+        with self._lock:
+            rate = self.rate()
+            if rate is None or rate <= 0:
+                return None
+            now = self.clock()
+            capacity = rate * (OUTPUT_BUCKET_S - OUTPUT_LATE_S)
+            provider = capacity * min(1.0, left / limit)
+            holds = provider - self._uncounted(now)
+            if self._level is None and self._blind:
+                level = holds  # a limit learned: the provider's level, not an empty bucket
+            else:
+                level = min(holds, self._refilled(now, rate))
+            self._level, self._at = level, now
+        return provider
 
     def learn(self, otpm: float | None) -> None:
         """The output tokens per minute an answer's headers announce."""
@@ -844,7 +943,9 @@ class Throttle:
 
         ``quota``: for a 429, whether it said the quota is spent (``Provider.is_quota_429``,
         read with the provider's ``headroom(...).room()`` before this call).
-        ``announced``: the (rpm, tpm, output tpm) its headers announce (``Provider.announced``).
+        ``announced``: the (rpm, tpm, output tpm, output tokens left) its headers announce
+        (``Provider.announced``); the output bucket follows what is left down
+        (``OutputBucket.saw``), so settle the request's output first (``settle_output``).
         ``remaining``: its provider's (remaining, limit) header pairs: the reading of
         ``headroom(remaining)`` that its headers refresh.
         A 429 that is not the quota's and a 529 (overloaded) give their start back:
@@ -861,6 +962,9 @@ class Throttle:
         self.pacer.learn(limits.rpm, limits.tpm)
         if self.output is not None:
             self.output.learn(limits.otpm)
+            holds = self.output.saw(limits.otpm_left, limits.otpm)
+            if status == 429 and quota and holds is not None and holds < max(1.0, self._output):
+                self.output.rejected(started)  # its headers say the output tokens are spent
         self.headroom(remaining).saw(headers)
         if now - self._followed >= FOLLOW_S:
             self._follow(now)  # a rate learned from these headers governs at once
@@ -952,9 +1056,11 @@ class Throttles:
     waiting for their turn hold no slot of the other's): each has a ``Throttle``
     (``of``), leasing its rates from its own lane of the job's ledger (the
     ledger's own for the job's ``default`` provider, ``Ledger.lane`` for each
-    other). Limits told (``rpm``, ``tpm``, ``output_tpm``) hold for each
-    provider apart. The job's partitions admit rows by what every provider's
-    pipe needs (``row_target``): a row under way waits on whichever is slower.
+    other). Limits told (``rpm``, ``tpm``, ``output_tpm``, without a ledger:
+    tests and tools; a job's are its ledger's) hold for each provider apart: a
+    number the same for each, a mapping by provider name each its own. The
+    job's partitions admit rows by what every provider's pipe needs
+    (``row_target``): a row under way waits on whichever is slower.
     """
 
     def __init__(
@@ -962,9 +1068,9 @@ class Throttles:
         *,
         max_concurrency: int | None,
         initial_concurrency: int = 16,
-        rpm: float | None = None,
-        tpm: float | None = None,
-        output_tpm: float | None = None,
+        rpm: Told = None,
+        tpm: Told = None,
+        output_tpm: Told = None,
         ledger: Any = None,
         default: str = "openai",
         clock: Callable[[], float] = time.monotonic,
@@ -972,11 +1078,9 @@ class Throttles:
         self._settings: dict[str, Any] = {
             "max_concurrency": max_concurrency,
             "initial_concurrency": initial_concurrency,
-            "rpm": rpm,
-            "tpm": tpm,
-            "output_tpm": output_tpm,
             "clock": clock,
         }
+        self._told: dict[str, Told] = {"rpm": rpm, "tpm": tpm, "output_tpm": output_tpm}
         self.ledger = ledger
         self.default = default
         self._lock = threading.Lock()
@@ -1001,7 +1105,12 @@ class Throttles:
                 if ledger is not None and provider != self.default:
                     ledger = ledger.lane(provider)
                 found = self._by_provider[provider] = Throttle(
-                    **self._settings, output_apart=output_apart, ledger=ledger
+                    **self._settings,
+                    rpm=told(self._told["rpm"], provider),
+                    tpm=told(self._told["tpm"], provider),
+                    output_tpm=told(self._told["output_tpm"], provider),
+                    output_apart=output_apart,
+                    ledger=ledger,
                 )
             return found
 

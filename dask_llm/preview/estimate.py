@@ -30,8 +30,14 @@
   for it (``service_tier="flex"`` on ``estimate``, as on ``enrich``; the
   model's own field, or its ``.bind(service_tier=...)``), the Batch API's
   with ``batch=True``, else the list price, which is shown beside; and the
-  **projected wall time** at the
-  given ``rpm``/``tpm``: the larger of calls / rpm and tokens / tpm.
+  **projected wall time** at the given ``rpm``/``tpm``/``output_tpm`` (each a
+  number for every provider apart, or a mapping by provider name, as
+  ``enrich`` takes them): for each provider, the largest of its calls / rpm,
+  its tokens / tpm (OpenAI counts prompt and output against it; Anthropic the
+  prompt alone) and, where it limits output apart (Anthropic), its expected
+  output tokens / output_tpm; the job's is the largest over its providers
+  (each is paced apart; a row waits for all its chains), and the estimate
+  names the limit that binds (``bound_by``).
 """
 
 from __future__ import annotations
@@ -50,12 +56,12 @@ from dask_llm.chains.columns import is_missing
 from dask_llm.chains.graph import find
 from dask_llm.chains.plan import Plan, PlannedChain
 from dask_llm.chains.prompt import schema_text
-from dask_llm.core.config import UNPACED_MAX_CONCURRENCY
+from dask_llm.core.config import UNPACED_MAX_CONCURRENCY, Told, told
 from dask_llm.core.deadline import Deadline, TierPlan, plan_tiers, rate_of
 from dask_llm.core.usage import PriceEntry, Tier, cost_usd, price_of, savings_usd
 from dask_llm.preview.caching import cached_per_call
 from dask_llm.preview.tokens import token_counter
-from dask_llm.providers import provider_of
+from dask_llm.providers import provider_of, providers
 
 _TEXT_OUTPUT_TOKENS = 150
 _FIELD_OUTPUT_TOKENS = 24
@@ -92,6 +98,9 @@ class Estimate:
     #: With ``deadline=``: the plan across the tiers (``core.deadline``), and ``cost_usd`` is
     #: its cost (the Flex price taken as the Batch API's, as in ``PRICES``).
     deadline_plan: TierPlan | None = None
+    #: The limit ``wall_s`` is projected at: "anthropic's output_tpm=18,000" (None: no wall
+    #: time).
+    bound_by: str | None = None
 
     def __str__(self) -> str:
         cost = "unknown" if self.cost_usd is None else f"${significant(self.cost_usd)}"
@@ -112,6 +121,8 @@ class Estimate:
             wall = "unknown (give rpm= or tpm=)"
         else:
             wall = f"{self.wall_s / 60:,.1f} min"
+            if self.bound_by is not None:
+                wall += f" (bound by {self.bound_by})"
         if not self.batch and self.batch_cost_usd is not None and self.cost_usd:
             wall += f"; Batch API: ~${significant(self.batch_cost_usd)}"
         return (
@@ -146,6 +157,12 @@ def _model_of(pc: PlannedChain) -> Any:
 def _model_name(model: Any) -> str | None:
     provider = provider_of(model) if model is not None else None
     return provider.model_name(model) if provider is not None else None
+
+
+def _provider_name(model: Any) -> str:
+    """The name of the provider ``model`` sends to ("" for a model of no known provider)."""
+    provider = provider_of(model) if model is not None else None
+    return provider.name if provider is not None else ""
 
 
 def _render(pc: PlannedChain, inputs: dict[str, Any]) -> str:
@@ -191,7 +208,7 @@ def partition_counts(
     part = int((partition_info or {}).get("number", 0))
     n = len(df)
     columns = {c: df[c].tolist() for pc in plan.chains for c, p in pc.sources.values() if p is None}
-    records: list[tuple[str, str, int, int, int, Any, str]] = []
+    records: list[tuple[str, str, int, int, int, Any, str, str]] = []
     call_keys: dict[str, list[str | None]] = {}  # None: skipped for that row
     known: dict[str, list[Any]] = {}  # cached outputs (dicts of fields, or the value)
     for pc in plan.chains:
@@ -258,6 +275,7 @@ def partition_counts(
                     out_tokens,
                     _model_name(model),
                     tier,
+                    _provider_name(model),
                 )
             )
     return pd.DataFrame(records, columns=list(_COUNTS)).astype(_COUNTS)
@@ -271,6 +289,7 @@ _COUNTS: dict[str, Any] = {
     "output_tokens": "int64",
     "model": object,
     "tier": object,
+    "provider": object,
 }
 
 
@@ -343,8 +362,9 @@ def run_estimate(
     plan: Plan,
     cache: ResultCache | None,
     *,
-    rpm: float | None,
-    tpm: float | None,
+    rpm: Told,
+    tpm: Told,
+    output_tpm: Told = None,
     prices: Mapping[str, PriceEntry],
     budget_usd: float | None = None,
     batch: bool = False,
@@ -370,7 +390,14 @@ def run_estimate(
         if store is not None:
             store.close()
     estimate = summarize(
-        counts, rows=int(rows), plan=plan, rpm=rpm, tpm=tpm, prices=prices, batch=batch
+        counts,
+        rows=int(rows),
+        plan=plan,
+        rpm=rpm,
+        tpm=tpm,
+        output_tpm=output_tpm,
+        prices=prices,
+        batch=batch,
     )
     estimate.budget_usd = budget_usd
     estimate.partitions = int(getattr(frame, "npartitions", 1))
@@ -380,7 +407,12 @@ def run_estimate(
             now=time.time(),
             requests=estimate.calls,
             rounds=plan.rounds,
-            rate_per_s=rate_of(deadline, rpm=rpm, max_concurrency=UNPACED_MAX_CONCURRENCY),
+            rate_per_s=rate_of(
+                deadline,
+                # By provider: the slowest (a row waits for all its chains), as enrich's.
+                rpm=min(rpm.values()) if isinstance(rpm, Mapping) else rpm,
+                max_concurrency=UNPACED_MAX_CONCURRENCY,
+            ),
         )
         estimate.deadline_plan = tiers
         online, cheap = estimate.cost_usd, estimate.batch_cost_usd
@@ -404,8 +436,9 @@ def summarize(
     *,
     rows: int,
     plan: Plan,
-    rpm: float | None,
-    tpm: float | None,
+    rpm: Told,
+    tpm: Told,
+    output_tpm: Told = None,
     prices: Mapping[str, PriceEntry] | None,
     batch: bool = False,
 ) -> Estimate:
@@ -419,11 +452,7 @@ def summarize(
     batch_cost, batch_saved = _cost(unique, prices, tier="batch")
     list_cost, _ = _cost(unique, prices, tier="default")
     calls = len(unique)
-    waits = []
-    if rpm:
-        waits.append(calls / (rpm / 60.0))
-    if tpm:
-        waits.append((input_tokens + output_tokens) / (tpm / 60.0))
+    wall = _wall(unique, rpm=rpm, tpm=tpm, output_tpm=output_tpm)
     _, tokenizer = token_counter()
     return Estimate(
         rows=rows,
@@ -432,7 +461,7 @@ def summarize(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         cost_usd=batch_cost if batch else cost,
-        wall_s=None if batch else (max(waits) if waits else None),
+        wall_s=None if batch or wall is None else wall[0],
         tokenizer=tokenizer,
         batch=batch,
         online_cost_usd=cost,
@@ -441,7 +470,32 @@ def summarize(
         caching_saved_usd=batch_saved if batch else saved,
         flex_calls=0 if batch else int((unique["tier"] == "flex").sum()),
         list_price_cost_usd=list_cost,
+        bound_by=None if batch or wall is None else wall[1],
     )
+
+
+def _wall(
+    unique: pd.DataFrame, *, rpm: Told, tpm: Told, output_tpm: Told
+) -> tuple[float, str] | None:
+    """(seconds, the limit that binds) of the calls ``unique`` at the limits told, each
+    provider's calls at its own (``told``), paced apart; None: no limit told for any."""
+    apart = {p.name for p in providers() if p.output_limit}
+    waits: list[tuple[float, str]] = []
+    for name, group in unique.groupby("provider", dropna=False):
+        provider = str(name)
+        whose = f"{provider}'s " if provider else ""
+        output = float(group["output_tokens"].sum())
+        tokens = float(group["input_tokens"].sum()) + (0.0 if provider in apart else output)
+        limits = [
+            ("rpm", told(rpm, provider), float(len(group))),
+            ("tpm", told(tpm, provider), tokens),
+        ]
+        if provider in apart:
+            limits.append(("output_tpm", told(output_tpm, provider), output))
+        for option, limit, amount in limits:
+            if limit:
+                waits.append((amount / (limit / 60.0), f"{whose}{option}={limit:,.0f}"))
+    return max(waits, key=lambda wait: wait[0]) if waits else None
 
 
 def _cost(

@@ -21,7 +21,10 @@
   apart (``output_limit``): the throttle's token estimate of a request counts
   its prompt alone against the input limit, and the request reserves its
   ``max_tokens`` from the output bucket until its answer says what it used
-  (``limits.pacer.OutputBucket``). Anthropic answers 429 ``rate_limit_error``
+  (``limits.pacer.OutputBucket``), whose level follows what
+  ``-output-tokens-remaining`` says is left (the ``-reset`` time is not read: a
+  time of the provider's clock, to the second, of a bucket about a second deep).
+  Anthropic answers 429 ``rate_limit_error``
   only for its limits (with ``retry-after``): every such 429 is the quota's.
   Overload is 529 ``overloaded_error``, retried and never fatal.
 * **Fatal.** 401, 403, 404, and the 400 "credit balance is too low".
@@ -47,7 +50,7 @@ from langchain_anthropic import ChatAnthropic
 from dask_llm.core.config import DEFAULT_REQUEST_TIMEOUT
 from dask_llm.core.outcome import Announced
 from dask_llm.core.usage import MODEL, Reported
-from dask_llm.limits.headers import is_quota_429, positive_number
+from dask_llm.limits.headers import is_quota_429, number, positive_number
 from dask_llm.providers.base import BatchClient, BatchState, Provider, error_of
 
 _INPUT: Final = re.compile(rb'"input_tokens"\s*:\s*(\d+)')
@@ -155,6 +158,7 @@ class AnthropicProvider(Provider):
             positive_number(headers.get(f"{_HEADER}requests-limit")),
             tpm or positive_number(headers.get(f"{_HEADER}tokens-limit")),
             positive_number(headers.get(f"{_HEADER}output-tokens-limit")),
+            number(headers.get(f"{_HEADER}output-tokens-remaining")),
         )
 
     remaining = tuple(

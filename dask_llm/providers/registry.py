@@ -30,6 +30,9 @@ OPENAI: Final = OpenAIProvider()
 _OPTIONAL: Final = (
     ("dask_llm.providers.anthropic", "AnthropicProvider", ("langchain_anthropic", "anthropic")),
 )
+#: Every provider's name (``Provider.name``), installed or not: what a limit told by
+#: provider (``rpm={"anthropic": 50}``) may name.
+NAMES: Final = (OPENAI.name, "anthropic")
 
 _lock = threading.Lock()
 _loaded: dict[str, Provider | None] = {}  # module -> its provider; None: not installed

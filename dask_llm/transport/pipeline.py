@@ -335,6 +335,9 @@ class JobTransport:
                         tokens=(outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0),
                     )
             job.recorder.request_finished(sent_at, outcome)
+            # Its output settled before the headers are read: what they say is left is
+            # after the provider gave back what the answer did not use.
+            throttle.settle_output(output, status, outcome.completion_tokens)
             throttle.observe(
                 started,
                 status,
@@ -345,7 +348,6 @@ class JobTransport:
             )
             if outcome.ok:
                 throttle.record_usage(len(body), outcome.prompt_tokens, outcome.completion_tokens)
-            throttle.settle_output(output, status, outcome.completion_tokens)
             throttle.release()
             if worst and not outcome.ok:
                 # No answer: it may have been paid for. An error answer: not billed.
