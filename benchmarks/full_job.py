@@ -19,7 +19,11 @@ dependent chain's last answers). Printed, per scheduler:
 * the most requests in flight at the simulator, and calls/s;
 * the resident memory of the client and of each worker process when 10%, 50%
   and 100% of the calls were answered (flat over the run: nothing grows
-  per row).
+  per row). ``--worker-profile off`` (or ``both``) runs the LocalCluster with
+  distributed's statistical profiler off: it samples every worker thread's
+  stack every 10 ms and keeps an hour of call trees (``profile_history``),
+  which grow with every distinct stack it sees; that, not the job, is what
+  grew in the workers (docs/cluster.md).
 
 ``--baseline REV`` also runs each configuration with another commit's code
 (checked out into a temporary worktree, first on the job's ``PYTHONPATH``)
@@ -165,7 +169,9 @@ def _warm() -> None:
     import dask_llm.demo  # noqa: F401  (and LangChain, the openai SDK)
 
 
-def run_job(url: str, code: str, args: argparse.Namespace, scheduler: str) -> dict[str, Any]:
+def run_job(
+    url: str, code: str, args: argparse.Namespace, scheduler: str, *, profile: bool = True
+) -> dict[str, Any]:
     reset(url)
     time.sleep(1.2)  # the last job's requests leave the window
     cmd = [sys.executable, os.path.abspath(__file__), "--job", url, "--scheduler", scheduler]
@@ -175,6 +181,8 @@ def run_job(url: str, code: str, args: argparse.Namespace, scheduler: str) -> di
         cmd += ["--input", args.input]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([code, ROOT])}
     env.setdefault("OPENAI_API_KEY", "sk-benchmark")
+    if not profile:  # distributed's statistical profiler, on by default in every worker
+        env["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "False"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200, check=False)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
@@ -220,6 +228,12 @@ def main() -> None:
         "--partitions", type=int, default=0, help="default: one per 4,000 rows, at least 8"
     )
     parser.add_argument("--baseline", default=None, help="also run this commit's code (e.g. main)")
+    parser.add_argument(
+        "--worker-profile",
+        choices=("on", "off", "both"),
+        default="on",
+        help="distributed's profiler in the LocalCluster's workers (on: dask's default)",
+    )
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.partitions:
@@ -238,6 +252,12 @@ def main() -> None:
         baseline_tree(args.baseline) if args.baseline else contextlib.nullcontext() as old_tree,
     ):
         for scheduler in schedulers:
+            if scheduler == "cluster" and args.worker_profile != "on":
+                quiet = run_job(url, ROOT, args, scheduler, profile=False)
+                rows.append(describe(f"{labels[scheduler]}, profiler off", quiet, bound))
+                print(rows[-1], quiet["errors"] or "", flush=True)
+                if args.worker_profile == "off":
+                    continue
             new = run_job(url, ROOT, args, scheduler)
             rows.append(describe(labels[scheduler], new, bound))
             print(rows[-1], new["errors"] or "", flush=True)
