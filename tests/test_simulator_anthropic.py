@@ -44,7 +44,10 @@ def test_a_text_answer_with_its_usage_and_limit_headers(make_simulator: Any) -> 
         assert raw.headers[f"anthropic-ratelimit-{kind}-limit"]
         assert int(raw.headers[f"anthropic-ratelimit-{kind}-remaining"]) >= 0
         assert raw.headers[f"anthropic-ratelimit-{kind}-reset"].endswith("Z")
-    assert AnthropicProvider().announced(raw.headers) == (600, 100_000, 20_000)
+    announced = AnthropicProvider().announced(raw.headers)
+    assert announced[:3] == (600, 100_000, 20_000)
+    left = int(raw.headers["anthropic-ratelimit-output-tokens-remaining"])
+    assert announced.otpm_left == left  # what the output bucket held as it answered
 
 
 def test_tool_use_follows_the_tools_input_schema(sim: Any) -> None:
