@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dask_llm.limits.coordinator import LEASE_TTL_S, MARGIN, RENEW_S, WINDOW_S, Coordinator
-from dask_llm.limits.ledger import Ledger
+from dask_llm.limits.ledger import GONE_S, Ledger
 from dask_llm.limits.pacer import HOLD_S, Pacer
 
 LIMIT = 100 / 60 * 60 * 60  # rpm for 100 requests/s
@@ -556,3 +556,42 @@ def test_the_real_pacers_of_members_that_come_and_go_never_pass_the_limit_togeth
                 peak = max(peak, len(sends))
         assert len(sends) <= 100, (step, len(sends))
     assert peak >= 90  # and the test did drive the job near its limit
+
+
+def test_a_ledger_silent_for_seconds_holds_the_sends_and_stops_the_job_only_once_gone() -> None:
+    """A worker's event loop blocked for ~5 s (a probe of the user's on it) stopped a
+    30,000-row job: "the job's ledger is gone" came after 3 s of silence. Now a silence
+    holds the sends (a lapsed lease leases nothing) and the job stops after ``GONE_S``."""
+    clock = Clock()
+    coordinator = Coordinator(clock=clock)
+    stops: list[str] = []
+
+    class Link:
+        up = True
+
+        def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+            if not self.up:
+                raise TimeoutError("the worker's loop did not answer")
+            return coordinator.lease(job, member, report)
+
+    link = Link()
+    ledger = Ledger("job", {"rpm": LIMIT}, link, clock=clock, on_stop=stops.append)
+    ledger._renew()
+    link.up = False
+    clock.now += LEASE_TTL_S + 0.01
+    for _ in range(10):  # 10 s more of failed renewals, the lease lapsed
+        ledger._renew()
+        assert ledger.rates() == (0.0, None)  # held, not overspent
+        clock.now += 1.0
+    assert stops == []
+    link.up = True
+    for _ in range(10):  # back: the coordinator lends it a share again within seconds
+        ledger._renew()
+        if ledger.rates()[0]:
+            break
+        clock.now += RENEW_S
+    assert (ledger.rates()[0] or 0.0) > 0.0
+    link.up = False
+    clock.now += GONE_S + LEASE_TTL_S + 0.1
+    ledger._renew()
+    assert stops and "ledger is gone" in stops[0]
