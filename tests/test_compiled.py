@@ -4,6 +4,7 @@ LangChain's path, for every shape it takes, against the simulator through the re
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, TypedDict
 
 import pandas as pd
@@ -232,7 +233,8 @@ def test_a_difference_in_the_request_falls_back_with_one_log_line(
     sim: Any, monkeypatch: pytest.MonkeyPatch, debug_log: pytest.LogCaptureFixture
 ) -> None:
     """LangChain formats a prompt otherwise than the compiled path: it is caught on the
-    first row, and the chain takes LangChain's path for the job."""
+    first row checked (whichever of the concurrent rows comes first: CI on 3.13 saw row
+    1), and the chain takes LangChain's path for the job."""
     from langchain_core.prompts.prompt import PromptTemplate
 
     original = PromptTemplate.format
@@ -244,7 +246,8 @@ def test_a_difference_in_the_request_falls_back_with_one_log_line(
     df = reviews(ROWS)
     out = df.llm.enrich([_chain("json-schema-pydantic", sim.base_url)], cache=False)
     (line,) = _fallbacks(debug_log)
-    assert "'c'" in line and "request bodies differ at byte" in line and "REVIEW 0" in line
+    assert "'c'" in line and "request bodies differ at byte" in line
+    assert re.search(r"REVIEW \d+:", line), line  # the row's own text, as LangChain sent it
     assert not _compiled(debug_log)
     assert out["llm_error"].isna().all()
     assert requests(sim) == ROWS  # nothing was sent twice
