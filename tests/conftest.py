@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,13 @@ ANTHROPIC_KEY = "sk-ant-test-dask-llm-SECRET-9876543210"
 os.environ["ANTHROPIC_API_KEY"] = ANTHROPIC_KEY
 for _name in ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_URL"):
     os.environ.pop(_name, None)
+
+# A run started in the background by a non-interactive shell script starts with SIGINT
+# ignored, and every process it starts inherits that: the Ctrl-C tests then saw jobs
+# that never stopped (14 failed that way with a CPU burner started from a script). The
+# tests send SIGINT on purpose: restore Python's own handler, which children get back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import distributed  # noqa: E402
 
