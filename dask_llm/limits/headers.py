@@ -184,10 +184,4 @@ def number(value: str | None) -> float | None:
 
 def positive_number(value: str | None) -> float | None:
     """A header's number if it is > 0; None when absent, 0 or not a number."""
-    if not value:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if number > 0 else None
+    return number(value) or None  # 0.0 is falsy: None
