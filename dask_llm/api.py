@@ -13,7 +13,7 @@ import inspect
 import os
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypedDict, Unpack, overload
 
 import dask
@@ -286,15 +286,7 @@ def enrich(
             register(client)
         if job.options.batch is not None and client is None:
             return _batch_graph(frame, job)
-        return frame.map_partitions(
-            enrich_partition,
-            job.plan,
-            job.options,
-            job.handle,
-            meta=job.plan.meta(frame._meta),
-            enforce_metadata=False,
-            align_dataframes=False,
-        )
+        return _on_partitions(frame, enrich_partition, job=job, meta=job.plan.meta(frame._meta))
     return _enrich_now(frame, job)[0]
 
 
@@ -302,24 +294,26 @@ def _batch_graph(frame: dd.DataFrame, job: _Configured) -> dd.DataFrame:
     """A batch job's graph for dask's local schedulers (``engine.handoff``): each partition
     handed to a thread of its own, a barrier, then each partition's frame collected, so
     that every partition's batch windows overlap whatever the scheduler's threads."""
-    tickets = frame.map_partitions(
-        handoff.begin,
-        job.plan,
-        job.options,
-        job.handle,
-        meta=handoff.TICKET_META,
-        enforce_metadata=False,
-        align_dataframes=False,
-    )
+    tickets = _on_partitions(frame, handoff.begin, job=job, meta=handoff.TICKET_META)
     begun = dask.delayed(handoff.all_begun, pure=True)(tickets)
+    return _on_partitions(
+        frame, handoff.end, tickets, begun, job=job, meta=job.plan.meta(frame._meta)
+    )
+
+
+def _on_partitions(
+    frame: dd.DataFrame, func: Callable[..., Any], *args: Any, job: _Configured, meta: Any
+) -> dd.DataFrame:
+    """``func(partition, *args, plan, options, handle)`` on each partition of ``frame``
+    (``args`` mapped as ``map_partitions`` maps them), with the ``meta`` given: dask's
+    inference would run ``func``, and so the LLM, on a fake partition."""
     return frame.map_partitions(
-        handoff.end,
-        tickets,
-        begun,
+        func,
+        *args,
         job.plan,
         job.options,
         job.handle,
-        meta=job.plan.meta(frame._meta),
+        meta=meta,
         enforce_metadata=False,
         align_dataframes=False,
     )
