@@ -29,6 +29,23 @@ class Clock:
         return self.now
 
 
+class Link:
+    """A ledger's way to ``coordinator``; while ``up`` is False, each lease raises
+    ``failure`` (a scheduler, or a worker's loop, that does not answer)."""
+
+    def __init__(
+        self, coordinator: Coordinator, *, failure: type[Exception] = ConnectionError
+    ) -> None:
+        self.coordinator = coordinator
+        self.failure = failure
+        self.up = True
+
+    def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
+        if not self.up:
+            raise self.failure("the coordinator did not answer")
+        return self.coordinator.lease(job, member, report)
+
+
 def report(**fields: Any) -> dict[str, Any]:
     return {"config": {"rpm": LIMIT}, "hungry": True, **fields}
 
@@ -274,7 +291,7 @@ def test_while_its_report_is_on_its_way_a_member_sends_no_more_than_it_reported(
     pacers: list[Pacer] = []
     on_the_way: list[list[float]] = []
 
-    class Link:
+    class SlowLink:  # the pacer admits while its report is on the way
         def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
             if pacers:
                 on_the_way.append([pacers[0].admit(1.0) for _ in range(3)])
@@ -282,7 +299,7 @@ def test_while_its_report_is_on_its_way_a_member_sends_no_more_than_it_reported(
                 on_the_way.append([pacers[0].admit(1.0) for _ in range(3)])
             return coordinator.lease(job, member, report)
 
-    ledger = Ledger("job", {"rpm": LIMIT}, Link(), clock=clock)
+    ledger = Ledger("job", {"rpm": LIMIT}, SlowLink(), clock=clock)
     ledger._renew()
     pacers.append(Pacer(ledger=ledger, clock=clock))
     assert [pacers[0].admit(1.0) for _ in range(2)] == [0.0, 0.0]
@@ -294,11 +311,11 @@ def test_while_its_report_is_on_its_way_a_member_sends_no_more_than_it_reported(
 def test_a_report_that_fails_in_an_unforeseen_way_leaves_no_hold_behind() -> None:
     clock = Clock()
 
-    class Link:
+    class BuggyLink:
         def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
             raise TypeError("a bug in the link")
 
-    ledger = Ledger("job", {"rpm": LIMIT}, Link(), clock=clock)
+    ledger = Ledger("job", {"rpm": LIMIT}, BuggyLink(), clock=clock)
     with pytest.raises(TypeError):
         ledger._renew()
     assert not ledger.holding(1.0, req=True, tok=False)
@@ -309,15 +326,7 @@ def test_a_member_whose_lease_has_lapsed_sends_nothing_until_it_renews() -> None
     clock = Clock()
     coordinator = Coordinator(clock=clock)
 
-    class Link:
-        up = True
-
-        def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
-            if not self.up:
-                raise ConnectionError("the scheduler is busy")
-            return coordinator.lease(job, member, report)
-
-    link = Link()
+    link = Link(coordinator)
     ledger = Ledger("job", {"rpm": LIMIT}, link, clock=clock)
     ledger._renew()
     assert ledger.rates() == (pytest.approx(RATE), None)
@@ -422,12 +431,7 @@ def test_a_lane_paces_a_limit_it_learned_from_the_moment_it_learned_it() -> None
     provider announced after the last lease, an even share of that until the next."""
     clock = Clock()
     coordinator = Coordinator(clock=clock)
-
-    class Link:
-        def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
-            return coordinator.lease(job, member, report)
-
-    ledger = Ledger("job", {"rpm": LIMIT}, Link(), clock=clock)
+    ledger = Ledger("job", {"rpm": LIMIT}, Link(coordinator), clock=clock)
     ledger._renew()
     claude = ledger.lane("anthropic")
     assert claude.rates() == (pytest.approx(RATE), None)  # not leased yet: the told rpm
@@ -492,14 +496,12 @@ def test_the_real_pacers_of_members_that_come_and_go_never_pass_the_limit_togeth
     coordinator = Coordinator(clock=clock)
     rng = random.Random(11)
 
-    class Link:
-        def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
-            return coordinator.lease(job, member, report)
-
     class Member:
         def __init__(self, name: str) -> None:
             self.name = name
-            self.ledger = Ledger("job", {"rpm": LIMIT, "partitions": 40}, Link(), clock=clock)
+            self.ledger = Ledger(
+                "job", {"rpm": LIMIT, "partitions": 40}, Link(coordinator), clock=clock
+            )
             self.ledger.member = name
             self.pacer = Pacer(ledger=self.ledger, clock=clock)
             self.next_renewal = clock.now + rng.uniform(0.0, RENEW_S)
@@ -566,15 +568,7 @@ def test_a_ledger_silent_for_seconds_holds_the_sends_and_stops_the_job_only_once
     coordinator = Coordinator(clock=clock)
     stops: list[str] = []
 
-    class Link:
-        up = True
-
-        def lease(self, job: str, member: str, report: dict[str, Any]) -> dict[str, Any]:
-            if not self.up:
-                raise TimeoutError("the worker's loop did not answer")
-            return coordinator.lease(job, member, report)
-
-    link = Link()
+    link = Link(coordinator, failure=TimeoutError)  # the worker's loop did not answer
     ledger = Ledger("job", {"rpm": LIMIT}, link, clock=clock, on_stop=stops.append)
     ledger._renew()
     link.up = False
