@@ -1,5 +1,5 @@
-"""Helpers the tests share: counting requests, frames, clusters, running a script in its own
-process."""
+"""Helpers the tests share: counting requests, frames, clusters, a two-provider job's ledgers,
+running a script in its own process."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ from typing import Any
 
 import distributed
 import pandas as pd
+
+from dask_llm.core.runtime import part
+from dask_llm.engine.job import Jobs
+from dask_llm.limits.coordinator import local_coordinator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +46,16 @@ def local_cluster(**options: Any) -> distributed.LocalCluster:
 def requests(sim: Any) -> int:
     """Requests the simulator has received since its last reset."""
     return int(sim.stats()["requests"])
+
+
+def provider_ledger_rates() -> tuple[float, float]:
+    """The requests/s that the last job in this process calling both OpenAI and Anthropic
+    had lent by each provider's ledger of its own: (OpenAI's, Anthropic's)."""
+    (job,) = [
+        j for j in part(Jobs).by_key.values() if {"openai", "anthropic"} <= set(j.throttle.names())
+    ][-1:]
+    ledgers = local_coordinator()._jobs
+    return ledgers[job.id].limits()[0], ledgers[f"{job.id}/anthropic"].limits()[0]
 
 
 def run_script(

@@ -31,12 +31,10 @@ from langchain_core.runnables import Runnable
 from pydantic import BaseModel
 
 import dask_llm
-from dask_llm.core.runtime import part
 from dask_llm.core.usage import price_of
-from dask_llm.engine.job import Jobs
-from dask_llm.limits.coordinator import MARGIN, local_coordinator
+from dask_llm.limits.coordinator import MARGIN
 from tests import chains
-from tests.helpers import ROOT, requests
+from tests.helpers import ROOT, provider_ledger_rates, requests
 
 MODEL = "claude-haiku-4-5"
 
@@ -288,12 +286,9 @@ def test_a_job_with_an_openai_and_a_claude_chain_paces_each_to_its_own_limit(
     # OpenAI's requests follow Claude's rows; a busy machine bunched one over (16 seen).
     assert openai.stats()["peak_requests_1s"] <= 16
     # Each provider's requests were lent from a ledger of its own, at that provider's limit.
-    (job,) = [
-        j for j in part(Jobs).by_key.values() if {"openai", "anthropic"} <= set(j.throttle.names())
-    ][-1:]
-    ledgers = local_coordinator()._jobs
-    assert ledgers[job.id].limits()[0] == pytest.approx(15 * (1 - MARGIN))
-    assert ledgers[f"{job.id}/anthropic"].limits()[0] == pytest.approx(5 * (1 - MARGIN))
+    openai_rate, anthropic_rate = provider_ledger_rates()
+    assert openai_rate == pytest.approx(15 * (1 - MARGIN))
+    assert anthropic_rate == pytest.approx(5 * (1 - MARGIN))
 
 
 def test_estimate_prices_a_claude_chain(sim: Any) -> None:

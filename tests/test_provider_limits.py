@@ -16,11 +16,9 @@ import pytest
 from benchmarks.output_remaining import competitor
 from dask_llm.cli import limit_of
 from dask_llm.core.config import EnrichOptions, told
-from dask_llm.core.runtime import part
-from dask_llm.engine.job import Jobs
-from dask_llm.limits.coordinator import MARGIN, local_coordinator
+from dask_llm.limits.coordinator import MARGIN
 from tests import chains
-from tests.helpers import requests
+from tests.helpers import provider_ledger_rates, requests
 from tests.test_claude import frame, requests_per_second, tasting_chain, text_chain
 
 
@@ -145,12 +143,9 @@ def test_a_two_provider_job_holds_each_providers_own_limit_told(make_simulator: 
     assert 0.7 * 3 <= requests_per_second(anthropic_) <= 3.0 + 1e-9
     assert anthropic_.stats()["peak_requests_1s"] <= 4
     assert openai.stats()["peak_requests_1s"] <= 15
-    (job,) = [
-        j for j in part(Jobs).by_key.values() if {"openai", "anthropic"} <= set(j.throttle.names())
-    ][-1:]
-    ledgers = local_coordinator()._jobs
-    assert ledgers[job.id].limits()[0] == pytest.approx(15 * (1 - MARGIN))
-    assert ledgers[f"{job.id}/anthropic"].limits()[0] == pytest.approx(3 * (1 - MARGIN))
+    openai_rate, anthropic_rate = provider_ledger_rates()
+    assert openai_rate == pytest.approx(15 * (1 - MARGIN))
+    assert anthropic_rate == pytest.approx(3 * (1 - MARGIN))
 
 
 def test_a_provider_not_named_is_paced_to_what_its_headers_announce(make_simulator: Any) -> None:
@@ -163,12 +158,9 @@ def test_a_provider_not_named_is_paced_to_what_its_headers_announce(make_simulat
         rpm={"openai": 120},
     )
     assert out["llm_error"].isna().all(), out["llm_error"].dropna().head().tolist()
-    (job,) = [
-        j for j in part(Jobs).by_key.values() if {"openai", "anthropic"} <= set(j.throttle.names())
-    ][-1:]
-    ledgers = local_coordinator()._jobs
-    assert ledgers[job.id].limits()[0] == pytest.approx(2 * (1 - MARGIN))
-    assert ledgers[f"{job.id}/anthropic"].limits()[0] == pytest.approx(10 * (1 - MARGIN))
+    openai_rate, anthropic_rate = provider_ledger_rates()
+    assert openai_rate == pytest.approx(2 * (1 - MARGIN))
+    assert anthropic_rate == pytest.approx(10 * (1 - MARGIN))
 
 
 # -- Claude's output bucket follows what the provider says is left -------------------------------
