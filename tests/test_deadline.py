@@ -309,6 +309,14 @@ def test_a_batch_end_is_projected_at_its_pace(
     assert projected_end(now=now, since=0.0, done=done, total=total, turnaround=4.0) == end
 
 
+def is_late(*, rounds_left: int, cancel_at: float = 5.0, **progress: Any) -> bool:
+    """``batch_late`` of a batch of 10 lines, 1 s assumed per round, whose cancel would
+    begin at ``cancel_at``; ``progress``: its ``now``, ``since``, ``done`` and the rest."""
+    return batch_late(
+        total=10, turnaround=1.0, rounds_left=rounds_left, cancel_at=cancel_at, **progress
+    )
+
+
 @pytest.mark.parametrize(
     ("done", "rounds_left", "late"),
     [
@@ -321,18 +329,7 @@ def test_a_batch_is_late_when_it_cannot_end_before_its_cancel(
     done: int, rounds_left: int, late: bool
 ) -> None:
     # 10 lines, 2 s in progress; its cancel would begin at 5 s.
-    assert (
-        batch_late(
-            now=2.0,
-            since=0.0,
-            done=done,
-            total=10,
-            turnaround=1.0,
-            rounds_left=rounds_left,
-            cancel_at=5.0,
-        )
-        is late
-    )
+    assert is_late(now=2.0, since=0.0, done=done, rounds_left=rounds_left) is late
 
 
 @pytest.mark.parametrize(
@@ -347,37 +344,18 @@ def test_a_batch_still_validating_is_late_when_the_turnaround_from_now_does_not_
     now: float, rounds_left: int, late: bool
 ) -> None:
     # Submitted at 0, still validating; 1 s assumed per round; its cancel would begin at 5 s.
-    assert (
-        batch_late(
-            now=now,
-            since=now,
-            done=0,
-            total=10,
-            turnaround=1.0,
-            rounds_left=rounds_left,
-            cancel_at=5.0,
-            submitted=0.0,
-            validating=True,
-        )
-        is late
-    )
+    progress = {"now": now, "since": now, "done": 0, "submitted": 0.0, "validating": True}
+    assert is_late(rounds_left=rounds_left, **progress) is late
 
 
 def test_a_later_round_counts_this_rounds_validation_too() -> None:
     # Submitted at 0, validated until 2, half done at 3: its lines end at 4. The next round
     # validates as this one did: 4 s, not the 2 s in progress, so it ends at 8, after the
     # cancel (7). Counted from the end of validation alone, it looked in time (6).
-    kwargs: dict[str, Any] = {
-        "now": 3.0,
-        "since": 2.0,
-        "done": 5,
-        "total": 10,
-        "turnaround": 1.0,
-        "rounds_left": 2,
-        "cancel_at": 7.0,
-    }
-    assert batch_late(**kwargs, submitted=0.0)
-    assert not batch_late(**kwargs)  # no submission known: from ``since``, as on main
+    progress = {"now": 3.0, "since": 2.0, "done": 5}
+    assert is_late(rounds_left=2, cancel_at=7.0, submitted=0.0, **progress)
+    # No submission known: from ``since``, as on main.
+    assert not is_late(rounds_left=2, cancel_at=7.0, **progress)
 
 
 def test_flex_unavailability_measured_moves_the_switch_to_list_price_earlier() -> None:
