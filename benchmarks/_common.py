@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: a simulator in its own process, medians, and a table printer.
+"""Shared by the benchmarks: a simulator in its own process, another client's paced load,
+medians, and a table printer.
 
 The simulator runs in a subprocess so that it never shares a GIL with the
 client being measured (the simulator benchmark shows it is not the bottleneck).
@@ -6,13 +7,17 @@ client being measured (the simulator benchmark shows it is not the bottleneck).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+
+import aiohttp
 
 from dask_llm.simulator import fetch_stats
 
@@ -58,6 +63,41 @@ def simulator_process(*args: str, priority: bool = False) -> Iterator[str]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def paced_load(
+    rate: float,
+    send: Callable[[aiohttp.ClientSession], Awaitable[None]],
+    *,
+    headers: Mapping[str, str],
+    counts: dict[str, int],
+) -> Iterator[None]:
+    """Another client of the provider for the length of the block: ``send(session)``
+    started ``rate`` times a second, whatever the answers, on a session of ``headers`` in
+    a thread of its own; ``counts["sent"]`` counts the sends. At the block's end it waits
+    for its last answers (30 s at most), so what ``send`` counts is final then."""
+    done = threading.Event()
+
+    async def run() -> None:
+        async with aiohttp.ClientSession(headers=dict(headers)) as session:
+            tasks: set[asyncio.Future[None]] = set()
+            start = time.monotonic()
+            while not done.is_set():
+                counts["sent"] += 1
+                task = asyncio.ensure_future(send(session))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                await asyncio.sleep(max(0.0, start + counts["sent"] / rate - time.monotonic()))
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(30)
 
 
 #: ``GET /sim/stats`` of the simulator at a base URL (the simulator's own helper).

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from benchmarks._common import reset, simulator_process, stats, table
@@ -152,9 +152,19 @@ def job_process(url: str, code: str, args: argparse.Namespace, **config: Any) ->
         value = config.get(flag)
         if value:
             cmd += [f"--{flag.replace('_', '-')}"] + ([] if value is True else [str(value)])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([code, ROOT])}
-    env.setdefault("OPENAI_API_KEY", "sk-benchmark")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600, check=False)
+    return run_in_tree(cmd, code=code, timeout_s=3600)
+
+
+def run_in_tree(
+    cmd: list[str], *, code: str, timeout_s: float, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``cmd`` (a benchmark's job, by path) with ``code``'s tree first on the path and
+    this one after it, and ``env`` on top of this process's; the JSON of its last line."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([code, ROOT]), **(env or {})}
+    full_env.setdefault("OPENAI_API_KEY", "sk-benchmark")
+    done = subprocess.run(
+        cmd, env=full_env, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])

@@ -26,19 +26,19 @@ limit (alone) or against what the other client left (shared).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 
+# This file is also the job's process, run with the baseline's tree first on the path:
+# there ``benchmarks`` is the baseline's, so what it may lack is looked up when used.
+from benchmarks import _common, cluster_budget
 from benchmarks._common import reset, simulator_process, stats, table
 from benchmarks.cluster_budget import ROOT, baseline_tree
 
@@ -72,12 +72,7 @@ def job(url: str, rows: int) -> None:
 
 def run(url: str, code: str, rows: int) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--job", url, "--rows", str(rows)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([code, ROOT])}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return cluster_budget.run_in_tree(cmd, code=code, timeout_s=1800)
 
 
 @contextlib.contextmanager
@@ -85,8 +80,6 @@ def competitor(url: str, tokens_per_s: float) -> Iterator[dict[str, int]]:
     """Another client of the account taking ``tokens_per_s`` output tokens/s of the bucket
     (requests of ``MAX_TOKENS``, whatever they are answered); yields its counts."""
     counts = {"sent": 0, "ok": 0, "limited": 0, "output": 0}
-    done = threading.Event()
-    rate = tokens_per_s / MAX_TOKENS
     body = json.dumps(
         {"model": MODEL, "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": "x"}]}
     )
@@ -100,26 +93,9 @@ def competitor(url: str, tokens_per_s: float) -> Iterator[dict[str, int]]:
             elif response.status == 429:
                 counts["limited"] += 1
 
-    async def main() -> None:
-        headers = {"x-api-key": "sk-ant-x", "content-type": "application/json"}
-        async with aiohttp.ClientSession(headers=headers) as session:
-            tasks: set[asyncio.Future[None]] = set()
-            start = time.monotonic()
-            while not done.is_set():
-                counts["sent"] += 1
-                task = asyncio.ensure_future(one(session))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                await asyncio.sleep(max(0.0, start + counts["sent"] / rate - time.monotonic()))
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    thread.start()
-    try:
+    headers = {"x-api-key": "sk-ant-x", "content-type": "application/json"}
+    with _common.paced_load(tokens_per_s / MAX_TOKENS, one, headers=headers, counts=counts):
         yield counts
-    finally:
-        done.set()
-        thread.join(30)
 
 
 def measure(url: str, code: str, rows: int, other_rate: float) -> dict[str, Any]:

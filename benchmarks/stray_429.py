@@ -39,18 +39,15 @@ simulator's counts less the other client's, which counts its own).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 
-from benchmarks._common import reset, simulator_process, stats, table
+from benchmarks._common import paced_load, reset, simulator_process, stats, table
 from benchmarks.cluster_budget import BASELINE as V01
 from benchmarks.cluster_budget import ROOT, baseline_tree, job_process, run_job, steady
 
@@ -86,7 +83,6 @@ def competitor(url: str, rate: float) -> Iterator[dict[str, int]]:
     """Another client of the job's key: ``rate`` requests/s, whatever the answers; yields its
     counts (final once the block has ended: it waits for its last answers)."""
     counts = {"sent": 0, "ok": 0, "quota_429": 0, "stray_429": 0}
-    done = threading.Event()
     body = json.dumps(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
     )
@@ -100,27 +96,10 @@ def competitor(url: str, rate: float) -> Iterator[dict[str, int]]:
                 quota = "x-ratelimit-remaining-requests" in response.headers
                 counts["quota_429" if quota else "stray_429"] += 1
 
-    async def run() -> None:
-        key = os.environ["OPENAI_API_KEY"]  # the job's: the same bucket
-        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-        async with aiohttp.ClientSession(headers=headers) as session:
-            tasks: set[asyncio.Future[None]] = set()
-            start = time.monotonic()
-            while not done.is_set():
-                counts["sent"] += 1
-                task = asyncio.ensure_future(one(session))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                await asyncio.sleep(max(0.0, start + counts["sent"] / rate - time.monotonic()))
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    try:
+    key = os.environ["OPENAI_API_KEY"]  # the job's: the same bucket
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    with paced_load(rate, one, headers=headers, counts=counts):
         yield counts
-    finally:
-        done.set()
-        thread.join(30)
 
 
 def quota_spent(url: str, code: str, args: argparse.Namespace) -> dict[str, Any]:
