@@ -48,7 +48,7 @@ def requests(sim: Any) -> int:
     return int(sim.stats()["requests"])
 
 
-def provider_ledger_rates() -> tuple[float, float]:
+def provider_ledger_rates() -> tuple[float | None, float | None]:
     """The requests/s that the last job in this process calling both OpenAI and Anthropic
     had lent by each provider's ledger of its own: (OpenAI's, Anthropic's)."""
     (job,) = [
