@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from dask_llm.transport.wire import outcome_of
+from dask_llm.transport.wire import Answer, outcome_of
 
 REQUEST = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
 
@@ -93,3 +93,21 @@ def test_insufficient_quota_is_fatal_and_not_the_rate_limit() -> None:
     error = body(error={"code": "insufficient_quota", "message": "You exceeded your quota"})
     outcome = outcome_of(429, {}, error, REQUEST)
     assert outcome.fatal is not None and "insufficient_quota" in outcome.fatal
+
+
+def test_an_answer_kept_for_a_repeat_holds_what_the_cache_would() -> None:
+    """Without a cache a partition keeps its answers for repeats (``Answer.kept``): the
+    status, the body and the content type, not the provider's other headers, which were
+    most of a worker's memory growth over a long partition."""
+    headers = [("Content-Type", "application/json")]
+    headers += [(f"x-ratelimit-{i}", str(i)) for i in range(20)]
+    answer = Answer(200, headers, body(id="a"))
+    kept = answer.kept()
+    assert (kept.status, kept.body, kept.headers) == (
+        200,
+        answer.body,
+        [("content-type", "application/json")],
+    )
+    cached = Answer.from_cache(answer.to_cache())
+    assert cached is not None
+    assert (cached.status, cached.headers, cached.body) == (kept.status, kept.headers, kept.body)

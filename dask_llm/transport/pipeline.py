@@ -175,7 +175,7 @@ class JobTransport:
                 if not mine and attempt is not None:
                     attempt.cached += 1  # the other caller paid for it
                 if job.cache is None and answer.status < 400:
-                    self._answers[key] = answer
+                    self._answers[key] = answer.kept()
         if attempt is not None and key is not None:
             attempt.keys.append(key)
         return answer

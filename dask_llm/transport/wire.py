@@ -36,8 +36,21 @@ class Answer:
         return cls(status, [("content-type", "application/json")], body)
 
     def to_cache(self) -> dict[str, Any]:
-        ctype = next((v for k, v in self.headers if k.lower() == "content-type"), "")
-        return {"s": self.status, "t": ctype, "b": self.body.decode("utf-8", "replace")}
+        return {
+            "s": self.status,
+            "t": self._content_type(),
+            "b": self.body.decode("utf-8", "replace"),
+        }
+
+    def kept(self) -> Answer:
+        """This answer as kept to answer a repeat (as the cache keeps it): status, body and
+        content type. The provider's other headers (twenty or so, ~60 small objects) are
+        of the moment it was sent, and held for every answer of a partition they were
+        most of a worker's memory growth over a long partition."""
+        return Answer(self.status, [("content-type", self._content_type())], self.body)
+
+    def _content_type(self) -> str:
+        return next((v for k, v in self.headers if k.lower() == "content-type"), "")
 
     @classmethod
     def from_cache(cls, value: Any) -> Answer | None:
