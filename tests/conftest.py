@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import socket
@@ -31,7 +32,19 @@ for _name in ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_URL"):
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+import dask  # noqa: E402
 import distributed  # noqa: E402
+import distributed.utils  # noqa: E402
+
+# The worker processes of the suite's LocalClusters fork from a server that imported the
+# stack once, as distributed's own suite does: spawned, each imported it again (~2.4 s of
+# CPU, about 40 of them per run, on a suite that is CPU-bound on two cores at -n 4). Each
+# gets this process's environment when its cluster starts (``helpers.local_cluster``);
+# a test whose workers must lack a variable asks for spawned ones. Dask's local process
+# pool keeps spawn, as users run it (its children inherit the environment of the moment).
+dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+distributed.utils.get_mp_context()  # distributed's preload list, set once
+multiprocessing.set_forkserver_preload(["distributed", "dask_llm", "tests.helpers"])
 
 from dask_llm.simulator import Simulator, fetch_stats  # noqa: E402
 from tests.helpers import HTTP_ADDRESS, local_cluster  # noqa: E402
@@ -39,9 +52,9 @@ from tests.helpers import HTTP_ADDRESS, local_cluster  # noqa: E402
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tests first (in their order, then the rest in theirs): on several workers
-    (``-n 2``) the longest start first, and the run does not end on a slow one that one
-    worker begins while the other has nothing left (longest-first packs two queues
-    tightest). Every worker collects the same order, as pytest-xdist needs."""
+    (``-n 4``, ``--dist worksteal``) the longest start first, and the run does not end on
+    a slow one that one worker begins while the others have nothing left. Every worker
+    collects the same order, as pytest-xdist needs."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

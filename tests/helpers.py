@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import dask
 import distributed
 import pandas as pd
 
@@ -38,9 +39,20 @@ def reviews(n: int = 12, *, notes: str = "cassis, cedar and graphite") -> pd.Dat
 HTTP_ADDRESS = "127.0.0.1:0"
 
 
-def local_cluster(**options: Any) -> distributed.LocalCluster:
-    """A ``LocalCluster`` on 127.0.0.1 whose HTTP server never takes port 8787."""
-    return distributed.LocalCluster(**{"dashboard_address": HTTP_ADDRESS, **options})
+def local_cluster(*, spawn: bool = False, **options: Any) -> distributed.LocalCluster:
+    """A ``LocalCluster`` on 127.0.0.1 whose HTTP server never takes port 8787.
+
+    Its worker processes fork from the suite's fork server (see conftest), with this
+    process's environment as it is now; ``spawn=True``: spawned, as a user's are, for a
+    test whose workers must *lack* a variable this process had when the server started.
+    """
+    options = {"dashboard_address": HTTP_ADDRESS, **options}
+    if spawn:
+        with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}):
+            return distributed.LocalCluster(**options)
+    if options.get("processes", True):
+        options.setdefault("env", dict(os.environ))
+    return distributed.LocalCluster(**options)
 
 
 def requests(sim: Any) -> int:

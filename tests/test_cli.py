@@ -165,12 +165,15 @@ def test_enrich_by_flex_or_a_deadline(
         assert text in result.stdout
 
 
-@pytest.mark.slow
-def test_estimate_sends_nothing(sim: Any, workdir: Path) -> None:
-    result = run(
+def test_estimate_sends_nothing(
+    sim: Any, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_here(
         ["estimate", "reviews-*.csv", "--chains", "chains.py:chains", "--rpm", "600"],
         sim.base_url,
         workdir,
+        monkeypatch,
+        capsys,
     )
     assert result.returncode == 0, result.stderr
     assert "30 rows -> 30 calls" in result.stdout and "min" in result.stdout
@@ -424,13 +427,14 @@ def test_a_job_that_stopped_exits_non_zero(
     assert len(out) == 30 and out["llm_error"].notna().any()
 
 
-@pytest.mark.slow
 def test_a_report_into_a_missing_directory_is_refused_before_any_request(
-    sim: Any, workdir: Path
+    sim: Any, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Issue 28: it failed only after every call was paid.
     args = ["enrich", "reviews-*.csv", "--chains", "chains.py:chains", "-o", "out"]
-    result = run([*args, "--report", "missing/run.html"], sim.base_url, workdir)
+    result = run_here(
+        [*args, "--report", "missing/run.html"], sim.base_url, workdir, monkeypatch, capsys
+    )
     assert result.returncode != 0
     assert "--report" in result.stderr and "does not exist" in result.stderr
     assert sim.stats()["requests"] == 0

@@ -77,7 +77,7 @@ def test_an_explicit_key_reaches_local_workers_only_when_asked(
     chain = dask_llm.Chain(summary_chain(sim.base_url, api_key=DUMMY_KEY), name="summarize")
     ddf = dd.from_pandas(frame(6), npartitions=2)
     # A cluster of its own: its worker starts without OPENAI_API_KEY in its environment.
-    with local_cluster(n_workers=1, processes=True) as cluster, distributed.Client(cluster):
+    with local_cluster(n_workers=1, spawn=True) as cluster, distributed.Client(cluster):
         with pytest.raises(ValueError, match="ship_api_keys=True") as info:
             ddf.llm.enrich([chain], cache=False)
         assert "\n" not in str(info.value) and DUMMY_KEY not in str(info.value)
@@ -93,7 +93,7 @@ def test_a_key_from_the_environment_is_not_called_explicit(
     monkeypatch.delenv("OPENAI_API_KEY")
     ddf = dd.from_pandas(frame(6), npartitions=2)
     with (
-        local_cluster(n_workers=1, processes=True) as cluster,
+        local_cluster(n_workers=1, spawn=True) as cluster,
         distributed.Client(cluster),
     ):
         monkeypatch.setenv("OPENAI_API_KEY", key)
