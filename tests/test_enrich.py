@@ -18,6 +18,8 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 import dask_llm
+from dask_llm.engine.runner import PartitionRun
+from dask_llm.transport.pipeline import JobTransport
 from tests.chains import Summary, features_chain, llm, summary_chain, text_chain
 from tests.chains import wine_chains as two_chains
 
@@ -400,3 +402,27 @@ def test_an_error_out_of_a_pandas_job_has_no_event_loop_noise_before_it() -> Non
         pd.DataFrame({"description": ["plum"]}).llm.enrich([chain], errors="raise", cache=False)
     context = info.value.__context__
     assert not isinstance(context, RuntimeError), context
+
+
+def test_an_ended_partition_leaves_nothing_for_the_collector(
+    sim: Any, reviews: pd.DataFrame
+) -> None:
+    """While partitions run, the collector runs rarely (``engine.job``): what an ended
+    partition leaves in reference cycles stays until the job ends. Its run (input frame,
+    values, usage per row) and the answers its transports kept for repeats held ~3.5 KB
+    per call in a worker (318 -> 583 MB over the full-size job); now reference counts
+    free them the moment the partition ends."""
+    gc.collect()
+    gc.disable()  # what only the collector would free stays visible
+    try:
+        out = dd.from_pandas(reviews, npartitions=2).llm.enrich(
+            two_chains(sim.base_url), cache=False, progress=False
+        )
+        assert out.compute(scheduler="sync")["llm_error"].isna().all()
+        alive = gc.get_objects()
+        runs = [o for o in alive if isinstance(o, PartitionRun)]
+        kept = [len(o._answers) for o in alive if isinstance(o, JobTransport)]
+        del alive
+        assert runs == [] and sum(kept) == 0, (len(runs), kept)
+    finally:
+        gc.enable()
