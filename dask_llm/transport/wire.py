@@ -45,8 +45,8 @@ class Answer:
     def kept(self) -> Answer:
         """This answer as kept to answer a repeat (as the cache keeps it): status, body and
         content type. The provider's other headers (twenty or so, ~60 small objects) are
-        of the moment it was sent, and held for every answer of a partition they were
-        most of a worker's memory growth over a long partition."""
+        of the moment it was sent; kept for every answer of a partition, they were ~10%
+        of a worker's memory at 30,000 rows (the rest: ``JobTransport.forget``)."""
         return Answer(self.status, [("content-type", self._content_type())], self.body)
 
     def _content_type(self) -> str:
