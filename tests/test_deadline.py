@@ -312,9 +312,10 @@ def test_a_batch_end_is_projected_at_its_pace(
 def is_late(*, rounds_left: int, cancel_at: float = 5.0, **progress: Any) -> bool:
     """``batch_late`` of a batch of 10 lines, 1 s assumed per round, whose cancel would
     begin at ``cancel_at``; ``progress``: its ``now``, ``since``, ``done`` and the rest."""
-    return batch_late(
+    end = batch_late(
         total=10, turnaround=1.0, rounds_left=rounds_left, cancel_at=cancel_at, **progress
     )
+    return end is not None
 
 
 @pytest.mark.parametrize(

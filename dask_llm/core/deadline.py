@@ -359,9 +359,10 @@ def batch_late(
     cancel_at: float,
     submitted: float | None = None,
     validating: bool = False,
-) -> bool:
-    """Whether a batch, and the ``rounds_left - 1`` rounds after it, cannot end before
-    ``cancel_at``, when its cancel would begin anyway (the module docstring).
+) -> float | None:
+    """When a batch is expected to end, if it and the ``rounds_left - 1`` rounds after it
+    cannot end before ``cancel_at``, when its cancel would begin anyway (the module
+    docstring); ``None`` when they can.
 
     This batch ends at ``projected_end``; each later round takes at least the
     ``turnaround`` assumed, and at least as long as this one from its ``submitted``
@@ -375,7 +376,7 @@ def batch_late(
         end = projected_end(now=now, since=since, done=done, total=total, turnaround=turnaround)
         began = since if submitted is None else min(submitted, since)
     later = max(turnaround, end - began) * max(0, rounds_left - 1)
-    return end + later > cancel_at
+    return end if end + later > cancel_at else None
 
 
 class TierChooser:

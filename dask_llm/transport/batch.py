@@ -74,7 +74,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from dask_llm.core.config import BatchPolicy
-from dask_llm.core.deadline import batch_late, projected_end
+from dask_llm.core.deadline import batch_late
 from dask_llm.core.errors import JobStopped
 from dask_llm.providers.base import BatchClient, BatchState, Provider
 from dask_llm.providers.registry import OPENAI, api_errors, providers, status_errors
@@ -512,7 +512,7 @@ class Batcher:
         done, total = batch.done - progress.done0, batch.total - progress.done0
         turnaround = tiers.deadline.batch_turnaround
         rounds_left = max(1, tiers.rounds - progress.wave + 1)
-        late = batch_late(
+        end = batch_late(
             now=now,
             since=progress.since,
             done=done,
@@ -523,7 +523,9 @@ class Batcher:
             submitted=progress.submitted,
             validating=validating,
         )
-        if late and validating:
+        if end is None:
+            return False
+        if validating:
             log.info(
                 "dask-llm: batch %s has been validating for %.1f s: even at the turnaround "
                 "assumed (%.1f s) from now, its %d round(s) would end after its cancel would "
@@ -534,11 +536,7 @@ class Batcher:
                 rounds_left,
                 cancel_at - now,
             )
-            self.stats.batches_late += 1
-        elif late:
-            end = projected_end(
-                now=now, since=progress.since, done=done, total=total, turnaround=turnaround
-            )
+        else:
             log.info(
                 "dask-llm: batch %s has done %d of %d lines in %.1f s: expected to end in %s "
                 "(%d round(s) left), after its cancel would begin (in %.1f s); cancelling it "
@@ -551,8 +549,8 @@ class Batcher:
                 rounds_left,
                 cancel_at - now,
             )
-            self.stats.batches_late += 1
-        return late
+        self.stats.batches_late += 1
+        return True
 
     def _replan_online(self, batch: BatchState) -> None:
         """A batch was cancelled for the deadline: the job's online requests re-planned
