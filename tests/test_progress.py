@@ -87,6 +87,22 @@ def test_distributed_rows_are_aggregated_on_the_client(
     assert summary.input_tokens == sim.stats()["prompt_tokens"]
 
 
+def test_a_stop_counts_the_rows_of_every_slice_of_its_job() -> None:
+    """Slices of one job computed at once are runs of their own: stopped together (the
+    message at exit), the rows done are those of both, not of the newest alone."""
+    from dask_llm.observe.progress import receive, stop_run
+
+    job = uuid.uuid4().hex
+    for run, rows in ((1, 40), (2, 30)):
+        base = {"job": job, "run": run, "partition": 0, "attempt": f"{run}.0"}
+        base |= {"partitions": 2, "total_rows": None}
+        receive({**base, "kind": "start", "rows": 50})
+        receive({**base, "kind": "counts", "counts": {"rows": rows, "calls": rows}})
+    summary = stop_run(job, "interrupted")
+    assert summary is not None
+    assert (summary.rows, summary.status) == (70, "interrupted")
+
+
 def test_the_tail_of_an_interrupted_run_never_counts_in_its_rerun() -> None:
     """Dask's process pool: children of an interrupted run may report partitions that began
     after the client stopped it, while the rerun (the same job, the next run) reports too.

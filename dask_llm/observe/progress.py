@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from dask_llm.core.runtime import part
@@ -501,6 +501,9 @@ def active_jobs() -> list[str]:
 def stop_run(job: str, status: str, run: int | None = None) -> RunSummary | None:
     """End ``job``'s runs in progress early; the summary of the newest (None if none here).
 
+    Slices of one job computed at once are runs of their own: then the summary's
+    ``rows`` and ``batches_in_flight`` are those of all the runs stopped, which is what
+    a rerun of the job will not pay for again and what still runs at the provider.
     Their late events, and those of ``run`` (stopped before any of its partitions
     reported), are dropped from then on: a numbered run is never resumed, a rerun
     is the next number.
@@ -514,10 +517,16 @@ def stop_run(job: str, status: str, run: int | None = None) -> RunSummary | None
                 runs.ended[(job, number)] = None
         for stale in list(runs.ended)[: max(0, len(runs.ended) - _KEEP_ENDED)]:
             del runs.ended[stale]
-    summary = None
-    for progress in stopped:
-        summary = progress.stop(status)
-    return summary
+    summaries = [progress.stop(status) for progress in stopped]
+    if len(summaries) < 2:
+        return summaries[0] if summaries else None
+    return replace(
+        summaries[-1],
+        rows=sum(summary.rows for summary in summaries),
+        batches_in_flight=tuple(
+            sorted({b for summary in summaries for b in summary.batches_in_flight})
+        ),
+    )
 
 
 def interactive() -> bool:
