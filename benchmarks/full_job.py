@@ -59,8 +59,9 @@ from benchmarks.cluster_budget import ROOT, baseline_tree
 KAGGLE_ROWS = 129_971
 RPM = 30_000
 LATENCY_S = 1.0
-#: The points of the run (share of calls answered) where memory is read.
-MARKS = (0.10, 0.50)
+#: The points of the run (share of calls answered) where memory is read; the table
+#: shows 10%, 50% and 100%, and a line per run below it every tenth.
+MARKS = (0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.90)
 
 
 def rss_mb() -> float:
@@ -86,7 +87,8 @@ class Marks:
         workers: list[float] = []
         if self.client is not None:
             try:
-                workers = sorted(self.client.run(rss_mb, nanny=False).values())
+                rss = self.client.run(rss_mb, nanny=False)
+                workers = [rss[address] for address in sorted(rss)]  # same order at each mark
             except Exception as exc:  # a mark is a reading, never the job's failure
                 print(f"workers' memory not read at {label}: {exc}", file=sys.stderr)
         self.seen[label] = {"client": rss_mb(), "workers": workers}
@@ -189,6 +191,26 @@ def run_job(
     return result
 
 
+def over_the_run(name: str, r: dict[str, Any]) -> str:
+    """One run's memory at every mark: the client's, then each worker's."""
+    labels = [f"{m:.0%}" for m in MARKS] + ["100%"]
+    seen = [r["memory"][label] for label in labels if label in r["memory"]]
+    lines = [
+        f"  {name}: "
+        + ", ".join(
+            f"{label} {r['memory'][label]['client']:.0f}"
+            for label in labels
+            if label in r["memory"]
+        )
+    ]
+    for w in range(max((len(m["workers"]) for m in seen), default=0)):
+        lines.append(
+            f"    worker {w + 1}: "
+            + " ".join(f"{m['workers'][w]:.0f}" if w < len(m["workers"]) else "-" for m in seen)
+        )
+    return "\n".join(lines)
+
+
 def describe(name: str, r: dict[str, Any], bound: float) -> tuple[str, ...]:
     limit = RPM // 60
 
@@ -243,6 +265,7 @@ def main() -> None:
     schedulers = ("cluster", "threads") if args.scheduler == "both" else (args.scheduler,)
     labels = {"cluster": f"LocalCluster of {args.workers}", "threads": "threads"}
     rows: list[tuple[str, ...]] = []
+    series: list[str] = []
     sim = ("--latency", str(LATENCY_S), "--jitter", "0.2", "--rpm", str(RPM), "--seed", "1")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with (
@@ -253,15 +276,18 @@ def main() -> None:
             if scheduler == "cluster" and args.worker_profile != "on":
                 quiet = run_job(url, ROOT, args, scheduler, profile=False)
                 rows.append(describe(f"{labels[scheduler]}, profiler off", quiet, bound))
+                series.append(over_the_run(rows[-1][0], quiet))
                 print(rows[-1], quiet["errors"] or "", flush=True)
                 if args.worker_profile == "off":
                     continue
             new = run_job(url, ROOT, args, scheduler)
             rows.append(describe(labels[scheduler], new, bound))
+            series.append(over_the_run(rows[-1][0], new))
             print(rows[-1], new["errors"] or "", flush=True)
             if old_tree is not None:
                 old = run_job(url, old_tree, args, scheduler)
                 rows.append(describe(f"{labels[scheduler]}, {args.baseline}", old, bound))
+                series.append(over_the_run(rows[-1][0], old))
                 rows.append((f"  this tree / {args.baseline}", f"{new['wall'] / old['wall']:.2f}x"))
                 rows[-1] += ("",) * (len(rows[-2]) - 2)
                 print(rows[-2], flush=True)
@@ -290,6 +316,8 @@ def main() -> None:
             ),
         )
     )
+    print("\nMemory every tenth of the run (MB resident; workers: each worker's, in order):")
+    print("\n".join(series))
 
 
 if __name__ == "__main__":
