@@ -460,7 +460,17 @@ class Jobs:
             gc.set_threshold(*_GC_THRESHOLDS)
 
     def gc_leave(self) -> None:
-        """A partition ends (under ``lock``): the last restores the collector."""
+        """A partition ends (under ``lock``): what it left in reference cycles is collected
+        now, while the long-lived objects are still frozen (not scanned), and the last
+        partition restores the collector."""
+        if self.gc_saved is not None:
+            started = time.perf_counter()
+            found = gc.collect()
+            log.debug(
+                "dask-llm: a partition ended: %d objects collected in %.1f ms",
+                found,
+                (time.perf_counter() - started) * 1e3,
+            )
         self.partitions -= 1
         if self.partitions == 0 and self.gc_saved is not None:
             gc.set_threshold(*self.gc_saved)
